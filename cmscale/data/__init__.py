@@ -1,0 +1,1 @@
+"""cmscale.data."""
