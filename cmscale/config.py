@@ -1,0 +1,162 @@
+"""Typed run configuration, validated once at the edge (TOML file or sweep planner).
+
+A :class:`RunConfig` fully describes one training run. The sweep planner builds these from a
+spec; ``cmscale train RUN.toml`` reads one from a file. Interior code receives the validated
+object and never re-checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["edm", "ect", "sct", "scd"]
+STUDENT_METHODS = ("ect", "scd")  # methods that need a pretrained teacher checkpoint
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EDMOptions(StrictModel):
+    """EDM diffusion pretraining (Karras et al. 2022): ln(sigma) ~ N(P_mean, P_std^2)."""
+
+    P_mean: float = -1.2
+    P_std: float = Field(1.2, gt=0)
+    sigma_data: float = Field(0.5, gt=0)
+    heun_steps: list[int] = Field(default_factory=lambda: [18], description="Heun steps for teacher evals.")
+
+
+class ECTOptions(StrictModel):
+    """ECT (Geng et al. 2024) defaults from locuslab/ect, CIFAR-10 setting."""
+
+    P_mean: float = -1.1
+    P_std: float = Field(2.0, gt=0)
+    sigma_data: float = Field(0.5, gt=0)
+    q: float = Field(2.0, gt=1)
+    k: float = Field(8.0, ge=0)
+    b: float = Field(1.0, ge=0)
+    c: float = Field(0.0, ge=0, description="pseudo-Huber constant; 0 gives the plain L2 distance")
+    mapping: Literal["sigmoid", "const"] = "sigmoid"
+    weighting: Literal["inv_dt", "snr"] = "inv_dt"
+    num_stages: int = Field(8, ge=1, description="stages over the run; the stage length is budget_iters / num_stages")
+    sigma_min: float = Field(0.002, ge=0, description="boundary of the consistency function (ECMPrecond uses 0.002-0.003)")
+    sigma_max: float = Field(80.0, gt=0)
+    t_mid: float = Field(0.821, gt=0, description="intermediate sigma for 2-step sampling")
+
+
+class SCMOptions(StrictModel):
+    """sCM (Lu & Song 2024): TrigFlow, tan(t) = exp(tau)/sigma_data with tau ~ N(P_mean, P_std^2)."""
+
+    P_mean: float = -1.0
+    P_std: float = Field(1.4, gt=0)
+    sigma_data: float = Field(0.5, gt=0)
+    warmup_iters: int = Field(10_000, ge=0, description="tangent warm-up: r = min(1, step / warmup_iters)")
+    tangent_norm_c: float = Field(0.1, gt=0)
+    tangent_norm: Literal["l2", "rms"] = "l2"
+    weight_mlp_channels: int = Field(128, ge=1)
+    t_mid: float = Field(1.1, gt=0, lt=1.5708, description="intermediate TrigFlow time for 2-step sampling")
+    sigma_max: float = Field(80.0, gt=0)
+
+
+class EvalConfig(StrictModel):
+    at_fractions: list[float] = Field(default_factory=lambda: [1.0], description="fractions of the budget at which to evaluate FID")
+    cm_steps: list[int] = Field(default_factory=lambda: [1, 2])
+    num_samples: int = Field(1000, ge=2)
+    batch_size: int = Field(250, ge=1)
+    extractor: str = Field("auto", description="'auto' (digits -> domain CNN, else inception-v3-compat) or an extractor name")
+    inception_weights: str | None = None
+    seed: int = 0
+    grid_images: int = Field(64, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _fractions_in_range(self) -> EvalConfig:
+        bad = [f for f in self.at_fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"at_fractions must lie in (0, 1]; got {bad}")
+        return self
+
+
+class RunConfig(StrictModel):
+    """One training run, end to end."""
+
+    method: Method
+    preset: str
+    dataset: str = "digits"
+    data_path: str | None = None
+    resolution: int = Field(16, ge=4)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "radam"] = "adam"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_warmup_iters: int = Field(0, ge=0)
+    ema_rates: list[float] = Field(default_factory=lambda: [0.999])
+    dropout: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
+    teacher_ckpt: str | None = None
+    teacher_run_id: str | None = None
+    budget_iters: int | None = Field(None, gt=0)
+    budget_flops: float | None = Field(None, gt=0)
+    ckpt_every: int = Field(200, ge=1, description="iterations between periodic checkpoints")
+    log_every: int = Field(10, ge=1)
+    heartbeat_s: float = Field(10.0, gt=0)
+    edm: EDMOptions = Field(default_factory=EDMOptions)
+    ect: ECTOptions = Field(default_factory=ECTOptions)
+    scm: SCMOptions = Field(default_factory=SCMOptions)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    # Filled by the sweep planner; free-form for hand-written runs.
+    sweep: str = "adhoc"
+    run_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check_budget_and_teacher(self) -> RunConfig:
+        from cmscale.models.presets import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if (self.budget_iters is None) == (self.budget_flops is None):
+            raise ValueError("give exactly one of budget_iters or budget_flops")
+        if self.method in STUDENT_METHODS and not self.teacher_ckpt:
+            raise ValueError(f"method {self.method!r} needs teacher_ckpt (a pretrained EDM checkpoint)")
+        return self
+
+    def identity(self) -> dict:
+        """The fields that define the run (everything but bookkeeping), for hashing."""
+        return self.model_dump(mode="json", exclude={"run_id", "sweep", "device", "heartbeat_s"})
+
+    def config_hash(self) -> str:
+        payload = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+class ConfigError(ValueError):
+    """A config file failed validation; the message names the file, each field path and the fix."""
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  - {path}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_run_config(path: Path | str) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: run config not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(str(path), error)) from None

@@ -1,0 +1,210 @@
+"""An EDM / DDPM++-style UNet with one size knob, used for every method in cmscale.
+
+The network is a plain ``nn.Module`` that maps ``(x, c_noise) -> F``; preconditioning (EDM or
+TrigFlow) wraps it (see ``precond.py``). The noise label ``c_noise`` is a float per sample:
+``ln(sigma)/4`` under EDM and ``t`` under TrigFlow; both feed the same positional embedding.
+
+Attention is written with plain matmuls so that ``torch.func.jvp`` (sCM's tangent) works through
+it: PyTorch's fused SDPA kernels have no forward-mode AD.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _group_count(channels: int) -> int:
+    # At most 32 groups (the DDPM++ default) of at least 4 channels, and it must divide evenly.
+    groups = min(32, max(1, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of a scalar noise label (the DDPM++/EDM 'positional' variant)."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10_000):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=c_noise.device) / max(half - 1, 1)
+        freqs = (1.0 / self.max_positions) ** freqs
+        angles = c_noise.float()[:, None] * freqs[None, :]
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv residual block with an adaptive scale/shift from the noise embedding."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float):
+        super().__init__()
+        self.norm_in = nn.GroupNorm(_group_count(in_channels), in_channels, eps=1e-6)
+        self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_channels, 2 * out_channels)
+        self.norm_out = nn.GroupNorm(_group_count(out_channels), out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        # A near-zero last conv makes each block start as the identity, as in EDM's init.
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(F.silu(self.norm_in(x)))
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(torch.addcmul(shift, self.norm_out(h), scale + 1))
+        h = self.conv_out(self.dropout(h))
+        residual = x if self.skip is None else self.skip(x)
+        return (h + residual) / math.sqrt(2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over pixels, in plain matmuls (forward-mode AD friendly)."""
+
+    def __init__(self, channels: int, head_channels: int = 64):
+        super().__init__()
+        self.num_heads = max(1, channels // head_channels)
+        self.norm = nn.GroupNorm(_group_count(channels), channels, eps=1e-6)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(batch * self.num_heads, 3, channels // self.num_heads, height * width)
+        q, k, v = qkv.unbind(1)
+        weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(q.shape[1]), dim=2)
+        attended = torch.einsum("bij,bcj->bci", weights, v).reshape(batch, channels, height, width)
+        return (x + self.proj(attended)) / math.sqrt(2)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """DDPM++-style UNet: ``forward(x, c_noise) -> tensor of x's shape``.
+
+    Args:
+        img_resolution: input height and width (a power of two times ``2**(len(channel_mult)-1)``).
+        img_channels: image channels in and out.
+        model_channels: base channel count; level ``i`` has ``model_channels * channel_mult[i]``.
+        channel_mult: channel multiplier per resolution level.
+        num_blocks: residual blocks per level (the decoder has one more, as in DDPM++).
+        attn_resolutions: resolutions (in pixels) that get a self-attention layer after each block.
+        dropout: dropout probability inside residual blocks (ECT tunes with 0.2 on CIFAR-10).
+    """
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        model_channels: int,
+        channel_mult: tuple[int, ...],
+        num_blocks: int,
+        attn_resolutions: tuple[int, ...] = (),
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if img_resolution % (2 ** (len(channel_mult) - 1)) != 0:
+            raise ValueError(
+                f"img_resolution={img_resolution} is not divisible by 2**{len(channel_mult) - 1} "
+                f"(channel_mult={channel_mult} has {len(channel_mult)} levels); pick a resolution "
+                "that is a multiple of that or fewer levels"
+            )
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        emb_channels = 4 * model_channels
+        self.noise_embedding = PositionalEmbedding(model_channels)
+        self.emb_mlp = nn.Sequential(
+            nn.Linear(model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+        )
+        self.conv_in = nn.Conv2d(img_channels, model_channels, 3, padding=1)
+
+        self.encoder = nn.ModuleList()
+        skip_channels = [model_channels]
+        channels = model_channels
+        resolution = img_resolution
+        for level, mult in enumerate(channel_mult):
+            if level > 0:
+                self.encoder.append(Downsample(channels))
+                resolution //= 2
+                skip_channels.append(channels)
+            for _ in range(num_blocks):
+                out_channels = model_channels * mult
+                self.encoder.append(ResBlock(channels, out_channels, emb_channels, dropout))
+                channels = out_channels
+                if resolution in attn_resolutions:
+                    self.encoder.append(SelfAttention(channels))
+                skip_channels.append(channels)
+
+        self.middle = nn.ModuleList(
+            [
+                ResBlock(channels, channels, emb_channels, dropout),
+                SelfAttention(channels),
+                ResBlock(channels, channels, emb_channels, dropout),
+            ]
+        )
+
+        self.decoder = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_blocks + 1):
+                out_channels = model_channels * mult
+                self.decoder.append(ResBlock(channels + skip_channels.pop(), out_channels, emb_channels, dropout))
+                channels = out_channels
+                if resolution in attn_resolutions:
+                    self.decoder.append(SelfAttention(channels))
+            if level > 0:
+                self.decoder.append(Upsample(channels))
+                resolution *= 2
+
+        self.norm_out = nn.GroupNorm(_group_count(channels), channels, eps=1e-6)
+        self.conv_out = nn.Conv2d(channels, img_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        emb = self.emb_mlp(self.noise_embedding(c_noise.reshape(-1).expand(x.shape[0])))
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.encoder:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if not isinstance(layer, SelfAttention):
+                skips.append(h)
+            else:
+                skips[-1] = h
+        for layer in self.middle:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for layer in self.decoder:
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+            else:
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
