@@ -101,6 +101,9 @@ def data_info(name: str, path: str | None, resolution: int | None, as_json: bool
 
 def _register() -> None:
     """Attach the subcommand groups that live beside their code."""
+    from cmscale.sweep.cli import sweep_group
+
+    main.add_command(sweep_group)
 
 
 _register()

@@ -1,0 +1,198 @@
+"""Sweep spec: methods x presets x compute budgets x seeds, validated once from TOML.
+
+Example (``examples/sweep_digits_tiny.toml``)::
+
+    name = "digits_tiny"
+    dataset = "digits"
+    resolution = 16
+    presets = ["xxs", "xs"]
+    seeds = [0]
+    budgets_flops = [2e12, 6e12]          # or: budgets = { start = 1e12, stop = 1e13, num = 3 }
+
+    [defaults]                            # any RunConfig field, for every run
+    batch_size = 64
+
+    [methods.ect]                         # per-method RunConfig overrides; options under [methods.ect.ect]
+    lr = 5e-4
+    [methods.scd]
+
+    [teacher]                             # pretrain one EDM teacher per preset ...
+    train = true
+    budget_flops = 1e13
+    # ... or give checkpoints:  [teacher.checkpoints]  xs = "/path/to/teacher_xs.pt"
+
+    [executor]
+    name = "local"                        # local | slurm | debug
+    profile = "local"                     # slurm/profiles/<profile>.toml
+
+    [[runs]]                              # optional explicit runs, zipped, besides the grid
+    method = "sct"
+    preset = "xs"
+    budget_flops = 3e12
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from cmscale.config import (
+    STUDENT_METHODS,
+    ConfigError,
+    RunConfig,
+    StrictModel,
+    format_validation_error,
+)
+
+METHODS = ("edm", "ect", "sct", "scd")
+
+
+class LogSpace(StrictModel):
+    """Log-spaced budgets: ``num`` values from ``start`` to ``stop`` inclusive."""
+
+    start: float = Field(gt=0)
+    stop: float = Field(gt=0)
+    num: int = Field(ge=1)
+
+    def values(self) -> list[float]:
+        if self.num == 1:
+            return [self.start]
+        step = (math.log(self.stop) - math.log(self.start)) / (self.num - 1)
+        return [float(f"{math.exp(math.log(self.start) + i * step):.6g}") for i in range(self.num)]
+
+
+class TeacherSpec(StrictModel):
+    train: bool = False
+    budget_flops: float | None = Field(None, gt=0)
+    budget_iters: int | None = Field(None, gt=0)
+    checkpoints: dict[str, str] = Field(default_factory=dict, description="preset -> EDM checkpoint path")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="RunConfig fields for teacher runs")
+
+    @model_validator(mode="after")
+    def _budget_when_training(self) -> TeacherSpec:
+        if self.train and (self.budget_flops is None) == (self.budget_iters is None):
+            raise ValueError("teacher.train = true needs exactly one of teacher.budget_flops or teacher.budget_iters")
+        return self
+
+
+class ExecutorSpec(StrictModel):
+    name: Literal["local", "slurm", "debug"] = "local"
+    profile: str = "local"
+    max_parallel: int = Field(2, ge=1, description="local executor: runs at once")
+    timeout_min: int = Field(60, ge=1)
+
+
+class ExplicitRun(StrictModel):
+    model_config = StrictModel.model_config | {"extra": "allow"}
+    method: Literal["edm", "ect", "sct", "scd"]
+    preset: str
+    budget_flops: float | None = Field(None, gt=0)
+    budget_iters: int | None = Field(None, gt=0)
+    seed: int = 0
+
+
+class SweepSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    dataset: str = "digits"
+    data_path: str | None = None
+    resolution: int = Field(16, ge=4)
+    presets: list[str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    budgets_flops: list[float] = Field(default_factory=list)
+    budgets: LogSpace | None = None
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    runs: list[ExplicitRun] = Field(default_factory=list)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = [name for name in methods if name not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; allowed: {', '.join(METHODS)}")
+        return methods
+
+    @field_validator("presets")
+    @classmethod
+    def _known_presets(cls, presets: list[str]) -> list[str]:
+        from cmscale.models.presets import PRESETS
+
+        unknown = [name for name in presets if name not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown preset {unknown[0]!r}; allowed: {', '.join(PRESETS)}")
+        return presets
+
+    @field_validator("budgets_flops")
+    @classmethod
+    def _positive_budgets(cls, budgets: list[float]) -> list[float]:
+        bad = [b for b in budgets if not b > 0]
+        if bad:
+            raise ValueError(f"budgets must be positive FLOP counts; got {bad[0]!r}")
+        return budgets
+
+    @model_validator(mode="after")
+    def _teacher_for_students(self) -> SweepSpec:
+        students = {m for m in self.methods if m in STUDENT_METHODS} | {r.method for r in self.runs if r.method in STUDENT_METHODS}
+        if students and not self.teacher.train:
+            needed = set(self.presets) | {r.preset for r in self.runs if r.method in STUDENT_METHODS}
+            missing = sorted(needed - set(self.teacher.checkpoints))
+            if missing:
+                raise ValueError(
+                    f"methods {sorted(students)} need a teacher: set teacher.train = true with a teacher budget, "
+                    f"or give teacher.checkpoints for presets {missing}"
+                )
+        return self
+
+    def budget_values(self) -> list[float]:
+        values = list(self.budgets_flops)
+        if self.budgets is not None:
+            values += self.budgets.values()
+        return sorted(set(values))
+
+
+class SpecError(ConfigError):
+    """A sweep spec failed validation; the message names the file and each field path."""
+
+
+def _error_with_field_paths(source: str, error: ValidationError) -> SpecError:
+    return SpecError(format_validation_error(source, error))
+
+
+def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> SweepSpec:
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as error:
+        raise _error_with_field_paths(source, error) from None
+    _check_run_fields(spec, source)
+    return spec
+
+
+def _check_run_fields(spec: SweepSpec, source: str) -> None:
+    """Each method's and the defaults' overrides must be RunConfig fields; report the bad path."""
+    known = set(RunConfig.model_fields)
+    sections = {"defaults": spec.defaults, "teacher.overrides": spec.teacher.overrides}
+    sections |= {f"methods.{name}": options for name, options in spec.methods.items()}
+    for section, options in sections.items():
+        for key in options:
+            if key not in known:
+                raise SpecError(
+                    f"{source}: invalid configuration\n  - {section}.{key}: not a run setting; "
+                    f"allowed: {', '.join(sorted(known))}"
+                )
+
+
+def load_spec(path: Path | str) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: sweep spec not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"{path}: not valid TOML ({error})") from None
+    return parse_spec(raw, str(path))

@@ -1,0 +1,139 @@
+"""Run states from the run directories, checked against the scheduler when a job looks stuck.
+
+States: ``planned`` (never submitted), ``queued``, ``running``, ``done``, ``failed`` and ``lost``
+(the run said it was running, its heartbeat went stale and no live job stands behind it).
+The run directory is the source of truth; ``squeue`` and ``sacct`` only decide whether a job
+is still alive. Nothing here waits on a job: a job that died without a result is reported, never
+awaited, and status works (with less detail) when ``sacct`` is unavailable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cmscale.rundir import DONE_FILE, STATUS_FILE, heartbeat_age_s, read_json
+from cmscale.sweep.launch import read_job, read_sweep_file, sweep_dir
+
+LIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+# How many heartbeat intervals of silence make a running run suspect.
+STALE_HEARTBEATS = 2
+
+
+@dataclass
+class RunState:
+    run_id: str
+    state: str
+    method: str
+    preset: str
+    job_id: str | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
+    """Scheduler state per job id (``123`` or ``123_4``); empty if SLURM is not reachable."""
+    if not job_ids:
+        return {}
+    states: dict[str, str] = {}
+    try:
+        queued = subprocess.run(["squeue", "-h", "-o", "%i %T", "--states=all"], capture_output=True, text=True, timeout=30)
+        for line in queued.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                states[parts[0]] = parts[1]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    missing = [job for job in job_ids if job not in states]
+    if missing:
+        try:
+            accounted = subprocess.run(
+                ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(sorted({j.split("_")[0] for j in missing}))],
+                capture_output=True, text=True, timeout=30,
+            )
+            for line in accounted.stdout.splitlines():
+                job, _, state = line.partition("|")
+                states.setdefault(job, state.split()[0] if state else "UNKNOWN")
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return states
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _job_alive(job: dict, slurm_states: dict[str, str]) -> tuple[bool, str | None]:
+    if job.get("executor") == "slurm":
+        state = slurm_states.get(str(job.get("job_id")))
+        if state is None:
+            return False, "job not found in squeue or sacct"
+        return state in LIVE_SLURM_STATES, state
+    if job.get("executor") == "local":
+        try:
+            return _pid_alive(int(job["job_id"])), None
+        except (KeyError, ValueError):
+            return False, None
+    return False, None
+
+
+def run_state(run_id: str, run_dir: Path, config: dict, slurm_states: dict[str, str]) -> RunState:
+    method, preset = config.get("method", "?"), config.get("preset", "?")
+    done_path = run_dir / DONE_FILE
+    job = read_job(run_dir)
+    job_id = str(job["job_id"]) if job else None
+    if done_path.is_file():
+        try:
+            done = read_json(done_path)
+        except ValueError:
+            return RunState(run_id, "failed", method, preset, job_id, f"{done_path} is not valid JSON")
+        state = "done" if done.get("status") == "done" else "failed"
+        return RunState(run_id, state, method, preset, job_id, done.get("reason"))
+    if job is None:
+        return RunState(run_id, "planned", method, preset)
+    alive, scheduler_state = _job_alive(job, slurm_states)
+    status_path = run_dir / STATUS_FILE
+    heartbeat_s = float(config.get("heartbeat_s", 10.0))
+    if status_path.is_file():
+        age = heartbeat_age_s(run_dir)
+        stale = age is None or age > STALE_HEARTBEATS * heartbeat_s
+        if alive:
+            state = "queued" if scheduler_state in ("PENDING", "REQUEUED", "REQUEUE_HOLD") else "running"
+            return RunState(run_id, state, method, preset, job_id, scheduler_state)
+        if not stale and job.get("executor") != "slurm":
+            return RunState(run_id, "running", method, preset, job_id)
+        reason = f"heartbeat {age:.0f}s old and no live job" if age is not None else "no heartbeat and no live job"
+        if scheduler_state:
+            reason += f" (scheduler: {scheduler_state})"
+        return RunState(run_id, "lost", method, preset, job_id, reason)
+    if alive:
+        return RunState(run_id, "queued", method, preset, job_id, scheduler_state)
+    if scheduler_state and scheduler_state not in LIVE_SLURM_STATES:
+        return RunState(run_id, "failed", method, preset, job_id, f"job ended as {scheduler_state} before the run started")
+    return RunState(run_id, "lost", method, preset, job_id, "submitted job is gone and the run never started")
+
+
+def sweep_states(root: Path, sweep: str) -> list[RunState]:
+    plan = read_sweep_file(root, sweep)
+    base = sweep_dir(root, sweep)
+    jobs = {run["run_id"]: read_job(base / run["run_id"]) for run in plan["runs"]}
+    slurm_ids = [str(job["job_id"]) for job in jobs.values() if job and job.get("executor") == "slurm"]
+    slurm_states = slurm_job_states(slurm_ids)
+    return [run_state(run["run_id"], base / run["run_id"], run["config"], slurm_states) for run in plan["runs"]]
+
+
+def count_states(states: list[RunState]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for state in states:
+        counts[state.state] = counts.get(state.state, 0) + 1
+    return counts
