@@ -35,9 +35,11 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         half = self.num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float32, device=c_noise.device) / max(half - 1, 1)
+        # fp32 at least, even under autocast; fp64 passes through for finite-difference checks.
+        dtype = torch.float64 if c_noise.dtype == torch.float64 else torch.float32
+        freqs = torch.arange(half, dtype=dtype, device=c_noise.device) / max(half - 1, 1)
         freqs = (1.0 / self.max_positions) ** freqs
-        angles = c_noise.float()[:, None] * freqs[None, :]
+        angles = c_noise.to(dtype)[:, None] * freqs[None, :]
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 

@@ -1,0 +1,90 @@
+"""Preconditioners: EDM (Karras et al. 2022) and TrigFlow (Lu & Song 2024), with the exact map between them.
+
+EDM denoiser:   D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)),
+                c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+                c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4.
+ECT's boundary-exact variant (ECMPrecond) shifts sigma by sigma_min in c_skip and c_out, so that
+D(x, sigma_min) = x exactly.
+
+TrigFlow:       x_t = cos(t) x0 + sin(t) z, z ~ N(0, sd^2 I), t in [0, pi/2];
+                consistency function f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, t).
+Map:            sigma = sd tan(t) and x_t = cos(t) x_sigma, so an EDM denoiser D gives
+                sd F(x_t / sd, t) = (cos(t) x_t - D(x_t / cos t, sd tan t)) / sin(t), and then f = D.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cmscale.models.unet import UNet
+
+
+def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-sample value, shaped to broadcast against a batch like ``like``."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return value.reshape(-1).expand(like.shape[0]).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class EDMPrecond(nn.Module):
+    """EDM denoiser around a UNet; ``sigma_min > 0`` gives ECT's boundary-exact ECMPrecond."""
+
+    def __init__(self, net: UNet, sigma_data: float = 0.5, sigma_min: float = 0.0):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+        self.sigma_min = sigma_min
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = _per_sample(sigma, x)
+        sd = self.sigma_data
+        shifted = sigma - self.sigma_min
+        c_skip = sd**2 / (shifted**2 + sd**2)
+        c_out = shifted * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        c_noise = sigma.log().reshape(-1) / 4
+        return c_skip * x + c_out * self.net(c_in * x, c_noise)
+
+
+class TrigFlowPrecond(nn.Module):
+    """A native TrigFlow network (``c_noise = t``): ``F`` predicts the scaled velocity."""
+
+    def __init__(self, net: UNet, sigma_data: float = 0.5):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+
+    def F(self, x_scaled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x_scaled, t.reshape(-1))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = _per_sample(t, x_t)
+        return t.cos() * x_t - t.sin() * self.sigma_data * self.F(x_t / self.sigma_data, t)
+
+
+class EDMAsTrigFlow(nn.Module):
+    """The TrigFlow view of an EDM denoiser (exact): one teacher serves ECT and sCD."""
+
+    def __init__(self, edm: EDMPrecond):
+        super().__init__()
+        self.edm = edm
+        self.sigma_data = edm.sigma_data
+
+    def F(self, x_scaled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = _per_sample(t, x_scaled)
+        sd = self.sigma_data
+        x_t = sd * x_scaled
+        denoised = self.edm(x_t / t.cos(), sd * t.tan())
+        return (t.cos() * x_t - denoised) / (sd * t.sin())
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = _per_sample(t, x_t)
+        return t.cos() * x_t - t.sin() * self.sigma_data * self.F(x_t / self.sigma_data, t)
+
+
+def trigflow_time(sigma: torch.Tensor | float, sigma_data: float = 0.5) -> torch.Tensor:
+    return torch.atan(torch.as_tensor(sigma) / sigma_data)
+
+
+def edm_sigma(t: torch.Tensor | float, sigma_data: float = 0.5) -> torch.Tensor:
+    return sigma_data * torch.tan(torch.as_tensor(t))
