@@ -171,7 +171,7 @@ class SCMLoss:
         """(F-, sd cos t sin t dF-/dt) by forward-mode AD, in fp32 and without a graph."""
         sd = self.sigma_data
         cos_t, sin_t = _per_sample(t.cos(), x_t), _per_sample(t.sin(), x_t)
-        with torch.no_grad(), torch.autocast(device_type=x_t.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(device_type="cuda" if x_t.is_cuda else "cpu", enabled=False):
             return torch.func.jvp(
                 model.F,
                 (x_t.float() / sd, t.float()),

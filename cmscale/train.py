@@ -1,0 +1,436 @@
+"""One training run, end to end and resumable: ``train(config, run_dir)``.
+
+The run writes only into ``run_dir`` (see :mod:`cmscale.rundir`). Started again on the same
+directory it resumes from the newest checkpoint, and drops metric rows logged after it, so every
+step appears exactly once. Signals (SIGTERM from ``scancel``/``scontrol requeue``, USR2 from
+submitit before a timeout or preemption) are deferred to step boundaries, where the state is
+consistent: the run checkpoints and exits, and the requeued job picks up from disk.
+
+Data parallel: with ``WORLD_SIZE > 1`` (torchrun, or submitit's environment on SLURM) every rank
+computes its share of the batch, gradients are averaged with ``all_reduce``, and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import submitit
+import torch
+import torch.distributed as dist
+
+from cmscale.config import RunConfig
+from cmscale.data import load_dataset
+from cmscale.methods import Method, build_method, flops_per_step, iterations_for_budget, unet_of
+from cmscale.models.flops import forward_flops
+from cmscale.models.unet import count_parameters
+from cmscale.rundir import (
+    CKPT_DIR,
+    CONFIG_FILE,
+    DONE_FILE,
+    METRICS_FILE,
+    MetricsWriter,
+    atomic_write_json,
+    read_json,
+    touch_heartbeat,
+    truncate_metrics_after,
+    write_status,
+)
+
+LATEST_CHECKPOINT = "latest.pt"
+FINAL_CHECKPOINT = "final.pt"
+DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
+
+__all__ = ["train", "TrainJob", "flops_per_step", "iterations_for_budget"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's variables, or from SLURM through submitit."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    rank, world = distributed_env()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world
+
+
+def average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None:
+    """All-reduce and average gradients across ranks (what DDP does, without bucketing)."""
+    if world == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+        parameter.grad /= world
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals and heartbeat
+
+
+class StopFlag:
+    """Set by SIGTERM/USR2; the loop checks it at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+    def handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = signal.Signals(signum).name
+
+
+@contextmanager
+def signals_deferred():
+    """Hold SIGTERM and USR2 until the end of the block, so handlers run between steps."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, DEFERRED_SIGNALS)
+
+
+class Heartbeat:
+    """Touches ``run_dir/heartbeat`` every ``interval_s`` from a daemon thread while the run lives."""
+
+    def __init__(self, run_dir: Path, interval_s: float):
+        self.run_dir = run_dir
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            touch_heartbeat(self.run_dir)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file, then rename: a reader never sees a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """Holds the live state of a run so that a signal handler can checkpoint it between steps."""
+
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.device = pick_device(config.device)
+        self.rank, self.world = init_distributed(self.device)
+        self.is_writer = self.rank == 0
+        torch.manual_seed(config.seed * 1000 + self.rank)
+        self.data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
+        self.method: Method = build_method(config, self.data.channels, self.device)
+        self.emas = [copy.deepcopy(self.method.model).eval().requires_grad_(False) for _ in config.ema_rates]
+        self.params = self.method.trainable_parameters()
+        optimizer_class = torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam
+        self.optimizer = optimizer_class(self.params, lr=config.lr, betas=config.adam_betas)
+        self.batch_generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
+        self.flops_per_step = flops_per_step(config)
+        self.total_iters = iterations_for_budget(config)
+        self.step = 0
+        self.wall_offset_s = 0.0
+        self.started = time.time()
+        self.eval_steps = sorted({max(1, round(fraction * self.total_iters)) for fraction in config.eval.at_fractions})
+
+    # -- state ------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.method.model.state_dict(),
+            "extra": [module.state_dict() for module in self.method.extra_modules],
+            "emas": [ema.state_dict() for ema in self.emas],
+            "optimizer": self.optimizer.state_dict(),
+            "batch_rng": self.batch_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "wall_s": self.wall_s(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.method.model.load_state_dict(state["model"])
+        for module, module_state in zip(self.method.extra_modules, state["extra"]):
+            module.load_state_dict(module_state)
+        for ema, ema_state in zip(self.emas, state["emas"]):
+            ema.load_state_dict(ema_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batch_generator.set_state(state["batch_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.wall_offset_s = float(state["wall_s"])
+
+    def wall_s(self) -> float:
+        return self.wall_offset_s + time.time() - self.started
+
+    def save(self) -> None:
+        if self.is_writer:
+            save_checkpoint(self.run_dir / CKPT_DIR / LATEST_CHECKPOINT, self.state())
+
+    def save_final(self) -> None:
+        if self.is_writer:
+            ema = self.emas[0] if self.emas else self.method.model
+            save_checkpoint(self.run_dir / CKPT_DIR / FINAL_CHECKPOINT, {
+                "net": unet_of(ema).state_dict(),
+                "step": self.step,
+                "method": self.config.method,
+                "preset": self.config.preset,
+                "resolution": self.config.resolution,
+                "img_channels": self.data.channels,
+            })
+
+    # -- one step ---------------------------------------------------------------------------
+    def batch(self) -> torch.Tensor:
+        per_rank = self.config.batch_size // self.world
+        indices = torch.randint(len(self.data), (self.config.batch_size,), generator=self.batch_generator)
+        indices = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return self.data.batch(indices).to(self.device)
+
+    def learning_rate(self) -> float:
+        warmup = self.config.lr_warmup_iters
+        return self.config.lr * (min(1.0, (self.step + 1) / warmup) if warmup else 1.0)
+
+    def train_step(self) -> float:
+        self.method.set_iteration(self.step)
+        x0 = self.batch()
+        autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        with autocast:
+            loss = self.method.loss(x0).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.params, self.world)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
+        self.optimizer.step()
+        self.update_emas()
+        self.step += 1
+        value = loss.detach()
+        if self.world > 1:
+            dist.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+    @torch.no_grad()
+    def update_emas(self) -> None:
+        for rate, ema in zip(self.config.ema_rates, self.emas):
+            for ema_param, param in zip(ema.parameters(), self.method.model.parameters()):
+                ema_param.lerp_(param.detach(), 1 - rate)
+            for ema_buffer, buffer in zip(ema.buffers(), self.method.model.buffers()):
+                ema_buffer.copy_(buffer)
+
+
+_ACTIVE: Trainer | None = None
+
+
+def _write_config(trainer: Trainer) -> None:
+    path = trainer.run_dir / CONFIG_FILE
+    config = trainer.config
+    resolved = config.model_dump(mode="json") | {
+        "run_id": config.run_id or trainer.run_dir.name,
+        "params": count_parameters(unet_of(trainer.method.model)),
+        "flops_per_step": trainer.flops_per_step,
+        "flops_per_image_forward": forward_flops(unet_of(trainer.method.model)),
+        "budget_iters_resolved": trainer.total_iters,
+        "img_channels": trainer.data.channels,
+        "world_size": trainer.world,
+        "git_commit": git_commit(),
+    }
+    if not path.is_file():
+        atomic_write_json(path, resolved)
+
+
+def _finish(run_dir: Path, status: str, reason: str | None, trainer: Trainer, started_iso: float) -> dict[str, Any]:
+    done = {
+        "status": status,
+        "reason": reason,
+        "final_step": trainer.step,
+        "train_flops": trainer.step * trainer.flops_per_step,
+        "wall_s": trainer.wall_s(),
+        "started": started_iso,
+        "finished": time.time(),
+    }
+    if trainer.is_writer:
+        atomic_write_json(run_dir / DONE_FILE, done)
+        write_status(run_dir, status)
+    return done
+
+
+def train(config: RunConfig, run_dir: Path | str, on_eval=None) -> dict[str, Any]:
+    """Train (or resume) one run in ``run_dir``; returns the content of ``done.json``.
+
+    ``on_eval(rows) -> bool`` is called with each eval point's rows; returning True stops the run
+    early with status ``pruned`` (used by the Optuna search).
+    """
+    global _ACTIVE
+    run_dir = Path(run_dir)
+    if (run_dir / DONE_FILE).is_file():
+        return read_json(run_dir / DONE_FILE)
+    if os.environ.get("CMSCALE_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["CMSCALE_NUM_THREADS"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, run_dir)
+    _ACTIVE = trainer
+    stop = StopFlag()
+    previous_handlers = {signum: signal.signal(signum, stop.handler) for signum in (signal.SIGTERM,)}
+    try:
+        return _run(trainer, stop, on_eval)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        _ACTIVE = None
+
+
+def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
+    config, run_dir = trainer.config, trainer.run_dir
+    resumed = load_checkpoint(run_dir / CKPT_DIR / LATEST_CHECKPOINT)
+    if resumed is not None:
+        trainer.load_state(resumed)
+    if trainer.is_writer:
+        truncate_metrics_after(run_dir / METRICS_FILE, trainer.step)
+        _write_config(trainer)
+        write_status(run_dir, "running", step=trainer.step, resumed_from=trainer.step if resumed else None)
+    started_iso = time.time()
+    metrics = MetricsWriter(run_dir / METRICS_FILE) if trainer.is_writer else None
+    with Heartbeat(run_dir, config.heartbeat_s) if trainer.is_writer else _null():
+        while trainer.step < trainer.total_iters:
+            with signals_deferred():
+                loss = trainer.train_step()
+                step = trainer.step
+                if not math.isfinite(loss):
+                    return _finish(run_dir, "failed", f"non-finite loss ({loss}) at step {step}", trainer, started_iso)
+                if metrics and (step % config.log_every == 0 or step == trainer.total_iters):
+                    metrics.write({"kind": "train", "step": step, "images_seen": step * config.batch_size,
+                                   "train_flops": step * trainer.flops_per_step, "loss": loss, "wall_s": trainer.wall_s()})
+                if step in trainer.eval_steps:
+                    rows = run_evals(trainer)
+                    if metrics:
+                        for row in rows:
+                            metrics.write(row)
+                    if on_eval is not None and on_eval(rows):
+                        trainer.save()
+                        trainer.save_final()
+                        return _finish(run_dir, "pruned", f"stopped by the search at step {step}", trainer, started_iso)
+                if step % config.ckpt_every == 0:
+                    trainer.save()
+            if _should_stop(trainer, stop):
+                trainer.save()
+                if trainer.is_writer:
+                    write_status(run_dir, "interrupted", step=trainer.step, signal=stop.requested)
+                return {"status": "interrupted", "reason": f"signal {stop.requested}", "final_step": trainer.step}
+        trainer.save()
+        trainer.save_final()
+        if metrics:
+            metrics.close()
+        return _finish(run_dir, "done", None, trainer, started_iso)
+
+
+def _should_stop(trainer: Trainer, stop: StopFlag) -> bool:
+    """Every rank stops at the same step if any rank got the signal."""
+    flag = torch.tensor([1.0 if stop.requested else 0.0])
+    if trainer.world > 1:
+        dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+@contextmanager
+def _null():
+    yield
+
+
+def run_evals(trainer: Trainer) -> list[dict[str, Any]]:
+    """FID of the EMA model at this step for each sampler step count (see cmscale.eval)."""
+    if not trainer.is_writer or not trainer.config.eval.at_fractions:
+        return []
+    from cmscale.eval import evaluate_model
+
+    ema = trainer.emas[0] if trainer.emas else trainer.method.model
+    return evaluate_model(
+        trainer.config,
+        ema,
+        step=trainer.step,
+        train_flops=trainer.step * trainer.flops_per_step,
+        images_seen=trainer.step * trainer.config.batch_size,
+        run_dir=trainer.run_dir,
+        device=trainer.device,
+    )
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """The callable that submitit runs: ``TrainJob()(config_dict, run_dir)``.
+
+    On USR2 (timeout or preemption) submitit calls :meth:`checkpoint` between steps (signals are
+    deferred to step boundaries), which saves the live state; the requeued job resumes from the
+    newest checkpoint on disk, never from state pickled at submission.
+    """
+
+    def __call__(self, config_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
+        config = RunConfig.model_validate(config_dict)
+        return train(config, Path(run_dir))
+
+    def checkpoint(self, config_dict: dict[str, Any], run_dir: str) -> submitit.helpers.DelayedSubmission:
+        if _ACTIVE is not None:
+            _ACTIVE.save()
+            if _ACTIVE.is_writer:
+                write_status(Path(run_dir), "requeued", step=_ACTIVE.step)
+        return submitit.helpers.DelayedSubmission(TrainJob(), config_dict, run_dir)
+
+
+def main_config_dump(config: RunConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), indent=2)
