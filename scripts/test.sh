@@ -8,6 +8,7 @@ bash slurm/local/start.sh
 # shellcheck disable=SC1091
 source "${CMSCALE_SLURM_DIR:-/tmp/cmscale-slurm}/env.sh"
 
+export CMSCALE_REQUIRE_SLURM=1
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

@@ -1,0 +1,115 @@
+"""Sweep specs: deterministic planning, iso-FLOP iterations, and errors that name the field."""
+
+import copy
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from cmscale.sweep.plan import plan_sweep
+from cmscale.sweep.profiles import load_profile
+from cmscale.sweep.spec import SpecError, parse_spec
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits_tiny.toml"
+
+
+def base_raw() -> dict:
+    return tomllib.loads(EXAMPLE.read_text())
+
+
+def plan(raw, tmp_path):
+    return plan_sweep(parse_spec(raw, "spec.toml"), tmp_path, source="spec.toml")
+
+
+def test_same_spec_plans_same_run_ids(tmp_path):
+    first = [run.run_id for run in plan(base_raw(), tmp_path)]
+    second = [run.run_id for run in plan(base_raw(), tmp_path / "elsewhere")]
+    assert first == second
+    assert len(first) == len(set(first)) == 2 + 2 * 2 * 2  # teachers + presets x budgets x methods
+
+
+def test_changing_one_field_changes_exactly_the_affected_ids(tmp_path):
+    before = {(r.config.method, r.config.preset, r.config.budget_flops): r.run_id for r in plan(base_raw(), tmp_path)}
+    raw = base_raw()
+    raw["methods"]["ect"]["ect"]["q"] = 4.0
+    after = {(r.config.method, r.config.preset, r.config.budget_flops): r.run_id for r in plan(raw, tmp_path)}
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == {key for key in before if key[0] == "ect"}
+
+
+def test_changing_the_teacher_budget_changes_the_teachers_and_their_students(tmp_path):
+    def key(run):  # a teacher is keyed without its budget, which is the field being changed
+        return (run.config.method, run.config.preset, None if run.config.method == "edm" else run.config.budget_flops)
+
+    before = {key(r): r.run_id for r in plan(base_raw(), tmp_path)}
+    raw = base_raw()
+    raw["teacher"]["budget_flops"] = 3e12
+    after = {key(r): r.run_id for r in plan(raw, tmp_path)}
+    assert before.keys() == after.keys()
+    assert all(before[key] != after[key] for key in before)
+
+
+def test_iterations_times_flops_per_step_match_the_budget_within_one_step(tmp_path):
+    for run in plan(base_raw(), tmp_path):
+        assert abs(run.iterations * run.flops_per_step - run.config.budget_flops) <= run.flops_per_step
+
+
+def test_students_depend_on_their_teacher_and_point_at_its_checkpoint(tmp_path):
+    runs = plan(base_raw(), tmp_path)
+    teachers = {run.config.preset: run for run in runs if run.stage == 0}
+    for run in runs:
+        if run.stage == 1:
+            teacher = teachers[run.config.preset]
+            assert run.depends_on == [teacher.run_id]
+            assert run.config.teacher_ckpt.startswith(str(tmp_path.resolve() / "digits_tiny" / teacher.run_id))
+
+
+@pytest.mark.parametrize(
+    "mutate,field",
+    [
+        (lambda raw: raw["methods"].update({"cd_magic": {}}), "methods"),
+        (lambda raw: raw.update({"presets": ["xs", "huge"]}), "presets"),
+        (lambda raw: raw.update({"budgets_flops": [-1e12]}), "budgets_flops"),
+        (lambda raw: raw.update({"budgets_flops": ["lots"]}), "budgets_flops.0"),
+        (lambda raw: raw["teacher"].update({"train": False}), "teacher"),
+        (lambda raw: raw["defaults"].update({"learning_rate": 1.0}), "defaults.learning_rate"),
+        (lambda raw: raw["defaults"].update({"batch_size": 0}), "batch_size"),
+    ],
+    ids=["unknown-method", "unknown-preset", "negative-budget", "non-numeric-budget", "missing-teacher", "unknown-field", "bad-batch"],
+)
+def test_spec_errors_name_the_file_and_field(tmp_path, mutate, field):
+    raw = copy.deepcopy(base_raw())
+    mutate(raw)
+    with pytest.raises(SpecError) as info:
+        plan(raw, tmp_path)
+    message = str(info.value)
+    assert "spec.toml" in message and field in message
+
+
+def test_unknown_profile_lists_the_available_ones():
+    with pytest.raises(Exception) as info:
+        load_profile("no_such_cluster")
+    assert "no_such_cluster" in str(info.value) and "local" in str(info.value)
+
+
+def test_log_spaced_budgets_and_explicit_runs(tmp_path):
+    raw = base_raw()
+    del raw["budgets_flops"]
+    raw["budgets"] = {"start": 1e12, "stop": 1e13, "num": 3}
+    raw["runs"] = [{"method": "scd", "preset": "xs", "budget_flops": 5e12}]
+    runs = plan(raw, tmp_path)
+    budgets = sorted({r.config.budget_flops for r in runs if r.stage == 1 and r.config.method == "ect"})
+    assert budgets == pytest.approx([1e12, 3.16228e12, 1e13], rel=1e-5)
+    assert any(r.config.method == "scd" and r.config.budget_flops == 5e12 for r in runs)
+
+
+def test_dry_run_submits_one_array_per_teacher_group(tmp_path):
+    from cmscale.sweep.control import submit_runs
+
+    spec = parse_spec(base_raw(), "spec.toml")
+    runs = plan_sweep(spec, tmp_path, source="spec.toml")
+    report = submit_runs(runs, spec, tmp_path, "slurm", "local", dry_run=True)
+    # Teachers in one array, then the students of each teacher in one array each.
+    assert report.sbatch_calls == 1 + 2
+    assert sorted(report.submitted) == sorted(run.run_id for run in runs)
+    assert not (tmp_path / "digits_tiny").exists()
