@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -97,6 +98,27 @@ def data_info(name: str, path: str | None, resolution: int | None, as_json: bool
     for key, value in info.items():
         table.add_row(key, str(value))
     console.print(table)
+
+
+@main.command("demo")
+@click.option("--out", "out", type=click.Path(path_type=str), default=lambda: os.environ.get("CMSCALE_RESULTS", "results"),
+              show_default="results (or $CMSCALE_RESULTS)",
+              help="Results root of the demo; its DuckDB store and report live there.")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: processes on this machine; slurm: the cluster behind SLURM_CONF.")
+@click.option("--profile", default=None, help="SLURM profile (slurm/profiles/NAME.toml) for --executor slurm.")
+@click.option("--quick", is_flag=True, help="Two sizes, smaller budgets and fewer FID samples: a few minutes.")
+def demo_command(out: str, executor: str, profile: str | None, quick: bool) -> None:
+    """Run the whole study on the embedded digits data: teachers, ECT and sCD, FID, DuckDB, fits, report."""
+    from pathlib import Path
+
+    from cmscale.config import ConfigError
+    from cmscale.demo import run_demo
+
+    try:
+        run_demo(Path(out), executor=executor, quick=quick, profile=profile, console=console)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def _register() -> None:

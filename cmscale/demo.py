@@ -1,0 +1,100 @@
+"""``cmscale demo``: the whole study on the embedded digits data, through the real code paths.
+
+Teachers, ECT and sCD students at three sizes and three budgets, FID evals, ingestion into
+DuckDB, fits and the HTML report: the same sweep planner, executors, store and analysis that a
+cluster study uses, at a size that runs on a 2-core laptop.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+
+DEMO_SPEC = "demo_digits.toml"
+QUICK_SPEC = "demo_digits_quick.toml"
+
+EXAMPLE_QUERIES = [
+    (
+        "FID at 2 steps per method and size, at the largest budget",
+        """SELECT r.method, r.preset, r.params, round(e.fid, 2) AS fid_2step, e.train_flops
+FROM latest_eval e JOIN runs r USING (run_id)
+WHERE r.sweep = '{sweep}' AND e.sampler_steps = 2
+  AND r.budget_flops = (SELECT max(budget_flops) FROM runs WHERE sweep = '{sweep}' AND method = r.method)
+ORDER BY r.method, r.params""",
+    ),
+    (
+        "Teacher FID (Heun sampler) per size",
+        """SELECT r.preset, r.params, e.sampler_steps AS heun_steps, e.nfe, round(e.fid, 2) AS fid
+FROM latest_eval e JOIN runs r USING (run_id)
+WHERE r.sweep = '{sweep}' AND r.method = 'edm'
+ORDER BY r.params""",
+    ),
+    (
+        "Training FLOPs per step by method (the JVP and teacher forwards included)",
+        """SELECT method, preset, any_value(json_extract(config_json, '$.flops_per_step'))::DOUBLE AS flops_per_step,
+       count(*) AS runs
+FROM runs WHERE sweep = '{sweep}' GROUP BY method, preset ORDER BY preset, flops_per_step""",
+    ),
+]
+
+
+def spec_path(quick: bool) -> Path:
+    return Path(str(resources.files("cmscale.examples").joinpath(QUICK_SPEC if quick else DEMO_SPEC)))
+
+
+def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: str | None = None, console=None) -> dict:
+    """Run the demo end to end; returns paths and timings. ``console`` is a rich Console."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cmscale.analysis.report import write_report
+    from cmscale.results.store import ingest, query
+    from cmscale.sweep.control import submit_runs, wait_for_sweep
+    from cmscale.sweep.plan import plan_sweep
+    from cmscale.sweep.spec import load_spec
+
+    console = console or Console()
+    out = Path(out)
+    started = time.time()
+    path = spec_path(quick)
+    spec = load_spec(path)
+    console.rule(f"cmscale demo: {spec.name} ({'quick' if quick else 'full'}), results in {out}")
+    with console.status("planning: counting FLOPs per training step for each method and size"):
+        runs = plan_sweep(spec, out, source=str(path))
+    teachers = sum(run.stage == 0 for run in runs)
+    console.print(f"{len(runs)} runs: {teachers} EDM teachers, {len(runs) - teachers} students; executor {executor}")
+
+    timings: dict[str, float] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("training and evaluating", total=len(runs))
+
+        def on_finish(run, state):
+            progress.advance(task)
+            progress.console.print(f"  {state:>6}  {run.run_id}")
+
+        report = submit_runs(runs, spec, out, executor, profile, on_finish=on_finish, spec_path=path)
+        progress.update(task, completed=len(report.skipped) + (len(report.submitted) if executor != "slurm" else 0))
+        if executor == "slurm":
+            def on_poll(states):
+                progress.update(task, completed=sum(s.state in ("done", "failed", "lost") for s in states))
+
+            wait_for_sweep(out, spec.name, poll_s=3.0, on_poll=on_poll)
+    timings["runs_s"] = time.time() - started
+
+    with console.status("ingesting metrics into DuckDB"):
+        ingest(out)
+    with console.status("fitting power laws, frontier and teacher-student ratios; writing the report"):
+        report_paths = write_report(out, spec.name, out / "report" / spec.name)
+    timings["total_s"] = time.time() - started
+
+    console.rule("example SQL on " + str(out / "cmscale.duckdb"))
+    for title, sql in EXAMPLE_QUERIES:
+        sql = sql.format(sweep=spec.name)
+        console.print(f"[bold]{title}[/bold]")
+        console.print(sql, style="dim", highlight=False)
+        console.print(query(sql, root=out, ingest=False).to_pandas().to_string(index=False))
+        console.print()
+    console.print(f"report: [bold]{report_paths['html']}[/bold]  (markdown: {report_paths['md']})")
+    console.print(f"demo finished in {timings['total_s']:.0f} s")
+    return {"report": report_paths, "timings": timings, "sweep": spec.name, "root": str(out)}
