@@ -67,7 +67,7 @@ class SCMOptions(StrictModel):
 class EvalConfig(StrictModel):
     at_fractions: list[float] = Field(default_factory=lambda: [1.0], description="fractions of the budget at which to evaluate FID")
     cm_steps: list[int] = Field(default_factory=lambda: [1, 2])
-    num_samples: int = Field(1000, ge=2)
+    num_samples: int | None = Field(None, ge=2, description="FID samples; None: 50,000 for real data, 1,000 for digits")
     batch_size: int = Field(250, ge=1)
     extractor: str = Field("auto", description="'auto' (digits -> domain CNN, else inception-v3-compat) or an extractor name")
     inception_weights: str | None = None

@@ -1,0 +1,155 @@
+"""FID through torch-fidelity, against reference statistics cached per (dataset, resolution, extractor).
+
+Reference statistics (mu, Sigma of the training set's features) are computed once with
+torch-fidelity's feature and statistics functions and stored by torch-fidelity's own cache
+(``cache_lookup_one_recompute_on_miss``, atomic rename) under ``$CMSCALE_CACHE_DIR/fid-stats``,
+with the file name torch-fidelity itself uses for a named input::
+
+    <input>-<extractor>-stat-fid-<layer>.pt     input = <dataset>-r<resolution>-<data sha256[:8]>
+
+A lock around the computation makes concurrent jobs compute it once. FID of generated images is
+then ``torch_fidelity.calculate_metrics(input1=samples, input2=reference data,
+input2_cache_name=<input>, fid=True, ...)``, which finds the cached statistics and does not touch
+the reference images again. No Frechet distance is written by hand here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics
+from torch_fidelity.utils import (
+    cache_lookup_one_recompute_on_miss,
+    create_feature_extractor,
+    get_featuresdict_from_dataset,
+)
+
+from cmscale.data.datasets import ImageData
+from cmscale.eval.cache import cache_root, locked
+from cmscale.eval.features import FeatureSpace
+
+FEATURE_BATCH = 250
+
+
+class UInt8Images(Dataset):
+    """A uint8 NCHW tensor as the Dataset torch-fidelity reads; grey images become RGB when the
+    extractor takes three channels (Inception)."""
+
+    def __init__(self, images: torch.Tensor, channels: int):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"expected uint8 images NCHW, got {tuple(images.shape)} {images.dtype}")
+        self.images = images.cpu()
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.images[index]
+        if self.channels == 3 and image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return image
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Floats in [-1, 1] -> uint8 in [0, 255], as a PNG of the sample would store them.
+    Non-finite pixels (a diverged model) become mid-grey, so FID is large but finite."""
+    images = torch.nan_to_num(images.detach().float(), nan=0.0, posinf=1.0, neginf=-1.0)
+    return ((images + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+def data_digest(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The training set in one feature space. ``id`` goes into every eval row."""
+
+    input_name: str  # <dataset>-r<resolution>-<data hash>
+    space: FeatureSpace
+    data: ImageData
+    stats_root: Path
+
+    @property
+    def id(self) -> str:
+        return f"{self.input_name}-{self.space.registered_name}"
+
+    @property
+    def stats_name(self) -> str:
+        # torch-fidelity's name for the FID statistics of a named input (metric_fid.py).
+        return f"{self.id}-stat-fid-{self.space.layer}"
+
+    @property
+    def stats_path(self) -> Path:
+        return self.stats_root / f"{self.stats_name}.pt"
+
+
+def _fidelity_common(space: FeatureSpace, device: torch.device | str, batch_size: int) -> dict:
+    return {
+        **space.fidelity_kwargs(),
+        "cuda": torch.device(device).type == "cuda",
+        "batch_size": batch_size,
+        "save_cpu_ram": True,  # no DataLoader worker processes: the data is already in memory
+        "verbose": False,
+    }
+
+
+def reference_statistics(data: ImageData, space: FeatureSpace, device: torch.device | str = "cpu",
+                         batch_size: int = FEATURE_BATCH) -> tuple[Reference, dict[str, np.ndarray]]:
+    """The training set's FID statistics ``{"mu", "sigma"}``, computed once and cached on disk."""
+    reference = Reference(f"{data.name}-r{data.resolution}-{data_digest(data.images)}", space, data,
+                          cache_root() / "fid-stats")
+    kwargs = _fidelity_common(space, device, batch_size)
+
+    def compute() -> dict[str, np.ndarray]:
+        extractor = create_feature_extractor(space.registered_name, [space.layer], **kwargs)
+        features = get_featuresdict_from_dataset(UInt8Images(data.images, space.channels), extractor, batch_size,
+                                                 kwargs["cuda"], save_cpu_ram=True, verbose=False)
+        return fid_featuresdict_to_statistics(features, space.layer)
+
+    cache = {"cache": True, "cache_root": str(reference.stats_root), "verbose": False}
+    if not reference.stats_path.is_file():
+        with locked(reference.stats_path):  # one job computes, the others wait and then read
+            stats = cache_lookup_one_recompute_on_miss(reference.stats_name, compute, **cache)
+    else:
+        stats = cache_lookup_one_recompute_on_miss(reference.stats_name, compute, **cache)
+    return reference, stats
+
+
+def fid_to_reference(images: torch.Tensor, reference: Reference, device: torch.device | str = "cpu",
+                     batch_size: int = FEATURE_BATCH) -> float:
+    """FID between uint8 ``images`` and the reference, by ``torch_fidelity.calculate_metrics``.
+    The reference statistics come from the cache (computed first if missing), so the reference
+    images are not read again."""
+    if not reference.stats_path.is_file():
+        reference_statistics(reference.data, reference.space, device, batch_size)
+    metrics = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(images, reference.space.channels),
+        input2=UInt8Images(reference.data.images, reference.space.channels),
+        input2_cache_name=reference.input_name,
+        cache=True,
+        cache_root=str(reference.stats_root),
+        fid=True,
+        **_fidelity_common(reference.space, device, batch_size),
+    )
+    return float(metrics[KEY_METRIC_FID])
+
+
+def fid_between(images_a: torch.Tensor, images_b: torch.Tensor, space: FeatureSpace, device: torch.device | str = "cpu",
+                batch_size: int = FEATURE_BATCH) -> float:
+    """FID between two uint8 image sets in ``space`` (nothing cached)."""
+    metrics = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(images_a, space.channels),
+        input2=UInt8Images(images_b, space.channels),
+        cache=False,
+        fid=True,
+        **_fidelity_common(space, device, batch_size),
+    )
+    return float(metrics[KEY_METRIC_FID])

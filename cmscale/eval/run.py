@@ -1,0 +1,208 @@
+"""Evaluating a model: sample with the method's sampler, FID through torch-fidelity, eval rows.
+
+``evaluate_model`` is what the trainer calls at ``config.eval.at_fractions`` of the budget (with
+the EMA model) and what ``cmscale eval RUN_DIR`` calls on a finished run's ``ckpt/final.pt``.
+It returns one row per sampler step count (1 and 2 for consistency models, the Heun step counts
+for an EDM teacher), with the keys of the run-directory contract::
+
+    kind="eval", step, train_flops, images_seen, sampler_steps, nfe, fid, num_samples,
+    extractor, reference, sampling_flops_per_image, wall_s
+
+``sampling_flops_per_image = nfe * forward_flops(unet)`` (counted FLOPs of one UNet forward on one
+image, the convention of cmscale.models.flops), so FID can be plotted against sampling compute.
+``wall_s`` is the seconds this row's sampling and FID took.
+
+Sampling is reproducible: every eval of a run draws its noise from one generator seeded with
+``eval.seed`` (the same noise at every training step and for every step count), batched by
+``eval.batch_size``, and the caller's RNG streams are left as they were.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmscale.config import RunConfig
+from cmscale.data import load_dataset
+from cmscale.eval.features import feature_space
+from cmscale.eval.fid import fid_to_reference, reference_statistics, to_uint8
+from cmscale.methods import sample, sampler_steps, unet_of
+from cmscale.models.flops import forward_flops
+from cmscale.rundir import SAMPLES_DIR, atomic_write_bytes
+
+DIGITS_DEFAULT_SAMPLES = 1_000
+REAL_DATA_DEFAULT_SAMPLES = 50_000  # the FID-50k convention of published numbers
+EVAL_ROW_KEYS = ("kind", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "num_samples",
+                 "extractor", "reference", "sampling_flops_per_image", "wall_s")
+
+
+def eval_num_samples(config: RunConfig) -> int:
+    """``eval.num_samples``, or the dataset's default: 50,000 for real data, 1,000 for digits."""
+    if config.eval.num_samples is not None:
+        return config.eval.num_samples
+    return DIGITS_DEFAULT_SAMPLES if config.dataset == "digits" else REAL_DATA_DEFAULT_SAMPLES
+
+
+@torch.no_grad()
+def generate(config: RunConfig, model: nn.Module, num_samples: int, steps: int, channels: int,
+             device: torch.device, batch_size: int, seed: int) -> tuple[torch.Tensor, int]:
+    """``num_samples`` uint8 images from the method's sampler at ``steps``; returns (images, nfe)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunks, nfe = [], 0
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        shape = (count, channels, config.resolution, config.resolution)
+        images, nfe = sample(config, model, shape, steps, generator, device)
+        chunks.append(to_uint8(images))
+    return torch.cat(chunks), nfe
+
+
+def save_grid(images: torch.Tensor, path: Path, max_images: int = 64) -> Path | None:
+    """A square-ish PNG grid of the first ``max_images`` uint8 images, written atomically."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    count = min(max_images, images.shape[0])
+    if count == 0:
+        return None
+    grid = make_grid(images[:count], nrow=math.ceil(math.sqrt(count)), padding=1, pad_value=0)
+    buffer = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: float, images_seen: int,
+                   run_dir: Path | str, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """FID of ``model`` (the EMA network) at each sampler step count; saves a grid per eval.
+
+    Raises InceptionWeightsNotFoundError before reading any data when real-data FID needs
+    Inception weights that are not on disk.
+    """
+    device = torch.device(device)
+    run_dir = Path(run_dir)
+    space = feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
+    data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
+    batch_size = config.eval.batch_size
+    reference, _ = reference_statistics(data, space, device, batch_size)
+    net = unet_of(model)
+    flops_forward = forward_flops(net)
+    num_samples = eval_num_samples(config)
+    rows = []
+    was_training = model.training
+    model.eval()
+    try:
+        # Sampling and feature extraction draw no numbers from the training streams.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for steps in sampler_steps(config):
+                started = time.time()
+                images, nfe = generate(config, model, num_samples, steps, net.img_channels, device, batch_size, config.eval.seed)
+                fid = fid_to_reference(images, reference, device, batch_size)
+                if config.eval.grid_images:
+                    save_grid(images, run_dir / SAMPLES_DIR / f"step{step:08d}-{steps}steps.png", config.eval.grid_images)
+                rows.append({
+                    "kind": "eval",
+                    "step": int(step),
+                    "train_flops": float(train_flops),
+                    "images_seen": int(images_seen),
+                    "sampler_steps": int(steps),
+                    "nfe": int(nfe),
+                    "fid": float(fid),
+                    "num_samples": int(num_samples),
+                    "extractor": space.extractor,
+                    "reference": reference.id,
+                    "sampling_flops_per_image": float(nfe * flops_forward),
+                    "wall_s": time.time() - started,
+                })
+    finally:
+        model.train(was_training)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# A finished run's final checkpoint (``cmscale eval RUN_DIR``)
+
+
+class RunDirError(FileNotFoundError):
+    """A run directory lacks what evaluation needs; the message names the file and the fix."""
+
+
+def load_run_config_json(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The RunConfig in ``run_dir/config.json`` and the resolved extras the trainer added."""
+    from pydantic import ValidationError
+
+    from cmscale.config import format_validation_error
+    from cmscale.rundir import CONFIG_FILE, read_json
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise RunDirError(f"{path} not found: {run_dir} is not a run directory (the trainer writes config.json first)")
+    raw = read_json(path)
+    fields = {key: value for key, value in raw.items() if key in RunConfig.model_fields}
+    extras = {key: value for key, value in raw.items() if key not in RunConfig.model_fields}
+    try:
+        return RunConfig.model_validate(fields), extras
+    except ValidationError as error:
+        raise RunDirError(format_validation_error(str(path), error)) from None
+
+
+def model_from_final_checkpoint(config: RunConfig, path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The EMA network of ``ckpt/final.pt`` in the method's wrapper (as build_method makes it)."""
+    from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond
+    from cmscale.models.presets import build_unet
+
+    if not path.is_file():
+        raise RunDirError(f"{path} not found: the run has not finished; train it to the end (or resume it) first")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    net = build_unet(payload.get("preset", config.preset), payload.get("resolution", config.resolution), payload["img_channels"])
+    net.load_state_dict(payload["net"])
+    if config.method == "edm":
+        model: nn.Module = EDMPrecond(net, config.edm.sigma_data)
+    elif config.method == "ect":
+        model = EDMPrecond(net, config.ect.sigma_data, sigma_min=config.ect.sigma_min)
+    elif config.teacher_ckpt:  # sCM initialised from an EDM teacher keeps the EDM parametrisation
+        model = EDMAsTrigFlow(EDMPrecond(net, config.scm.sigma_data))
+    else:
+        model = TrigFlowPrecond(net, config.scm.sigma_data)
+    return model.to(device).eval().requires_grad_(False), payload
+
+
+def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_samples: int | None = None,
+                     inception_weights: str | None = None, batch_size: int | None = None,
+                     device: str = "auto") -> list[dict[str, Any]]:
+    """Evaluate ``run_dir/ckpt/final.pt`` and append the rows to its ``metrics.jsonl``."""
+    from cmscale.rundir import CKPT_DIR, METRICS_FILE, MetricsWriter
+    from cmscale.train import FINAL_CHECKPOINT, pick_device
+
+    run_dir = Path(run_dir)
+    config, extras = load_run_config_json(run_dir)
+    eval_update: dict[str, Any] = {}
+    if num_samples is not None:
+        eval_update["num_samples"] = num_samples
+    if batch_size is not None:
+        eval_update["batch_size"] = batch_size
+    if inception_weights is not None:
+        eval_update["inception_weights"] = str(inception_weights)
+    if steps is not None and config.method != "edm":
+        eval_update["cm_steps"] = list(steps)
+    update: dict[str, Any] = {"eval": config.eval.model_copy(update=eval_update)}
+    if steps is not None and config.method == "edm":
+        update["edm"] = config.edm.model_copy(update={"heun_steps": list(steps)})
+    config = config.model_copy(update=update)
+    torch_device = pick_device(device)
+    # Resolve the feature space first: a missing Inception file fails before the checkpoint loads.
+    feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
+    model, payload = model_from_final_checkpoint(config, run_dir / CKPT_DIR / FINAL_CHECKPOINT, torch_device)
+    step = int(payload["step"])
+    rows = evaluate_model(config, model, step=step, train_flops=step * float(extras.get("flops_per_step", 0.0)),
+                          images_seen=step * config.batch_size, run_dir=run_dir, device=torch_device)
+    with MetricsWriter(run_dir / METRICS_FILE) as writer:
+        for row in rows:
+            writer.write(row)
+    return rows
