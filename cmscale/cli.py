@@ -126,6 +126,9 @@ def _register() -> None:
     from cmscale.sweep.cli import sweep_group
 
     main.add_command(sweep_group)
+    from cmscale.eval.cli import eval_command
+
+    main.add_command(eval_command)
 
 
 _register()
