@@ -126,6 +126,18 @@ def _register() -> None:
     from cmscale.sweep.cli import sweep_group
 
     main.add_command(sweep_group)
+    from cmscale.results.cli import results_group
+
+    main.add_command(results_group)
+    from cmscale.analysis.cli import register as register_analysis
+
+    register_analysis(main)
+    from cmscale.sweep.tune_cli import tune_group
+
+    main.add_command(tune_group)
+    from cmscale.train_cli import train_command
+
+    main.add_command(train_command)
     from cmscale.eval.cli import eval_command
 
     main.add_command(eval_command)

@@ -8,6 +8,12 @@ consistent: the run checkpoints and exits, and the requeued job picks up from di
 
 Data parallel: with ``WORLD_SIZE > 1`` (torchrun, or submitit's environment on SLURM) every rank
 computes its share of the batch, gradients are averaged with ``all_reduce``, and rank 0 writes.
+
+Randomness is a function of (seed, step, rank): the images of a step are drawn from a generator
+seeded by (seed, step) and split across ranks, and the noise, times and dropout masks come from the
+global RNG reseeded by (seed, step, rank) before each step. A resumed run therefore replays exactly
+the steps an uninterrupted run would take, and a data-parallel run sees the same images as one
+process with the whole batch.
 """
 
 from __future__ import annotations
@@ -72,14 +78,36 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None:
-    """All-reduce and average gradients across ranks (what DDP does, without bucketing)."""
+    """All-reduce and average gradients across ranks in one flat buffer (what DDP does, unbucketed).
+
+    Each rank's loss is the mean over its equal share of the batch, so the average of the ranks'
+    gradients is the gradient of the mean over the whole batch.
+    """
     if world == 1:
         return
     for parameter in parameters:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-        dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
-        parameter.grad /= world
+    flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    offset = 0
+    for parameter in parameters:
+        count = parameter.numel()
+        parameter.grad.copy_(flat[offset : offset + count].view_as(parameter.grad))
+        offset += count
+
+
+def broadcast_parameters(modules: list[torch.nn.Module]) -> None:
+    """Make every rank start from rank 0's weights (fresh inits could differ across hosts)."""
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Seed of the global RNG for one step on one rank (noise, times, dropout masks)."""
+    return ((seed * 1_000_003 + step) * 4096 + rank) % (2**63)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -177,19 +205,24 @@ class Trainer:
         self.device = pick_device(config.device)
         self.rank, self.world = init_distributed(self.device)
         self.is_writer = self.rank == 0
-        torch.manual_seed(config.seed * 1000 + self.rank)
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} does not split evenly over {self.world} ranks; "
+                             f"set batch_size to a multiple of the world size")
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
         self.method: Method = build_method(config, self.data.channels, self.device)
+        if self.world > 1:
+            broadcast_parameters([self.method.model, *self.method.extra_modules])
         self.emas = [copy.deepcopy(self.method.model).eval().requires_grad_(False) for _ in config.ema_rates]
         self.params = self.method.trainable_parameters()
         optimizer_class = torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam
         self.optimizer = optimizer_class(self.params, lr=config.lr, betas=config.adam_betas)
-        self.batch_generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.flops_per_step = flops_per_step(config)
         self.total_iters = iterations_for_budget(config)
         self.step = 0
         self.wall_offset_s = 0.0
         self.started = time.time()
+        self.first_started = self.started  # kept across resumes, for done.json
         self.eval_steps = sorted({max(1, round(fraction * self.total_iters)) for fraction in config.eval.at_fractions})
 
     # -- state ------------------------------------------------------------------------------
@@ -200,9 +233,8 @@ class Trainer:
             "extra": [module.state_dict() for module in self.method.extra_modules],
             "emas": [ema.state_dict() for ema in self.emas],
             "optimizer": self.optimizer.state_dict(),
-            "batch_rng": self.batch_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
             "wall_s": self.wall_s(),
+            "first_started": self.first_started,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -213,9 +245,8 @@ class Trainer:
         for ema, ema_state in zip(self.emas, state["emas"]):
             ema.load_state_dict(ema_state)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.batch_generator.set_state(state["batch_rng"])
-        torch.set_rng_state(state["torch_rng"])
         self.wall_offset_s = float(state["wall_s"])
+        self.first_started = float(state.get("first_started", self.first_started))
 
     def wall_s(self) -> float:
         return self.wall_offset_s + time.time() - self.started
@@ -238,8 +269,10 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
     def batch(self) -> torch.Tensor:
+        """This rank's share of the step's batch; the whole batch depends only on (seed, step)."""
         per_rank = self.config.batch_size // self.world
-        indices = torch.randint(len(self.data), (self.config.batch_size,), generator=self.batch_generator)
+        generator = torch.Generator().manual_seed(step_seed(self.config.seed, self.step))
+        indices = torch.randint(len(self.data), (self.config.batch_size,), generator=generator)
         indices = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
         return self.data.batch(indices).to(self.device)
 
@@ -248,7 +281,13 @@ class Trainer:
         return self.config.lr * (min(1.0, (self.step + 1) / warmup) if warmup else 1.0)
 
     def train_step(self) -> float:
+        """One optimiser step; returns the loss averaged over ranks.
+
+        A non-finite loss returns before the update (and before ``step`` advances), so the
+        weights never absorb it.
+        """
         self.method.set_iteration(self.step)
+        torch.manual_seed(step_seed(self.config.seed, self.step, self.rank))
         x0 = self.batch()
         autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
         with autocast:
@@ -256,16 +295,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.params, self.world)
+        value = loss.detach().float().clone()
+        if self.world > 1:
+            dist.all_reduce(value)
+            value /= self.world
+        value = float(value)
+        if not math.isfinite(value):
+            return value
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
         self.optimizer.step()
         self.update_emas()
         self.step += 1
-        value = loss.detach()
-        if self.world > 1:
-            dist.all_reduce(value)
-            value /= self.world
-        return float(value)
+        return value
 
     @torch.no_grad()
     def update_emas(self) -> None:
@@ -296,14 +338,15 @@ def _write_config(trainer: Trainer) -> None:
         atomic_write_json(path, resolved)
 
 
-def _finish(run_dir: Path, status: str, reason: str | None, trainer: Trainer, started_iso: float) -> dict[str, Any]:
+def _finish(run_dir: Path, status: str, reason: str | None, trainer: Trainer, started: float) -> dict[str, Any]:
+    """Write done.json (times in Unix seconds; ``started`` is the first start, before any resume)."""
     done = {
         "status": status,
         "reason": reason,
         "final_step": trainer.step,
         "train_flops": trainer.step * trainer.flops_per_step,
         "wall_s": trainer.wall_s(),
-        "started": started_iso,
+        "started": started,
         "finished": time.time(),
     }
     if trainer.is_writer:
@@ -324,8 +367,8 @@ def train(config: RunConfig, run_dir: Path | str, on_eval=None) -> dict[str, Any
         return read_json(run_dir / DONE_FILE)
     if os.environ.get("CMSCALE_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["CMSCALE_NUM_THREADS"]))
+    trainer = Trainer(config, run_dir)  # before creating the directory: a bad teacher path leaves nothing behind
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, run_dir)
     _ACTIVE = trainer
     stop = StopFlag()
     previous_handlers = {signum: signal.signal(signum, stop.handler) for signum in (signal.SIGTERM,)}
@@ -346,44 +389,48 @@ def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
         truncate_metrics_after(run_dir / METRICS_FILE, trainer.step)
         _write_config(trainer)
         write_status(run_dir, "running", step=trainer.step, resumed_from=trainer.step if resumed else None)
-    started_iso = time.time()
+    started = trainer.first_started
     metrics = MetricsWriter(run_dir / METRICS_FILE) if trainer.is_writer else None
-    with Heartbeat(run_dir, config.heartbeat_s) if trainer.is_writer else _null():
-        while trainer.step < trainer.total_iters:
-            with signals_deferred():
-                loss = trainer.train_step()
-                step = trainer.step
-                if not math.isfinite(loss):
-                    return _finish(run_dir, "failed", f"non-finite loss ({loss}) at step {step}", trainer, started_iso)
-                if metrics and (step % config.log_every == 0 or step == trainer.total_iters):
-                    metrics.write({"kind": "train", "step": step, "images_seen": step * config.batch_size,
-                                   "train_flops": step * trainer.flops_per_step, "loss": loss, "wall_s": trainer.wall_s()})
-                if step in trainer.eval_steps:
-                    rows = run_evals(trainer)
-                    if metrics:
-                        for row in rows:
-                            metrics.write(row)
-                    if on_eval is not None and on_eval(rows):
+    try:
+        with Heartbeat(run_dir, config.heartbeat_s) if trainer.is_writer else _null():
+            while trainer.step < trainer.total_iters:
+                with signals_deferred():
+                    loss = trainer.train_step()
+                    if not math.isfinite(loss):
+                        reason = (f"non-finite loss ({loss}) at step {trainer.step + 1}; the update was skipped and the "
+                                  f"run stopped (lower lr, check the data and the teacher checkpoint)")
+                        return _finish(run_dir, "failed", reason, trainer, started)
+                    step = trainer.step
+                    if metrics and (step % config.log_every == 0 or step == trainer.total_iters):
+                        metrics.write({"kind": "train", "step": step, "images_seen": step * config.batch_size,
+                                       "train_flops": step * trainer.flops_per_step, "loss": loss, "wall_s": trainer.wall_s()})
+                    if step in trainer.eval_steps:
+                        rows = run_evals(trainer)
+                        if metrics:
+                            for row in rows:
+                                metrics.write(row)
+                        if on_eval is not None and on_eval(rows):
+                            trainer.save()
+                            trainer.save_final()
+                            return _finish(run_dir, "pruned", f"stopped by the search at step {step}", trainer, started)
+                    if step % config.ckpt_every == 0:
                         trainer.save()
-                        trainer.save_final()
-                        return _finish(run_dir, "pruned", f"stopped by the search at step {step}", trainer, started_iso)
-                if step % config.ckpt_every == 0:
+                if _should_stop(trainer, stop):
                     trainer.save()
-            if _should_stop(trainer, stop):
-                trainer.save()
-                if trainer.is_writer:
-                    write_status(run_dir, "interrupted", step=trainer.step, signal=stop.requested)
-                return {"status": "interrupted", "reason": f"signal {stop.requested}", "final_step": trainer.step}
-        trainer.save()
-        trainer.save_final()
+                    if trainer.is_writer:
+                        write_status(run_dir, "interrupted", step=trainer.step, signal=stop.requested)
+                    return {"status": "interrupted", "reason": f"signal {stop.requested}", "final_step": trainer.step}
+            trainer.save()
+            trainer.save_final()
+            return _finish(run_dir, "done", None, trainer, started)
+    finally:
         if metrics:
             metrics.close()
-        return _finish(run_dir, "done", None, trainer, started_iso)
 
 
 def _should_stop(trainer: Trainer, stop: StopFlag) -> bool:
     """Every rank stops at the same step if any rank got the signal."""
-    flag = torch.tensor([1.0 if stop.requested else 0.0])
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=trainer.device)  # NCCL needs a device tensor
     if trainer.world > 1:
         dist.all_reduce(flag)
     return bool(flag.item() > 0)

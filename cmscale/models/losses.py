@@ -70,7 +70,9 @@ class ECTLoss:
 
     The target runs under no_grad with the same random state as the online pass, so dropout masks
     match. At r = 0 the target is the clean image and the loss is the EDM denoising objective
-    re-weighted: L = w(t, 0) phi(d) with d = ||D(x0 + t n, t) - x0||^2 = EDMLoss / lambda(t).
+    re-weighted: L = w(t, 0) phi(d) with phi(d) = sqrt(d + c^2) - c and
+    d = ||D(x0 + t n, t) - x0||^2 = EDMLoss(t) / lambda(t), see :meth:`from_diffusion_loss`.
+    With the sigmoid mapping, stage 0 and q = 2, r = 0 for every t <= ln(k - 1) (about 1.95).
     """
 
     def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5, q: float = 2.0, k: float = 8.0,
@@ -102,6 +104,10 @@ class ECTLoss:
     def distance(self, squared: torch.Tensor) -> torch.Tensor:
         return (squared + self.c**2).sqrt() - self.c
 
+    def from_diffusion_loss(self, edm_loss: torch.Tensor, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The ECT loss at r = 0 from the EDM loss on the same draw: w(t, 0) phi(EDMLoss / lambda(t))."""
+        return self.distance(edm_loss / lam) * self.weight(t, torch.zeros_like(t))
+
     def __call__(self, model: EDMPrecond, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         t = (torch.randn(x0.shape[0], device=x0.device) * self.P_std + self.P_mean).exp() if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
@@ -109,7 +115,10 @@ class ECTLoss:
         with same_random_state(x0.device):
             online = model(x0 + _per_sample(t, x0) * noise, t)
         with torch.no_grad():
-            target = model(x0 + _per_sample(r.clamp(min=model.sigma_min or 1e-12), x0) * noise, r.clamp(min=model.sigma_min or 1e-12))
+            # The target runs at r itself (as in locuslab/ect); r = 0 rows only need a finite
+            # c_noise = ln(r)/4 here, since they are replaced by the clean image below.
+            r_safe = r.clamp(min=1e-12)
+            target = model(x0 + _per_sample(r_safe, x0) * noise, r_safe)
             target = torch.where(_per_sample(r, x0) > 0, torch.nan_to_num(target), x0)
         return self.distance(_sum_per_sample((online - target) ** 2)) * self.weight(t, r)
 
@@ -168,14 +177,19 @@ class SCMLoss:
         return torch.atan(tau.exp() / self.sigma_data).clamp(self.t_min, self.t_max)
 
     def tangent(self, model, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F-, sd cos t sin t dF-/dt) by forward-mode AD, in fp32 and without a graph."""
+        """(F-, sd cos t sin t dF-/dt) by forward-mode AD, in fp32 (or fp64 if given) and without a graph.
+
+        d/dt F(x_t/sd, t) = J_x (dx_t/dt / sd) + J_t; scaling both tangents by sd cos t sin t keeps
+        them O(1) near t = pi/2 (where dx_t/dt is large) and returns the product g needs.
+        """
         sd = self.sigma_data
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
         cos_t, sin_t = _per_sample(t.cos(), x_t), _per_sample(t.sin(), x_t)
         with torch.no_grad(), torch.autocast(device_type="cuda" if x_t.is_cuda else "cpu", enabled=False):
             return torch.func.jvp(
                 model.F,
-                (x_t.float() / sd, t.float()),
-                ((cos_t * sin_t * dxt_dt).float(), (sd * t.cos() * t.sin()).float()),
+                (x_t.to(dtype) / sd, t.to(dtype)),
+                ((cos_t * sin_t * dxt_dt).to(dtype), (sd * t.cos() * t.sin()).to(dtype)),
             )
 
     def normalize(self, g: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""``cmscale train RUN.toml``: one training run from a TOML file (see :class:`cmscale.config.RunConfig`)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from cmscale.config import ConfigError, RunConfig, format_validation_error
+from cmscale.sweep.cli import ROOT_OPTION
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=VALUE`` -> (["a", "b"], value); VALUE is read as a TOML value, else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise click.BadParameter(f"{text!r} is not KEY=VALUE (e.g. budget_iters=50 or ect.num_stages=2)", param_hint="--set")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_with_overrides(path: Path, overrides: tuple[str, ...]) -> RunConfig:
+    """Read RUN_TOML, apply ``--set`` overrides, validate once; errors name the file and the field."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: run config not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    for override in overrides:
+        keys, value = parse_override(override)
+        section = raw
+        for key in keys[:-1]:
+            section = section.setdefault(key, {})
+        section[keys[-1]] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        source = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
+        raise ConfigError(format_validation_error(source, error)) from None
+
+
+def resolve_teacher_path(config: RunConfig, toml_path: Path) -> RunConfig:
+    """A relative ``teacher_ckpt`` is looked up in the working directory, then beside the TOML file."""
+    if not config.teacher_ckpt or Path(config.teacher_ckpt).is_absolute() or Path(config.teacher_ckpt).is_file():
+        return config
+    beside = (toml_path.parent / config.teacher_ckpt).resolve()
+    if beside.is_file():
+        return config.model_copy(update={"teacher_ckpt": str(beside)})
+    return config
+
+
+def default_run_dir(config: RunConfig, toml_path: Path, root: Path) -> Path:
+    """``<root>/<sweep>/<run_id>``, with the TOML file's stem as the run id when it names none."""
+    return Path(root) / config.sweep / (config.run_id or toml_path.stem)
+
+
+@click.command("train")
+@click.argument("run_toml", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Run directory (default: ROOT/<sweep>/<run_id or the TOML's stem>).")
+@ROOT_OPTION
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field, e.g. --set budget_iters=50 --set ect.num_stages=2 (repeatable).")
+def train_command(run_toml: Path, out: Path | None, root: Path, overrides: tuple[str, ...]) -> None:
+    """Train (or resume) one run described by RUN_TOML.
+
+    The method (edm, ect, sct, scd), model preset, data, optimiser and budget (iterations or
+    training FLOPs) come from the file. Started again on the same directory, the run resumes
+    from its last checkpoint; a finished run prints its done.json. Relative teacher_ckpt paths
+    are looked up in the working directory, then beside RUN_TOML.
+    """
+    from cmscale.methods import TeacherCheckpointError
+    from cmscale.train import train
+
+    try:
+        config = load_with_overrides(run_toml, overrides)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    config = resolve_teacher_path(config, run_toml)
+    run_dir = out if out is not None else default_run_dir(config, run_toml, root)
+    click.echo(f"{config.method} {config.preset} on {config.dataset} -> {run_dir}", err=True)
+    try:
+        done = train(config, run_dir)
+    except TeacherCheckpointError as error:
+        raise click.ClickException(f"{run_toml}: teacher_ckpt: {error}") from None
+    click.echo(json.dumps(done, indent=2, default=str))
+    if done.get("status") == "failed":
+        raise click.ClickException(f"run failed: {done.get('reason')}")
