@@ -29,6 +29,7 @@ from cmscale.eval import (
     feature_space,
     fid_between,
     fid_to_reference,
+    prepare_eval,
     reference_statistics,
 )
 from cmscale.eval.features import INCEPTION_FILENAME, DigitsFeatureExtractor
@@ -194,6 +195,8 @@ def test_missing_inception_weights_raise_the_documented_error_offline(offline):
     # Through evaluate_model the error comes before the (absent) dataset is read.
     config = RunConfig(method="edm", preset="xxs", dataset="cifar10", data_path=str(offline / "no-cifar"),
                        resolution=32, budget_iters=1)
+    with pytest.raises(InceptionWeightsNotFoundError):
+        prepare_eval(config)
     with pytest.raises(InceptionWeightsNotFoundError):
         evaluate_model(config, model=None, step=1, train_flops=0.0, images_seen=0, run_dir=offline / "run")
 

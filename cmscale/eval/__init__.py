@@ -17,7 +17,7 @@ from cmscale.eval.features import (
     resolve_inception_weights,
 )
 from cmscale.eval.fid import fid_between, fid_to_reference, reference_statistics
-from cmscale.eval.run import EVAL_ROW_KEYS, eval_num_samples, evaluate_model
+from cmscale.eval.run import EVAL_ROW_KEYS, eval_num_samples, evaluate_model, prepare_eval
 
 __all__ = [
     "DIGITS_CNN",
@@ -30,6 +30,7 @@ __all__ = [
     "feature_space",
     "fid_between",
     "fid_to_reference",
+    "prepare_eval",
     "reference_statistics",
     "resolve_inception_weights",
 ]

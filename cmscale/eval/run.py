@@ -78,6 +78,15 @@ def save_grid(images: torch.Tensor, path: Path, max_images: int = 64) -> Path | 
     return path
 
 
+def prepare_eval(config: RunConfig):
+    """Resolve the run's FID feature space now (train and cache the digits CNN, find the Inception
+    weights), so that a run without what its evals need fails at its start, not at its first eval.
+    Returns the FeatureSpace, or None when the run has no evals."""
+    if not config.eval.at_fractions:
+        return None
+    return feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
+
+
 def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: float, images_seen: int,
                    run_dir: Path | str, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """FID of ``model`` (the EMA network) at each sampler step count; saves a grid per eval.
