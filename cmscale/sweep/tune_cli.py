@@ -1,0 +1,169 @@
+"""``cmscale tune``: run an Optuna search (``run SPEC``), follow it (``status NAME``), export its
+best configuration (``best NAME --write run.toml``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cmscale.config import ConfigError
+from cmscale.sweep.cli import ROOT_OPTION
+
+console = Console()
+
+
+@click.group("tune")
+def tune_group() -> None:
+    """Optuna searches: each trial is a cmscale run; workers on SLURM (job array) or locally."""
+
+
+def _counts_line(counts: dict[str, int], used: int, n_trials: int) -> str:
+    states = ", ".join(f"{state} {count}" for state, count in counts.items()) or "no trials yet"
+    return f"{used}/{n_trials} trials used: {states}"
+
+
+def _follow(spec, root: Path, jobs: list, poll_s: float) -> None:
+    """Print the state counts whenever they change, until every worker has ended."""
+    from cmscale.sweep.tune import budget_used, load_study, state_counts
+
+    study = load_study(spec, root)
+    last = None
+    try:
+        while True:
+            finished = all(job.done() for job in jobs)
+            line = _counts_line(state_counts(study), budget_used(study), spec.n_trials)
+            if line != last:
+                console.print(f"  {line}")
+                last = line
+            if finished:
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        for job in jobs:
+            job.cancel(check=False)
+        console.print("[yellow]stopped; the workers were cancelled. Run the same command again to continue the study.[/yellow]")
+        raise SystemExit(130) from None
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as error:  # noqa: BLE001 - report each dead worker, keep the others' results
+            console.print(f"[red]worker {job.job_id} failed:[/red] {str(error).strip().splitlines()[-1] if str(error).strip() else error}")
+
+
+def _ingest_quietly(root: Path) -> None:
+    try:
+        from cmscale.results.store import ingest
+    except ImportError:
+        return
+    ingest(root)
+
+
+@tune_group.command("run")
+@click.argument("spec_path", type=click.Path(path_type=Path))
+@ROOT_OPTION
+@click.option("--executor", type=click.Choice(["local", "slurm", "debug"]), default=None,
+              help="local: processes on this machine; slurm: a job array; debug: in this process. Default: the spec's executor.name.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers pulling trials. Default: the spec's workers.")
+@click.option("--trials", "n_trials", type=click.IntRange(min=1), default=None, help="Trials in the study in all. Default: the spec's n_trials.")
+@click.option("--profile", default=None, help="SLURM profile name (slurm/profiles/NAME.toml) or path.")
+@click.option("--wait/--no-wait", default=None, help="SLURM: follow the workers until they end (local and debug always wait).")
+def run_command(spec_path: Path, root: Path, executor: str | None, workers: int | None, n_trials: int | None,
+                profile: str | None, wait: bool | None) -> None:
+    """Start or continue the study of SPEC: workers pull trials until it has N trials (COMPLETE,
+    PRUNED, RUNNING, or FAIL not retried). Re-running continues it; finished trials are never redone."""
+    from cmscale.sweep.tune import create_study, launch_workers, pruning_note, study_summary
+    from cmscale.sweep.tune_spec import load_tune_spec
+
+    try:
+        spec = load_tune_spec(spec_path)
+        spec = spec.model_copy(update={"n_trials": n_trials or spec.n_trials, "workers": workers or spec.workers})
+        note = pruning_note(spec)
+        if note:
+            console.print(f"[yellow]{note}[/yellow]")
+        create_study(spec, root, spec_path=str(Path(spec_path).resolve()))
+        executor = executor or spec.executor.name
+        jobs = launch_workers(spec, root, executor, spec.workers, profile)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    storage = spec.storage or f"{Path(root).resolve() / spec.name / 'optuna.journal'}"
+    console.print(f"study {spec.name}: {spec.n_trials} trials, {spec.workers} {executor} worker(s); storage {storage}")
+    if executor == "slurm":
+        console.print(f"  submitted array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks)")
+        if not wait:
+            console.print(f"  follow with `cmscale tune status {spec.name}`")
+            return
+    if executor != "debug":
+        _follow(spec, root, jobs, poll_s=5.0 if executor == "slurm" else 2.0)
+    _ingest_quietly(root)
+    _print_summary(study_summary(root, spec.name))
+
+
+def _print_summary(summary: dict) -> None:
+    console.print(f"study {summary['study']}: " + _counts_line(summary["counts"], summary["budget_used"], summary["n_trials"]))
+    if not summary["best"]:
+        console.print("  no complete trial yet")
+        return
+    metrics = summary["metrics"]
+    title = "best trial" if len(metrics) == 1 else f"Pareto front ({len(summary['best'])} trials)"
+    table = Table(title=f"{title}: " + ", ".join(f"{m} ({d})" for m, d in zip(metrics, summary["directions"])))
+    for column in ("trial", "run", *metrics, "params"):
+        table.add_column(column, justify="right" if column in metrics or column == "trial" else "left")
+    for trial in summary["best"]:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items())
+        table.add_row(str(trial["number"]), trial["run_id"], *(f"{v:.4g}" for v in trial["values"]), params)
+    console.print(table)
+
+
+@tune_group.command("status")
+@click.argument("name")
+@ROOT_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status_command(name: str, root: Path, as_json: bool) -> None:
+    """Counts of trials per state and the best trial (or the Pareto front) of study NAME."""
+    from cmscale.sweep.tune import TuneError, study_summary
+
+    try:
+        summary = study_summary(root, name)
+    except TuneError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    _print_summary(summary)
+
+
+@tune_group.command("best")
+@click.argument("name")
+@ROOT_OPTION
+@click.option("--write", "write_path", type=click.Path(path_type=Path), default=None, help="Write the run config as TOML here.")
+@click.option("--trial", "trial_number", type=int, default=None,
+              help="This trial instead of the best (for a Pareto front: pick one from `tune status`).")
+def best_command(name: str, root: Path, write_path: Path | None, trial_number: int | None) -> None:
+    """The best trial's run config (TOML for `cmscale train`). Multi-objective: the Pareto-front
+    trial with the best first metric unless --trial is given."""
+    import tomli_w
+
+    from cmscale.sweep.tune import TuneError, best_run_config
+
+    try:
+        config, trial = best_run_config(root, name, trial_number)
+    except TuneError as error:
+        raise click.ClickException(str(error)) from None
+    header = f"# best config of study {name}: trial {trial.number}, values {trial.values}, params {json.dumps(trial.params)}\n"
+    text = header + tomli_w.dumps(config)
+    if write_path is None:
+        click.echo(text)
+        return
+    write_path.parent.mkdir(parents=True, exist_ok=True)
+    write_path.write_text(text)
+    console.print(f"wrote {write_path} (trial {trial.number}, values {trial.values})")
+
+
+if __name__ == "__main__":
+    sys.exit(tune_group())
