@@ -295,3 +295,25 @@ def test_cli_eval_reports_missing_inception_weights(offline):
     result = CliRunner().invoke(main, ["eval", str(run_dir), "--inception-weights", str(given)])
     assert result.exit_code == 1
     assert f"Inception weights not found at {given}" in result.output
+
+
+@pytest.mark.parametrize("method,with_teacher", [("edm", False), ("ect", True), ("sct", False), ("sct", True), ("scd", True)])
+def test_final_checkpoint_rebuilds_the_training_wrapper(tmp_path, method, with_teacher):
+    from cmscale.methods import build_method
+    from cmscale.models.presets import build_unet
+
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "teacher.pt"
+    torch.save({"net": build_unet("xxs", 16, 1).state_dict()}, teacher_path)
+    config = RunConfig(method=method, preset="xxs", budget_iters=10, teacher_ckpt=str(teacher_path) if with_teacher else None)
+    trained = build_method(config, 1).model.eval()
+    with torch.no_grad():  # move the weights off the teacher's, so a wrong load would show
+        for parameter in trained.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    final = tmp_path / "final.pt"
+    torch.save({"net": unet_of(trained).state_dict(), "step": 10, "img_channels": 1}, final)
+    rebuilt, _ = model_from_final_checkpoint(config, final, torch.device("cpu"))
+    x = torch.randn(3, 1, 16, 16)
+    time_or_sigma = torch.tensor([0.3, 1.0, 1.4]) if method in ("sct", "scd") else torch.tensor([0.01, 1.0, 80.0])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, time_or_sigma), trained(x, time_or_sigma), rtol=0, atol=0)
