@@ -34,7 +34,7 @@ def _parse_steps(ctx, param, value: str | None) -> list[int] | None:  # noqa: AR
               help="Generated images per FID (default: the run's eval.num_samples; 50,000 real data, 1,000 digits).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sampling and feature batch size.")
 @click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
-              help="Inception-v3 weights file (pt_inception-2015-12-05 as torch-fidelity ships it), for offline nodes.")
+              help="Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth, torch-fidelity's release), for offline nodes.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @ROOT_OPTION
