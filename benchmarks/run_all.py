@@ -39,6 +39,7 @@ def benchmark_commands(quick: bool, demo_root: Path) -> dict[str, list[str]]:
         "train_step": [python, str(HERE / "bench_train_step.py"), *(["--quick"] if quick else [])],
         "store": [python, str(HERE / "bench_store.py"), *(["--quick"] if quick else [])],
         "launch": [python, str(HERE / "bench_launch.py"), *(["--quick"] if quick else [])],
+        "eval": [python, str(HERE / "bench_eval.py"), *(["--quick"] if quick else [])],
         "fit": [python, str(HERE / "bench_fit.py"), *(["--quick"] if quick else [])],
         "demo": [cmscale, "demo", "--out", str(demo_root), *(["--quick"] if quick else [])],
     }
