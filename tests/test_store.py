@@ -89,8 +89,8 @@ def _writer(root: str, rank: int, rows: int, resume_at: int | None, start) -> No
     while step < rows:
         writer.write(train_row(rank, step, wall_s=time.time()))
         step += 1
-        if step % 25 == 0:
-            time.sleep(0.01)
+        if step % 20 == 0:  # jobs log over a few seconds, so the ingest loop overlaps them
+            time.sleep(0.02)
         if resume_at is not None and step == resume_at:
             writer.close()
             checkpoint = resume_at - 300
