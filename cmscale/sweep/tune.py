@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,6 +45,7 @@ from cmscale.rundir import (
     heartbeat_age_s,
     read_json,
     read_metrics,
+    touch_heartbeat,
 )
 from cmscale.sweep.tune_spec import (
     FID_METRICS,
@@ -218,6 +220,13 @@ def write_trial_file(run_dir: Path, study: str, number: int, state: str, params:
     atomic_write_json(Path(run_dir) / TRIAL_FILE, record)
 
 
+def slurm_job_id() -> str | None:
+    """This worker's SLURM job id as submitit names it (``ARRAY_TASK`` inside an array)."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -236,8 +245,9 @@ def zombie_reason(trial: FrozenTrial, root: Path | str, spec: TuneSpec, now: flo
     """Why a RUNNING trial's worker is gone, or None while it looks alive."""
     now = time.time() if now is None else now
     host, pid = trial.user_attrs.get(HOST_ATTR), trial.user_attrs.get(PID_ATTR)
-    if host == socket.gethostname() and pid and not _pid_alive(int(pid)):
-        return f"worker pid {pid} on {host} is gone"
+    if host == socket.gethostname() and pid:
+        # On this host the pid answers exactly; the heartbeat is for workers on other nodes.
+        return None if _pid_alive(int(pid)) else f"worker pid {pid} on {host} is gone"
     # A retry resumes the run directory of a dead attempt, whose heartbeat is old until the new
     # attempt's trainer starts: the trial's own start bounds the age.
     ages = [heartbeat_age_s(study_dir(root, spec.name) / trial_run_id(trial))]
@@ -295,7 +305,7 @@ def claim_trial(study: optuna.Study, spec: TuneSpec, root: Path | str) -> optuna
         trial.set_user_attr(RUN_ID_ATTR, trial_run_id(frozen))
         trial.set_user_attr(HOST_ATTR, socket.gethostname())
         trial.set_user_attr(PID_ATTR, os.getpid())
-        trial.set_user_attr(JOB_ATTR, os.environ.get("SLURM_JOB_ID"))
+        trial.set_user_attr(JOB_ATTR, slurm_job_id())
         return trial
 
 
@@ -375,12 +385,49 @@ class WorkerStopped(Exception):
     """The worker got a stop signal while a trial ran; the trial was failed and enqueued again."""
 
 
+class TrialHeartbeat:
+    """Touches the trial's run heartbeat from the claim on (the trainer's own heartbeat starts only
+    once the run is built), so a slow start is not taken for a dead worker."""
+
+    def __init__(self, run_dir: Path, interval_s: float):
+        self.run_dir = Path(run_dir)
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            touch_heartbeat(self.run_dir)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> TrialHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> bool:
+    """Tell the outcome unless another worker already failed the trial as a zombie."""
+    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        return False
+    study.tell(trial, **kwargs)
+    return True
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, spec: TuneSpec, root: Path) -> str:
     """Run one claimed trial as a cmscale run; returns its final Optuna state name."""
+    run_id = trial_run_id(study._storage.get_trial(trial._trial_id))
+    with TrialHeartbeat(study_dir(root, spec.name) / run_id, spec.zombie_after_s / 4):
+        return _run_trial(study, trial, spec, root, run_id)
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: TuneSpec, root: Path, run_id: str) -> str:
     from cmscale.train import train
 
-    frozen = study._storage.get_trial(trial._trial_id)
-    run_id = trial_run_id(frozen)
     run_dir = study_dir(root, spec.name) / run_id
     params = suggest_params(trial, spec)
     try:
@@ -416,7 +463,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: TuneSpec, root: Pa
         fail_trial(study, study._storage.get_trial(trial._trial_id), f"run interrupted ({done.get('reason')})", spec, root, retry=True)
         raise WorkerStopped(done.get("reason"))
     if status == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
+        if not _tell(study, trial, state=TrialState.PRUNED):
+            return "FAIL (taken for a zombie)"
         write_trial_file(run_dir, spec.name, trial.number, "PRUNED", params, None, run_id, done.get("reason"))
         return "PRUNED"
     if status != "done":
@@ -425,12 +473,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: TuneSpec, root: Pa
         values = objective_values(spec, run_dir, params)
     except (ValueError, KeyError, FileNotFoundError) as error:
         return _finish_failed(study, trial, spec, root, params, run_id, f"objective: {error}")
-    study.tell(trial, values)
+    if not _tell(study, trial, values=values):
+        return "FAIL (taken for a zombie)"
     write_trial_file(run_dir, spec.name, trial.number, "COMPLETE", params, values, run_id)
     return "COMPLETE"
 
 
 def _finish_failed(study, trial, spec: TuneSpec, root: Path, params, run_id: str, reason: str) -> str:
+    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        return "FAIL (taken for a zombie)"
     trial.set_user_attr(REASON_ATTR, reason)
     trial.set_user_attr(RETRIED_ATTR, False)
     study.tell(trial, state=TrialState.FAIL)

@@ -244,6 +244,8 @@ def parse_tune_spec(raw: dict[str, Any], source: str = "<tune spec>") -> TuneSpe
 
 
 def load_tune_spec(path: Path | str) -> TuneSpec:
+    """Read and validate a spec file. Relative ``base.teacher_ckpt``/``base.data_path`` are looked up
+    in the working directory, then beside the spec, and stored absolute (workers may run elsewhere)."""
     path = Path(path)
     if not path.is_file():
         raise TuneSpecError(f"{path}: tune spec not found")
@@ -251,7 +253,26 @@ def load_tune_spec(path: Path | str) -> TuneSpec:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise TuneSpecError(f"{path}: not valid TOML ({error})") from None
-    return parse_tune_spec(raw, str(path))
+    base = raw.get("base")
+    if isinstance(base, dict):
+        for key in ("teacher_ckpt", "data_path"):
+            if isinstance(base.get(key), str):
+                base[key] = _absolute(base[key], path.parent)
+    spec = parse_tune_spec(raw, str(path))
+    teacher = spec.base.get("teacher_ckpt")
+    if teacher and not Path(teacher).is_file():
+        raise _errors(str(path), [("base.teacher_ckpt", f"{teacher} not found; train the EDM teacher first (its run "
+                                                         "writes ckpt/final.pt), e.g. `cmscale train examples/train_digits_edm.toml`")])
+    return spec
+
+
+def _absolute(value: str, spec_dir: Path) -> str:
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    if not candidate.exists() and (spec_dir / candidate).exists():
+        return str((spec_dir / candidate).resolve())
+    return str(candidate.resolve())
 
 
 def _base_for(spec: TuneSpec, method: str | None = None) -> dict[str, Any]:
