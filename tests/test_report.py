@@ -1,0 +1,147 @@
+"""The sweep report on a stored synthetic sweep: real run directories, the real DuckDB store, the
+real CLI, and a headless-Chromium screenshot checked for content."""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cmscale.cli import main
+from cmscale.config import RunConfig
+from cmscale.rundir import (
+    CONFIG_FILE,
+    DONE_FILE,
+    METRICS_FILE,
+    MetricsWriter,
+    atomic_write_json,
+    write_status,
+)
+
+SWEEP = "synth"
+# FID = E + A N^-alpha + B D^-beta (D = images seen), times a per-method/steps factor
+E, A, B, ALPHA, BETA = 2.0, 270.0, 1000.0, 0.3, 0.4
+SIZES = {"xxs": 1e5, "xs": 3e5, "s": 1e6, "m": 3e6}
+BUDGETS = [1e12, 4e12, 1.6e13]
+BATCH = 64
+FACTORS = {("ect", 1): 1.45, ("ect", 2): 1.25, ("scd", 1): 1.3, ("scd", 2): 1.09}
+TEACHER_BUDGET = 6.4e13
+FRACTIONS = (0.25, 0.5, 1.0)
+
+
+def law(n: float, images: float) -> float:
+    return E + A * n**-ALPHA + B * images**-BETA
+
+
+def write_run(root: Path, method: str, preset: str, budget: float, seed: int, rng, status: str = "done", teacher: str | None = None) -> str:
+    """One run directory as a finished trainer leaves it: config.json, metrics.jsonl, status.json, done.json."""
+    n = SIZES[preset]
+    flops_per_step = 6.0 * n * BATCH * (1.5 if method == "scd" else 1.0)
+    iters = int(budget // flops_per_step)
+    run_id = f"{method}-{preset}-{budget:.0e}-s{seed}".replace("+", "")
+    run_dir = root / SWEEP / run_id
+    extra = {"teacher_ckpt": f"/ckpt/{teacher}.pt", "teacher_run_id": teacher} if teacher else {}
+    config = RunConfig(method=method, preset=preset, budget_flops=budget, seed=seed, batch_size=BATCH, sweep=SWEEP, run_id=run_id, **extra)
+    atomic_write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json") | {
+        "run_id": run_id, "params": int(n), "flops_per_step": flops_per_step, "flops_per_image_forward": 2.0 * n,
+        "budget_iters_resolved": iters, "img_channels": 1, "world_size": 1, "git_commit": "synthetic"})
+    fractions = FRACTIONS if status == "done" else FRACTIONS[:1]
+    with MetricsWriter(run_dir / METRICS_FILE) as writer:
+        for fraction in fractions:
+            step = max(1, int(iters * fraction))
+            images = step * BATCH
+            flops = step * flops_per_step
+            writer.write({"kind": "train", "step": step, "images_seen": images, "train_flops": flops, "loss": 1.0 / step, "wall_s": 0.1 * step})
+            steps = [8] if method == "edm" else [1, 2]
+            for k in steps:
+                factor = 1.0 if method == "edm" else FACTORS[method, k]
+                fid = factor * law(n, images) * math.exp(rng.normal(0.0, 0.02))
+                nfe = 2 * k - 1 if method == "edm" else k
+                writer.write({"kind": "eval", "step": step, "train_flops": flops, "images_seen": images, "sampler_steps": k, "nfe": nfe,
+                              "fid": fid, "num_samples": 500, "extractor": "digits-cnn", "reference": "digits-train",
+                              "sampling_flops_per_image": nfe * 2.0 * n, "wall_s": 1.0})
+    write_status(run_dir, status)
+    atomic_write_json(run_dir / DONE_FILE, {"status": status, "reason": "loss is NaN at step 12" if status == "failed" else "",
+                                            "final_step": step, "train_flops": flops, "wall_s": 10.0, "started": 1.7e9, "finished": 1.7e9 + 10})
+    return run_id
+
+
+def build_sweep(root: Path) -> None:
+    rng = np.random.default_rng(7)
+    for preset in SIZES:
+        teacher = write_run(root, "edm", preset, TEACHER_BUDGET, 0, rng)
+        for method in ("ect", "scd"):
+            for budget in BUDGETS:
+                write_run(root, method, preset, budget, 0, rng, teacher=teacher)
+    write_run(root, "ect", "m", 6.4e13, 0, rng, status="failed", teacher="edm-m-6e13-s0")
+
+
+def screenshot_variance(html: Path, out_png: Path, profile: Path) -> float:
+    """Render ``html`` in headless Chromium and return the pixel variance of the screenshot."""
+    from PIL import Image
+
+    subprocess.run(
+        ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         f"--screenshot={out_png}", "--window-size=1200,1600", f"file://{html.resolve()}"],
+        check=True, capture_output=True, timeout=120,
+    )
+    pixels = np.asarray(Image.open(out_png).convert("L"), dtype=float)
+    return float(pixels.var())
+
+
+def test_report_on_stored_synthetic_sweep(tmp_path):
+    from cmscale.results import ingest, query
+
+    root = tmp_path / "results"
+    build_sweep(root)
+    report = ingest(root)
+    assert query(f"SELECT count(*) AS n FROM runs WHERE sweep = '{SWEEP}'", root=root, ingest=False)["n"][0] == 4 + 4 * 2 * 3 + 1, report
+
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", SWEEP, "--out", str(out), "--root", str(root), "--n-draws", "100", "--no-ingest"])
+    assert result.exit_code == 0, result.output
+    html = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    # self-contained: every figure is embedded, no file or network references
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
+    assert len(images) >= 6
+    assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    assert "src='http" not in html and "src='figures" not in html
+    # the exact SQL behind the figures, the failed run, fit tables with CIs and the ratio table
+    assert "FROM evals e JOIN runs r USING (run_id)" in html and "```sql" in md
+    assert "ect-m-6e13-s0" in html and "is failed: loss is NaN at step 12" in html
+    assert "compute-optimal size per budget" in md and "extrapolation" in md
+    assert "Teacher-student FID ratio" in md and "scd 2-step" in md
+    for stem in ("ect_fid_2step_compute", "scd_fid_1step_nopt", "teacher_student", "sampling", "teacher_compute"):
+        assert (out / "figures" / f"{stem}.png").stat().st_size > 5000
+        assert (out / "figures" / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
+
+    # the same pairs from the CLI, one group per student method and step count
+    result = CliRunner().invoke(main, ["fit", "ratio", "--sweep", SWEEP, "--root", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    ratios = json.loads(result.output)
+    assert set(ratios) == {"ect 1-step", "ect 2-step", "scd 1-step", "scd 2-step"}
+    for group in ratios.values():
+        assert group["n_points"] == 4 and group["ci"][0] < group["mean_ratio"] < group["ci"][1]
+        assert group["slope_ci"][0] < group["slope"] < group["slope_ci"][1] and 0 <= group["slope_p"] <= 1
+    # students are worse than teachers here (factor > 1, fewer images), and 1-step worse than 2-step
+    assert 1 < ratios["scd 2-step"]["mean_ratio"] < ratios["scd 1-step"]["mean_ratio"]
+
+    if shutil.which("chromium") is None and not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("chromium is not installed")
+    blank = tmp_path / "blank.html"
+    blank.write_text("<html><body style='background:#fff'></body></html>")
+    assert screenshot_variance(blank, tmp_path / "blank.png", tmp_path / "profile_blank") < 1.0
+    variance = screenshot_variance(out / "report.html", tmp_path / "shot.png", tmp_path / "profile")
+    assert variance > 200.0, variance
