@@ -74,8 +74,10 @@ def test_students_depend_on_their_teacher_and_point_at_its_checkpoint(tmp_path):
         (lambda raw: raw["teacher"].update({"train": False}), "teacher"),
         (lambda raw: raw["defaults"].update({"learning_rate": 1.0}), "defaults.learning_rate"),
         (lambda raw: raw["defaults"].update({"batch_size": 0}), "batch_size"),
+        (lambda raw: raw["executor"].update({"name": "slurm", "profile": "no_such_cluster"}), "executor.profile"),
     ],
-    ids=["unknown-method", "unknown-preset", "negative-budget", "non-numeric-budget", "missing-teacher", "unknown-field", "bad-batch"],
+    ids=["unknown-method", "unknown-preset", "negative-budget", "non-numeric-budget", "missing-teacher", "unknown-field", "bad-batch",
+         "unknown-profile"],
 )
 def test_spec_errors_name_the_file_and_field(tmp_path, mutate, field):
     raw = copy.deepcopy(base_raw())

@@ -90,7 +90,7 @@ def _print_report(report, dry_run: bool) -> None:
         console.print(f"  array {array['array_job_id']}: {array['tasks']} tasks" + (f", {array['dependency']}" if array["dependency"] else ""))
 
 
-def _follow(root: Path, sweep: str, ingest: bool) -> None:
+def _follow(root: Path, sweep: str, ingest: bool, timeout_s: float | None = None) -> None:
     from cmscale.sweep.control import wait_for_sweep
     from cmscale.sweep.status import count_states
 
@@ -100,11 +100,12 @@ def _follow(root: Path, sweep: str, ingest: bool) -> None:
         if ingest:
             _ingest_quietly(root)
 
-    states = wait_for_sweep(root, sweep, poll_s=5.0, on_poll=on_poll)
+    states = wait_for_sweep(root, sweep, poll_s=5.0, timeout_s=timeout_s, on_poll=on_poll)
     _ingest_quietly(root)
     bad = [s for s in states if s.state != "done"]
     if bad:
         console.print(f"[red]{len(bad)} runs did not finish[/red]; see `cmscale sweep status {sweep}`")
+        raise click.exceptions.Exit(1)
 
 
 def _ingest_quietly(root: Path) -> None:
@@ -122,7 +123,10 @@ def _ingest_quietly(root: Path) -> None:
 @click.option("--profile", default=None, help="SLURM profile name (slurm/profiles/NAME.toml) or path.")
 @click.option("--dry-run", is_flag=True, help="Plan and build the submissions without submitting.")
 @click.option("--wait", is_flag=True, help="Follow the runs until they finish, ingesting results as they land.")
-def launch_command(spec_path: Path, root: Path, executor: str | None, profile: str | None, dry_run: bool, wait: bool) -> None:
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=None,
+              help="With --wait: stop following after this many seconds (the runs go on).")
+def launch_command(spec_path: Path, root: Path, executor: str | None, profile: str | None, dry_run: bool, wait: bool,
+                   wait_timeout: float | None) -> None:
     """Submit SPEC's runs: teachers first, students after them. Runs already done or queued are skipped."""
     from cmscale.sweep.control import submit_runs
 
@@ -138,7 +142,7 @@ def launch_command(spec_path: Path, root: Path, executor: str | None, profile: s
         if executor != "slurm":
             _ingest_quietly(root)
         elif wait:
-            _follow(root, spec.name, ingest=True)
+            _follow(root, spec.name, ingest=True, timeout_s=wait_timeout)
 
 
 @sweep_group.command("status")
@@ -204,10 +208,16 @@ def relaunch_command(name: str, root: Path, include_failed: bool, executor: str 
         raise click.ClickException(f"the spec of sweep {name!r} is not at {spec_path}; relaunch with `cmscale sweep launch SPEC`")
     import tomllib
 
-    spec = parse_spec(tomllib.loads(spec_path.read_text()), str(spec_path))
-    runs = plan_sweep(spec, root, source=str(spec_path))
-    report = submit_runs(runs, spec, root, executor or spec.executor.name, profile,
-                         wanted=frozenset({"planned", "failed", "lost"}), spec_path=spec_path)
+    # Default to how the sweep was launched, not to the spec's executor (often "local").
+    executor = executor or stored.get("executor")
+    profile = profile or stored.get("profile")
+    try:
+        spec = parse_spec(tomllib.loads(spec_path.read_text()), str(spec_path))
+        runs = plan_sweep(spec, root, source=str(spec_path))
+        report = submit_runs(runs, spec, root, executor or spec.executor.name, profile,
+                             wanted=frozenset({"planned", "failed", "lost"}), spec_path=spec_path)
+    except (ConfigError, tomllib.TOMLDecodeError) as error:
+        raise click.ClickException(str(error)) from None
     _print_report(report, dry_run=False)
 
 

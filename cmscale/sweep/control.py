@@ -19,7 +19,7 @@ from cmscale.sweep.launch import (
 )
 from cmscale.sweep.plan import PlannedRun
 from cmscale.sweep.profiles import load_profile
-from cmscale.sweep.spec import SweepSpec
+from cmscale.sweep.spec import SweepSpec, check_profile
 from cmscale.sweep.status import RunState, sweep_states
 
 TERMINAL_STATES = {"done", "failed", "lost"}
@@ -74,7 +74,8 @@ def submit_runs(
     root = Path(root)
     report = LaunchReport()
     if not dry_run:
-        write_sweep_file(root, spec.name, runs, spec_path=str(Path(spec_path).resolve()) if spec_path else "")
+        write_sweep_file(root, spec.name, runs, spec_path=str(Path(spec_path).resolve()) if spec_path else "",
+                         executor=executor, profile=(profile_name or spec.executor.profile) if executor == "slurm" else None)
         states = {state.run_id: state for state in sweep_states(root, spec.name)}
     else:
         states = {run.run_id: RunState(run.run_id, "planned", run.config.method, run.config.preset) for run in runs}
@@ -85,6 +86,10 @@ def submit_runs(
     if not ready:
         return report
     if executor == "slurm":
+        if profile_name:
+            check_profile(profile_name, "--profile")
+        else:
+            check_profile(spec.executor.profile, f"{spec_path or '<spec>'}: invalid configuration\n  - executor.profile")
         profile = load_profile(profile_name or spec.executor.profile)
         SlurmLauncher(root, spec.name, profile, dry_run=dry_run).launch(ready, report, live_jobs)
     elif dry_run:
@@ -101,8 +106,8 @@ def cancel_sweep(root: Path, sweep: str) -> list[str]:
     slurm_ids, local_pids = set(), []
     for state in states:
         job = read_job(Path(root) / sweep / state.run_id)
-        if not job or state.state in ("done", "failed"):
-            continue
+        if not job or state.state not in ("queued", "running"):
+            continue  # nothing live behind it
         if job.get("executor") == "slurm":
             slurm_ids.add(str(job["job_id"]))
         elif job.get("executor") == "local":

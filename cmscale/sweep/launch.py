@@ -44,12 +44,16 @@ def sweep_dir(root: Path, sweep: str) -> Path:
     return Path(root) / sweep
 
 
-def write_sweep_file(root: Path, sweep: str, runs: list[PlannedRun], spec_path: str) -> None:
+def write_sweep_file(root: Path, sweep: str, runs: list[PlannedRun], spec_path: str,
+                     executor: str | None = None, profile: str | None = None) -> None:
+    """The plan on disk; ``executor`` and ``profile`` are what ``relaunch`` reuses by default."""
     atomic_write_json(
         sweep_dir(root, sweep) / SWEEP_FILE,
         {
             "sweep": sweep,
             "spec_path": spec_path,
+            "executor": executor,
+            "profile": profile,
             "runs": [
                 {
                     "run_id": run.run_id,
@@ -92,7 +96,7 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 
 def cluster_max_array_size() -> int | None:
-    """MaxArraySize from ``scontrol show config`` (tasks per array must be below it)."""
+    """MaxArraySize from ``scontrol show config`` (task indices must be below it); None off-cluster."""
     try:
         output = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -130,7 +134,10 @@ class SlurmLauncher:
         self.sweep = sweep
         self.profile = profile
         self.dry_run = dry_run
-        self.max_array = profile.max_array_size or (None if dry_run else cluster_max_array_size()) or 1000
+        # Array task indices run 0..MaxArraySize-1, so an array holds at most MaxArraySize tasks.
+        # A dry run asks the cluster too when one answers; otherwise SLURM's default (1001) holds.
+        limits = [limit for limit in (profile.max_array_size, cluster_max_array_size()) if limit]
+        self.max_array = min(limits) if limits else 1001
 
     def _executor(self) -> submitit.AutoExecutor:
         folder = sweep_dir(self.root, self.sweep) / SUBMITIT_DIR / "%j"

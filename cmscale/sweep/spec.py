@@ -170,7 +170,19 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> SweepSpec:
     except ValidationError as error:
         raise _error_with_field_paths(source, error) from None
     _check_run_fields(spec, source)
+    if spec.executor.name == "slurm":
+        check_profile(spec.executor.profile, f"{source}: invalid configuration\n  - executor.profile")
     return spec
+
+
+def check_profile(name: str, where: str) -> None:
+    """Raise a SpecError naming ``where`` when profile ``name`` does not exist or is invalid."""
+    from cmscale.sweep.profiles import load_profile
+
+    try:
+        load_profile(name)
+    except ConfigError as error:
+        raise SpecError(f"{where}: {error}") from None
 
 
 def _check_run_fields(spec: SweepSpec, source: str) -> None:

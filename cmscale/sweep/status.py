@@ -35,17 +35,44 @@ class RunState:
         return asdict(self)
 
 
+def expand_job_ids(job_id: str) -> list[str]:
+    """``5_[0-3,7%2]`` (a pending array as squeue and sacct print it) -> ``5_0 .. 5_3, 5_7``."""
+    base, bracket, rest = job_id.partition("_[")
+    if not bracket:
+        return [job_id]
+    ids = []
+    for part in rest.rstrip("]").split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit() and (not last or last.isdigit()):
+            ids += [f"{base}_{task}" for task in range(int(first), int(last or first) + 1)]
+    return ids
+
+
+def _parse_states(lines: str, separator: str | None, states: dict[str, str], overwrite: bool) -> None:
+    for line in lines.splitlines():
+        parts = line.split(separator) if separator else line.split()
+        if len(parts) < 2 or not parts[0]:
+            continue
+        state = parts[1].split()[0] if parts[1].strip() else "UNKNOWN"
+        for job in expand_job_ids(parts[0].strip()):
+            if overwrite or job not in states:
+                states[job] = state
+
+
 def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
-    """Scheduler state per job id (``123`` or ``123_4``); empty if SLURM is not reachable."""
+    """Scheduler state per job id (``123`` or ``123_4``); empty if SLURM is not reachable.
+
+    squeue (one line per array task with ``-r``) answers for live and recently ended jobs; sacct
+    fills in older ones when accounting runs. Neither is required: a job neither knows is
+    reported as unknown, and the run's own files decide its state.
+    """
     if not job_ids:
         return {}
     states: dict[str, str] = {}
     try:
-        queued = subprocess.run(["squeue", "-h", "-o", "%i %T", "--states=all"], capture_output=True, text=True, timeout=30)
-        for line in queued.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                states[parts[0]] = parts[1]
+        queued = subprocess.run(["squeue", "-r", "-h", "-o", "%i %T", "--states=all"], capture_output=True, text=True, timeout=30)
+        if queued.returncode == 0:
+            _parse_states(queued.stdout, None, states, overwrite=True)
     except (OSError, subprocess.TimeoutExpired):
         pass
     missing = [job for job in job_ids if job not in states]
@@ -55,9 +82,8 @@ def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
                 ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(sorted({j.split("_")[0] for j in missing}))],
                 capture_output=True, text=True, timeout=30,
             )
-            for line in accounted.stdout.splitlines():
-                job, _, state = line.partition("|")
-                states.setdefault(job, state.split()[0] if state else "UNKNOWN")
+            if accounted.returncode == 0:
+                _parse_states(accounted.stdout, "|", states, overwrite=False)
         except (OSError, subprocess.TimeoutExpired):
             pass
     return states
@@ -77,7 +103,7 @@ def _job_alive(job: dict, slurm_states: dict[str, str]) -> tuple[bool, str | Non
     if job.get("executor") == "slurm":
         state = slurm_states.get(str(job.get("job_id")))
         if state is None:
-            return False, "job not found in squeue or sacct"
+            return False, None
         return state in LIVE_SLURM_STATES, state
     if job.get("executor") == "local":
         try:
@@ -108,19 +134,23 @@ def run_state(run_id: str, run_dir: Path, config: dict, slurm_states: dict[str, 
         age = heartbeat_age_s(run_dir)
         stale = age is None or age > STALE_HEARTBEATS * heartbeat_s
         if alive:
-            state = "queued" if scheduler_state in ("PENDING", "REQUEUED", "REQUEUE_HOLD") else "running"
-            return RunState(run_id, state, method, preset, job_id, scheduler_state)
-        if not stale and job.get("executor") != "slurm":
-            return RunState(run_id, "running", method, preset, job_id)
+            return RunState(run_id, _live_state(scheduler_state), method, preset, job_id, scheduler_state)
+        if not stale and (job.get("executor") != "slurm" or scheduler_state is None):
+            # A fresh heartbeat with no scheduler answer (squeue unreachable) is a live run.
+            return RunState(run_id, "running", method, preset, job_id, "heartbeat fresh")
         reason = f"heartbeat {age:.0f}s old and no live job" if age is not None else "no heartbeat and no live job"
         if scheduler_state:
             reason += f" (scheduler: {scheduler_state})"
         return RunState(run_id, "lost", method, preset, job_id, reason)
     if alive:
-        return RunState(run_id, "queued", method, preset, job_id, scheduler_state)
-    if scheduler_state and scheduler_state not in LIVE_SLURM_STATES:
+        return RunState(run_id, _live_state(scheduler_state), method, preset, job_id, scheduler_state)
+    if job.get("executor") == "slurm" and scheduler_state and scheduler_state not in LIVE_SLURM_STATES:
         return RunState(run_id, "failed", method, preset, job_id, f"job ended as {scheduler_state} before the run started")
-    return RunState(run_id, "lost", method, preset, job_id, "submitted job is gone and the run never started")
+    return RunState(run_id, "lost", method, preset, job_id, "the submitted job is gone and the run never started")
+
+
+def _live_state(scheduler_state: str | None) -> str:
+    return "running" if scheduler_state in ("RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT") else "queued"
 
 
 def sweep_states(root: Path, sweep: str) -> list[RunState]:
