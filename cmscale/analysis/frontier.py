@@ -8,7 +8,8 @@ space) and ``run`` (the resampling unit of the bootstrap).
 Envelope
 --------
 Each curve of size N is read at a budget C by linear interpolation of log y in log C between its
-neighbouring points (never extrapolated). Size N's value at C is the minimum over its curves
+neighbouring points (never extrapolated beyond ``END_TOL``, the one-step shortfall of a run's
+last eval against its nominal budget). Size N's value at C is the minimum over its curves
 (the best known way to spend C on that size). The frontier is ``y*(C) = min_N y_N(C)``.
 
 Optimal size
@@ -17,7 +18,9 @@ At each budget the best size is the argmin over the sizes that reach C. When it 
 or the largest of them (or fewer than three sizes reach C), the true optimum may lie off the grid:
 the budget is flagged ``edge`` and excluded from the N_opt fit. Otherwise N_opt is the vertex of the
 parabola through the best size and its two neighbours in (log N, log y), as in Chinchilla's
-IsoFLOP analysis, clipped to the neighbours' range.
+IsoFLOP analysis, clipped to the neighbours' range. The vertex carries a bias of a fraction of the
+size grid's step (the curve in log N is not exactly a parabola); the bootstrap CI measures the
+noise, not that bias, so use a size grid no coarser than ~2x per step when the CI is tight.
 
 Scaling of N_opt
 ----------------
