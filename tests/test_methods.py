@@ -61,9 +61,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # Preconditioners and the EDM <-> TrigFlow map
 
 
-def test_edm_to_trigflow_round_trips_the_denoiser_output():
+@pytest.mark.parametrize("sigma_min", [0.0, 0.002])  # plain EDM (closed-form F) and ECT's ECMPrecond
+def test_edm_to_trigflow_round_trips_the_denoiser_output(sigma_min):
     """D(x, sigma) -> sd F(x_t/sd, t) -> cos t x_t - sin t sd F = D again, with sigma = sd tan t."""
-    edm = EDMPrecond(random_unet(), SD)
+    edm = EDMPrecond(random_unet(), SD, sigma_min=sigma_min)
     trig = EDMAsTrigFlow(edm)
     x_sigma = images(6) + torch.randn(6, 1, 8, 8, dtype=torch.float64)
     sigma = torch.tensor([0.002, 0.05, 0.3, 1.0, 7.0, 80.0], dtype=torch.float64)

@@ -10,6 +10,7 @@ TrigFlow:       x_t = cos(t) x0 + sin(t) z, z ~ N(0, sd^2 I), t in [0, pi/2];
                 consistency function f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, t).
 Map:            sigma = sd tan(t) and x_t = cos(t) x_sigma, so an EDM denoiser D gives
                 sd F(x_t / sd, t) = (cos(t) x_t - D(x_t / cos t, sd tan t)) / sin(t), and then f = D.
+                For the plain EDM preconditioner this is exactly F = -net(x_t / sd, ln(sd tan t) / 4).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class EDMAsTrigFlow(nn.Module):
     def F(self, x_scaled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = _per_sample(t, x_scaled)
         sd = self.sigma_data
+        if self.edm.sigma_min == 0:
+            # With sigma = sd tan t: c_skip = cos^2 t, c_out = sd sin t and c_in x_sigma = x_t / sd, so
+            # sd F = (cos t x_t - D) / sin t = -sd net(x_t / sd, ln(sigma) / 4) exactly. Evaluating it
+            # this way avoids the cancellation in cos t x_t - D near t = 0 and x_t / cos t near pi/2.
+            return -self.edm.net(x_scaled, (sd * t.tan()).log().reshape(-1) / 4)
         x_t = sd * x_scaled
         denoised = self.edm(x_t / t.cos(), sd * t.tan())
         return (t.cos() * x_t - denoised) / (sd * t.sin())
