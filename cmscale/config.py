@@ -45,6 +45,7 @@ class ECTOptions(StrictModel):
     mapping: Literal["sigmoid", "const"] = "sigmoid"
     weighting: Literal["inv_dt", "snr"] = "inv_dt"
     num_stages: int = Field(8, ge=1, description="stages over the run; the stage length is budget_iters / num_stages")
+    iters_per_stage: int | None = Field(None, ge=1, description="fixed stage length in iterations; overrides num_stages")
     sigma_min: float = Field(0.002, ge=0, description="boundary of the consistency function (ECMPrecond uses 0.002-0.003)")
     sigma_max: float = Field(80.0, gt=0)
     t_mid: float = Field(0.821, gt=0, description="intermediate sigma for 2-step sampling")

@@ -16,7 +16,13 @@ from cmscale.config import RunConfig
 from cmscale.models.losses import ECTLoss, EDMLoss, SCMLoss
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond
 from cmscale.models.presets import build_unet
-from cmscale.models.samplers import cm_sample_edm, cm_sample_trigflow, ect_times, heun_sample, scm_times
+from cmscale.models.samplers import (
+    cm_sample_edm,
+    cm_sample_trigflow,
+    ect_times,
+    heun_sample,
+    scm_times,
+)
 from cmscale.models.unet import UNet
 
 
@@ -81,7 +87,7 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
         net = fresh_unet()
         load_unet_weights(net, config.teacher_ckpt)
         model = EDMPrecond(net, options.sigma_data, sigma_min=options.sigma_min)
-        iters_per_stage = max(1, iterations_for_budget(config) // options.num_stages)
+        iters_per_stage = options.iters_per_stage or max(1, iterations_for_budget(config) // options.num_stages)
         loss = ECTLoss(options.P_mean, options.P_std, options.sigma_data, options.q, options.k, options.b,
                        options.c, options.mapping, options.weighting, iters_per_stage)
         return Method("ect", model.to(device), loss)

@@ -287,3 +287,12 @@ def test_flops_per_step_order_scd_over_ect_over_edm(preset):
     assert scd > sct > ect  # a JVP costs more than a no-grad target forward; sCD adds a teacher forward
     # ECT = EDM + one no-grad forward; sCD = sCT + one teacher forward (the teacher has the same size).
     assert ect - edm == scd - sct
+
+
+def test_ect_stage_length_comes_from_the_budget_or_is_given(tmp_path):
+    _write_teacher(tmp_path / "teacher.pt")
+    common = dict(method="ect", preset="xxs", budget_iters=400, teacher_ckpt=str(tmp_path / "teacher.pt"))
+    assert build_method(RunConfig(**common, ect={"num_stages": 4}), img_channels=1).loss_fn.iters_per_stage == 100
+    built = build_method(RunConfig(**common, ect={"num_stages": 4, "iters_per_stage": 30}), img_channels=1)
+    built.set_iteration(95)
+    assert built.loss_fn.iters_per_stage == 30 and built.loss_fn.stage == 3
