@@ -409,7 +409,7 @@ def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
                         if metrics:
                             for row in rows:
                                 metrics.write(row)
-                        if on_eval is not None and on_eval(rows):
+                        if _any_rank(trainer, trainer.is_writer and on_eval is not None and bool(on_eval(rows))):
                             trainer.save()
                             trainer.save_final()
                             return _finish(run_dir, "pruned", f"stopped by the search at step {step}", trainer, started)
@@ -428,12 +428,18 @@ def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
             metrics.close()
 
 
+def _any_rank(trainer: Trainer, flag: bool) -> bool:
+    """True on every rank if it is true on any rank, so that all ranks leave the loop at the same step."""
+    if trainer.world == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=trainer.device)  # NCCL needs a device tensor
+    dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
 def _should_stop(trainer: Trainer, stop: StopFlag) -> bool:
     """Every rank stops at the same step if any rank got the signal."""
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=trainer.device)  # NCCL needs a device tensor
-    if trainer.world > 1:
-        dist.all_reduce(flag)
-    return bool(flag.item() > 0)
+    return _any_rank(trainer, stop.requested is not None)
 
 
 @contextmanager
