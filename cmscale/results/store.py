@@ -64,7 +64,12 @@ FINGERPRINT_BYTES = 4096
 BATCH_BYTES = 256 << 20  # new metrics bytes parsed and written per transaction
 DEFAULT_LOCK_TIMEOUT_S = float(os.environ.get("CMSCALE_DB_LOCK_TIMEOUT_S", "300"))
 
-WRITE_STATEMENTS = {"INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "ATTACH", "DETACH", "VACUUM", "ANALYZE", "TRANSACTION", "LOAD", "SET", "CREATE_FUNC"}
+# Statement types refused up front with a clear message (the read-only connection would refuse
+# them too, less clearly). COPY ... TO a file is allowed: it writes a file, not the database.
+WRITE_STATEMENTS = frozenset({
+    "INSERT", "UPDATE", "DELETE", "MERGE_INTO", "CREATE", "CREATE_FUNC", "DROP", "ALTER", "ATTACH",
+    "DETACH", "VACUUM", "COPY_DATABASE",
+})
 
 METRIC_SCHEMA: dict[str, pl.DataType] = {
     "kind": pl.String,
@@ -355,7 +360,7 @@ def query(
     root = _check_root(Path(root) if root is not None else default_root())
     refuse_writes(sql)
     if ingest:
-        globals()["ingest"](root, timeout_s=timeout_s)
+        _ingest_first(root, timeout_s)
     with connect(root, read_only=True, timeout_s=timeout_s) as con:
         try:
             relation = con.sql(sql)
@@ -437,7 +442,7 @@ class _Seen:
     """A file as ``stat`` saw it during the scan."""
 
     rel: str  # path relative to the root, the bookkeeping key
-    path: Path
+    path: str
     size: int
     mtime_ns: int
     inode: int
@@ -467,46 +472,48 @@ class _RunDir:
     files: dict[str, _Seen]
 
 
-def _visible_dirs(path: Path) -> Iterator[os.DirEntry]:
+def _visible_dirs(path: str) -> list[os.DirEntry]:
     # Names starting with "_" or "." are bookkeeping (submitit logs in <sweep>/_submitit, tmp files).
     try:
         entries = list(os.scandir(path))
     except FileNotFoundError:
-        return
-    for entry in sorted(entries, key=lambda e: e.name):
-        if entry.name[0] in "_." or not entry.is_dir(follow_symlinks=True):
-            continue
-        yield entry
+        return []
+    return sorted(
+        (e for e in entries if e.name[0] not in "_." and e.is_dir(follow_symlinks=True)), key=lambda e: e.name
+    )
 
 
-def _seen(root: Path, path: Path) -> _Seen | None:
+def _stat(rel: str, path: str) -> _Seen | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
-    return _Seen(path.relative_to(root).as_posix(), path, st.st_size, st.st_mtime_ns, st.st_ino)
+    return _Seen(rel, path, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _scan(root: Path) -> tuple[dict[str, _Seen], list[_RunDir]]:
+    """stat() every tracked file under ``root`` (plain strings: this is the whole no-op ingest)."""
     sweep_files: dict[str, _Seen] = {}
     runs: list[_RunDir] = []
-    for sweep_entry in _visible_dirs(root):
-        sweep_path = Path(sweep_entry.path)
-        seen = _seen(root, sweep_path / SWEEP_FILE)
+    for sweep_entry in _visible_dirs(str(root)):
+        sweep = sweep_entry.name
+        seen = _stat(f"{sweep}/{SWEEP_FILE}", os.path.join(sweep_entry.path, SWEEP_FILE))
         if seen is not None:
-            sweep_files[sweep_entry.name] = seen
-        for run_entry in _visible_dirs(sweep_path):
-            run_path = Path(run_entry.path)
+            sweep_files[sweep] = seen
+        for run_entry in _visible_dirs(sweep_entry.path):
+            run_id = run_entry.name
             files = {}
             try:
-                names = [e.name for e in os.scandir(run_path) if e.name in TRACKED_RUN_FILES]
+                entries = [e for e in os.scandir(run_entry.path) if e.name in TRACKED_RUN_FILES]
             except FileNotFoundError:
                 continue
-            for name in names:
-                seen = _seen(root, run_path / name)
-                if seen is not None:
-                    files[name] = seen
-            runs.append(_RunDir(sweep_entry.name, run_entry.name, run_path, files))
+            for entry in entries:
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                files[entry.name] = _Seen(f"{sweep}/{run_id}/{entry.name}", entry.path, st.st_size, st.st_mtime_ns, st.st_ino)
+            runs.append(_RunDir(sweep, run_id, Path(run_entry.path), files))
     return sweep_files, runs
 
 
@@ -532,24 +539,27 @@ class _MetricsChunk:
 
 
 def _read_metrics(run_id: str, seen: _Seen, known: _Known | None) -> _MetricsChunk | None:
-    reset = known is not None and (known.inode != seen.inode or seen.size < known.consumed)
     try:
-        with open(seen.path, "rb") as handle:
-            blob_start = 0
-            blob = b""
-            if known is not None and not reset and known.consumed > 0:
-                blob_start = max(0, known.consumed - FINGERPRINT_BYTES)
-                handle.seek(blob_start)
-                blob = handle.read(seen.size - blob_start)
-                before = blob[: known.consumed - blob_start]
-                if len(before) != known.consumed - blob_start or _fingerprint(before) != known.fingerprint:
-                    reset = True  # same inode, but the bytes already ingested changed
-            if known is None or reset or known.consumed == 0:
-                blob_start = 0
-                handle.seek(0)
-                blob = handle.read(seen.size)
+        handle = open(seen.path, "rb")
     except FileNotFoundError:
-        return None  # replaced or removed since the scan; the next ingest sees the new file
+        return None  # removed since the scan; the next ingest sees what replaced it
+    with handle:
+        # The file may have been replaced (resume rewrite) since the scan: describe the one opened.
+        st = os.fstat(handle.fileno())
+        seen = _Seen(seen.rel, seen.path, st.st_size, st.st_mtime_ns, st.st_ino)
+        reset = known is not None and (known.inode != seen.inode or seen.size < known.consumed)
+        blob_start, blob = 0, b""
+        if known is not None and not reset and known.consumed > 0:
+            blob_start = max(0, known.consumed - FINGERPRINT_BYTES)
+            handle.seek(blob_start)
+            blob = handle.read(seen.size - blob_start)
+            before = blob[: known.consumed - blob_start]
+            if len(before) != known.consumed - blob_start or _fingerprint(before) != known.fingerprint:
+                reset = True  # same inode, but the bytes already ingested changed
+        if known is None or reset or known.consumed == 0:
+            blob_start = 0
+            handle.seek(0)
+            blob = handle.read(seen.size)
     start = 0 if (known is None or reset) else known.consumed
     data = blob[start - blob_start :]
     cut = data.rfind(b"\n") + 1
@@ -855,6 +865,10 @@ def ingest(
             _write_batch(path, batch, known, report, timeout_s)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _ingest_first(root: Path, timeout_s: float) -> IngestReport:
+    return ingest(root, timeout_s=timeout_s)  # query()'s ``ingest`` flag shadows the function there
 
 
 class _Plans:
