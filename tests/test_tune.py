@@ -23,8 +23,8 @@ from optuna.trial import TrialState
 from cmscale.cli import main
 from cmscale.config import RunConfig, load_run_config
 from cmscale.rundir import read_json
-from cmscale.sweep.tune import load_study, pruning_note, stored_spec
-from cmscale.sweep.tune_spec import TuneSpecError, load_tune_spec, parse_tune_spec
+from cmscale.sweep.tune import load_study, stored_spec
+from cmscale.sweep.tune_spec import TuneSpecError, load_tune_spec
 from cmscale.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,14 +172,34 @@ def test_median_pruner_stops_a_trial_in_a_bad_region_before_its_budget(tmp_path,
     assert pruned.intermediate_values[250] > max(good)
 
 
-def test_multi_objective_with_a_pruner_says_pruning_is_off(tmp_path, teacher_ckpt):
-    spec = parse_tune_spec({
-        "name": "pareto", "n_trials": 2, "base": ect_base(teacher_ckpt, [1.0], [1, 2]),
+def test_multi_objective_search_gives_fid_and_nfe_and_says_pruning_is_off(tmp_path, teacher_ckpt):
+    spec = {
+        "name": "pareto", "n_trials": 2, "base": ect_base(teacher_ckpt, [0.5, 1.0], [1, 2]) | {"budget_iters": 8},
         "space": {"sampler_steps": {"type": "categorical", "choices": [1, 2]}},
         "objective": {"metrics": ["fid", "nfe"]}, "pruner": {"name": "median"},
-    })
-    assert not spec.pruning
-    assert "pruning is off" in pruning_note(spec)
+        "sampler": {"name": "random", "seed": 1},
+    }
+    spec_path = write_spec(tmp_path / "pareto.toml", spec)
+    assert not load_tune_spec(spec_path).pruning
+    result = CliRunner().invoke(main, ["tune", "run", str(spec_path), "--root", str(tmp_path / "r"), "--executor", "debug"])
+    assert result.exit_code == 0, result.output
+    assert "pruning is off" in " ".join(result.output.split())
+    study = load_study(stored_spec(tmp_path / "r", "pareto"), tmp_path / "r")
+    for trial in study.get_trials():
+        assert trial.state == TrialState.COMPLETE
+        steps = trial.params["sampler_steps"]
+        rows = [json.loads(line) for line in (tmp_path / "r" / "pareto" / trial.user_attrs["run_id"] / "metrics.jsonl").open()]
+        final = next(r for r in rows if r["kind"] == "eval" and r["step"] == 8 and r["sampler_steps"] == steps)
+        assert trial.values == [pytest.approx(final["fid"]), steps]  # ECT: one network call per step
+        assert trial.intermediate_values == {}  # nothing is reported to a study that cannot prune
+    assert "Pareto front" in result.output
+
+
+def test_missing_teacher_checkpoint_is_named_in_the_error(tmp_path):
+    spec = {"name": "noteacher", "n_trials": 1, "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-3}},
+            "base": {"method": "ect", "preset": "xxs", "budget_iters": 8, "teacher_ckpt": "missing/final.pt"}}
+    with pytest.raises(TuneSpecError, match=r"base\.teacher_ckpt: .*missing/final\.pt not found"):
+        load_tune_spec(write_spec(tmp_path / "noteacher.toml", spec))
 
 
 # ----------------------------------------------------------------------------------------------

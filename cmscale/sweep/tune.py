@@ -96,7 +96,8 @@ def open_storage(url: str | None, root: Path | str, name: str) -> BaseStorage | 
         return optuna.storages.get_storage(url)
     path = default_storage_path(root, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(f"{path}.lock")))
+    # The lock file is optuna.journal.lock, the name optuna-dashboard's symlink lock also takes.
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
 def build_sampler(spec: TuneSpec) -> optuna.samplers.BaseSampler:
@@ -186,7 +187,7 @@ class ClaimLock:
     def __init__(self, root: Path | str, name: str):
         path = study_dir(root, name) / CLAIM_LOCK
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = JournalFileOpenLock(str(path), grace_period=60)
+        self._lock = JournalFileOpenLock(str(path.with_suffix("")), grace_period=60)  # it appends .lock
 
     def __enter__(self) -> ClaimLock:
         self._lock.acquire()
