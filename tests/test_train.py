@@ -226,3 +226,6 @@ def test_cmscale_train_runs_the_digits_ect_example(tmp_path):
     rows = read_metrics(run_dir / "metrics.jsonl", "train")
     assert [row["step"] for row in rows] == list(range(10, done["final_step"] + 1, 10))
     assert all(math.isfinite(row["loss"]) for row in rows)
+    evals = read_metrics(run_dir / "metrics.jsonl", "eval")
+    assert sorted((row["sampler_steps"], row["nfe"]) for row in evals) == [(1, 1), (2, 2)]
+    assert all(row["step"] == done["final_step"] and math.isfinite(row["fid"]) for row in evals)

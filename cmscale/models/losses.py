@@ -64,6 +64,7 @@ class ECTLoss:
 
         ln t ~ N(P_mean, P_std^2);   stage s = iteration // iters_per_stage
         r = max(0, t (1 - q^-(s+1) n(t))),   n(t) = 1 + k sigmoid(-b t)  ('sigmoid')  or 1  ('const')
+                                             (q^-(s+1) floored at 2^-20, the fp32 limit)
         x_t = x0 + t n,  x_r = x0 + r n  (shared noise n)
         d = || f(x_t, t) - sg[f(x_r, r)] ||^2  (per-sample sum; f(x_r, 0) := x0)
         L = (sqrt(d + c^2) - c) * w(t, r),   w = 1 / (t - r)  ('inv_dt')  or  (t^2 + sd^2) / (t sd)^2  ('snr')
@@ -92,9 +93,17 @@ class ECTLoss:
     def set_iteration(self, iteration: int) -> None:
         self.stage = iteration // self.iters_per_stage
 
+    # Floor of the decay q^-(s+1): beyond about 20 halvings (t - r)/t drops under fp32's resolution,
+    # r rounds to t and the 1/(t - r) weight divides by zero. ECT's own runs stop well before that.
+    MIN_DECAY = 2.0**-20
+
+    def decay(self) -> float:
+        """q^-(s+1): (t - r)/t for the 'const' mapping, halving per stage at q = 2 (floored at MIN_DECAY)."""
+        return max(self.q ** -(self.stage + 1.0), self.MIN_DECAY)
+
     def t_to_r(self, t: torch.Tensor) -> torch.Tensor:
         n = 1 + self.k * torch.sigmoid(-self.b * t) if self.mapping == "sigmoid" else torch.ones_like(t)
-        return (t * (1 - self.q ** -(self.stage + 1) * n)).clamp(min=0)
+        return (t * (1 - self.decay() * n)).clamp(min=0)
 
     def weight(self, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         if self.weighting == "inv_dt":
