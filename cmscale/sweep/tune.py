@@ -168,6 +168,13 @@ def stored_spec(root: Path | str, name: str) -> TuneSpec:
 
 def create_study(spec: TuneSpec, root: Path | str, spec_path: str = "") -> optuna.Study:
     """Create the study (or load it: re-running continues it) and enqueue the spec's fixed trials once."""
+    tune_file = study_dir(root, spec.name) / TUNE_FILE
+    if tune_file.is_file():
+        before = TuneSpec.model_validate(read_json(tune_file)["spec"]).objective
+        if (before.metrics, before.resolved_directions()) != (spec.objective.metrics, spec.objective.resolved_directions()):
+            raise TuneError(
+                f"study {spec.name!r} exists with objective {before.metrics} {before.resolved_directions()}; "
+                f"a study keeps its objective, so give this spec a new name to search {spec.objective.metrics}")
     study = load_study(spec, root, create=True)
     write_tune_file(root, spec, spec_path)
     if spec.enqueue:
@@ -415,7 +422,13 @@ def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> bool:
     """Tell the outcome unless another worker already failed the trial as a zombie."""
     if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
         return False
-    study.tell(trial, **kwargs)
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError:
+        # GridSampler calls study.stop() once its grid is covered, which raises outside optimize();
+        # the outcome is stored before that.
+        if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+            raise
     return True
 
 

@@ -77,7 +77,13 @@ def run_command(spec_path: Path, root: Path, executor: str | None, workers: int 
                 profile: str | None, wait: bool | None) -> None:
     """Start or continue the study of SPEC: workers pull trials until it has N trials (COMPLETE,
     PRUNED, RUNNING, or FAIL not retried). Re-running continues it; finished trials are never redone."""
-    from cmscale.sweep.tune import create_study, launch_workers, pruning_note, study_summary
+    from cmscale.sweep.tune import (
+        TuneError,
+        create_study,
+        launch_workers,
+        pruning_note,
+        study_summary,
+    )
     from cmscale.sweep.tune_spec import load_tune_spec
 
     try:
@@ -89,7 +95,7 @@ def run_command(spec_path: Path, root: Path, executor: str | None, workers: int 
         create_study(spec, root, spec_path=str(Path(spec_path).resolve()))
         executor = executor or spec.executor.name
         jobs = launch_workers(spec, root, executor, spec.workers, profile)
-    except ConfigError as error:
+    except (ConfigError, TuneError) as error:
         raise click.ClickException(str(error)) from None
     storage = spec.storage or f"{Path(root).resolve() / spec.name / 'optuna.journal'}"
     console.print(f"study {spec.name}: {spec.n_trials} trials, {spec.workers} {executor} worker(s); storage {storage}")

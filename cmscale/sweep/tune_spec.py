@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib.util
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -374,8 +375,13 @@ def _check_sampler(spec: TuneSpec) -> list[tuple[str, str]]:
     if name == "gp" and importlib.util.find_spec("scipy") is None:
         return [("sampler.name", "'gp' needs scipy (pip install scipy)")]
     if name == "grid":
-        return [(f"space.{n}.grid", "the grid sampler needs a finite list of values for float parameters")
-                for n, p in spec.space.items() if isinstance(p, FloatParam) and p.grid is None and p.step is None]
+        problems = [(f"space.{n}.grid", "the grid sampler needs a finite list of values for float parameters")
+                    for n, p in spec.space.items() if isinstance(p, FloatParam) and p.grid is None and p.step is None]
+        if not problems:
+            points = math.prod(len(grid_values(p)) for p in spec.space.values())
+            if spec.n_trials > points:
+                problems.append(("n_trials", f"the grid has {points} points; n_trials must be <= {points}"))
+        return problems
     return []
 
 
