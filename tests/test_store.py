@@ -17,7 +17,15 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from cmscale.results import SCHEMA_VERSION, ReadOnlyQueryError, connect, ingest, migrate, query
+from cmscale.results import (
+    SCHEMA_VERSION,
+    ReadOnlyQueryError,
+    StoreError,
+    connect,
+    ingest,
+    migrate,
+    query,
+)
 from cmscale.results.cli import results_group
 from cmscale.rundir import MetricsWriter, atomic_write_json, truncate_metrics_after, write_status
 
@@ -159,6 +167,26 @@ def test_two_ingest_processes_and_a_query_at_once_all_succeed_with_exact_counts(
     assert scalar(tmp_path, "SELECT count(*) FROM runs WHERE status = 'done'") == 40
 
 
+def test_ingest_waits_with_backoff_while_another_process_holds_the_database(tmp_path):
+    make_run(tmp_path, 0, 50)
+    ingest(tmp_path)
+    make_run(tmp_path, 1, 50)
+    holder = subprocess.Popen(  # e.g. a notebook holding a read-write connection for two seconds
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); "
+         "time.sleep(2); c.close()", str(tmp_path / "cmscale.duckdb")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError, match="locked"):
+            ingest(tmp_path, timeout_s=0.3)
+        report = ingest(tmp_path)  # waits until the holder lets go
+    finally:
+        holder.wait(timeout=60)
+    assert report.train_rows == 50 and report.lock_wait_s > 0.3
+    assert scalar(tmp_path, "SELECT count(*) FROM train") == 100
+
+
 # ----------------------------------------------------------------------------- incremental ingest
 
 
@@ -203,8 +231,9 @@ def test_noop_reingest_parses_nothing_and_changes_nothing(tmp_path):
     atomic_write_json(tmp_path / SWEEP / "sweep.json", {"sweep": SWEEP, "spec_path": "spec.toml", "runs": []})
     atomic_write_json(tmp_path / SWEEP / "r00" / "trial.json", {"study": "s", "trial_number": 0, "state": "COMPLETE",
                                                                 "params": {"lr": 1e-3}, "values": [20.0], "run_id": "r00", "updated": 1.7e9})
-    first = ingest(tmp_path)
+    first = ingest(tmp_path, batch_bytes=1)  # one metrics file per transaction
     assert first.train_rows == 3600 and first.eval_rows == 24 and first.runs == 12 and first.trials == 1
+    assert first.transactions == 12
     before = table_fingerprint(tmp_path)
     db_mtime = (tmp_path / "cmscale.duckdb").stat().st_mtime_ns
     second = ingest(tmp_path)
@@ -253,6 +282,21 @@ def test_resume_rewrite_replaces_the_runs_rows_and_each_step_is_stored_once(tmp_
     assert ingest(tmp_path).reset_files == [str(path)]
     assert scalar(tmp_path, "SELECT count(*) FROM train WHERE wall_s = 7.0") == 250
     assert scalar(tmp_path, "SELECT count(*) FROM train") == 250
+
+
+def test_removed_files_and_run_directories_leave_the_database_too(tmp_path):
+    import shutil
+
+    for rank in range(3):
+        make_run(tmp_path, rank, 10)
+    ingest(tmp_path)
+    (tmp_path / SWEEP / "r00" / "metrics.jsonl").unlink()
+    shutil.rmtree(tmp_path / SWEEP / "r01")
+    report = ingest(tmp_path)
+    assert report.runs_deleted == 1
+    assert query("SELECT run_id, count(*) n FROM train GROUP BY run_id", tmp_path, ingest=False).rows() == [("r02", 10)]
+    assert query("SELECT run_id FROM runs ORDER BY run_id", tmp_path, ingest=False)["run_id"].to_list() == ["r00", "r02"]
+    assert ingest(tmp_path).transactions == 0
 
 
 # ----------------------------------------------------------------------------- errors and read-only

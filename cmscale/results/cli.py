@@ -163,7 +163,7 @@ def export_command(name: str, root: Path, out: Path, no_ingest: bool) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             options = {"parquet": "FORMAT parquet", "csv": "FORMAT csv, HEADER true", "json": "FORMAT json, ARRAY true"}[fmt]
             con.execute(f"COPY (SELECT * FROM \"{name}\") TO '{_sql_string(str(out))}' ({options})")
-            rows = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
+            rows = con.execute(f'SELECT count(*) FROM "{name}"').fetchall()[0][0]
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     except duckdb.Error as error:

@@ -227,10 +227,10 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     """The schema version recorded in the database (0 for an empty database)."""
     exists = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if not exists:
         return 0
-    return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0])
+    return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0])
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
@@ -277,7 +277,9 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
     return "lock" in str(error).lower()
 
 
-def _open(path: Path, read_only: bool, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> duckdb.DuckDBPyConnection:
+def _open(
+    path: Path, read_only: bool, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, report: IngestReport | None = None
+) -> duckdb.DuckDBPyConnection:
     """Open the database, waiting with exponential backoff (and jitter) while another process holds it."""
     deadline = time.monotonic() + timeout_s
     delay = 0.005
@@ -293,7 +295,10 @@ def _open(path: Path, read_only: bool, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
                         "cmscale.results.connect()) or raise CMSCALE_DB_LOCK_TIMEOUT_S."
                     ) from None
                 raise
-            time.sleep(delay * (0.5 + random.random()))
+            pause = delay * (0.5 + random.random())
+            time.sleep(pause)
+            if report is not None:
+                report.lock_wait_s += pause
             delay = min(delay * 2, 0.5)
 
 
@@ -333,8 +338,16 @@ def connect(
     """
     root = _check_root(Path(root) if root is not None else default_root())
     path = root / DB_FILE
-    _ensure_schema(path, timeout_s)
-    return _open(path, read_only=read_only, timeout_s=timeout_s)
+    if not path.exists():
+        _ensure_schema(path, timeout_s)
+    con = _open(path, read_only=read_only, timeout_s=timeout_s)
+    if schema_version(con) != SCHEMA_VERSION:
+        if read_only:
+            con.close()
+            _ensure_schema(path, timeout_s)
+            return _open(path, read_only=True, timeout_s=timeout_s)
+        migrate(con)
+    return con
 
 
 def refuse_writes(sql: str) -> None:
@@ -819,13 +832,13 @@ def _ingest_lock(root: Path, timeout_s: float, report: IngestReport) -> Iterator
 KNOWN_COLUMNS = "path, size, mtime_ns, inode, consumed, fingerprint, run_id, problem"
 
 
-def _read_known(path: Path, timeout_s: float) -> dict[str, _Known]:
+def _read_known(path: Path, timeout_s: float, report: IngestReport) -> dict[str, _Known]:
     """The bookkeeping table, creating or migrating the database first (one read-only open when current)."""
     if path.exists():
-        with _open(path, read_only=True, timeout_s=timeout_s) as con:
+        with _open(path, read_only=True, timeout_s=timeout_s, report=report) as con:
             if schema_version(con) == SCHEMA_VERSION:
                 return {row[0]: _Known(*row[1:]) for row in con.execute(f"SELECT {KNOWN_COLUMNS} FROM ingest_files").fetchall()}
-    with _open(path, read_only=False, timeout_s=timeout_s) as con:
+    with _open(path, read_only=False, timeout_s=timeout_s, report=report) as con:
         migrate(con)
         return {row[0]: _Known(*row[1:]) for row in con.execute(f"SELECT {KNOWN_COLUMNS} FROM ingest_files").fetchall()}
 
@@ -860,7 +873,7 @@ def ingest(
     report = IngestReport(root=str(root))
     path = root / DB_FILE
     with _ingest_lock(root, timeout_s, report):
-        known = _read_known(path, timeout_s)
+        known = _read_known(path, timeout_s, report)
         for batch in _plan(root, known, report, batch_bytes):
             _write_batch(path, batch, known, report, timeout_s)
     report.seconds = time.perf_counter() - t0
@@ -1042,9 +1055,7 @@ def _write_batch(path: Path, batch: _Batch, known: dict[str, _Known], report: In
     ]
     reset_runs = sorted({c.run_id for c in chunks if c.reset} | set(batch.vanished_metrics_runs))
 
-    wait = time.monotonic()
-    con = _open(path, read_only=False, timeout_s=timeout_s)
-    report.lock_wait_s += time.monotonic() - wait
+    con = _open(path, read_only=False, timeout_s=timeout_s, report=report)
     try:
         con.execute("BEGIN TRANSACTION")
         try:
