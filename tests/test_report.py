@@ -4,6 +4,7 @@ real CLI, and a headless-Chromium screenshot checked for content."""
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import re
@@ -107,7 +108,7 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     assert query(f"SELECT count(*) AS n FROM runs WHERE sweep = '{SWEEP}'", root=root, ingest=False)["n"][0] == 4 + 4 * 2 * 3 + 1, report
 
     out = tmp_path / "report"
-    result = CliRunner().invoke(main, ["report", SWEEP, "--out", str(out), "--root", str(root), "--n-draws", "100", "--no-ingest"])
+    result = CliRunner().invoke(main, ["report", SWEEP, "--out", str(out), "--root", str(root), "--n-draws", "30", "--no-ingest"])
     assert result.exit_code == 0, result.output
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
@@ -128,8 +129,6 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     # the same pairs from the CLI, one group per student method and step count
     result = CliRunner().invoke(main, ["fit", "ratio", "--sweep", SWEEP, "--root", str(root), "--json"])
     assert result.exit_code == 0, result.output
-    import json
-
     ratios = json.loads(result.output)
     assert set(ratios) == {"ect 1-step", "ect 2-step", "scd 1-step", "scd 2-step"}
     for group in ratios.values():
@@ -137,6 +136,15 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
         assert group["slope_ci"][0] < group["slope"] < group["slope_ci"][1] and 0 <= group["slope_p"] <= 1
     # students are worse than teachers here (factor > 1, fewer images), and 1-step worse than 2-step
     assert 1 < ratios["scd 2-step"]["mean_ratio"] < ratios["scd 1-step"]["mean_ratio"]
+
+    # per-size and frontier power laws from the store, as JSON with CIs
+    result = CliRunner().invoke(main, ["fit", "powerlaw", "--sweep", SWEEP, "--root", str(root), "--method", "scd",
+                                       "--metric", "fid_2step", "--n-draws", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    fits = json.loads(result.output)
+    assert [f["fit_of"] for f in fits] == ["size xxs", "size xs", "size s", "size m", "frontier"]
+    assert all({"E", "A", "alpha", "ci", "status", "n_points"} <= set(f) for f in fits)
+    assert fits[0]["n_points"] == 9 and fits[0]["ci"]["alpha"][0] <= fits[0]["alpha"] <= fits[0]["ci"]["alpha"][1]
 
     if shutil.which("chromium") is None and not os.path.exists("/usr/bin/chromium"):
         pytest.skip("chromium is not installed")
