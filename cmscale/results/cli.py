@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def _run_ingest(root: Path, quiet: bool = False):
     from cmscale.results.store import StoreError, ingest
 
     _quiet_store_logger()
+    if quiet and Path(root).is_dir() and not os.access(root, os.W_OK):
+        err_console.print(f"[yellow]warning[/yellow]: {root} is not writable; using the database as it is", highlight=False)
+        return None
     try:
         report = ingest(root)
     except StoreError as error:

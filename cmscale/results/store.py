@@ -372,8 +372,10 @@ def query(
     """Run ``sql`` on a read-only connection (after an incremental ingest) and return a polars DataFrame."""
     root = _check_root(Path(root) if root is not None else default_root())
     refuse_writes(sql)
-    if ingest:
+    if ingest and os.access(root, os.W_OK):
         _ingest_first(root, timeout_s)
+    elif ingest:
+        log.warning("%s is not writable: querying the database as it is, without ingesting", root)
     with connect(root, read_only=True, timeout_s=timeout_s) as con:
         try:
             relation = con.sql(sql)
