@@ -79,11 +79,9 @@ def _print_table(frame, max_rows: int) -> None:
         table.add_column(name, justify="right" if dtype.is_numeric() else "left")
     for row in frame.head(max_rows).iter_rows():
         table.add_row(*("" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value) for value in row))
-    if frame.height > max_rows:
-        table.caption = f"{max_rows} of {frame.height:,} rows shown; use --max-rows or --format csv"
-    else:
-        table.caption = f"{frame.height:,} rows"
     console.print(table)
+    if frame.height > max_rows:
+        console.print(f"{max_rows} of {frame.height:,} rows shown; use --max-rows or --format csv", highlight=False)
 
 
 @results_group.command("query")
