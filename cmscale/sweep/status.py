@@ -75,7 +75,9 @@ def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
             _parse_states(queued.stdout, None, states, overwrite=True)
     except (OSError, subprocess.TimeoutExpired):
         pass
-    missing = [job for job in job_ids if job not in states]
+    # squeue shows a job being torn down as COMPLETING whatever its end; sacct knows whether it
+    # was cancelled (the run is over) or requeued (it will run again), so ask it for those too.
+    missing = [job for job in job_ids if states.get(job, "COMPLETING") == "COMPLETING"]
     if missing:
         try:
             accounted = subprocess.run(
@@ -83,7 +85,11 @@ def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
                 capture_output=True, text=True, timeout=30,
             )
             if accounted.returncode == 0:
-                _parse_states(accounted.stdout, "|", states, overwrite=False)
+                answered: dict[str, str] = {}
+                _parse_states(accounted.stdout, "|", answered, overwrite=True)
+                for job in missing:
+                    if job in answered and (job not in states or answered[job] not in ("RUNNING", "PENDING")):
+                        states[job] = answered[job]
         except (OSError, subprocess.TimeoutExpired):
             pass
     return states
