@@ -17,7 +17,7 @@ SLURMD_PORT="${CMSCALE_SLURMD_PORT:-17818}"
 DBD_PORT="${CMSCALE_SLURMDBD_PORT:-17819}"
 DB_PORT="${CMSCALE_MARIADB_PORT:-17306}"
 DB_PASS="cmscale-local"
-HOST="$(hostname -s)"
+HOST="$(hostname -s 2>/dev/null || cut -d. -f1 /proc/sys/kernel/hostname)"
 
 log() { echo "start.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -73,7 +73,7 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 # Configs (rewritten on every call; identical content when nothing changed)
 real_memory() {  # MiB, leaving room for the OS and the daemons
     local total
-    total="$(free -m | awk '/^Mem:/ {print $2}')"
+    total="$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
     echo $((total > 2048 ? total - 1024 : total))
 }
 
@@ -136,8 +136,14 @@ StoragePass=$DB_PASS
 StorageLoc=slurm_acct_db
 EOF
 
+slurm_conf_changed=0
 for conf in "$SLURM_CONF_FILE" "$DIR/etc/slurmdbd.conf"; do
-    if cmp -s "$conf.new" "$conf"; then rm -f "$conf.new"; else mv "$conf.new" "$conf"; fi
+    if cmp -s "$conf.new" "$conf"; then
+        rm -f "$conf.new"
+    else
+        mv "$conf.new" "$conf"
+        [ "$conf" = "$SLURM_CONF_FILE" ] && slurm_conf_changed=1
+    fi
 done
 chmod 0644 "$SLURM_CONF_FILE"
 chmod 0600 "$DIR/etc/slurmdbd.conf"  # slurmdbd refuses a config others can read
@@ -208,6 +214,9 @@ if ! running "$DIR/run/slurmctld.pid" slurmctld; then
     log "starting slurmctld"
     slurmctld
     wait_for 30 slurmctld scontrol ping || die "slurmctld did not answer; see $DIR/log/slurmctld.log"
+elif [ "$slurm_conf_changed" = 1 ]; then
+    log "slurm.conf changed; reconfiguring the running daemons"
+    scontrol reconfigure
 fi
 if ! running "$DIR/run/slurmd.pid" slurmd; then
     log "starting slurmd"
