@@ -220,6 +220,9 @@ def analyse_sweep(root: Path | str, sweep: str, fig_dir: Path, *, n_draws: int =
         for label, fit in (("frontier law", result.frontier_fit), ("joint law", result.joint)):
             if fit is not None and fit.status != "converged":
                 warnings.append(f"{result.title}, {label}: fit status {fit.status}" + (f" (at bound: {', '.join(fit.at_bound)})" if fit.at_bound else ""))
+        if result.n_opt_fit is not None and result.n_opt_fit.n_points < 3:
+            warnings.append(f"{result.title}: N_opt = k C^a rests on {result.n_opt_fit.n_points} interior budgets (a line through "
+                            "two points); its CI reflects only how often resampling moves them")
         if result.optima is not None:
             for row in result.optima[result.optima["edge"]].itertuples():
                 warnings.append(f"{result.title}: optimum at budget {row.compute:.3g} FLOPs is at the grid edge ({row.reason}); excluded from N_opt = k C^a")
