@@ -545,12 +545,25 @@ class _MetricsChunk:
 
     run_id: str
     seen: _Seen
-    data: bytes  # complete lines only
-    start: int  # byte offset of ``data`` in the file
+    blob: bytes  # what was read; the new complete lines are blob[lo:hi] (kept unsliced: no copies)
+    lo: int
+    hi: int
+    start: int  # byte offset of blob[lo] in the file
     consumed: int
     fingerprint: str
     reset: bool  # the file was rewritten: replace all of the run's rows with the file's
     torn: int  # bytes of an incomplete last line left for later
+
+    @property
+    def nbytes(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.blob)[self.lo : self.hi]
+
+    def count_lines(self) -> int:
+        return self.blob.count(b"\n", self.lo, self.hi)
 
 
 def _read_metrics(run_id: str, seen: _Seen, known: _Known | None) -> _MetricsChunk | None:
@@ -576,18 +589,18 @@ def _read_metrics(run_id: str, seen: _Seen, known: _Known | None) -> _MetricsChu
             handle.seek(0)
             blob = handle.read(seen.size)
     start = 0 if (known is None or reset) else known.consumed
-    data = blob[start - blob_start :]
-    cut = data.rfind(b"\n") + 1
-    consumed = start + cut
+    lo = start - blob_start
+    hi = blob.rfind(b"\n", lo) + 1 or lo  # end of the last complete line
+    consumed = start + hi - lo
     fingerprint = _fingerprint(blob[max(0, consumed - FINGERPRINT_BYTES) - blob_start : consumed - blob_start])
-    return _MetricsChunk(run_id, seen, data[:cut], start, consumed, fingerprint, reset, len(data) - cut)
+    return _MetricsChunk(run_id, seen, blob, lo, hi, start, consumed, fingerprint, reset, len(blob) - hi)
 
 
 def _parse_lines_slowly(chunk: _MetricsChunk, report: IngestReport) -> pl.DataFrame:
     """Line-by-line parse for a chunk the fast reader rejected (NaN, blank or malformed lines)."""
     rows = []
     position = chunk.start
-    for line in chunk.data.split(b"\n")[:-1]:
+    for line in bytes(chunk.view).split(b"\n")[:-1]:
         offset = position
         position += len(line) + 1
         if not line.strip():
@@ -610,12 +623,12 @@ def _parse_lines_slowly(chunk: _MetricsChunk, report: IngestReport) -> pl.DataFr
 
 def _parse_chunks(chunks: list[_MetricsChunk], report: IngestReport) -> pl.DataFrame:
     """All chunks' rows with a ``run_id`` column, in file order (one fast parse when possible)."""
-    chunks = [c for c in chunks if c.data]
+    chunks = [c for c in chunks if c.nbytes]
     if not chunks:
         return pl.DataFrame(schema={"run_id": pl.String, **METRIC_SCHEMA})
-    counts = [c.data.count(b"\n") for c in chunks]
+    counts = [c.count_lines() for c in chunks]
     try:
-        frame = pl.read_ndjson(io.BytesIO(b"".join(c.data for c in chunks)), schema=METRIC_SCHEMA)
+        frame = pl.read_ndjson(io.BytesIO(b"".join(c.view for c in chunks)), schema=METRIC_SCHEMA)
         if frame.height == sum(counts):  # blank lines would misalign run ids; then go file by file
             index = pl.Series(np.repeat(np.arange(len(chunks), dtype=np.uint32), counts))
             return frame.insert_column(0, pl.Series("run_id", [c.run_id for c in chunks], pl.String).gather(index))
@@ -624,8 +637,8 @@ def _parse_chunks(chunks: list[_MetricsChunk], report: IngestReport) -> pl.DataF
     frames = []
     for chunk in chunks:
         try:
-            frame = pl.read_ndjson(io.BytesIO(chunk.data), schema=METRIC_SCHEMA)
-            if frame.height != chunk.data.count(b"\n"):
+            frame = pl.read_ndjson(io.BytesIO(bytes(chunk.view)), schema=METRIC_SCHEMA)
+            if frame.height != chunk.count_lines():
                 frame = _parse_lines_slowly(chunk, report)
         except Exception:  # noqa: BLE001
             frame = _parse_lines_slowly(chunk, report)
@@ -1111,4 +1124,4 @@ def _write_batch(path: Path, batch: _Batch, known: dict[str, _Known], report: In
     report.trials += len(batch.trial_rows)
     report.runs_deleted += len(batch.delete_runs)
     report.metrics_files_read += len(chunks)
-    report.bytes_parsed += sum(len(c.data) for c in chunks)
+    report.bytes_parsed += sum(c.nbytes for c in chunks)
