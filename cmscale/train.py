@@ -14,6 +14,10 @@ seeded by (seed, step) and split across ranks, and the noise, times and dropout 
 global RNG reseeded by (seed, step, rank) before each step. A resumed run therefore replays exactly
 the steps an uninterrupted run would take, and a data-parallel run sees the same images as one
 process with the whole batch.
+
+A non-finite loss (averaged over ranks) ends the run before the optimiser step, with status
+``failed`` and the reason in ``done.json``. Times in ``done.json`` are Unix seconds; ``started`` is
+the first start of the run, kept across resumes.
 """
 
 from __future__ import annotations
