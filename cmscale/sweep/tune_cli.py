@@ -3,6 +3,7 @@ best configuration (``best NAME --write run.toml``)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -106,6 +107,9 @@ def run_command(spec_path: Path, root: Path, executor: str | None, workers: int 
             return
     if executor != "debug":
         _follow(spec, root, jobs, poll_s=5.0 if executor == "slurm" else 2.0)
+        # Drop the finished jobs now: submitit's LocalJob.__del__ fails noisily at interpreter exit.
+        jobs.clear()
+        gc.collect()
     _ingest_quietly(root)
     _print_summary(study_summary(root, spec.name))
 
