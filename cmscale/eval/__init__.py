@@ -8,16 +8,32 @@
 - :mod:`cmscale.eval.cli`: ``cmscale eval RUN_DIR``.
 """
 
-from cmscale.eval.features import (
-    DIGITS_CNN,
-    INCEPTION,
-    FeatureSpace,
-    InceptionWeightsNotFoundError,
-    feature_space,
-    resolve_inception_weights,
-)
-from cmscale.eval.fid import fid_between, fid_to_reference, reference_statistics
-from cmscale.eval.run import EVAL_ROW_KEYS, eval_num_samples, evaluate_model, prepare_eval
+from importlib import import_module
+
+# Importing torch and torch-fidelity costs seconds: names resolve on first use, so that
+# `cmscale --help` and the CLI modules that only register `cmscale eval` stay fast.
+_EXPORTS = {
+    "DIGITS_CNN": "features",
+    "INCEPTION": "features",
+    "FeatureSpace": "features",
+    "InceptionWeightsNotFoundError": "features",
+    "feature_space": "features",
+    "resolve_inception_weights": "features",
+    "fid_between": "fid",
+    "fid_to_reference": "fid",
+    "reference_statistics": "fid",
+    "EVAL_ROW_KEYS": "run",
+    "eval_num_samples": "run",
+    "evaluate_model": "run",
+    "prepare_eval": "run",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"cmscale.eval.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'cmscale.eval' has no attribute {name!r}")
+
 
 __all__ = [
     "DIGITS_CNN",
