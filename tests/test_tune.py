@@ -23,8 +23,8 @@ from optuna.trial import TrialState
 from cmscale.cli import main
 from cmscale.config import RunConfig, load_run_config
 from cmscale.rundir import read_json
-from cmscale.sweep.tune import load_study, stored_spec
-from cmscale.sweep.tune_spec import TuneSpecError, load_tune_spec
+from cmscale.sweep.tune import claim_trial, create_study, load_study, stored_spec
+from cmscale.sweep.tune_spec import TuneSpecError, load_tune_spec, parse_tune_spec
 from cmscale.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,6 +252,36 @@ def test_killed_search_resumes_the_same_study_and_ends_with_exactly_n_trials(tmp
     assert len(set(complete_runs)) == 3 and set(killed) <= set(complete_runs)
     for trial in groups["COMPLETE"]:
         assert read_json(root / "resume" / trial.user_attrs["run_id"] / "trial.json")["trial_number"] == trial.number
+
+
+def test_claim_fails_a_trial_with_a_stale_heartbeat_and_retries_it_in_the_same_run(tmp_path):
+    """A worker on another node cannot be asked for its pid: a heartbeat older than zombie_after_s
+    marks its trial FAIL, and the next claim gets the same params and run directory back."""
+    root = tmp_path / "r"
+    spec = parse_tune_spec({
+        "name": "zombie", "n_trials": 1, "zombie_after_s": 0.5,
+        "base": {"method": "edm", "preset": "xxs", "budget_iters": 8},
+        "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "objective": {"metrics": ["fid"]},
+    })
+    study = create_study(spec, root)
+    first = claim_trial(study, spec, root)
+    lr = first.suggest_float("lr", 1e-4, 1e-2, log=True)
+    first.set_user_attr("worker_host", "node-elsewhere")
+    run_dir = root / "zombie" / "trial0000"
+    run_dir.mkdir(parents=True)
+    (run_dir / "heartbeat").touch()
+    assert claim_trial(study, spec, root) is None  # alive: the study's one trial is taken
+    os.utime(run_dir / "heartbeat", (time.time() - 60, time.time() - 60))
+    time.sleep(0.6)
+    retry = claim_trial(study, spec, root)
+    assert retry is not None and retry.number == 1
+    failed = study.get_trials()[0]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["retried"]
+    assert "heartbeat" in failed.user_attrs["fail_reason"]
+    assert retry.suggest_float("lr", 1e-4, 1e-2, log=True) == lr
+    assert study._storage.get_trial(retry._trial_id).user_attrs["run_id"] == "trial0000"
+    assert read_json(run_dir / "trial.json")["state"] == "FAIL"
 
 
 # ----------------------------------------------------------------------------------------------
