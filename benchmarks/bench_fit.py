@@ -11,6 +11,7 @@ Coverage (goal: the 95% bootstrap CI for alpha covers the truth in >= 88% of rep
     python benchmarks/bench_fit.py              # timing + 200-replicate coverage
     python benchmarks/bench_fit.py --quick      # timing + 40-replicate coverage
     python benchmarks/bench_fit.py --replicates 0   # timing only
+    python benchmarks/bench_fit.py --laws saturating --noise 0.01,0.03,0.1 --out fit_noise.json
 
 Writes benchmarks/results/fit.json.
 """
@@ -56,6 +57,9 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=None, help="coverage replicates per law (0: skip)")
     parser.add_argument("--draws", type=int, default=1000, help="bootstrap draws in the timing runs")
     parser.add_argument("--repeats", type=int, default=2, help="timing repeats (the best is reported)")
+    parser.add_argument("--noise", default="0.03", help="comma-separated noise levels for the coverage study")
+    parser.add_argument("--laws", default="saturating,joint", help="comma-separated laws for the coverage study")
+    parser.add_argument("--out", default="fit.json", help="result file name under benchmarks/results")
     args = parser.parse_args()
     replicates = args.replicates if args.replicates is not None else (40 if args.quick else 200)
     console = Console()
@@ -73,31 +77,32 @@ def main() -> None:
 
     coverage = []
     if replicates > 0:
-        for form in ("saturating", "joint"):
-            started = time.perf_counter()
-            study = coverage_study(form, replicates, noise=0.03, n_draws=200, n_jobs=cores)
-            study["seconds"] = time.perf_counter() - started
-            coverage.append(study)
-        table = Table(title=f"95% CI coverage over {replicates} seeded replicates (noise 0.03, 200 draws each)")
-        for column in ("law", "parameter", "truth", "coverage", f"goal >= {COVERAGE_GOAL:.0%}", "median estimate", "sd", "seconds"):
+        for form in args.laws.split(","):
+            for noise in (float(v) for v in args.noise.split(",")):
+                started = time.perf_counter()
+                study = coverage_study(form, replicates, noise=noise, n_draws=200, n_jobs=cores)
+                study["seconds"] = time.perf_counter() - started
+                coverage.append(study)
+        table = Table(title=f"95% CI coverage over {replicates} seeded replicates (200 draws each)")
+        for column in ("law", "noise", "parameter", "truth", "coverage", f"goal >= {COVERAGE_GOAL:.0%}", "median estimate", "sd", "seconds"):
             table.add_column(column)
         for study in coverage:
             names = ["E", "alpha"] if study["form"] == "saturating" else ["E", "alpha", "beta"]
             for name in names:
                 entry = study[name]
-                table.add_row(study["form"], name, f"{entry['truth']:g}", f"{entry['coverage']:.3f}",
+                table.add_row(study["form"], f"{study['noise']:g}", name, f"{entry['truth']:g}", f"{entry['coverage']:.3f}",
                               ("yes" if entry["coverage"] >= COVERAGE_GOAL else "NO") if name == "alpha" else "",
                               f"{entry['median_estimate']:.4g}", f"{entry['std_estimate']:.3g}", f"{study['seconds']:.0f}")
         console.print(table)
 
     summary = {f"{row['form']}_fit_{row['n_draws']}_draws_s": round(row["seconds"], 3) for row in timing}
     summary.update({f"{row['form']}_cpu_s_single_process": round(row["cpu_seconds_single_process"], 3) for row in timing})
-    summary.update({f"{s['form']}_alpha_coverage": s["alpha"]["coverage"] for s in coverage})
+    summary.update({f"{s['form']}_alpha_coverage_noise{s['noise']:g}": s["alpha"]["coverage"] for s in coverage})
+    summary.update({f"joint_beta_coverage_noise{s['noise']:g}": s["beta"]["coverage"] for s in coverage if s["form"] == "joint"})
     if coverage:
-        summary["joint_beta_coverage"] = coverage[1]["beta"]["coverage"]
         summary["coverage_replicates"] = replicates
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "fit.json"
+    out = RESULTS / args.out
     out.write_text(json.dumps({"cores": cores, "load_average_1m_at_end": os.getloadavg()[0], "goal_s": GOAL_S, "coverage_goal": COVERAGE_GOAL, "timing": timing,
                                "coverage": coverage, "summary": summary}, indent=2, default=float))
     console.print(f"wrote {out}")
