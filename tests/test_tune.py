@@ -93,8 +93,9 @@ def test_six_trial_search_with_two_local_workers_has_six_complete_trials(six_tri
     assert sorted(t.number for t in trials) == list(range(6))
     run_ids = {t.user_attrs["run_id"] for t in trials}
     assert len(run_ids) == 6
-    # Two workers (two processes) shared the journal.
+    # Two workers (two processes) shared the journal, and never proposed the same parameters.
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
+    assert len({t.params["lr"] for t in trials}) == 6
     for trial in trials:
         record = read_json(root / "tpe6" / trial.user_attrs["run_id"] / "trial.json")
         assert record["state"] == "COMPLETE" and record["trial_number"] == trial.number

@@ -100,19 +100,28 @@ def open_storage(url: str | None, root: Path | str, name: str) -> BaseStorage | 
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
-def build_sampler(spec: TuneSpec) -> optuna.samplers.BaseSampler:
+def build_sampler(spec: TuneSpec, trial_number: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded for the trial about to be asked.
+
+    Samplers keep their random state in the process, so workers sharing one seed would propose the
+    same random trials, and a restarted worker would repeat its earlier ones. Seeding with
+    ``seed + trial_number`` (the claim lock makes the number known) keeps a study reproducible in
+    claim order without duplicates. Everything else the samplers learn comes from the storage.
+    """
     options = spec.sampler
     name = options.name
+    seed = None if options.seed is None else options.seed + trial_number
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=options.n_startup_trials,
+        # constant_liar: trials still running count as bad guesses, so parallel workers spread out.
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.n_startup_trials,
                                           multivariate=options.multivariate, constant_liar=True)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=options.seed, n_startup_trials=options.n_startup_trials)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=options.n_startup_trials)
     if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=options.seed, n_startup_trials=options.n_startup_trials)
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=options.n_startup_trials)
     if name == "grid":
-        return optuna.samplers.GridSampler({n: grid_values(p) for n, p in spec.space.items()}, seed=options.seed)
-    return optuna.samplers.RandomSampler(seed=options.seed)
+        return optuna.samplers.GridSampler({n: grid_values(p) for n, p in spec.space.items()}, seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def build_pruner(spec: TuneSpec) -> optuna.pruners.BasePruner:
@@ -308,6 +317,7 @@ def claim_trial(study: optuna.Study, spec: TuneSpec, root: Path | str) -> optuna
         reap_zombies(study, spec, root)
         if budget_used(study) >= spec.n_trials:
             return None
+        study.sampler = build_sampler(spec, trial_number=len(study.get_trials(deepcopy=False)))
         trial = study.ask()
         frozen = study._storage.get_trial(trial._trial_id)
         trial.set_user_attr(RUN_ID_ATTR, trial_run_id(frozen))
