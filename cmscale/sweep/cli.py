@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -94,11 +95,17 @@ def _follow(root: Path, sweep: str, ingest: bool, timeout_s: float | None = None
     from cmscale.sweep.control import wait_for_sweep
     from cmscale.sweep.status import count_states
 
+    last: dict[str, int] = {}
+    started = time.time()
+
     def on_poll(states):
         counts = count_states(states)
-        console.print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-        if ingest:
-            _ingest_quietly(root)
+        if counts != last:  # one line per change, with the time since following began
+            console.print(f"  [{time.time() - started:6.0f}s] " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+            last.clear()
+            last.update(counts)
+            if ingest:  # results land when runs end, which is when the counts change
+                _ingest_quietly(root)
 
     states = wait_for_sweep(root, sweep, poll_s=5.0, timeout_s=timeout_s, on_poll=on_poll)
     _ingest_quietly(root)
@@ -128,15 +135,26 @@ def _ingest_quietly(root: Path) -> None:
 def launch_command(spec_path: Path, root: Path, executor: str | None, profile: str | None, dry_run: bool, wait: bool,
                    wait_timeout: float | None) -> None:
     """Submit SPEC's runs: teachers first, students after them. Runs already done or queued are skipped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from cmscale.sweep.control import submit_runs
 
     spec, runs = _plan(spec_path, root)
     executor = executor or spec.executor.name
-    try:
-        report = submit_runs(runs, spec, root, executor, profile, dry_run=dry_run, spec_path=spec_path,
-                             on_finish=lambda run, state: console.print(f"  {state:>6}  {run.run_id}"))
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    # A progress bar over the SLURM submissions; local runs print a line as each one finishes.
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=executor != "slurm") as progress:
+        task = progress.add_task("submitting arrays", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            report = submit_runs(runs, spec, root, executor, profile, dry_run=dry_run, spec_path=spec_path,
+                                 on_finish=lambda run, state: console.print(f"  {state:>6}  {run.run_id}"),
+                                 on_progress=on_progress)
+        except ConfigError as error:
+            raise click.ClickException(str(error)) from None
     _print_report(report, dry_run)
     if not dry_run:
         if executor != "slurm":

@@ -70,6 +70,7 @@ def submit_runs(
     wanted: frozenset[str] = frozenset({"planned"}),
     on_finish: Callable[[PlannedRun, str], None] | None = None,
     spec_path: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> LaunchReport:
     root = Path(root)
     report = LaunchReport()
@@ -91,7 +92,7 @@ def submit_runs(
         else:
             check_profile(spec.executor.profile, f"{spec_path or '<spec>'}: invalid configuration\n  - executor.profile")
         profile = load_profile(profile_name or spec.executor.profile)
-        SlurmLauncher(root, spec.name, profile, dry_run=dry_run).launch(ready, report, live_jobs)
+        SlurmLauncher(root, spec.name, profile, dry_run=dry_run, on_progress=on_progress).launch(ready, report, live_jobs)
     elif dry_run:
         report.submitted += [run.run_id for run in ready]
     else:

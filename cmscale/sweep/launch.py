@@ -129,11 +129,14 @@ def _record_job(run: PlannedRun, root: Path, executor: str, job_id: str, array_j
 class SlurmLauncher:
     """Submits arrays with submitit's SLURM executor. ``dry_run`` builds the sbatch files only."""
 
-    def __init__(self, root: Path, sweep: str, profile: Profile, dry_run: bool = False):
+    def __init__(self, root: Path, sweep: str, profile: Profile, dry_run: bool = False,
+                 on_progress: Callable[[int, int], None] | None = None):
         self.root = Path(root)
         self.sweep = sweep
         self.profile = profile
         self.dry_run = dry_run
+        self.on_progress = on_progress  # (runs submitted so far, runs to submit)
+        self._total = 0
         # Array task indices run 0..MaxArraySize-1, so an array holds at most MaxArraySize tasks.
         # A dry run asks the cluster too when one answers; otherwise SLURM's default (1001) holds.
         limits = [limit for limit in (profile.max_array_size, cluster_max_array_size()) if limit]
@@ -168,11 +171,14 @@ class SlurmLauncher:
             for task, (run, job) in enumerate(zip(chunk, jobs)):
                 _record_job(run, self.root, "slurm", job.job_id, array_job_id, task)
                 job_ids.append(job.job_id)
+            if self.on_progress:
+                self.on_progress(len(report.submitted) + len(job_ids), self._total)
         report.submitted += [run.run_id for run in runs]
         return job_ids
 
     def launch(self, runs: list[PlannedRun], report: LaunchReport, live_job_ids: dict[str, str]) -> None:
         """Teachers first as arrays; students grouped by their teacher, each group one array."""
+        self._total = len(runs)
         teacher_job: dict[str, str] = dict(live_job_ids)
         teachers = [run for run in runs if run.stage == 0]
         if teachers:

@@ -64,7 +64,7 @@ def profile_dirs() -> list[Path]:
         dirs.append(Path(os.environ["CMSCALE_PROFILE_DIR"]))
     dirs.append(Path.cwd() / "slurm" / "profiles")
     dirs.append(Path(__file__).resolve().parents[2] / "slurm" / "profiles")
-    return dirs
+    return list(dict.fromkeys(path.resolve() for path in dirs))
 
 
 def available_profiles() -> list[str]:
