@@ -235,6 +235,9 @@ def analyse_sweep(root: Path | str, sweep: str, fig_dir: Path, *, n_draws: int =
         warnings.append(f"teacher-student pairs: {note}")
     pairs = sweep_pairs(pair_rows)
     ratio = ratio_table(pairs) if len(pairs) else {}
+    if pairs.empty and (runs["method"] != D.TEACHER_METHOD).any():
+        warnings.append("no teacher-student ratio: no finished student run has a finished edm teacher run of the same "
+                        "preset and seed in this sweep (teachers given as checkpoints are not in the store)")
     if len(pairs):
         figure = plots.teacher_student(pairs, "teacher vs student FID")
         figures.append(FigureRecord("teacher_student", "Teacher vs student FID by size",
