@@ -6,9 +6,10 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from cmscale.data import DatasetNotFoundError, load_dataset
+from cmscale.data import DatasetNotFoundError, load_dataset, load_digits
 
 
 def test_digits_shape_range_and_labels():
@@ -99,3 +100,13 @@ def test_cli_models_list_and_data_info_json():
     assert info.exit_code == 0 and json.loads(info.output)["num_images"] == 1797
     missing = runner.invoke(main, ["data", "info", "cifar10", "--path", "/definitely/missing"])
     assert missing.exit_code != 0 and "/definitely/missing" in missing.output
+
+
+def test_digits_read_from_the_bundled_file_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    reference = sklearn_digits()
+    data = load_digits(8)
+    expected = torch.from_numpy(reference.images.astype(np.float32) * (255.0 / 16.0)).round().to(torch.uint8)
+    assert torch.equal(data.images[:, 0], expected)
+    assert torch.equal(data.labels, torch.from_numpy(reference.target.astype(np.int64)))

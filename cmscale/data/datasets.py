@@ -7,6 +7,7 @@ Nothing here downloads: real data sets are read from a path the user gives.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import pickle
@@ -90,15 +91,31 @@ def _resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return resized.round().clamp(0, 255).to(torch.uint8)
 
 
-def load_digits(resolution: int = DIGITS_DEFAULT_RESOLUTION) -> ImageData:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), resized to ``resolution``."""
+def _digits_pixels_and_labels() -> tuple[np.ndarray, np.ndarray]:
+    """The 8x8 digits as (N, 8, 8) values 0..16 and (N,) labels, from the CSV inside scikit-learn.
+
+    Importing ``sklearn.datasets`` costs seconds of start-up in every training job, so the bundled
+    file is read directly (the same file and parsing ``sklearn.datasets.load_digits`` uses); only
+    if scikit-learn moved it does this fall back to the public function.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    csv_path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv_path is not None and csv_path.is_file():
+        table = np.loadtxt(csv_path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
+    return bunch.images, bunch.target.astype(np.int64)
+
+
+def load_digits(resolution: int = DIGITS_DEFAULT_RESOLUTION) -> ImageData:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), resized to ``resolution``."""
+    values, labels = _digits_pixels_and_labels()
     # Pixel values are 0..16 in the original data.
-    pixels = torch.from_numpy(bunch.images.astype(np.float32) * (255.0 / 16.0)).round().to(torch.uint8)
+    pixels = torch.from_numpy(values.astype(np.float32) * (255.0 / 16.0)).round().to(torch.uint8)
     images = _resize_uint8(pixels[:, None], resolution)
-    return ImageData("digits", images, torch.from_numpy(bunch.target.astype(np.int64)))
+    return ImageData("digits", images, torch.from_numpy(labels))
 
 
 def load_cifar10(path: Path | str, split: str = "train", resolution: int | None = None) -> ImageData:
