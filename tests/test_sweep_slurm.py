@@ -275,6 +275,8 @@ def test_cancelled_run_shows_lost_within_two_heartbeats_and_relaunch_completes_i
     assert preempt.lost_after_s <= 2 * PREEMPT_HEARTBEAT_S
     listed = {run["run_id"]: run for run in preempt.status["runs"]}
     assert listed[run_id]["state"] in ("lost", "failed") and listed[run_id]["reason"]
+    # Relaunch waits until the cancelled job's processes are gone (no two writers in one run).
+    wait_until(lambda: not any(state.ending for state in sweep_states(preempt.root, "preempt")), 60, what="the job to end")
     # Runs 0 and 1 may still be queued or running; relaunch must submit run 2 only.
     output = sweep("relaunch", "preempt", "--root", preempt.root, "--failed")
     assert submitted_count(output) == 1

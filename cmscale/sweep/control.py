@@ -38,6 +38,8 @@ def _select(runs: list[PlannedRun], states: dict[str, RunState], wanted: set[str
         elif state.state in ("queued", "running"):
             live_jobs[run.run_id] = state.job_id or ""
             report.skipped[run.run_id] = f"{state.state} as job {state.job_id}"
+        elif state.state in wanted and state.ending:
+            report.skipped[run.run_id] = f"its job {state.job_id} is still being killed; relaunch again in a few seconds"
         elif state.state in wanted:
             chosen.append(run)
         else:

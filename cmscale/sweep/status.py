@@ -18,6 +18,7 @@ from cmscale.rundir import DONE_FILE, STATUS_FILE, heartbeat_age_s, read_json
 from cmscale.sweep.launch import read_job, read_sweep_file, sweep_dir
 
 LIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+ENDING_SUFFIX = "+COMPLETING"  # an ended job whose processes are still being killed
 # How many heartbeat intervals of silence make a running run suspect.
 STALE_HEARTBEATS = 2
 
@@ -30,6 +31,9 @@ class RunState:
     preset: str
     job_id: str | None = None
     reason: str | None = None
+    # The run's job has ended but its processes are still being killed (squeue: COMPLETING).
+    # Relaunching now could let the old process write after the new one resumed; wait for it.
+    ending: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,8 +92,12 @@ def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
                 answered: dict[str, str] = {}
                 _parse_states(accounted.stdout, "|", answered, overwrite=True)
                 for job in missing:
-                    if job in answered and (job not in states or answered[job] not in ("RUNNING", "PENDING")):
+                    if job not in answered:
+                        continue
+                    if job not in states:
                         states[job] = answered[job]
+                    elif answered[job] not in LIVE_SLURM_STATES:
+                        states[job] = answered[job] + ENDING_SUFFIX
         except (OSError, subprocess.TimeoutExpired):
             pass
     return states
@@ -110,7 +118,7 @@ def _job_alive(job: dict, slurm_states: dict[str, str]) -> tuple[bool, str | Non
         state = slurm_states.get(str(job.get("job_id")))
         if state is None:
             return False, None
-        return state in LIVE_SLURM_STATES, state
+        return state in LIVE_SLURM_STATES, state  # "CANCELLED+COMPLETING" is not live
     if job.get("executor") == "local":
         try:
             return _pid_alive(int(job["job_id"])), None
@@ -147,12 +155,17 @@ def run_state(run_id: str, run_dir: Path, config: dict, slurm_states: dict[str, 
         reason = f"heartbeat {age:.0f}s old and no live job" if age is not None else "no heartbeat and no live job"
         if scheduler_state:
             reason += f" (scheduler: {scheduler_state})"
-        return RunState(run_id, "lost", method, preset, job_id, reason)
+        return RunState(run_id, "lost", method, preset, job_id, reason, ending=_ending(scheduler_state))
     if alive:
         return RunState(run_id, _live_state(scheduler_state), method, preset, job_id, scheduler_state)
     if job.get("executor") == "slurm" and scheduler_state and scheduler_state not in LIVE_SLURM_STATES:
-        return RunState(run_id, "failed", method, preset, job_id, f"job ended as {scheduler_state} before the run started")
+        return RunState(run_id, "failed", method, preset, job_id, f"job ended as {scheduler_state} before the run started",
+                        ending=_ending(scheduler_state))
     return RunState(run_id, "lost", method, preset, job_id, "the submitted job is gone and the run never started")
+
+
+def _ending(scheduler_state: str | None) -> bool:
+    return bool(scheduler_state and scheduler_state.endswith(ENDING_SUFFIX))
 
 
 def _live_state(scheduler_state: str | None) -> str:
