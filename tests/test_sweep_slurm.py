@@ -140,6 +140,20 @@ def test_tiny_sweep_ends_with_every_run_done(tiny):
 def test_launch_while_queued_submits_nothing_and_wait_follows_to_the_end(tiny):
     assert submitted_count(tiny.again) == 0
     assert "runs did not finish" not in tiny.again
+    # --wait ingested the results as runs ended: the store already holds them without a new ingest.
+    from cmscale.results import query
+
+    done = query("SELECT count(*) AS n FROM runs WHERE sweep = 'digits_tiny' AND status = 'done'", root=tiny.root, ingest=False)
+    assert done["n"][0] == 10
+
+
+def test_status_without_sacct_reads_the_same_states(tiny, tmp_path, monkeypatch):
+    """sacct is used but never required: with only squeue on PATH the states are the same."""
+    with_sacct = [(state.run_id, state.state) for state in sweep_states(tiny.root, "digits_tiny")]
+    (tmp_path / "squeue").symlink_to(shutil.which("squeue"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("sacct") is None
+    assert [(state.run_id, state.state) for state in sweep_states(tiny.root, "digits_tiny")] == with_sacct
 
 
 def test_teachers_finished_before_their_students_started(tiny):
