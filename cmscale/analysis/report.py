@@ -31,7 +31,7 @@ import pandas as pd
 
 from cmscale.analysis import data as D
 from cmscale.analysis.extrapolation import HoldoutResult, holdout_validation
-from cmscale.analysis.fit import FitResult, fit_with_bootstrap
+from cmscale.analysis.fit import FitResult, fit_with_bootstrap, single_threaded_blas
 from cmscale.analysis.frontier import OptimalSizeFit, envelope, fit_optimal_size, frontier_line
 from cmscale.analysis.ratio import ratio_table, sweep_pairs
 
@@ -182,6 +182,11 @@ def _figures_for_method(result: MethodAnalysis, fig_dir: Path) -> list[FigureRec
 
 def analyse_sweep(root: Path | str, sweep: str, fig_dir: Path, *, n_draws: int = 1000, seed: int = 0) -> SweepAnalysis:
     """Read the sweep from the store, fit everything and draw the figures into ``fig_dir``."""
+    with single_threaded_blas():  # tiny linear algebra throughout: BLAS threads only add overhead
+        return _analyse_sweep(root, sweep, fig_dir, n_draws=n_draws, seed=seed)
+
+
+def _analyse_sweep(root: Path | str, sweep: str, fig_dir: Path, *, n_draws: int, seed: int) -> SweepAnalysis:
     started = time.time()
     root = Path(root)
     runs = D.run_query(D.runs_sql(sweep), root)
