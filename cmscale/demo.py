@@ -13,6 +13,9 @@ from pathlib import Path
 
 DEMO_SPEC = "demo_digits.toml"
 QUICK_SPEC = "demo_digits_quick.toml"
+# Bootstrap draws per fit: the full demo uses the CLI default; the quick one fewer, since its
+# report fits a few dozen laws in a run meant to take minutes.
+DEMO_BOOTSTRAP_DRAWS = {"full": 1000, "quick": 200}
 
 EXAMPLE_QUERIES = [
     (
@@ -85,7 +88,8 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
     with console.status("ingesting metrics into DuckDB"):
         ingest(out)
     with console.status("fitting power laws, frontier and teacher-student ratios; writing the report"):
-        report_paths = write_report(out, spec.name, out / "report" / spec.name)
+        n_draws = DEMO_BOOTSTRAP_DRAWS["quick" if quick else "full"]
+        report_paths = write_report(out, spec.name, out / "report" / spec.name, n_draws=n_draws)
     timings["total_s"] = time.time() - started
 
     console.rule("example SQL on " + str(out / "cmscale.duckdb"))
@@ -96,5 +100,7 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
         console.print(query(sql, root=out, ingest=False).to_pandas().to_string(index=False))
         console.print()
     console.print(f"report: [bold]{report_paths['html']}[/bold]  (markdown: {report_paths['md']})")
+    if n_draws < 1000:
+        console.print(f"fits used {n_draws} bootstrap draws each; for 1,000: cmscale report {spec.name} --root {out} --out DIR")
     console.print(f"demo finished in {timings['total_s']:.0f} s")
     return {"report": report_paths, "timings": timings, "sweep": spec.name, "root": str(out)}
