@@ -99,7 +99,8 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
         console.print(sql, style="dim", highlight=False)
         console.print(query(sql, root=out, ingest=False).to_pandas().to_string(index=False))
         console.print()
-    console.print(f"report: [bold]{report_paths['html']}[/bold]  (markdown: {report_paths['md']})")
+    # soft_wrap: a path folded across lines cannot be copied or clicked
+    console.print(f"report: [bold]{report_paths['html']}[/bold]  (markdown: {report_paths['md']})", soft_wrap=True)
     if n_draws < 1000:
         console.print(f"fits used {n_draws} bootstrap draws each; for 1,000: cmscale report {spec.name} --root {out} --out DIR")
     console.print(f"demo finished in {timings['total_s']:.0f} s")
