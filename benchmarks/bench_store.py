@@ -81,7 +81,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="no-op re-ingests timed (median reported)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "store.json")
+    parser.add_argument("--quick", action="store_true", help="100,000 rows over 50 runs (for benchmarks/run_all.py --quick)")
     args = parser.parse_args()
+    if args.quick:
+        args.rows, args.runs = 100_000, 50
     console = Console()
 
     root = Path(tempfile.mkdtemp(prefix="cmscale-bench-store-"))
