@@ -149,14 +149,19 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_run_config(path: Path | str) -> RunConfig:
+def read_toml(path: Path | str, what: str, error: type[ConfigError] = ConfigError) -> dict:
+    """The table in a TOML file; a missing file or bad TOML raises ``error`` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: run config not found")
+        raise error(f"{path}: {what} not found")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as decode_error:
+        raise error(f"{path}: not valid TOML ({decode_error})") from None
+
+
+def load_run_config(path: Path | str) -> RunConfig:
+    raw = read_toml(path, "run config")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:

@@ -146,3 +146,18 @@ def heartbeat_age_s(run_dir: Path) -> float | None:
     if not path.exists():
         return None
     return time.time() - path.stat().st_mtime
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with ``pid`` is alive (a zombie, dead but not reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a dead child not yet waited for still answers kill(0)
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

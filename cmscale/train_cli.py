@@ -10,7 +10,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from cmscale.config import ConfigError, RunConfig, format_validation_error
+from cmscale.config import ConfigError, RunConfig, format_validation_error, read_toml
 from cmscale.sweep.cli import ROOT_OPTION
 
 
@@ -28,12 +28,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_with_overrides(path: Path, overrides: tuple[str, ...]) -> RunConfig:
     """Read RUN_TOML, apply ``--set`` overrides, validate once; errors name the file and the field."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: run config not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    raw = read_toml(path, "run config")
     for override in overrides:
         keys, value = parse_override(override)
         section = raw

@@ -34,7 +34,6 @@ Example (``examples/sweep_digits_tiny.toml``)::
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +45,7 @@ from cmscale.config import (
     RunConfig,
     StrictModel,
     format_validation_error,
+    read_toml,
 )
 
 METHODS = ("edm", "ect", "sct", "scd")
@@ -200,11 +200,4 @@ def _check_run_fields(spec: SweepSpec, source: str) -> None:
 
 
 def load_spec(path: Path | str) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: sweep spec not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise SpecError(f"{path}: not valid TOML ({error})") from None
-    return parse_spec(raw, str(path))
+    return parse_spec(read_toml(path, "sweep spec", SpecError), str(path))

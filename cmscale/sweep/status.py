@@ -9,12 +9,11 @@ awaited, and status works (with less detail) when ``sacct`` is unavailable.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cmscale.rundir import DONE_FILE, STATUS_FILE, heartbeat_age_s, read_json
+from cmscale.rundir import DONE_FILE, STATUS_FILE, heartbeat_age_s, pid_alive, read_json
 from cmscale.sweep.launch import read_job, read_sweep_file, sweep_dir
 
 LIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
@@ -103,16 +102,6 @@ def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _job_alive(job: dict, slurm_states: dict[str, str]) -> tuple[bool, str | None]:
     if job.get("executor") == "slurm":
         state = slurm_states.get(str(job.get("job_id")))
@@ -121,7 +110,7 @@ def _job_alive(job: dict, slurm_states: dict[str, str]) -> tuple[bool, str | Non
         return state in LIVE_SLURM_STATES, state  # "CANCELLED+COMPLETING" is not live
     if job.get("executor") == "local":
         try:
-            return _pid_alive(int(job["job_id"])), None
+            return pid_alive(int(job["job_id"])), None
         except (KeyError, ValueError):
             return False, None
     return False, None

@@ -43,6 +43,7 @@ from cmscale.rundir import (
     METRICS_FILE,
     atomic_write_json,
     heartbeat_age_s,
+    pid_alive,
     read_json,
     read_metrics,
     touch_heartbeat,
@@ -244,27 +245,13 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a dead child not yet waited for still answers kill(0)
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def zombie_reason(trial: FrozenTrial, root: Path | str, spec: TuneSpec, now: float | None = None) -> str | None:
     """Why a RUNNING trial's worker is gone, or None while it looks alive."""
     now = time.time() if now is None else now
     host, pid = trial.user_attrs.get(HOST_ATTR), trial.user_attrs.get(PID_ATTR)
     if host == socket.gethostname() and pid:
         # On this host the pid answers exactly; the heartbeat is for workers on other nodes.
-        return None if _pid_alive(int(pid)) else f"worker pid {pid} on {host} is gone"
+        return None if pid_alive(int(pid)) else f"worker pid {pid} on {host} is gone"
     # A retry resumes the run directory of a dead attempt, whose heartbeat is old until the new
     # attempt's trainer starts: the trial's own start bounds the age.
     ages = [heartbeat_age_s(study_dir(root, spec.name) / trial_run_id(trial))]

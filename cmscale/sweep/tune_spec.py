@@ -50,13 +50,12 @@ import difflib
 import importlib.util
 import math
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from cmscale.config import ConfigError, Method, RunConfig, StrictModel
+from cmscale.config import ConfigError, Method, RunConfig, StrictModel, read_toml
 
 SAMPLER_STEPS_PARAM = "sampler_steps"
 NOT_SEARCHABLE = {"run_id", "sweep"}
@@ -248,12 +247,7 @@ def load_tune_spec(path: Path | str) -> TuneSpec:
     """Read and validate a spec file. Relative ``base.teacher_ckpt``/``base.data_path`` are looked up
     in the working directory, then beside the spec, and stored absolute (workers may run elsewhere)."""
     path = Path(path)
-    if not path.is_file():
-        raise TuneSpecError(f"{path}: tune spec not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise TuneSpecError(f"{path}: not valid TOML ({error})") from None
+    raw = read_toml(path, "tune spec", TuneSpecError)
     base = raw.get("base")
     if isinstance(base, dict):
         for key in ("teacher_ckpt", "data_path"):
