@@ -316,9 +316,13 @@ def report_command(sweep, out_dir, ingest, n_draws, seed, root) -> None:
     from cmscale.analysis.report import write_report
 
     if ingest:
+        from cmscale.results import StoreError
         from cmscale.results import ingest as ingest_root
 
-        ingest_root(Path(root))
+        try:
+            ingest_root(Path(root))
+        except StoreError as error:
+            raise click.ClickException(str(error)) from None
     _query("SELECT 1", root)
     try:
         paths = write_report(root, sweep, out_dir, n_draws=n_draws, seed=seed)
