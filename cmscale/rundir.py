@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,30 @@ def pid_alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+class Heartbeat:
+    """Touches ``run_dir/heartbeat`` every ``interval_s`` from a daemon thread while the run lives.
+
+    It creates ``run_dir`` if needed, so a caller (the Optuna worker) can start beating from the
+    moment it claims a run, before the trainer has built anything."""
+
+    def __init__(self, run_dir: Path, interval_s: float):
+        self.run_dir = Path(run_dir)
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            touch_heartbeat(self.run_dir)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -28,7 +28,6 @@ import math
 import os
 import signal
 import subprocess
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,10 +47,10 @@ from cmscale.rundir import (
     CONFIG_FILE,
     DONE_FILE,
     METRICS_FILE,
+    Heartbeat,
     MetricsWriter,
     atomic_write_json,
     read_json,
-    touch_heartbeat,
     truncate_metrics_after,
     write_status,
 )
@@ -144,29 +143,6 @@ def signals_deferred():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, DEFERRED_SIGNALS)
-
-
-class Heartbeat:
-    """Touches ``run_dir/heartbeat`` every ``interval_s`` from a daemon thread while the run lives."""
-
-    def __init__(self, run_dir: Path, interval_s: float):
-        self.run_dir = run_dir
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.is_set():
-            touch_heartbeat(self.run_dir)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # ----------------------------------------------------------------------------------------------

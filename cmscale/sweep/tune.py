@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,12 +40,12 @@ from cmscale.rundir import (
     CONFIG_FILE,
     DONE_FILE,
     METRICS_FILE,
+    Heartbeat,
     atomic_write_json,
     heartbeat_age_s,
     pid_alive,
     read_json,
     read_metrics,
-    touch_heartbeat,
 )
 from cmscale.sweep.tune_spec import (
     FID_METRICS,
@@ -390,31 +389,6 @@ class WorkerStopped(Exception):
     """The worker got a stop signal while a trial ran; the trial was failed and enqueued again."""
 
 
-class TrialHeartbeat:
-    """Touches the trial's run heartbeat from the claim on (the trainer's own heartbeat starts only
-    once the run is built), so a slow start is not taken for a dead worker."""
-
-    def __init__(self, run_dir: Path, interval_s: float):
-        self.run_dir = Path(run_dir)
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.is_set():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            touch_heartbeat(self.run_dir)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> TrialHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> bool:
     """Tell the outcome unless another worker already failed the trial as a zombie."""
     if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
@@ -432,7 +406,9 @@ def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> bool:
 def run_trial(study: optuna.Study, trial: optuna.Trial, spec: TuneSpec, root: Path) -> str:
     """Run one claimed trial as a cmscale run; returns its final Optuna state name."""
     run_id = trial_run_id(study._storage.get_trial(trial._trial_id))
-    with TrialHeartbeat(study_dir(root, spec.name) / run_id, spec.zombie_after_s / 4):
+    # Beat from the claim on (the trainer's own heartbeat starts only once the run is built), so a
+    # slow start is not taken for a dead worker.
+    with Heartbeat(study_dir(root, spec.name) / run_id, spec.zombie_after_s / 4):
         return _run_trial(study, trial, spec, root, run_id)
 
 
