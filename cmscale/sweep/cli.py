@@ -105,21 +105,20 @@ def _follow(root: Path, sweep: str, ingest: bool, timeout_s: float | None = None
             last.clear()
             last.update(counts)
             if ingest:  # results land when runs end, which is when the counts change
-                _ingest_quietly(root)
+                ingest_results(root)
 
     states = wait_for_sweep(root, sweep, poll_s=5.0, timeout_s=timeout_s, on_poll=on_poll)
-    _ingest_quietly(root)
+    ingest_results(root)
     bad = [s for s in states if s.state != "done"]
     if bad:
         console.print(f"[red]{len(bad)} runs did not finish[/red]; see `cmscale sweep status {sweep}`")
         raise click.exceptions.Exit(1)
 
 
-def _ingest_quietly(root: Path) -> None:
-    try:
-        from cmscale.results.store import ingest
-    except ImportError:
-        return
+def ingest_results(root: Path) -> None:
+    """Copy new run metrics into the root's DuckDB store (imported late: the store pulls in duckdb)."""
+    from cmscale.results.store import ingest
+
     ingest(root)
 
 
@@ -158,7 +157,7 @@ def launch_command(spec_path: Path, root: Path, executor: str | None, profile: s
     _print_report(report, dry_run)
     if not dry_run:
         if executor != "slurm":
-            _ingest_quietly(root)
+            ingest_results(root)
         elif wait:
             _follow(root, spec.name, ingest=True, timeout_s=wait_timeout)
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cmscale.config import ConfigError
-from cmscale.sweep.cli import ROOT_OPTION
+from cmscale.sweep.cli import ROOT_OPTION, ingest_results
 
 console = Console()
 
@@ -55,14 +55,6 @@ def _follow(spec, root: Path, jobs: list, poll_s: float) -> None:
             job.result()
         except Exception as error:  # noqa: BLE001 - report each dead worker, keep the others' results
             console.print(f"[red]worker {job.job_id} failed:[/red] {str(error).strip().splitlines()[-1] if str(error).strip() else error}")
-
-
-def _ingest_quietly(root: Path) -> None:
-    try:
-        from cmscale.results.store import ingest
-    except ImportError:
-        return
-    ingest(root)
 
 
 @tune_group.command("run")
@@ -110,7 +102,7 @@ def run_command(spec_path: Path, root: Path, executor: str | None, workers: int 
         # Drop the finished jobs now: submitit's LocalJob.__del__ fails noisily at interpreter exit.
         jobs.clear()
         gc.collect()
-    _ingest_quietly(root)
+    ingest_results(root)
     _print_summary(study_summary(root, spec.name))
 
 
