@@ -46,7 +46,10 @@ class ECTOptions(StrictModel):
     weighting: Literal["inv_dt", "snr"] = "inv_dt"
     num_stages: int = Field(8, ge=1, description="stages over the run; the stage length is budget_iters / num_stages")
     iters_per_stage: int | None = Field(None, ge=1, description="fixed stage length in iterations; overrides num_stages")
-    sigma_min: float = Field(0.002, ge=0, description="boundary of the consistency function (ECMPrecond uses 0.002-0.003)")
+    sigma_min: float = Field(0.003, ge=0, description="boundary shift of ECMPrecond's c_skip/c_out (locuslab/ect: 0.003)")
+    boundary_shift: Literal["eval", "always", "off"] = Field(
+        "eval", description="when the sigma_min shift applies: 'eval' (official ECMPrecond: EMA sampling and FID only; "
+        "training uses the plain EDM c_skip/c_out), 'always', or 'off'")
     sigma_max: float = Field(80.0, gt=0)
     t_mid: float = Field(0.821, gt=0, description="intermediate sigma for 2-step sampling")
 
@@ -59,8 +62,11 @@ class SCMOptions(StrictModel):
     sigma_data: float = Field(0.5, gt=0)
     warmup_iters: int = Field(10_000, ge=0, description="tangent warm-up: r = min(1, step / warmup_iters)")
     tangent_norm_c: float = Field(0.1, gt=0)
-    tangent_norm: Literal["l2", "rms"] = "l2"
-    weight_mlp_channels: int = Field(128, ge=1)
+    tangent_norm: Literal["l2", "rms", "fastgen_rms"] = Field(
+        "l2", description="g / (||g|| + c) and one 1/D ('l2', FastGen with its two flags off); g / (RMS(g) + c) and "
+        "one 1/D ('rms'); g / (RMS(g) + c) and a second 1/D ('fastgen_rms', FastGen's default: the l2 loss value "
+        "with an effective c of c sqrt(D))")
+    weight_mlp_channels: int = Field(128, ge=1, description="positional channels of the learned log-variance head")
     t_mid: float = Field(1.1, gt=0, lt=1.5708, description="intermediate TrigFlow time for 2-step sampling")
     sigma_max: float = Field(80.0, gt=0)
 

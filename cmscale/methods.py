@@ -86,7 +86,7 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
         options = config.ect
         net = fresh_unet()
         load_unet_weights(net, config.teacher_ckpt)
-        model = EDMPrecond(net, options.sigma_data, sigma_min=options.sigma_min)
+        model = EDMPrecond(net, options.sigma_data, sigma_min=options.sigma_min, boundary_shift=options.boundary_shift)
         iters_per_stage = options.iters_per_stage or max(1, iterations_for_budget(config) // options.num_stages)
         loss = ECTLoss(options.P_mean, options.P_std, options.sigma_data, options.q, options.k, options.b,
                        options.c, options.mapping, options.weighting, iters_per_stage)
@@ -161,10 +161,31 @@ def _method_without_weights(config: RunConfig, img_channels: int) -> Method:
     if config.method == "edm":
         return Method("edm", EDMPrecond(net), EDMLoss())
     if config.method == "ect":
-        return Method("ect", EDMPrecond(net, sigma_min=config.ect.sigma_min), ECTLoss())
+        return Method("ect", EDMPrecond(net, sigma_min=config.ect.sigma_min, boundary_shift=config.ect.boundary_shift),
+                      ECTLoss())
     loss = SCMLoss(config.method, warmup_iters=0, weight_channels=config.scm.weight_mlp_channels)
     teacher = EDMAsTrigFlow(EDMPrecond(build_unet(config.preset, config.resolution, img_channels))) if config.method == "scd" else None
     return Method(config.method, EDMAsTrigFlow(EDMPrecond(net)), loss, teacher, [loss.adaptive_weight])
+
+
+def method_conventions(config: RunConfig, img_channels: int) -> dict:
+    """The conventions behind a run's numbers, recorded in its config.json (``conventions``).
+
+    sCM: which tangent normalisation it used and the c of the plain-L2 form its loss value equals
+    (FastGen's default RMS form is L2 with c sqrt(D)); ECT: the boundary shift and when it applied.
+    Published numbers name their convention; these make a run comparable with them.
+    """
+    if config.method in ("sct", "scd"):
+        options = config.scm
+        dimension = img_channels * config.resolution**2
+        loss = SCMLoss(config.method, tangent_norm_c=options.tangent_norm_c, tangent_norm=options.tangent_norm)
+        return {"tangent_norm": options.tangent_norm, "tangent_norm_c": options.tangent_norm_c,
+                "tangent_norm_effective_l2_c": loss.effective_l2_c(dimension),
+                "loss_dimension_divisor": "D^2" if options.tangent_norm == "fastgen_rms" else "D", "dimension": dimension,
+                "jvp": "input tangent only through conv/linear (2 products per layer)"}
+    if config.method == "ect":
+        return {"boundary_shift": config.ect.boundary_shift, "boundary_sigma_min": config.ect.sigma_min}
+    return {}
 
 
 def iterations_for_budget(config: RunConfig) -> int:

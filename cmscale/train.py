@@ -302,6 +302,8 @@ _ACTIVE: Trainer | None = None
 
 
 def _write_config(trainer: Trainer) -> None:
+    from cmscale import methods  # the one added field; kept out of the import block for easy merges
+
     path = trainer.run_dir / CONFIG_FILE
     config = trainer.config
     resolved = config.model_dump(mode="json") | {
@@ -313,6 +315,7 @@ def _write_config(trainer: Trainer) -> None:
         "img_channels": trainer.data.channels,
         "world_size": trainer.world,
         "git_commit": git_commit(),
+        "conventions": methods.method_conventions(config, trainer.data.channels),
     }
     if not path.is_file():
         atomic_write_json(path, resolved)

@@ -61,10 +61,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # Preconditioners and the EDM <-> TrigFlow map
 
 
-@pytest.mark.parametrize("sigma_min", [0.0, 0.002])  # plain EDM (closed-form F) and ECT's ECMPrecond
+@pytest.mark.parametrize("sigma_min", [0.0, 0.003])  # plain EDM (closed-form F) and ECT's ECMPrecond
 def test_edm_to_trigflow_round_trips_the_denoiser_output(sigma_min):
     """D(x, sigma) -> sd F(x_t/sd, t) -> cos t x_t - sin t sd F = D again, with sigma = sd tan t."""
-    edm = EDMPrecond(random_unet(), SD, sigma_min=sigma_min)
+    edm = EDMPrecond(random_unet(), SD, sigma_min=sigma_min).eval()  # eval: the shift applies
     trig = EDMAsTrigFlow(edm)
     x_sigma = images(6) + torch.randn(6, 1, 8, 8, dtype=torch.float64)
     sigma = torch.tensor([0.002, 0.05, 0.3, 1.0, 7.0, 80.0], dtype=torch.float64)
@@ -88,8 +88,8 @@ def test_ecm_precond_reduces_to_edm_away_from_the_boundary_and_is_exact_at_it():
     x = images(3)
     with torch.no_grad():
         plain = EDMPrecond(net, SD)(x, torch.full((3,), 20.0, dtype=torch.float64))
-        shifted = EDMPrecond(net, SD, sigma_min=0.002)(x, torch.full((3,), 20.0, dtype=torch.float64))
-        boundary = EDMPrecond(net, SD, sigma_min=0.002)(x, torch.full((3,), 0.002, dtype=torch.float64))
+        shifted = EDMPrecond(net, SD, sigma_min=0.002).eval()(x, torch.full((3,), 20.0, dtype=torch.float64))
+        boundary = EDMPrecond(net, SD, sigma_min=0.002).eval()(x, torch.full((3,), 0.002, dtype=torch.float64))
     assert relative_error(shifted, plain) < 1e-3
     torch.testing.assert_close(boundary, x, rtol=0, atol=1e-12)
 
@@ -99,7 +99,7 @@ def test_cm_samplers_satisfy_the_boundary_condition_for_both_parametrisations():
     shape = (3, 1, 8, 8)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(5))
 
-    ecm = EDMPrecond(random_unet(dtype=torch.float32), SD, sigma_min=0.002)
+    ecm = EDMPrecond(random_unet(dtype=torch.float32), SD, sigma_min=0.002).eval()  # sampling: eval mode
     out, nfe = cm_sample_edm(ecm, shape, [0.002], torch.Generator().manual_seed(5))
     torch.testing.assert_close(out, 0.002 * noise, rtol=1e-6, atol=1e-9)
     assert nfe == 1

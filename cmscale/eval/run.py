@@ -174,7 +174,8 @@ def model_from_final_checkpoint(config: RunConfig, path: Path, device: torch.dev
     if config.method == "edm":
         model: nn.Module = EDMPrecond(net, config.edm.sigma_data)
     elif config.method == "ect":
-        model = EDMPrecond(net, config.ect.sigma_data, sigma_min=config.ect.sigma_min)
+        model = EDMPrecond(net, config.ect.sigma_data, sigma_min=config.ect.sigma_min,
+                           boundary_shift=config.ect.boundary_shift)
     elif config.teacher_ckpt:  # sCM initialised from an EDM teacher keeps the EDM parametrisation
         model = EDMAsTrigFlow(EDMPrecond(net, config.scm.sigma_data))
     else:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
+from torch.nn import functional as F
 
+from cmscale.models.jvp import lean_jvp
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond, _per_sample
 from cmscale.models.unet import PositionalEmbedding
 
@@ -133,17 +137,55 @@ class ECTLoss:
 
 
 class AdaptiveWeight(nn.Module):
-    """sCM's learned log-variance w_phi(t): a positional embedding of t and one linear layer."""
+    """sCM's learned log-variance w_phi(t): one linear layer on features of the EDM noise label.
 
-    def __init__(self, channels: int = 128):
+        c(t) = ln(sd tan t) / 4   (= ln(sigma) / 4, the label an EDM network embeds)
+        w_phi(t) = a c(t) + b . PE(c(t)) + b0,   PE = the positional embedding of c(t)
+
+    The optimum of the loss is w = ln E||residual||^2 - ln(sd tan t) + const, so the head must track
+    -ln(sd tan t) over t in [t_min, t_max] (about -6.2 to 4.4 nats). With c(t) itself a feature it
+    represents that exactly; PE(c(t)) (as FastGen's head on the network's noise embedding of
+    ln(sigma)/4) adds smooth corrections. (A head on a positional embedding of t itself cannot: those
+    features have numerical rank about 8 on [0.004, 1.57] and misfit the smallest t by over a nat.)
+    """
+
+    def __init__(self, channels: int = 128, sigma_data: float = 0.5):
         super().__init__()
+        self.sigma_data = sigma_data
         self.embedding = PositionalEmbedding(channels)
-        self.linear = nn.Linear(channels, 1)
+        self.linear = nn.Linear(channels + 1, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
+    def features(self, t: torch.Tensor) -> torch.Tensor:
+        label = (self.sigma_data * t.reshape(-1).tan()).log() / 4
+        embedding = self.embedding(label)
+        return torch.cat([label.to(embedding.dtype)[:, None], embedding], dim=1)
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.embedding(t.reshape(-1))).reshape(-1)
+        features = self.features(t)
+        # fp32 even under autocast: bf16 keeps 3 significant digits, a 0.03-nat error at |w| = 6.
+        with torch.autocast(device_type="cuda" if features.is_cuda else "cpu", enabled=False):
+            return F.linear(features, self.linear.weight.to(features.dtype), self.linear.bias.to(features.dtype)).reshape(-1)
+
+
+TANGENT_NORMS = ("l2", "rms", "fastgen_rms")
+# How the JVP goes through conv/linear layers: only the input tangent (2 products per layer), or
+# PyTorch's built-in rule (3 products: it also convolves a materialised zero weight tangent), kept
+# so that benchmarks can show the difference within one run.
+JVP_RULES = ("lean", "torch")
+
+
+@dataclass
+class SCMTerms:
+    """The pieces of one sCM loss evaluation (per-sample tensors), for the loss and for inspection."""
+
+    t: torch.Tensor
+    F_theta: torch.Tensor  # the graded forward (under autocast if enabled)
+    F_minus: torch.Tensor  # the fp32 forward of the JVP, no graph
+    g: torch.Tensor  # the normalised tangent target
+    residual: torch.Tensor  # F_theta - sg[F_theta] - g: equal to -g in value, with F_theta's gradient
+    log_var: torch.Tensor
 
 
 class SCMLoss:
@@ -153,20 +195,36 @@ class SCMLoss:
         dx_t/dt = cos t z - sin t x0                       (sCT: from the data pair)
                 = sd F_teacher(x_t / sd, t)                (sCD: the teacher's PF-ODE)
         sd cos t sin t dF-/dt = JVP of F- at (x_t/sd, t) along (cos t sin t dx_t/dt, sd cos t sin t)
-        g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt),   g <- g / (||g|| + c)
-        L = exp(-w(t)) / D * || F - F- - g ||^2 / (sd tan t) + w(t)
+        g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt),   g <- g / (N(g) + c)
+        L = exp(-w(t)) / D^k * || F - sg[F] - g ||^2 / (sd tan t) + w(t)
 
     F- is the current network under stop-gradient (not an EMA), r = min(1, iteration / warmup)
     is the tangent warm-up, w(t) is the learned log-variance (:class:`AdaptiveWeight`), and
-    1 / (sd tan t) is the prior weight. The JVP runs in fp32 under no_grad.
+    1 / (sd tan t) is the prior weight. The JVP runs in fp32 under no_grad, by default with only the
+    input tangents through conv and linear layers (``jvp_rule``, see :mod:`cmscale.models.jvp`).
+    The residual is F - sg[F] - g (as FastGen), so it is exactly -g in value whatever precision F
+    runs in; F - F- would leave a spurious bf16-vs-fp32 difference.
+
+    Tangent normalisation N(g), k (D = dimension of x):
+        'l2':          N = ||g||,         k = 1  (FastGen with g_norm_spatial_invariance and
+                                                  divide_x_0_spatial_dim off)
+        'rms':         N = ||g|| / sqrt D, k = 1
+        'fastgen_rms': N = ||g|| / sqrt D, k = 2  (FastGen's default). Its loss value equals 'l2' with
+                       c replaced by c sqrt(D); its gradient in F is that of 'l2' times 1 / sqrt(D).
     """
 
     def __init__(self, mode: str = "sct", P_mean: float = -1.0, P_std: float = 1.4, sigma_data: float = 0.5,
                  warmup_iters: int = 10_000, tangent_norm_c: float = 0.1, tangent_norm: str = "l2",
-                 sigma_max: float = 80.0, sigma_min: float = 0.002, weight_channels: int = 128):
+                 sigma_max: float = 80.0, sigma_min: float = 0.002, weight_channels: int = 128,
+                 jvp_rule: str = "lean"):
         if mode not in ("sct", "scd"):
             raise ValueError(f"mode must be 'sct' or 'scd', got {mode!r}")
+        if tangent_norm not in TANGENT_NORMS:
+            raise ValueError(f"tangent_norm must be one of {TANGENT_NORMS}, got {tangent_norm!r}")
+        if jvp_rule not in JVP_RULES:
+            raise ValueError(f"jvp_rule must be one of {JVP_RULES}, got {jvp_rule!r}")
         self.mode = mode
+        self.jvp_rule = jvp_rule
         self.P_mean = P_mean
         self.P_std = P_std
         self.sigma_data = sigma_data
@@ -175,7 +233,7 @@ class SCMLoss:
         self.tangent_norm = tangent_norm
         self.t_min = math.atan(sigma_min / sigma_data)
         self.t_max = math.atan(sigma_max / sigma_data)
-        self.adaptive_weight = AdaptiveWeight(weight_channels)
+        self.adaptive_weight = AdaptiveWeight(weight_channels, sigma_data)
         self.warmup = 1.0 if warmup_iters == 0 else 0.0
 
     def set_iteration(self, iteration: int) -> None:
@@ -194,21 +252,33 @@ class SCMLoss:
         sd = self.sigma_data
         dtype = torch.promote_types(x_t.dtype, torch.float32)
         cos_t, sin_t = _per_sample(t.cos(), x_t), _per_sample(t.sin(), x_t)
+        x_tangent, t_tangent = (cos_t * sin_t * dxt_dt).to(dtype), (sd * t.cos() * t.sin()).to(dtype)
+        x_scaled, t = x_t.to(dtype) / sd, t.to(dtype)
         with torch.no_grad(), torch.autocast(device_type="cuda" if x_t.is_cuda else "cpu", enabled=False):
-            return torch.func.jvp(
-                model.F,
-                (x_t.to(dtype) / sd, t.to(dtype)),
-                ((cos_t * sin_t * dxt_dt).to(dtype), (sd * t.cos() * t.sin()).to(dtype)),
-            )
+            if self.jvp_rule == "torch":
+                return torch.func.jvp(model.F, (x_scaled, t), (x_tangent, t_tangent))
+            # The dual-number API has less per-op overhead than torch.func.jvp (no functorch levels).
+            with lean_jvp(), forward_ad.dual_level():
+                out = forward_ad.unpack_dual(model.F(forward_ad.make_dual(x_scaled, x_tangent),
+                                                     forward_ad.make_dual(t, t_tangent)))
+            return out.primal, out.tangent
 
     def normalize(self, g: torch.Tensor) -> torch.Tensor:
         norm = _sum_per_sample(g**2).sqrt()
-        if self.tangent_norm == "rms":
+        if self.tangent_norm in ("rms", "fastgen_rms"):
             norm = norm / math.sqrt(g[0].numel())
         return g / (_per_sample(norm, g) + self.tangent_norm_c)
 
-    def __call__(self, model: TrigFlowPrecond | EDMAsTrigFlow, x0: torch.Tensor, teacher: EDMAsTrigFlow | None = None,
-                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def dimension_divisor(self, dimension: int) -> int:
+        """D^k of the loss: FastGen's default divides the squared residual by D twice."""
+        return dimension**2 if self.tangent_norm == "fastgen_rms" else dimension
+
+    def effective_l2_c(self, dimension: int) -> float:
+        """The c of the 'l2' form whose loss value this normalisation equals (c sqrt(D) for the RMS forms)."""
+        return self.tangent_norm_c * (1.0 if self.tangent_norm == "l2" else math.sqrt(dimension))
+
+    def terms(self, model: TrigFlowPrecond | EDMAsTrigFlow, x0: torch.Tensor, teacher: EDMAsTrigFlow | None = None,
+              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> SCMTerms:
         sd = self.sigma_data
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         z = (torch.randn_like(x0) if noise is None else noise) * sd
@@ -226,6 +296,11 @@ class SCMLoss:
         F_minus, scaled_dF_dt = self.tangent(model, x_t, t, dxt_dt)
         g = -cos_t**2 * (sd * F_minus - dxt_dt) - self.warmup * (cos_t * sin_t * x_t + scaled_dF_dt)
         g = self.normalize(g)
-        squared = _sum_per_sample((F_theta - F_minus - g) ** 2) / x0[0].numel()
-        log_var = self.adaptive_weight(t)
-        return squared / (sd * t.tan()) * torch.exp(-log_var) + log_var
+        residual = F_theta - F_theta.detach() - g
+        return SCMTerms(t, F_theta, F_minus, g, residual, self.adaptive_weight(t))
+
+    def __call__(self, model: TrigFlowPrecond | EDMAsTrigFlow, x0: torch.Tensor, teacher: EDMAsTrigFlow | None = None,
+                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        terms = self.terms(model, x0, teacher, t, noise)
+        squared = _sum_per_sample(terms.residual**2) / self.dimension_divisor(x0[0].numel())
+        return squared / (self.sigma_data * terms.t.tan()) * torch.exp(-terms.log_var) + terms.log_var

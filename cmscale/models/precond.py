@@ -3,8 +3,11 @@
 EDM denoiser:   D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)),
                 c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
                 c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4.
-ECT's boundary-exact variant (ECMPrecond) shifts sigma by sigma_min in c_skip and c_out, so that
-D(x, sigma_min) = x exactly.
+ECT's boundary-exact variant (ECMPrecond of locuslab/ect) shifts sigma by sigma_min in c_skip and
+c_out, c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2), c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2),
+so that D(x, sigma_min) = x exactly. The official code shifts only in eval mode (the EMA model when
+sampling and computing FID); in training mode, for the online and the target pass, it is the plain
+EDM preconditioner. ``boundary_shift`` names when the shift applies: "eval" (official), "always", "off".
 
 TrigFlow:       x_t = cos(t) x0 + sin(t) z, z ~ N(0, sd^2 I), t in [0, pi/2];
                 consistency function f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, t).
@@ -27,19 +30,38 @@ def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor
     return value.reshape(-1).expand(like.shape[0]).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-class EDMPrecond(nn.Module):
-    """EDM denoiser around a UNet; ``sigma_min > 0`` gives ECT's boundary-exact ECMPrecond."""
+BOUNDARY_SHIFT_MODES = ("eval", "always", "off")
 
-    def __init__(self, net: UNet, sigma_data: float = 0.5, sigma_min: float = 0.0):
+
+class EDMPrecond(nn.Module):
+    """EDM denoiser around a UNet; ``sigma_min > 0`` gives ECT's boundary-exact ECMPrecond.
+
+    Args:
+        sigma_min: the boundary shift (locuslab/ect's ECMPrecond uses 0.003); 0 is plain EDM.
+        boundary_shift: when the shift applies. "eval" (the official ECMPrecond and FastGen): only in
+            eval mode, so training (online and target pass) sees the plain EDM c_skip and c_out, and
+            the student starts as exactly its teacher; "always": in both modes; "off": never.
+    """
+
+    def __init__(self, net: UNet, sigma_data: float = 0.5, sigma_min: float = 0.0, boundary_shift: str = "eval"):
         super().__init__()
+        if boundary_shift not in BOUNDARY_SHIFT_MODES:
+            raise ValueError(f"boundary_shift must be one of {BOUNDARY_SHIFT_MODES}, got {boundary_shift!r}")
         self.net = net
         self.sigma_data = sigma_data
         self.sigma_min = sigma_min
+        self.boundary_shift = boundary_shift
+
+    def active_sigma_min(self) -> float:
+        """The shift in effect now: sigma_min, or 0 where the mode (and train/eval state) turns it off."""
+        if self.boundary_shift == "always" or (self.boundary_shift == "eval" and not self.training):
+            return self.sigma_min
+        return 0.0
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         sigma = _per_sample(sigma, x)
         sd = self.sigma_data
-        shifted = sigma - self.sigma_min
+        shifted = sigma - self.active_sigma_min()
         c_skip = sd**2 / (shifted**2 + sd**2)
         c_out = shifted * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
@@ -74,7 +96,7 @@ class EDMAsTrigFlow(nn.Module):
     def F(self, x_scaled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = _per_sample(t, x_scaled)
         sd = self.sigma_data
-        if self.edm.sigma_min == 0:
+        if self.edm.active_sigma_min() == 0:
             # With sigma = sd tan t: c_skip = cos^2 t, c_out = sd sin t and c_in x_sigma = x_t / sd, so
             # sd F = (cos t x_t - D) / sin t = -sd net(x_t / sd, ln(sigma) / 4) exactly. Evaluating it
             # this way avoids the cancellation in cos t x_t - D near t = 0 and x_t / cos t near pi/2.
