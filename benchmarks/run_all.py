@@ -37,6 +37,7 @@ def benchmark_commands(quick: bool, demo_root: Path) -> dict[str, list[str]]:
     cmscale = str(Path(python).with_name("cmscale"))
     return {
         "train_step": [python, str(HERE / "bench_train_step.py"), *(["--quick"] if quick else [])],
+        "jvp": [python, str(HERE / "bench_jvp.py"), *(["--quick"] if quick else [])],
         "store": [python, str(HERE / "bench_store.py"), *(["--quick"] if quick else [])],
         "launch": [python, str(HERE / "bench_launch.py"), *(["--quick"] if quick else [])],
         "eval": [python, str(HERE / "bench_eval.py"), *(["--quick"] if quick else [])],
