@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from cmscale.config import RunConfig
-from cmscale.methods import Method, _method_without_weights
+from cmscale.methods import Method, build_method
 from cmscale.models.flops import count_flops
 from cmscale.models.losses import JVP_RULES, ECTLoss, SCMLoss
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond
@@ -54,7 +54,7 @@ def step_flops(method: str, preset: str, batch: int, resolution: int, rule: str)
     config = RunConfig(method=method, preset=preset, batch_size=batch, resolution=resolution, budget_iters=1,
                        teacher_ckpt="unused" if method in ("ect", "scd") else None)
     with torch.device("meta"):
-        built = _method_without_weights(config, img_channels=1)
+        built = build_method(config, img_channels=1, device="meta", load_weights=False)
         if method in ("sct", "scd"):
             built = Method(method, built.model, scm_loss(method, rule), built.teacher)
         x0 = torch.zeros(batch, 1, resolution, resolution)
@@ -121,7 +121,8 @@ def step_times(preset: str, batch: int, resolution: int, rounds: int) -> dict:
     x0 = torch.rand(batch, 1, resolution, resolution, generator=generator) * 2 - 1
     teacher = random_trigflow_model(preset, resolution, seed=1).eval().requires_grad_(False)
 
-    variants: dict[str, Method] = {"ect": Method("ect", random_trigflow_model(preset, resolution, seed=3).edm, ECTLoss())}
+    ect_model = random_trigflow_model(preset, resolution, seed=3).edm
+    variants: dict[str, Method] = {"ect": Method("ect", ect_model, ECTLoss())}
     for method in ("sct", "scd"):
         for rule in JVP_RULES:
             loss = scm_loss(method, rule)
@@ -177,8 +178,8 @@ def main() -> None:
         print(f"\npreset {preset} ({row['params']:,} parameters); tangents agree to "
               f"{figures['tangent_max_relative_difference']:.1e} (max relative)")
         print(f"  {'':<18}{'wall s':>9}{'x fwd':>7}{'CPU s':>9}{'x fwd':>7}{'GFLOP':>9}{'x fwd':>7}")
-        print(f"  {'forward':<18}{figures['seconds']['forward']:>9.4f}{1:>7.2f}{figures['cpu_seconds']['forward']:>9.4f}"
-              f"{1:>7.2f}{figures['flops']['forward'] / 1e9:>9.3f}{1:>7.2f}")
+        print(f"  {'forward':<18}{figures['seconds']['forward']:>9.4f}{1:>7.2f}"
+              f"{figures['cpu_seconds']['forward']:>9.4f}{1:>7.2f}{figures['flops']['forward'] / 1e9:>9.3f}{1:>7.2f}")
         for rule in JVP_RULES:
             print(f"  {'JVP, rule ' + rule:<18}{figures['seconds'][f'jvp_{rule}']:>9.4f}"
                   f"{figures['jvp_over_forward_time'][rule]:>7.2f}{figures['cpu_seconds'][f'jvp_{rule}']:>9.4f}"
@@ -195,7 +196,8 @@ def main() -> None:
             for method in ("sct", "scd"):
                 before, after = steps[f"{method}_torch"], steps[f"{method}_lean"]
                 print(f"    {method} rule torch {before:.3f}, rule lean {after:.3f} "
-                      f"(x{after / before:.2f}); {method}/ECT {before / steps['ect']:.2f} -> {after / steps['ect']:.2f}")
+                      f"(x{after / before:.2f}); {method}/ECT {before / steps['ect']:.2f} -> "
+                      f"{after / steps['ect']:.2f}")
 
     head = rows[0]
     result = {

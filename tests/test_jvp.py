@@ -15,7 +15,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from cmscale.config import RunConfig
-from cmscale.methods import flops_per_step
+from cmscale.methods import count_flops_per_step
 from cmscale.models.flops import count_flops
 from cmscale.models.jvp import lean_jvp
 
@@ -41,7 +41,8 @@ class Mixed(nn.Module):
 
 def _random_input(dtype=torch.float64):
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(3, 2, 4, 4, generator=generator).to(dtype), torch.randn(3, 2, 4, 4, generator=generator).to(dtype)
+    x, v = torch.randn(3, 2, 4, 4, generator=generator), torch.randn(3, 2, 4, 4, generator=generator)
+    return x.to(dtype), v.to(dtype)
 
 
 def _lean_jvp(fn, primal, tangent):
@@ -104,8 +105,8 @@ def test_lean_jvp_runs_two_products_per_layer_where_pytorch_runs_three():
 def test_counted_flops_per_step_of_scd_over_ect_fall_to_one_and_a_half():
     """sCD = fwd + bwd (3) + teacher (1) + JVP (2, plus attention's genuine third product) vs ECT's 4."""
     def flops(method: str) -> int:
-        return flops_per_step(RunConfig(method=method, preset="s", batch_size=32, budget_iters=1,
-                                        teacher_ckpt="unused.pt" if method in ("ect", "scd") else None))
+        return count_flops_per_step(RunConfig(method=method, preset="s", batch_size=32, budget_iters=1,
+                                              teacher_ckpt="unused.pt" if method in ("ect", "scd") else None))
 
     ratio = flops("scd") / flops("ect")
     assert 1.5 <= ratio <= 1.55, ratio

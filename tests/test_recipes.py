@@ -85,7 +85,8 @@ def test_default_ect_loss_in_training_mode_equals_the_official_ecm_computation(t
     sigma = torch.full((8,), 0.01, dtype=torch.float64)
     with torch.no_grad():
         evaluated = model.eval()(x, sigma)
-        torch.testing.assert_close(evaluated, official_ecm_precond(net, x, sigma, training=False), rtol=1e-12, atol=1e-12)
+        official = official_ecm_precond(net, x, sigma, training=False)
+        torch.testing.assert_close(evaluated, official, rtol=1e-12, atol=1e-12)
         assert (evaluated - model.train()(x, sigma)).abs().max() > 1e-3
 
 
