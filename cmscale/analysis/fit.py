@@ -92,7 +92,11 @@ FORMS: dict[str, LawForm] = {
     "pure": LawForm("pure", False, ("A",), ("alpha",), ("x",)),
     "saturating": LawForm("saturating", True, ("A",), ("alpha",), ("x",)),
     "joint": LawForm("joint", True, ("A", "B"), ("alpha", "beta"), ("N", "D")),
+    # the joint law with E at 0: the nested law kept when the data drive the floor to its bound
+    "joint_pure": LawForm("joint_pure", False, ("A", "B"), ("alpha", "beta"), ("N", "D")),
 }
+# A bootstrap CI needs at least this many independent groups (runs) behind it.
+MIN_CI_GROUPS = 3
 
 
 def get_form(name: str) -> LawForm:
@@ -118,7 +122,7 @@ def derived_quantities(form: LawForm, params: dict[str, float]) -> dict[str, flo
     For the joint form with C = 6 N D, minimising the law at fixed C gives N_opt ∝ C^a and
     D_opt ∝ C^b with a = beta / (alpha + beta), b = alpha / (alpha + beta) (Hoffmann et al. 2022).
     """
-    if form.name == "joint":
+    if form.name in ("joint", "joint_pure"):
         total = params["alpha"] + params["beta"]
         if total <= 0:
             return {"a": math.nan, "b": math.nan}
@@ -337,9 +341,13 @@ class FitResult:
         if self.loss == "huber":
             out["delta"] = self.delta
         out["objective"] = self.objective
-        if self.derived:
+        if self.derived and self.status == "converged":
             out["derived"] = dict(self.derived)
             out["derived_ci"] = {name: [float(lo), float(hi)] for name, (lo, hi) in self.ci.items() if name in self.derived}
+        elif self.derived:  # a ratio of exponents from a degenerate fit means nothing
+            out["derived"] = None
+            out["derived_reason"] = f"not identifiable from these runs: fit status {self.status}" + (
+                f" (at bound: {', '.join(self.at_bound)})" if self.at_bound else "")
         if self.bootstrap is not None:
             out["bootstrap"] = {"n_draws": self.bootstrap.n_draws, "n_groups": self.bootstrap.n_groups,
                                 "seed": self.bootstrap.seed, "level": self.bootstrap.level,
@@ -568,8 +576,8 @@ def bootstrap_fit(
     rng = np.random.default_rng(seed)
     n_points = problem.ys.size
     weights, n_groups = group_weights(groups, n_points, n_draws, rng)
-    if n_groups < 3:
-        raise ValueError(f"a clustered bootstrap needs at least 3 groups, got {n_groups}")
+    if n_groups < MIN_CI_GROUPS:
+        raise ValueError(f"a clustered bootstrap needs at least {MIN_CI_GROUPS} groups, got {n_groups}")
     n_jobs = default_n_jobs(n_draws, n_points) if n_jobs is None else n_jobs
     theta0 = fit._theta  # noqa: SLF001
     if n_jobs <= 1:
@@ -581,13 +589,18 @@ def bootstrap_fit(
         parts = Parallel(n_jobs=n_jobs)(delayed(_refit_chunk)(problem, theta0, chunk, maxiter) for chunk in chunks)
         thetas = np.concatenate([p[0] for p in parts])
         statuses = [s for p in parts for s in p[1]]
-    law = problem.form
     params = [problem.to_params(theta) for theta in thetas]
-    draws = np.array([[p[name] for name in law.param_names] for p in params])
+    return _attach_bootstrap(fit, problem, params, statuses, n_groups, seed, level)
+
+
+def _attach_bootstrap(fit: FitResult, problem: _Problem, params: list[dict], statuses: list[str], n_groups: int,
+                      seed: int | None, level: float) -> BootstrapResult:
+    law = problem.form
+    draws = np.array([[p[name] for name in law.param_names] for p in params]).reshape(len(params), len(law.param_names))
     derived = [derived_quantities(law, p) for p in params]
     derived_names = tuple(derived[0]) if derived else ()
     derived_draws = np.array([[d[name] for name in derived_names] for d in derived]).reshape(len(params), len(derived_names))
-    residuals = problem.residuals(theta0) * (problem.y_ref if problem.loss == "linear" else 1.0)
+    residuals = problem.residuals(fit._theta) * (problem.y_ref if problem.loss == "linear" else 1.0)  # noqa: SLF001
     result = BootstrapResult(
         form=law.name, names=law.param_names, draws=draws, statuses=np.array(statuses), derived_names=derived_names,
         derived_draws=derived_draws, residuals=residuals, loss=problem.loss, n_groups=n_groups, seed=seed, level=level,
@@ -595,6 +608,48 @@ def bootstrap_fit(
     fit.ci = result.ci()
     fit.bootstrap = result
     return result
+
+
+def _scaled_theta(problem: _Problem, params: dict[str, float]) -> np.ndarray:
+    """Parameters in the caller's units -> theta in ``problem``'s scaled units (inverse of to_params)."""
+    form = problem.form
+    n_off = 1 if form.has_offset else 0
+    theta = np.empty(len(form.param_names))
+    if n_off:
+        theta[0] = params["E"] / problem.y_ref
+    for j, (coef, expo) in enumerate(zip(form.power_coefs, form.exponents)):
+        theta[n_off + j] = params[coef] / (problem.y_ref * problem.x_ref[j] ** params[expo])
+        theta[problem.n_lin + j] = params[expo]
+    return theta
+
+
+def bootstrap_datasets(fit: FitResult, datasets: Sequence[tuple[Sequence[np.ndarray], np.ndarray]], n_groups: int, *,
+                       seed: int | None = 0, level: float = 0.95, maxiter: int = 2000) -> BootstrapResult:
+    """Bootstrap whose draws are whole data sets rebuilt by the caller from resampled groups (e.g.
+    a frontier recomputed from resampled runs: its points are not rows one can reweight).
+
+    Each draw refits ``fit``'s law by L-BFGS-B warm-started at the full-data optimum; a draw with
+    too few points for the law counts as ``failed``. Fills ``fit.ci`` like :func:`bootstrap_fit`.
+    """
+    problem: _Problem = getattr(fit, "_problem", None)
+    if problem is None:
+        raise ValueError("bootstrap_datasets needs a FitResult produced by fit_law in this process")
+    if n_groups < MIN_CI_GROUPS:
+        raise ValueError(f"a bootstrap CI needs at least {MIN_CI_GROUPS} independent groups (runs), got {n_groups}")
+    law = problem.form
+    params, statuses = [], []
+    with single_threaded_blas():
+        for X, y in datasets:
+            y = np.asarray(y, float)
+            if y.size < len(law.param_names) + 1:
+                params.append({name: math.nan for name in law.param_names})
+                statuses.append("failed")
+                continue
+            draw = _Problem(law, [np.asarray(x, float) for x in X], y, problem.loss, problem.delta, problem.bounds[-1])
+            theta, _, status, _ = draw.refine(_scaled_theta(draw, fit.params), None, maxiter)
+            params.append(draw.to_params(theta))
+            statuses.append(_final_status(status, draw.at_bound(theta)))
+    return _attach_bootstrap(fit, problem, params, statuses, n_groups, seed, level)
 
 
 # --------------------------------------------------------------------------------------------
