@@ -265,3 +265,17 @@ def test_metric_names_and_sql_quoting():
     with pytest.raises(ValueError, match="fid_<k>step"):
         parse_metric("fid2")
     assert sql_literal("it's") == "'it''s'"
+
+
+def test_demo_sql_prints_unwrapped_on_a_narrow_terminal():
+    from rich.console import Console
+
+    from cmscale.demo import EXAMPLE_QUERIES, print_sql
+
+    console = Console(width=40, record=True, color_system=None)
+    for _, sql in EXAMPLE_QUERIES:
+        print_sql(console, sql.format(sweep="demo_digits"))
+    printed = console.export_text().splitlines()
+    expected = [line for _, sql in EXAMPLE_QUERIES for line in sql.format(sweep="demo_digits").splitlines()]
+    assert [line.rstrip() for line in printed] == [line.rstrip() for line in expected]
+    assert any(len(line) > 40 for line in expected)  # the check bites: some lines are wider than the terminal

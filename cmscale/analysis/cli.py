@@ -220,7 +220,9 @@ def joint_command(csv, parquet, n_col, d_col, c_col, y_col, group_col, drop_top,
         _echo_json(out)
         return
     click.echo(_fit_line(f"{y_col} = E + A N^-alpha + B D^-beta", fit))
-    if fit.derived:
+    if fit.derived and fit.status != "converged":
+        click.echo(f"N_opt ∝ C^a: {out['derived_reason']}")
+    elif fit.derived:
         click.echo("N_opt ∝ C^a, D_opt ∝ C^b: " + ", ".join(
             f"{k}={v:.4g}" + (f" [{fit.ci[k][0]:.4g}, {fit.ci[k][1]:.4g}]" if k in fit.ci else "") for k, v in fit.derived.items()))
     if held is not None:

@@ -336,11 +336,13 @@ def _fit_n_opt(approach: str, traj: Trajectories, interior, what: str, n_draws: 
     if n_draws <= 0:
         result.ci_reason = "no bootstrap draws requested"
         return result
+    if not _resampling_varies(traj):
+        result.ci_reason = ONE_RUN_PER_SIZE
+        return result
     draws = _bootstrap_runs(traj, interior, n_draws, seed)
     result.n_draws, result.n_draws_used = n_draws, len(draws)
     if len(draws) < 0.5 * n_draws:
-        result.ci_reason = (f"only {len(draws)}/{n_draws} bootstrap draws kept >= 2 interior {what}; "
-                            "the exponent is not stable under resampling runs")
+        result.ci_reason = f"only {len(draws)}/{n_draws} draws keep >= 2 interior {what}: unstable under resampling runs"
         return result
     result.draws = draws
     tail = 100 * (1 - level) / 2
@@ -348,6 +350,13 @@ def _fit_n_opt(approach: str, traj: Trajectories, interior, what: str, n_draws: 
         lo, hi = np.percentile(draws[:, j], [tail, 100 - tail])
         result.ci[name] = (float(lo), float(hi))
     return result
+
+
+ONE_RUN_PER_SIZE = "one run per size: resampling runs within sizes cannot vary the data; estimate without CI"
+
+
+def _resampling_varies(traj: Trajectories) -> bool:
+    return bool(np.bincount(traj.size_index).max() > 1)
 
 
 def resample_runs(traj: Trajectories, rng: np.random.Generator) -> np.ndarray:
@@ -437,6 +446,9 @@ def frontier_law(points: pd.DataFrame, grid: np.ndarray | None = None, *, n_draw
         return choice, table
     if n_runs < MIN_CI_RUNS:
         choice.ci_note = f"{n_runs} run(s): estimate without CI (a CI needs >= {MIN_CI_RUNS} independent runs)"
+        return choice, table
+    if points.groupby("params")["run"].nunique().max() < 2:
+        choice.ci_note = ONE_RUN_PER_SIZE
         return choice, table
     draws, _ = envelope_draws(points, grid, n_draws, seed)
     bootstrap_datasets(choice.kept, [([c], y) for c, y in draws], n_runs, seed=seed, level=level)
