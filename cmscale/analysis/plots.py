@@ -169,7 +169,7 @@ def log_axes(axis, x: bool = True, y: bool = True, max_labels: int = 6) -> None:
         mantissa = value / 10.0**exponent
         if abs(mantissa - 1) < 1e-6:
             return f"$10^{{{exponent}}}$"
-        return f"${mantissa:.0f}\\times10^{{{exponent}}}$" if exponent not in (-1, 0, 1, 2) else f"{value:g}"
+        return f"${mantissa:g}\\times10^{{{exponent}}}$" if exponent not in (-1, 0, 1, 2) else f"{value:g}"
 
     for enabled, which in ((x, "x"), (y, "y")):
         if not enabled:
@@ -177,8 +177,11 @@ def log_axes(axis, x: bool = True, y: bool = True, max_labels: int = 6) -> None:
         getattr(axis, f"set_{which}scale")("log")
         lo, hi = getattr(axis, f"get_{which}lim")()
         decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
-        steps = (1,) if np.log10(hi / lo) >= 2 else (1, 2, 5)
-        ticks = [m * 10.0**e for e in decades for m in steps if lo <= m * 10.0**e <= hi]
+        # the coarsest mantissa set that puts at least 3 labels on the axis
+        for steps in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
+            ticks = [m * 10.0**e for e in decades for m in steps if lo <= m * 10.0**e <= hi]
+            if len(ticks) >= 3:
+                break
         stride = max(1, int(np.ceil(len(ticks) / max_labels)))
         ticks = ticks[::stride] or [np.sqrt(lo * hi)]
         target = getattr(axis, f"{which}axis")
