@@ -42,6 +42,12 @@ FROM runs WHERE sweep = '{sweep}' GROUP BY method, preset ORDER BY preset, flops
 ]
 
 
+def print_sql(console, sql: str) -> None:
+    """Print SQL exactly as written: soft_wrap keeps Rich from breaking a long line (inside a string
+    literal, too) at the terminal width, so the text pastes back as the same query."""
+    console.print(sql, style="dim", highlight=False, soft_wrap=True, markup=False)
+
+
 def spec_path(quick: bool) -> Path:
     return Path(str(resources.files("cmscale.examples").joinpath(QUICK_SPEC if quick else DEMO_SPEC)))
 
@@ -101,7 +107,7 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
     for title, sql in EXAMPLE_QUERIES:
         sql = sql.format(sweep=spec.name)
         console.print(f"[bold]{title}[/bold]")
-        console.print(sql, style="dim", highlight=False)
+        print_sql(console, sql)
         console.print(read_query(sql, root=out).to_pandas().to_string(index=False))
         console.print()
     # soft_wrap: a path folded across lines cannot be copied or clicked

@@ -13,7 +13,13 @@ from click.testing import CliRunner
 from cmscale.analysis.data import parse_metric, sql_literal
 from cmscale.analysis.extrapolation import holdout_validation
 from cmscale.analysis.fit import evaluate_law
-from cmscale.analysis.frontier import envelope, fit_optimal_size, optimal_sizes
+from cmscale.analysis.frontier import (
+    compute_grid,
+    compute_optimal,
+    envelope,
+    frontier_law,
+    isoflop_optima,
+)
 from cmscale.analysis.ratio import ratio_regression, ratio_table
 from cmscale.analysis.synthetic import JOINT_TRUTH, joint_data
 from cmscale.cli import main
@@ -22,18 +28,21 @@ ALPHA, BETA = 0.3, 0.4
 A_TRUE = BETA / (ALPHA + BETA)
 
 
-def frontier_points(sizes, computes, seeds=3, noise=0.01, seed=0) -> pd.DataFrame:
-    """Evals of runs trained with C = 6 N D on the joint law; the seeds of a size share a curve."""
+def isoflop_table(sizes, budgets, noise=0.005, seed=1) -> pd.DataFrame:
+    """One run per (size, budget), trained to C = 6 N D on the joint law: a Chinchilla iso-FLOP table."""
     rng = np.random.default_rng(seed)
-    rows = []
-    for n in sizes:
-        for s in range(seeds):
-            for c in computes:
-                y = evaluate_law("joint", JOINT_TRUTH, n, c / (6 * n)) * math.exp(rng.normal(0, noise))
-                rows.append(
-                    {"size": f"{n:.2g}", "params": n, "compute": c, "y": y, "curve": "one", "run": f"{n:.3g}-{s}"}
-                )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(
+        [
+            {
+                "N": n,
+                "C": c,
+                "fid": evaluate_law("joint", JOINT_TRUTH, n, c / (6 * n)) * math.exp(rng.normal(0, noise)),
+                "run": f"{n:.4g}@{c:.4g}",
+            }
+            for c in budgets
+            for n in sizes
+        ]
+    )
 
 
 def true_n_opt(compute):
@@ -42,67 +51,116 @@ def true_n_opt(compute):
     return (t["alpha"] * t["A"] / (t["beta"] * t["B"]) * (compute / 6) ** t["beta"]) ** (1 / (t["alpha"] + t["beta"]))
 
 
-def test_envelope_reads_each_size_by_log_log_interpolation():
-    points = pd.DataFrame({
-        "size": ["a", "a", "b", "b"], "params": [1.0, 1.0, 2.0, 2.0], "compute": [1e10, 1e12, 1e10, 1e12],
-        "y": [10.0, 1.0, 20.0, 0.8], "curve": "c", "run": ["a", "a", "b", "b"],
-    })
-    env = envelope(points, np.array([1e10, 1e11, 1e12, 1e13]))
-    # at 1e11 (halfway in log): a -> sqrt(10 * 1) = 3.162 beats b -> sqrt(20 * 0.8) = 4; at 1e12 b's 0.8 wins
-    assert env["compute"].tolist() == [1e10, 1e11, 1e12]  # 1e13 is beyond every curve: no extrapolation
-    assert env["y"].tolist() == pytest.approx([10.0, math.sqrt(10.0), 0.8])
-    assert env["params"].tolist() == [1.0, 1.0, 2.0]
+def _run(run, n, c, y):
+    return [{"run": run, "params": n, "compute": ci, "y": yi} for ci, yi in zip(c, y)]
 
 
-def test_optimal_size_is_the_vertex_of_the_log_parabola():
+def test_envelope_is_the_lower_envelope_over_crossing_runs():
+    c = np.logspace(10, 13, 7)
+    # a: 10 x^-0.2 (C <= 1e12), b: 30 x^-0.5 (all C), w: a bad large model, x = C / 1e10; a and b cross at x = 3^(1/0.3)
+    curves = {
+        "a": (1e5, 10 * (c / 1e10) ** -0.2, c <= 1e12),
+        "b": (1e6, 30 * (c / 1e10) ** -0.5, c > 0),
+        "w": (1e7, 500 * (c / 1e10) ** -0.1, c >= 1e11),
+    }
+    points = pd.DataFrame([row for run, (n, y, keep) in curves.items() for row in _run(run, n, c[keep], y[keep])])
+    grid = np.logspace(10, 14, 41)
+    env = envelope(points, grid)
+    assert len(env) == 31 and env["compute"].max() == pytest.approx(1e13)  # one row per grid point; none past every run
+    x = env["compute"].to_numpy() / 1e10
+    # every run is an exact power law, so its log-log interpolation is exact wherever it has evals
+    closed = np.vstack(
+        [np.where(x <= 100 * 1.02, 10 * x**-0.2, np.inf), 30 * x**-0.5, np.where(x >= 10 / 1.02, 500 * x**-0.1, np.inf)]
+    )
+    assert env["y"].to_numpy() == pytest.approx(closed.min(axis=0), rel=1e-9)
+    assert env["run"].tolist() == [["a", "b", "w"][i] for i in closed.argmin(axis=0)]
+    crossing = 1e10 * 3 ** (1 / 0.3)
+    assert set(env.loc[env["compute"] < crossing, "run"]) == {"a"} and set(
+        env.loc[env["compute"] > crossing, "run"]
+    ) == {"b"}
+
+
+def test_isoflop_optimum_is_the_vertex_of_the_log_parabola():
     sizes = np.array([1e6, 3e6, 1e7, 3e7])
     vertex = 5e6
     rows = [
-        {
-            "size": str(n),
-            "params": n,
-            "compute": c,
-            "y": math.exp(0.2 * (math.log(n) - math.log(vertex)) ** 2 + 1.0),
-            "curve": "c",
-            "run": str(n),
-        }
+        {"run": str(n), "params": n, "compute": c, "y": math.exp(0.2 * (math.log(n) - math.log(vertex)) ** 2 + 1.0)}
         for n in sizes
         for c in (1e12, 1e14)
     ]
-    optima = optimal_sizes(pd.DataFrame(rows), np.array([1e13]))
-    assert not optima["edge"].iloc[0]
-    assert optima["n_opt"].iloc[0] == pytest.approx(vertex, rel=1e-9)
-    assert optima["n_opt_grid"].iloc[0] == 3e6
+    optima = isoflop_optima(pd.DataFrame(rows), np.array([1e13]))
+    assert optima["interior"].iloc[0] and optima["n_opt"].iloc[0] == pytest.approx(vertex, rel=1e-9)
+    assert optima["n_best"].iloc[0] == 3e6
 
 
-def test_frontier_recovers_the_compute_optimal_exponent():
-    sizes = np.logspace(6, 9, 10)  # a factor 2.15 between sizes
-    points = frontier_points(sizes, np.logspace(14, 20, 25))
-    budgets = np.logspace(15, 19, 9)
-    optima, fit = fit_optimal_size(points, budgets, n_draws=200, seed=0)
-    inner = optima[~optima["edge"]]
-    assert len(inner) >= 4
-    # each interior optimum is within half a grid step of the truth
+def test_fit_frontier_cli_recovers_the_compute_optimal_exponent(tmp_path):
+    sizes, budgets = np.logspace(5, 10, 21), np.logspace(15, 21, 7)
+    path = tmp_path / "isoflop.csv"
+    isoflop_table(sizes, budgets).to_csv(path, index=False)
+    result = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            "frontier",
+            "--csv",
+            str(path),
+            "--size-col",
+            "N",
+            "--compute-col",
+            "C",
+            "--y-col",
+            "fid",
+            "--run-col",
+            "run",
+            "--n-draws",
+            "200",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    optima = pd.DataFrame(out["isoflop"]["optima"])
+    assert len(optima) == 7 and optima["interior"].sum() >= 6
+    inner = optima[optima["interior"]]
+    # each interior optimum within half a size step of the truth
     assert np.all(np.abs(np.log(inner["n_opt"] / true_n_opt(inner["compute"]))) < 0.5 * math.log(sizes[1] / sizes[0]))
-    assert abs(fit.a - A_TRUE) < 0.03
-    lo, hi = fit.ci["a"]
-    assert lo <= A_TRUE <= hi and hi - lo < 0.15
-    assert fit.n_draws_used == 200 and fit.ols["a"] == pytest.approx(fit.a)
+    fit = out["isoflop"]["n_opt_fit"]
+    assert fit["n_budgets"] == len(inner) and abs(fit["a"] / A_TRUE - 1) < 0.05
+    assert fit["ci"]["a"][0] <= A_TRUE <= fit["ci"]["a"][1]
+    assert fit["bootstrap"]["n_groups"] == len(sizes) * len(budgets)  # runs, not budgets or rows
+    assert out["envelope"]["n_opt_fit"]["a"] is not None  # the envelope's answer, side by side
 
 
-def test_edge_optimum_is_flagged_and_excluded_from_the_fit():
-    sizes = np.logspace(6, 9, 7)
-    points = frontier_points(sizes, np.logspace(12, 20, 33), seeds=2)
-    budgets = np.logspace(12, 19, 15)
-    optima, fit = fit_optimal_size(points, budgets, n_draws=50, seed=0)
-    small = optima[optima["compute"] < 1e13]
-    # at tiny budgets the smallest size wins: the optimum may lie below the grid
-    assert small["edge"].all() and (small["n_opt_grid"] == sizes[0]).all()
-    assert small["reason"].str.contains("smallest").all()
-    inner = optima[~optima["edge"]]
-    assert fit.n_points == len(inner) < len(optima)
-    slope = np.polyfit(np.log(inner["compute"]), np.log(inner["n_opt"]), 1)[0]
-    assert fit.a == pytest.approx(slope, rel=1e-9)  # the fit used exactly the non-edge budgets
+def test_edge_optima_are_excluded_and_too_few_interior_budgets_say_why():
+    sizes = np.logspace(5, 10, 11)
+    table = isoflop_table(sizes, np.logspace(9, 12, 4))  # tiny budgets: the smallest size always wins
+    points = table.rename(columns={"N": "params", "C": "compute", "fid": "y"})
+    result = compute_optimal(points, n_draws=20)
+    assert not result.optima["interior"].any()
+    assert result.optima["reason"].str.contains("smallest").all()
+    assert result.isoflop.a is None and "0 budgets with an interior optimum (need >= 3)" in result.isoflop.reason
+    assert result.isoflop.to_json()["ci"] is None
+
+
+def test_bootstraps_resample_runs_not_evals():
+    sizes, budgets = np.logspace(6, 9, 10), np.logspace(15, 19, 5)
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in sizes:
+        for b in budgets:  # each run evaluated at 4 fractions of its budget
+            for f in (0.125, 0.25, 0.5, 1.0):
+                y = evaluate_law("joint", JOINT_TRUTH, n, f * b / (6 * n)) * math.exp(rng.normal(0, 0.01))
+                rows.append({"run": f"{n:.3g}@{b:.3g}", "params": n, "compute": f * b, "y": y})
+    points = pd.DataFrame(rows)
+    n_runs = len(sizes) * len(budgets)
+    result = compute_optimal(points, budgets, n_draws=50)
+    assert result.n_runs == n_runs and result.isoflop.n_groups == n_runs and result.envelope_fit.n_groups == n_runs
+    choice, env = frontier_law(points, n_draws=50)
+    assert (
+        choice.n_groups == n_runs and choice.kept.bootstrap.n_groups == n_runs and choice.kept.bootstrap.n_draws == 50
+    )
+    # the frontier lives on the grid (minus gaps no run covers), not on every eval
+    assert set(env["compute"]) <= set(compute_grid(points)) and len(env) < len(points)
 
 
 def test_extrapolation_check_predicts_held_out_budget_of_a_known_law():
@@ -161,10 +219,14 @@ def test_ratio_growing_with_size_rejects_zero_slope():
 
 def test_ratio_table_groups_pairs():
     params, teacher, student = _ratio_data(0.0, 1)
-    pairs = pd.concat([
-        pd.DataFrame({"group": "scd 2-step", "params": params, "teacher_fid": teacher, "student_fid": student}),
-        pd.DataFrame({"group": "scd 1-step", "params": params, "teacher_fid": teacher, "student_fid": 1.3 * student}),
-    ])
+    pairs = pd.concat(
+        [
+            pd.DataFrame({"group": "scd 2-step", "params": params, "teacher_fid": teacher, "student_fid": student}),
+            pd.DataFrame(
+                {"group": "scd 1-step", "params": params, "teacher_fid": teacher, "student_fid": 1.3 * student}
+            ),
+        ]
+    )
     table = ratio_table(pairs)
     assert table["scd 1-step"]["mean_ratio"] == pytest.approx(1.3 * table["scd 2-step"]["mean_ratio"])
     assert table["scd 1-step"]["slope"] == pytest.approx(table["scd 2-step"]["slope"])
@@ -298,3 +360,17 @@ def test_metric_names_and_sql_quoting():
     with pytest.raises(ValueError, match="fid_<k>step"):
         parse_metric("fid2")
     assert sql_literal("it's") == "'it''s'"
+
+
+def test_demo_sql_prints_unwrapped_on_a_narrow_terminal():
+    from rich.console import Console
+
+    from cmscale.demo import EXAMPLE_QUERIES, print_sql
+
+    console = Console(width=40, record=True, color_system=None)
+    for _, sql in EXAMPLE_QUERIES:
+        print_sql(console, sql.format(sweep="demo_digits"))
+    printed = console.export_text().splitlines()
+    expected = [line for _, sql in EXAMPLE_QUERIES for line in sql.format(sweep="demo_digits").splitlines()]
+    assert [line.rstrip() for line in printed] == [line.rstrip() for line in expected]
+    assert any(len(line) > 40 for line in expected)  # the check bites: some lines are wider than the terminal

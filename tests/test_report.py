@@ -151,13 +151,35 @@ def screenshot_variance(html: Path, out_png: Path, profile: Path) -> float:
     from PIL import Image
 
     subprocess.run(
-        ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-         f"--screenshot={out_png}", "--window-size=1200,1600", f"file://{html.resolve()}"],
-        check=True, capture_output=True, timeout=120,
+        [
+            "/usr/bin/chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            f"--screenshot={out_png}",
+            "--window-size=1200,1600",
+            f"file://{html.resolve()}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     pixels = np.asarray(Image.open(out_png).convert("L"), dtype=float)
     return float(pixels.var())
+
+
+def summary_box_rows(png: Path) -> np.ndarray:
+    """Rows of a screenshot crossed by the summary box's border (#0b5394) over most of the page width."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=int)
+    border = np.abs(pixels - np.array([0x0B, 0x53, 0x94])).sum(axis=2) < 40
+    return np.flatnonzero(border.sum(axis=1) > 0.5 * pixels.shape[1])
 
 
 def test_report_on_stored_synthetic_sweep(tmp_path):
@@ -187,6 +209,29 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     assert "FROM evals e JOIN runs r USING (run_id)" in html and "```sql" in md
     assert "ect-m-6e13-s0" in html and "is failed: loss is NaN at step 12" in html
     assert "compute-optimal size per budget" in md and "extrapolation" in md
+    # findings first: the summary precedes the warnings, which are grouped with counts and collapsed
+    assert html.index("id='summary'") < html.index("<h2>Warnings") < html.index("<h2>Figures")
+    assert re.search(r"<details class='warn'><summary>[^<]+: \d+</summary>", html)
+    # every summary number is in report.json
+    summary = json.loads((out / "report.json").read_text())
+    by_title = {m["title"]: m for m in summary["methods"]}
+    ect2 = by_title["ect, 2-step"]
+    assert set(ect2["per_size"]) == set(SIZES) and ect2["n_runs"] == 12
+    for fit in ect2["per_size"].values():  # FID falls with compute at every size: alpha CI above 0
+        assert (
+            fit["params"]["alpha"] > 0
+            and fit["ci"]["alpha"][0] > 0
+            and fit["kept_law"] in ("E + A C^-alpha", "A C^-alpha")
+        )
+    optimal = ect2["compute_optimal"]
+    assert optimal["n_runs"] == 12 and optimal["isoflop"]["n_opt_fit"]["bootstrap"]["n_groups"] == 12
+    assert all("interior" in row for row in optimal["isoflop"]["optima"])
+    n_opt = optimal["isoflop"]["n_opt_fit"]
+    assert (n_opt["a"] is None) == (n_opt["reason"] is not None)  # an exponent, or the reason why not
+    assert ect2["ratio"]["group"] == "ect 2-step" and len(ect2["ratio"]["slope_ci"]) == 2
+    assert ect2["frontier"]["n_groups"] == 12 and ect2["finding"].endswith(".")
+    # the extrapolation table tells a run's evals apart by step and compute
+    assert "| step | train FLOPs |" in md
     assert "Teacher-student FID ratio" in md and "scd 2-step" in md
     for stem in ("ect_fid_2step_compute", "scd_fid_1step_nopt", "teacher_student", "sampling", "teacher_compute"):
         assert (out / "figures" / f"{stem}.png").stat().st_size > 5000
@@ -204,8 +249,24 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     assert 1 < ratios["scd 2-step"]["mean_ratio"] < ratios["scd 1-step"]["mean_ratio"]
 
     # per-size and frontier power laws from the store, as JSON with CIs
-    result = CliRunner().invoke(main, ["fit", "powerlaw", "--sweep", SWEEP, "--root", str(root), "--method", "scd",
-                                       "--metric", "fid_2step", "--n-draws", "20", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            "powerlaw",
+            "--sweep",
+            SWEEP,
+            "--root",
+            str(root),
+            "--method",
+            "scd",
+            "--metric",
+            "fid_2step",
+            "--n-draws",
+            "20",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     fits = json.loads(result.output)
     assert [f["fit_of"] for f in fits] == ["size xxs", "size xs", "size s", "size m", "frontier"]
@@ -219,3 +280,6 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     assert screenshot_variance(blank, tmp_path / "blank.png", tmp_path / "profile_blank") < 1.0
     variance = screenshot_variance(out / "report.html", tmp_path / "shot.png", tmp_path / "profile")
     assert variance > 200.0, variance
+    # the summary box (top and bottom border) lies within the first 1,400 px of the page
+    rows = summary_box_rows(tmp_path / "shot.png")
+    assert len(rows) >= 2 and rows[0] < 200 and rows[-1] < 1400 and rows[-1] - rows[0] > 100, rows

@@ -4,7 +4,7 @@ The analysis is split in two so it can be tested without a store:
 
 * **SQL readers** (this module): each returns the exact SQL text it ran together with the rows,
   so the report can print the query behind every figure. They call
-  ``cmscale.results.query(sql, root=root, ingest=False)``.
+  ``cmscale.results.read_query(sql, root=root)``.
 * **Pure computation** (frontier.py, ratio.py, extrapolate.py, fit.py): functions of pandas
   DataFrames with the columns documented here.
 
@@ -23,10 +23,12 @@ sampling_flops_per_image.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 TEACHER_METHOD = "edm"
@@ -131,6 +133,19 @@ def run_query(sql: str, root: Path | str) -> pd.DataFrame:
     return read_query(sql, root=Path(root)).to_pandas()
 
 
+def frontier_points(points: pd.DataFrame) -> pd.DataFrame:
+    """Eval rows of :func:`points_sql` -> the frontier's point table (run, params, size, compute, y)."""
+    return pd.DataFrame(
+        {
+            "run": points["run_id"].astype(str),
+            "params": points["params"].astype(float),
+            "size": points["preset"].astype(str),
+            "compute": points["train_flops"].astype(float),
+            "y": points["fid"].astype(float),
+        }
+    )
+
+
 def sweep_methods(runs: pd.DataFrame) -> list[str]:
     """Methods present in a runs table, teachers last."""
     methods = sorted(set(runs["method"]))
@@ -150,3 +165,18 @@ def pick_extractor(points: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return points[
         points["extractor"] == keep
     ], f"evals from several feature extractors; kept {keep!r}, dropped {dropped}"
+
+
+def json_safe(obj):
+    """JSON-safe copy: NaN/inf -> null, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj

@@ -92,7 +92,11 @@ FORMS: dict[str, LawForm] = {
     "pure": LawForm("pure", False, ("A",), ("alpha",), ("x",)),
     "saturating": LawForm("saturating", True, ("A",), ("alpha",), ("x",)),
     "joint": LawForm("joint", True, ("A", "B"), ("alpha", "beta"), ("N", "D")),
+    # the joint law with E at 0: the nested law kept when the data drive the floor to its bound
+    "joint_pure": LawForm("joint_pure", False, ("A", "B"), ("alpha", "beta"), ("N", "D")),
 }
+# A bootstrap CI needs at least this many independent groups (runs) behind it.
+MIN_CI_GROUPS = 3
 
 
 def get_form(name: str) -> LawForm:
@@ -118,7 +122,7 @@ def derived_quantities(form: LawForm, params: dict[str, float]) -> dict[str, flo
     For the joint form with C = 6 N D, minimising the law at fixed C gives N_opt ∝ C^a and
     D_opt ∝ C^b with a = beta / (alpha + beta), b = alpha / (alpha + beta) (Hoffmann et al. 2022).
     """
-    if form.name == "joint":
+    if form.name in ("joint", "joint_pure"):
         total = params["alpha"] + params["beta"]
         if total <= 0:
             return {"a": math.nan, "b": math.nan}
@@ -143,8 +147,15 @@ def single_threaded_blas():
 class _Problem:
     """Scaled data plus the objective and its gradient; picklable for worker processes."""
 
-    def __init__(self, form: LawForm, X: Sequence[np.ndarray], y: np.ndarray, loss: str, delta: float,
-                 exponent_bounds: tuple[float, float]):
+    def __init__(
+        self,
+        form: LawForm,
+        X: Sequence[np.ndarray],
+        y: np.ndarray,
+        loss: str,
+        delta: float,
+        exponent_bounds: tuple[float, float],
+    ):
         self.form = form
         self.loss = loss
         self.delta = float(delta)
@@ -170,7 +181,7 @@ class _Problem:
         return cols.T
 
     def residuals(self, theta: np.ndarray) -> np.ndarray:
-        pred = self.design(theta[self.n_lin:]) @ theta[: self.n_lin]
+        pred = self.design(theta[self.n_lin :]) @ theta[: self.n_lin]
         if self.loss == "linear":
             return pred - self.ys
         return np.log(np.maximum(pred, 1e-300)) - self.log_ys
@@ -178,7 +189,7 @@ class _Problem:
     # objective --------------------------------------------------------------------------------
     def value_and_grad(self, theta: np.ndarray, weights: np.ndarray | None) -> tuple[float, np.ndarray]:
         """Summed loss and its gradient in theta = (linear coefficients, exponents)."""
-        coefs, exps = theta[: self.n_lin], theta[self.n_lin:]
+        coefs, exps = theta[: self.n_lin], theta[self.n_lin :]
         powers = self.power_columns(exps)  # (n_vars, n)
         n_off = 1 if self.form.has_offset else 0
         pred = (coefs[n_off:, None] * powers).sum(axis=0)
@@ -207,7 +218,7 @@ class _Problem:
             grad[0] = dpred.sum()
         grad[n_off : self.n_lin] = powers @ dpred
         # d/d(exp_j) of c_j x_s^-exp_j = -c_j log(x_s) x_s^-exp_j
-        grad[self.n_lin:] = -coefs[n_off:] * ((powers * self.log_xs) @ dpred)
+        grad[self.n_lin :] = -coefs[n_off:] * ((powers * self.log_xs) @ dpred)
         return float(rho.sum()), grad
 
     def value(self, theta: np.ndarray, weights: np.ndarray | None = None) -> float:
@@ -238,8 +249,9 @@ class _Problem:
         return [theta for _, theta in scored[:n_starts]]
 
     # refinement ----------------------------------------------------------------------------------
-    def refine(self, theta0: np.ndarray, weights: np.ndarray | None, maxiter: int) -> tuple[np.ndarray, float, str,
-                                                                                            str]:
+    def refine(
+        self, theta0: np.ndarray, weights: np.ndarray | None, maxiter: int
+    ) -> tuple[np.ndarray, float, str, str]:
         """L-BFGS-B from theta0; returns (theta, objective, status, message) before bound checks."""
         scale = max(self.value(theta0, weights), 1e-300)  # normalise so ftol/gtol are relative
 
@@ -251,9 +263,14 @@ class _Problem:
         hi = np.array([b[1] if b[1] is not None else np.inf for b in self.bounds])
         theta0 = np.clip(theta0, lo, hi)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # trial steps may hit pred ~ 0
-            result = minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=self.bounds,
-                              options={"maxiter": maxiter, "maxfun": 4 * maxiter, "ftol": 1e-13, "gtol": 1e-9,
-                                       "maxcor": 20})
+            result = minimize(
+                fun,
+                theta0,
+                jac=True,
+                method="L-BFGS-B",
+                bounds=self.bounds,
+                options={"maxiter": maxiter, "maxfun": 4 * maxiter, "ftol": 1e-13, "gtol": 1e-9, "maxcor": 20},
+            )
         theta = result.x
         if result.status == 0:
             status = "converged"
@@ -340,14 +357,24 @@ class FitResult:
         if self.loss == "huber":
             out["delta"] = self.delta
         out["objective"] = self.objective
-        if self.derived:
+        if self.derived and self.status == "converged":
             out["derived"] = dict(self.derived)
-            out["derived_ci"] = {name: [float(lo), float(hi)] for name, (lo,
-                                                                         hi) in self.ci.items() if name in self.derived}
+            out["derived_ci"] = {
+                name: [float(lo), float(hi)] for name, (lo, hi) in self.ci.items() if name in self.derived
+            }
+        elif self.derived:  # a ratio of exponents from a degenerate fit means nothing
+            out["derived"] = None
+            out["derived_reason"] = f"not identifiable from these runs: fit status {self.status}" + (
+                f" (at bound: {', '.join(self.at_bound)})" if self.at_bound else ""
+            )
         if self.bootstrap is not None:
-            out["bootstrap"] = {"n_draws": self.bootstrap.n_draws, "n_groups": self.bootstrap.n_groups,
-                                "seed": self.bootstrap.seed, "level": self.bootstrap.level,
-                                "status_counts": self.bootstrap.status_counts()}
+            out["bootstrap"] = {
+                "n_draws": self.bootstrap.n_draws,
+                "n_groups": self.bootstrap.n_groups,
+                "seed": self.bootstrap.seed,
+                "level": self.bootstrap.level,
+                "status_counts": self.bootstrap.status_counts(),
+            }
         if self.ols is not None:
             out["ols"] = self.ols
         return out
@@ -404,8 +431,9 @@ class BootstrapResult:
         lo, hi = np.percentile(self.predict_draws(*X), [tail, 100.0 - tail], axis=0)
         return lo, hi
 
-    def prediction_interval(self, *X: np.ndarray, level: float | None = None, seed: int = 0) -> tuple[np.ndarray,
-                                                                                                      np.ndarray]:
+    def prediction_interval(
+        self, *X: np.ndarray, level: float | None = None, seed: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Pointwise interval for a *new observation*: curve draws plus a resampled full-fit residual.
 
         The residual is multiplicative (log/huber losses) or additive (linear loss), matching
@@ -444,8 +472,9 @@ def _validate(form: LawForm, X: Sequence, y, loss: str, delta: float) -> tuple[l
         raise ValueError("y must be finite and > 0")
     n_params = len(form.param_names)
     if y.size < n_params + 1:
-        raise ValueError(f"the {form.name} law has {n_params} parameters; need at least {n_params + 1} points, got "
-                         f"{y.size}")
+        raise ValueError(
+            f"the {form.name} law has {n_params} parameters; need at least {n_params + 1} points, got {y.size}"
+        )
     return arrays, y
 
 
@@ -490,9 +519,15 @@ def _result(problem: _Problem, theta, value, status, message, n_points) -> FitRe
     hits = problem.at_bound(theta)
     params = problem.to_params(theta)
     result = FitResult(
-        form=problem.form.name, params=params, status=_final_status(status, hits), at_bound=hits,
-        objective=problem.objective_units(value), n_points=int(n_points), loss=problem.loss,
-        delta=problem.delta if problem.loss == "huber" else None, message=message,
+        form=problem.form.name,
+        params=params,
+        status=_final_status(status, hits),
+        at_bound=hits,
+        objective=problem.objective_units(value),
+        n_points=int(n_points),
+        loss=problem.loss,
+        delta=problem.delta if problem.loss == "huber" else None,
+        message=message,
         derived=derived_quantities(problem.form, params),
     )
     result._problem = problem  # noqa: SLF001 - kept for the bootstrap's warm start
@@ -517,8 +552,9 @@ def fit_joint(N, D, y, **kwargs) -> FitResult:
 # --------------------------------------------------------------------------------------------
 
 
-def group_weights(groups: np.ndarray | None, n_points: int, n_draws: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def group_weights(
+    groups: np.ndarray | None, n_points: int, n_draws: int, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
     """Row weights for ``n_draws`` cluster-bootstrap draws: each draw samples whole groups with
     replacement, and a row's weight is the number of times its group was drawn."""
     if groups is None:
@@ -534,8 +570,9 @@ def group_weights(groups: np.ndarray | None, n_points: int, n_draws: int,
     return counts[:, codes].astype(float), n_groups
 
 
-def _refit_chunk(problem: _Problem, theta0: np.ndarray, weights: np.ndarray, maxiter: int) -> tuple[np.ndarray,
-                                                                                                    list[str]]:
+def _refit_chunk(
+    problem: _Problem, theta0: np.ndarray, weights: np.ndarray, maxiter: int
+) -> tuple[np.ndarray, list[str]]:
     thetas, statuses = [], []
     with single_threaded_blas():
         for w in weights:
@@ -576,8 +613,8 @@ def bootstrap_fit(
     rng = np.random.default_rng(seed)
     n_points = problem.ys.size
     weights, n_groups = group_weights(groups, n_points, n_draws, rng)
-    if n_groups < 3:
-        raise ValueError(f"a clustered bootstrap needs at least 3 groups, got {n_groups}")
+    if n_groups < MIN_CI_GROUPS:
+        raise ValueError(f"a clustered bootstrap needs at least {MIN_CI_GROUPS} groups, got {n_groups}")
     n_jobs = default_n_jobs(n_draws, n_points) if n_jobs is None else n_jobs
     theta0 = fit._theta  # noqa: SLF001
     if n_jobs <= 1:
@@ -589,21 +626,92 @@ def bootstrap_fit(
         parts = Parallel(n_jobs=n_jobs)(delayed(_refit_chunk)(problem, theta0, chunk, maxiter) for chunk in chunks)
         thetas = np.concatenate([p[0] for p in parts])
         statuses = [s for p in parts for s in p[1]]
-    law = problem.form
     params = [problem.to_params(theta) for theta in thetas]
-    draws = np.array([[p[name] for name in law.param_names] for p in params])
+    return _attach_bootstrap(fit, problem, params, statuses, n_groups, seed, level)
+
+
+def _attach_bootstrap(
+    fit: FitResult,
+    problem: _Problem,
+    params: list[dict],
+    statuses: list[str],
+    n_groups: int,
+    seed: int | None,
+    level: float,
+) -> BootstrapResult:
+    law = problem.form
+    draws = np.array([[p[name] for name in law.param_names] for p in params]).reshape(len(params), len(law.param_names))
     derived = [derived_quantities(law, p) for p in params]
     derived_names = tuple(derived[0]) if derived else ()
-    derived_draws = np.array([[d[name] for name in derived_names] for d in derived]).reshape(len(params),
-                                                                                             len(derived_names))
-    residuals = problem.residuals(theta0) * (problem.y_ref if problem.loss == "linear" else 1.0)
+    derived_draws = np.array([[d[name] for name in derived_names] for d in derived]).reshape(
+        len(params), len(derived_names)
+    )
+    residuals = problem.residuals(fit._theta) * (problem.y_ref if problem.loss == "linear" else 1.0)  # noqa: SLF001
     result = BootstrapResult(
-        form=law.name, names=law.param_names, draws=draws, statuses=np.array(statuses), derived_names=derived_names,
-        derived_draws=derived_draws, residuals=residuals, loss=problem.loss, n_groups=n_groups, seed=seed, level=level,
+        form=law.name,
+        names=law.param_names,
+        draws=draws,
+        statuses=np.array(statuses),
+        derived_names=derived_names,
+        derived_draws=derived_draws,
+        residuals=residuals,
+        loss=problem.loss,
+        n_groups=n_groups,
+        seed=seed,
+        level=level,
     )
     fit.ci = result.ci()
     fit.bootstrap = result
     return result
+
+
+def _scaled_theta(problem: _Problem, params: dict[str, float]) -> np.ndarray:
+    """Parameters in the caller's units -> theta in ``problem``'s scaled units (inverse of to_params)."""
+    form = problem.form
+    n_off = 1 if form.has_offset else 0
+    theta = np.empty(len(form.param_names))
+    if n_off:
+        theta[0] = params["E"] / problem.y_ref
+    for j, (coef, expo) in enumerate(zip(form.power_coefs, form.exponents)):
+        theta[n_off + j] = params[coef] / (problem.y_ref * problem.x_ref[j] ** params[expo])
+        theta[problem.n_lin + j] = params[expo]
+    return theta
+
+
+def bootstrap_datasets(
+    fit: FitResult,
+    datasets: Sequence[tuple[Sequence[np.ndarray], np.ndarray]],
+    n_groups: int,
+    *,
+    seed: int | None = 0,
+    level: float = 0.95,
+    maxiter: int = 2000,
+) -> BootstrapResult:
+    """Bootstrap whose draws are whole data sets rebuilt by the caller from resampled groups (e.g.
+    a frontier recomputed from resampled runs: its points are not rows one can reweight).
+
+    Each draw refits ``fit``'s law by L-BFGS-B warm-started at the full-data optimum; a draw with
+    too few points for the law counts as ``failed``. Fills ``fit.ci`` like :func:`bootstrap_fit`.
+    """
+    problem: _Problem = getattr(fit, "_problem", None)
+    if problem is None:
+        raise ValueError("bootstrap_datasets needs a FitResult produced by fit_law in this process")
+    if n_groups < MIN_CI_GROUPS:
+        raise ValueError(f"a bootstrap CI needs at least {MIN_CI_GROUPS} independent groups (runs), got {n_groups}")
+    law = problem.form
+    params, statuses = [], []
+    with single_threaded_blas():
+        for X, y in datasets:
+            y = np.asarray(y, float)
+            if y.size < len(law.param_names) + 1:
+                params.append({name: math.nan for name in law.param_names})
+                statuses.append("failed")
+                continue
+            draw = _Problem(law, [np.asarray(x, float) for x in X], y, problem.loss, problem.delta, problem.bounds[-1])
+            theta, _, status, _ = draw.refine(_scaled_theta(draw, fit.params), None, maxiter)
+            params.append(draw.to_params(theta))
+            statuses.append(_final_status(status, draw.at_bound(theta)))
+    return _attach_bootstrap(fit, problem, params, statuses, n_groups, seed, level)
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,8 +737,10 @@ def ols_loglog(x, y, level: float = 0.95, cov_type: str = "HC3") -> dict:
         "alpha": float(-model.params[1]),
         "se_log_A": float(model.bse[0]),
         "se_alpha": float(model.bse[1]),
-        "ci": {"A": [float(np.exp(ci_const[0])), float(np.exp(ci_const[1]))], "alpha": [float(-ci_slope[1]),
-                                                                                        float(-ci_slope[0])]},
+        "ci": {
+            "A": [float(np.exp(ci_const[0])), float(np.exp(ci_const[1]))],
+            "alpha": [float(-ci_slope[1]), float(-ci_slope[0])],
+        },
         "p_alpha": float(model.pvalues[1]),
         "r2": float(model.rsquared),
         "cov_type": cov_type,

@@ -1,32 +1,39 @@
-"""The compute-optimal frontier: lower envelope over model sizes, optimal size per budget, N_opt = k C^a.
+"""The compute-optimal frontier: lower envelope over runs, and the compute-optimal size N_opt(C).
 
-Input is a point table with one row per eval: ``size`` (a label), ``params`` (N), ``compute``
-(training FLOPs C at the eval), ``y`` (FID), ``curve`` (which training trajectory the point belongs
-to; runs with the same size and budget but different seeds share a curve and are averaged in log
-space) and ``run`` (the resampling unit of the bootstrap).
+Input is a point table, one row per eval: ``run`` (one training trajectory, the resampling unit
+of the bootstrap), ``params`` (N), ``compute`` (training FLOPs C at the eval) and ``y`` (FID);
+an optional ``size`` labels the sizes. An iso-FLOP table (one row per run, each run trained to
+its budget) is the special case of one eval per run.
 
-Envelope
---------
-Each curve of size N is read at a budget C by linear interpolation of log y in log C between its
-neighbouring points (never extrapolated beyond ``END_TOL``, the one-step shortfall of a run's
-last eval against its nominal budget). Size N's value at C is the minimum over its curves
-(the best known way to spend C on that size). The frontier is ``y*(C) = min_N y_N(C)``.
+Reading runs on a grid
+----------------------
+Each run's trajectory is interpolated linearly in (log C, log y) within the compute range it
+covers and never extrapolated; only ``END_TOL`` (a run stops up to one step short of its nominal
+budget) widens the range, where the end value is read.
 
-Optimal size
-------------
-At each budget the best size is the argmin over the sizes that reach C. When it is the smallest
-or the largest of them (or fewer than three sizes reach C), the true optimum may lie off the grid:
-the budget is flagged ``edge`` and excluded from the N_opt fit. Otherwise N_opt is the vertex of the
-parabola through the best size and its two neighbours in (log N, log y), as in Chinchilla's
-IsoFLOP analysis, clipped to the neighbours' range. The vertex carries a bias of a fraction of the
-size grid's step (the curve in log N is not exactly a parabola); the bootstrap CI measures the
-noise, not that bias, so use a size grid no coarser than ~2x per step when the CI is tight.
+Envelope (Chinchilla approach 1)
+--------------------------------
+On a common log-spaced compute grid the frontier is ``y*(C) = min over runs`` of the runs'
+interpolated values, and the size of the winning run is the envelope's N(C). An envelope point is
+interior when that size is neither the smallest nor the largest of the sizes reaching C (and at
+least 3 do); ``log N = log k + a log C`` is fitted on the interior points.
 
-Scaling of N_opt
-----------------
-``log N_opt = log k + a log C`` by statsmodels OLS on the non-edge budgets, with a clustered
-bootstrap CI: each draw resamples runs with replacement within every size, rebuilds the envelope,
-recomputes the optima and refits.
+Iso-FLOP profiles (Chinchilla approach 2)
+-----------------------------------------
+At each budget C every size's value is its best run read at C. N_opt(C) is the vertex of the
+parabola in (log N, log y) through the best size and its two neighbours. When the best size is
+the smallest or the largest reaching C (or fewer than 3 sizes reach C) the optimum may lie off
+the grid: the budget is flagged as an edge and excluded. The vertex carries a bias of a fraction
+of the size grid's step (the profile is not exactly a parabola); the bootstrap measures noise,
+not that bias, so use a size grid no coarser than ~2x per step.
+
+N_opt = k C^a
+-------------
+By log-log least squares, only when at least ``MIN_INTERIOR_BUDGETS`` budgets have an interior
+optimum (otherwise the reason is stated). The CI comes from a bootstrap over runs: each draw
+resamples the runs of every size with replacement, rebuilds the profiles (or the envelope),
+recomputes the optima and refits; ``n_groups`` is the number of runs. A CI needs at least
+``MIN_CI_RUNS`` independent runs.
 """
 
 from __future__ import annotations
@@ -37,131 +44,187 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from cmscale.analysis.fit import ols_loglog
+from cmscale.analysis.fit import MIN_CI_GROUPS, ols_loglog
 
 # A run stops at floor(budget / FLOPs per step) steps, so its last eval sits up to one step short
-# of its nominal budget; a budget this close (relative) past a curve's end reads the end value.
+# of its nominal budget; a budget this close (relative) past a run's end reads the end value.
 END_TOL = 0.02
+GRID_POINTS_PER_DECADE = 6
+MIN_INTERIOR_BUDGETS = 3
+MIN_CI_RUNS = MIN_CI_GROUPS
+REQUIRED_COLUMNS = ("run", "params", "compute", "y")
 
 
-def _run_matrix(points: pd.DataFrame, budgets: np.ndarray, end_tol: float = END_TOL) -> tuple[pd.DataFrame, np.ndarray]:
-    """Per run: (params, curve) and its log y read at each budget, shape (n_runs, n_budgets).
+def check_points(points: pd.DataFrame, source: str = "frontier points") -> pd.DataFrame:
+    """Validate a point table; returns it with a ``size`` column (from params when absent)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in points.columns]
+    if missing:
+        raise ValueError(f"{source}: need columns {list(REQUIRED_COLUMNS)}; missing {missing}")
+    if points.empty:
+        raise ValueError(f"{source}: no rows")
+    for column in ("params", "compute", "y"):
+        values = pd.to_numeric(points[column], errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(values) | (values <= 0)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{source}: column {column!r} must hold numbers > 0; row {row} has {points[column].iloc[row]!r}"
+            )
+    sizes_per_run = points.groupby("run")["params"].nunique()
+    if (sizes_per_run > 1).any():
+        raise ValueError(
+            f"{source}: run {sizes_per_run[sizes_per_run > 1].index[0]!r} has several sizes; a run is one model"
+        )
+    if "size" not in points:
+        points = points.assign(size=points["params"].map(lambda n: f"{float(n):.3g}"))
+    return points
 
-    A run's trajectory is interpolated linearly in (log C, log y), never extrapolated (NaN outside
-    its compute range widened by ``end_tol`` at both ends, where the end value is read); repeated
-    compute values within a run are averaged in log y.
+
+def compute_grid(points: pd.DataFrame, per_decade: int = GRID_POINTS_PER_DECADE) -> np.ndarray:
+    """A log-spaced grid over the compute range of the table (both ends included)."""
+    lo, hi = float(points["compute"].min()), float(points["compute"].max())
+    if hi <= lo:
+        return np.array([lo])
+    num = max(2, int(math.ceil(per_decade * math.log10(hi / lo))) + 1)
+    return np.logspace(math.log10(lo), math.log10(hi), num)
+
+
+def default_budgets(points: pd.DataFrame, per_decade: int = GRID_POINTS_PER_DECADE) -> np.ndarray:
+    """Budgets for the iso-FLOP profiles: with one eval per run (an iso-FLOP table) the distinct
+    compute values, merged when within ``END_TOL``; with trajectories, the common grid."""
+    if points.groupby("run").size().max() > 1:
+        return compute_grid(points, per_decade)
+    values = np.sort(np.log(points["compute"].to_numpy(float)))
+    clusters, current = [], [values[0]]
+    for value in values[1:]:
+        if value - current[0] > math.log1p(END_TOL):
+            clusters.append(current)
+            current = []
+        current.append(value)
+    clusters.append(current)
+    return np.array([math.exp(float(np.mean(c))) for c in clusters])
+
+
+@dataclass
+class Trajectories:
+    """Every run's log y read on a compute grid: ``log_y[i, j]`` is run i at ``grid[j]`` (NaN
+    where the run does not reach)."""
+
+    runs: pd.DataFrame  # columns run, params, size; row i belongs to log_y[i]
+    grid: np.ndarray
+    log_y: np.ndarray
+    size_index: np.ndarray  # run row -> index into sizes
+    sizes: np.ndarray  # ascending params
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.runs)
+
+    @property
+    def run_params(self) -> np.ndarray:
+        return self.runs["params"].to_numpy(float)
+
+
+def read_runs(points: pd.DataFrame, grid: np.ndarray, end_tol: float = END_TOL) -> Trajectories:
+    """Interpolate each run in (log C, log y) at ``grid``, within its own compute range only;
+    repeated compute values within a run are averaged in log y."""
+    points = check_points(points)
+    log_grid = np.log(np.asarray(grid, float))
+    slack = math.log1p(end_tol)
+    codes, names = pd.factorize(points["run"].astype(str), sort=True)
+    lc_all, ly_all = np.log(points["compute"].to_numpy(float)), np.log(points["y"].to_numpy(float))
+    order = np.lexsort((lc_all, codes))
+    codes, lc_all, ly_all = codes[order], lc_all[order], ly_all[order]
+    first = np.searchsorted(codes, np.arange(len(names)))
+    params = points["params"].to_numpy(float)[order][first]
+    size_labels = points["size"].astype(str).to_numpy()[order][first]
+    rows = np.full((len(names), len(log_grid)), np.nan)
+    for i, (lc, ly) in enumerate(zip(np.split(lc_all, first[1:]), np.split(ly_all, first[1:]))):
+        if np.any(np.diff(lc) == 0):  # repeated compute values within a run: mean of log y
+            lc, inverse = np.unique(lc, return_inverse=True)
+            ly = np.bincount(inverse, weights=ly) / np.bincount(inverse)
+        inside = (log_grid >= lc[0] - slack) & (log_grid <= lc[-1] + slack)
+        rows[i, inside] = np.interp(log_grid[inside], lc, ly)
+    runs = pd.DataFrame({"run": np.asarray(names, dtype=object), "params": params, "size": size_labels})
+    sizes = np.sort(np.unique(params))
+    return Trajectories(runs, np.asarray(grid, float), rows, np.searchsorted(sizes, params), sizes)
+
+
+def _present_log_y(traj: Trajectories, present: np.ndarray | None) -> np.ndarray:
+    return traj.log_y if present is None else np.where(present[:, None], traj.log_y, np.nan)
+
+
+def _envelope_rows(traj: Trajectories, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid point: index of the best run (-1 where none reaches) and its log y."""
+    log_y = _present_log_y(traj, present)
+    filled = np.where(np.isfinite(log_y), log_y, np.inf)
+    best = np.argmin(filled, axis=0)
+    best_value = filled[best, np.arange(filled.shape[1])]
+    reached = np.isfinite(best_value)
+    return np.where(reached, best, -1), np.where(reached, best_value, np.nan)
+
+
+def _size_profiles(traj: Trajectories, present: np.ndarray | None = None) -> np.ndarray:
+    """Each size's best log y at each grid point, shape (n_sizes, n_grid); NaN where no run of the size reaches."""
+    log_y = _present_log_y(traj, present)
+    values = np.full((len(traj.sizes), log_y.shape[1]), np.nan)
+    for i in range(len(traj.sizes)):
+        block = log_y[traj.size_index == i]
+        if block.size:
+            lowest = np.min(np.where(np.isfinite(block), block, np.inf), axis=0)
+            values[i] = np.where(np.isfinite(lowest), lowest, np.nan)
+    return values
+
+
+def _edge_reason(n_reaching: int, best: int) -> str:
+    if n_reaching < 3:
+        return f"only {n_reaching} size(s) reach this compute"
+    if best == 0:
+        return "best size is the smallest that reaches this compute"
+    if best == n_reaching - 1:
+        return "best size is the largest that reaches this compute"
+    return ""
+
+
+def envelope(points: pd.DataFrame, grid: np.ndarray | None = None) -> pd.DataFrame:
+    """The lower envelope over runs on ``grid`` (default: :func:`compute_grid`).
+
+    Columns: compute, y, run, params, size (of the winning run), n_runs and n_sizes (reaching
+    C), interior (the winning size is neither the smallest nor the largest reaching C), reason.
     """
-    _check_points(points)
-    points = points if "run" in points else points.assign(run=points["curve"])
-    log_b = np.log(np.asarray(budgets, float))
-    meta, rows = [], []
-    for (params, curve, run), group in points.groupby(["params", "curve", "run"], sort=True):
-        logs = pd.DataFrame({"lc": np.log(group["compute"].to_numpy(float)), "ly": np.log(group["y"].to_numpy(float))})
-        logs = logs.groupby("lc", as_index=False)["ly"].mean().sort_values("lc")
-        lc, ly = logs["lc"].to_numpy(), logs["ly"].to_numpy()
-        slack = math.log1p(end_tol)
-        inside = (log_b >= lc[0] - slack) & (log_b <= lc[-1] + slack)
-        read = np.full(log_b.shape, np.nan)
-        read[inside] = np.interp(log_b[inside], lc, ly)
-        meta.append({"params": float(params), "curve": str(curve), "run": str(run)})
-        rows.append(read)
-    return pd.DataFrame(meta), np.array(rows).reshape(len(meta), len(log_b))
+    points = check_points(points)
+    grid = compute_grid(points) if grid is None else np.asarray(grid, float)
+    traj = read_runs(points, grid)
+    return _envelope_table(traj)
 
 
-def _curve_blocks(meta: pd.DataFrame) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-    """Sizes (ascending) and, per curve, (index of its size, row numbers of its runs)."""
-    sizes = np.sort(meta["params"].unique())
-    blocks = []
-    for (size, _), group in meta.groupby(["params", "curve"], sort=True):
-        blocks.append((int(np.searchsorted(sizes, size)), group.index.to_numpy()))
-    return sizes, blocks
-
-
-def _size_matrix(meta: pd.DataFrame, log_y: np.ndarray, weights: np.ndarray | None = None,
-                 blocks=None) -> tuple[np.ndarray, np.ndarray]:
-    """Sizes (ascending) and each size's y at each budget: the weighted mean of log y over the runs
-    of a curve (seeds), then the minimum over the size's curves."""
-    weights = np.ones(len(meta)) if weights is None else np.asarray(weights, float)
-    sizes, blocks = _curve_blocks(meta) if blocks is None else blocks
-    values = np.full((len(sizes), log_y.shape[1]), np.nan)
-    for i, rows in blocks:
-        w = weights[rows][:, None]
-        block = log_y[rows]
-        covered = np.isfinite(block) & (w > 0)
-        total = (w * covered).sum(axis=0)
-        mean = (np.where(covered, block, 0.0) * w).sum(axis=0) / np.where(total > 0, total, 1.0)
-        values[i] = np.fmin(values[i], np.where(total > 0, np.exp(mean), np.nan))
-    return sizes, values
-
-
-def size_values(points: pd.DataFrame, budgets: np.ndarray) -> pd.DataFrame:
-    """Each size's interpolated y at each budget: index params, columns budgets (NaN where no
-    curve of that size covers the budget)."""
-    budgets = np.asarray(budgets, float)
-    meta, log_y = _run_matrix(points, budgets)
-    sizes, values = _size_matrix(meta, log_y)
-    return pd.DataFrame(values, index=sizes, columns=budgets)
-
-
-def envelope(points: pd.DataFrame, budgets: np.ndarray) -> pd.DataFrame:
-    """The frontier y*(C) = min over sizes, with the size that attains it: columns compute, y, params."""
-    table = size_values(points, budgets)
+def _envelope_table(traj: Trajectories) -> pd.DataFrame:
+    best, best_log = _envelope_rows(traj)
+    profiles = _size_profiles(traj)
     rows = []
-    for budget in table.columns:
-        column = table[budget].dropna()
-        if column.empty:
+    for j, compute in enumerate(traj.grid):
+        if best[j] < 0:
             continue
-        rows.append({"compute": float(budget), "y": float(column.min()), "params": float(column.idxmin())})
-    return pd.DataFrame(rows, columns=["compute", "y", "params"])
-
-
-_OPTIMA_COLUMNS = ["compute", "n_opt", "n_opt_grid", "y_opt", "n_sizes", "edge", "reason"]
-
-
-def _optima(sizes: np.ndarray, values: np.ndarray, budgets: np.ndarray) -> pd.DataFrame:
-    rows = []
-    for j, budget in enumerate(budgets):
-        ok = np.isfinite(values[:, j])
-        if not ok.any():
-            continue
-        n, ys = sizes[ok], values[ok, j]
-        best = int(np.argmin(ys))
-        row = {"compute": float(budget), "n_opt_grid": float(n[best]), "y_opt": float(ys[best]),
-               "n_sizes": int(len(n)), "edge": False, "reason": ""}
-        if len(n) < 3:
-            row.update(edge=True, reason=f"only {len(n)} size(s) reach this budget")
-        elif best == 0:
-            row.update(edge=True, reason="best size is the smallest that reaches this budget")
-        elif best == len(n) - 1:
-            row.update(edge=True, reason="best size is the largest that reaches this budget")
-        row["n_opt"] = float(n[best]) if row["edge"] else _parabola_vertex(np.log(n[best - 1 : best + 2]),
-                                                                           np.log(ys[best - 1 : best + 2]))
-        rows.append(row)
-    return pd.DataFrame(rows, columns=_OPTIMA_COLUMNS)
-
-
-def _inner_optima(sizes: np.ndarray, values: np.ndarray, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The non-edge budgets and their N_opt, without building a table (the bootstrap's hot path);
-    same rules as :func:`_optima`."""
-    compute, n_opt = [], []
-    for j, budget in enumerate(budgets):
-        ok = np.isfinite(values[:, j])
-        if ok.sum() < 3:
-            continue
-        n, ys = sizes[ok], values[ok, j]
-        best = int(np.argmin(ys))
-        if 0 < best < len(n) - 1:
-            compute.append(budget)
-            n_opt.append(_parabola_vertex(np.log(n[best - 1 : best + 2]), np.log(ys[best - 1 : best + 2])))
-    return np.array(compute), np.array(n_opt)
-
-
-def optimal_sizes(points: pd.DataFrame, budgets: np.ndarray) -> pd.DataFrame:
-    """Optimal size per budget: columns compute, n_opt, n_opt_grid, y_opt, n_sizes, edge, reason."""
-    budgets = np.asarray(budgets, float)
-    meta, log_y = _run_matrix(points, budgets)
-    sizes, values = _size_matrix(meta, log_y)
-    return _optima(sizes, values, budgets)
+        run = traj.runs.iloc[best[j]]
+        reaching = np.flatnonzero(np.isfinite(profiles[:, j]))
+        position = int(np.searchsorted(traj.sizes[reaching], run["params"]))
+        reason = _edge_reason(len(reaching), position)
+        rows.append(
+            {
+                "compute": float(compute),
+                "y": float(math.exp(best_log[j])),
+                "run": run["run"],
+                "params": run["params"],
+                "size": run["size"],
+                "n_runs": int(np.isfinite(traj.log_y[:, j]).sum()),
+                "n_sizes": len(reaching),
+                "interior": not reason,
+                "reason": reason,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["compute", "y", "run", "params", "size", "n_runs", "n_sizes", "interior", "reason"]
+    )
 
 
 def _parabola_vertex(log_n: np.ndarray, log_y: np.ndarray) -> float:
@@ -176,37 +239,67 @@ def _parabola_vertex(log_n: np.ndarray, log_y: np.ndarray) -> float:
     return float(math.exp(np.clip(-slope / (2 * curvature), log_n[0], log_n[-1])))
 
 
-def _check_points(points: pd.DataFrame) -> None:
-    missing = {"size", "params", "compute", "y", "curve"} - set(points.columns)
-    if missing:
-        raise ValueError(f"frontier points need columns size, params, compute, y, curve; missing {sorted(missing)}")
-    for column in ("params", "compute", "y"):
-        values = points[column].to_numpy(float)
-        if not np.all(np.isfinite(values)) or np.any(values <= 0):
-            raise ValueError(f"frontier column {column!r} must be finite and > 0")
+def _isoflop_rows(traj: Trajectories, present: np.ndarray | None = None) -> list[dict]:
+    profiles = _size_profiles(traj, present)
+    rows = []
+    for j, budget in enumerate(traj.grid):
+        ok = np.flatnonzero(np.isfinite(profiles[:, j]))
+        if not len(ok):
+            continue
+        log_n, log_y = np.log(traj.sizes[ok]), profiles[ok, j]
+        best = int(np.argmin(log_y))
+        reason = _edge_reason(len(ok), best)
+        n_opt = (
+            math.exp(log_n[best])
+            if reason
+            else _parabola_vertex(log_n[best - 1 : best + 2], log_y[best - 1 : best + 2])
+        )
+        rows.append(
+            {
+                "compute": float(budget),
+                "n_opt": n_opt,
+                "n_best": float(traj.sizes[ok][best]),
+                "y_best": float(math.exp(log_y[best])),
+                "n_sizes": len(ok),
+                "interior": not reason,
+                "reason": reason,
+            }
+        )
+    return rows
 
 
-def default_budgets(points: pd.DataFrame, column: str = "budget_flops") -> np.ndarray:
-    """The sweep's iso-FLOP budgets when the table has them, else 12 log-spaced values over the
-    compute range."""
-    if column in points and points[column].notna().any():
-        return np.sort(points[column].dropna().unique().astype(float))
-    lo, hi = float(points["compute"].min()), float(points["compute"].max())
-    return np.logspace(math.log10(lo), math.log10(hi), 12)
+def isoflop_optima(points: pd.DataFrame, budgets: np.ndarray | None = None) -> pd.DataFrame:
+    """Optimal size per budget from iso-FLOP profiles. Columns: compute, n_opt (parabola vertex,
+    or the best grid size at an edge), n_best (best grid size), y_best, n_sizes, interior, reason."""
+    points = check_points(points)
+    budgets = default_budgets(points) if budgets is None else np.asarray(budgets, float)
+    return pd.DataFrame(
+        _isoflop_rows(read_runs(points, budgets)),
+        columns=["compute", "n_opt", "n_best", "y_best", "n_sizes", "interior", "reason"],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# N_opt = k C^a
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class OptimalSizeFit:
-    """``N_opt = k C^a`` fitted on the non-edge budgets."""
+class NOptFit:
+    """``N_opt = k C^a`` from one approach; ``a`` is None when not fitted, with ``reason``.
+    ``ci_reason`` says why a fitted exponent has no CI."""
 
-    k: float
-    a: float
-    n_points: int
-    status: str
+    approach: str
+    n_budgets: int
+    a: float | None = None
+    k: float | None = None
+    reason: str = ""
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    ci_reason: str = ""
     ols: dict | None = None
     n_draws: int = 0
     n_draws_used: int = 0
+    n_groups: int = 0
     draws: np.ndarray | None = field(default=None, repr=False)
 
     def predict(self, compute: np.ndarray) -> np.ndarray:
@@ -222,9 +315,17 @@ class OptimalSizeFit:
         return lo, hi
 
     def to_json(self) -> dict:
-        return {"k": self.k, "a": self.a, "ci": {n: [float(lo), float(hi)] for n, (lo, hi) in self.ci.items()},
-                "status": self.status, "n_points": self.n_points, "n_draws": self.n_draws,
-                "n_draws_used": self.n_draws_used, "ols": self.ols}
+        return {
+            "approach": self.approach,
+            "a": self.a,
+            "k": self.k,
+            "n_budgets": self.n_budgets,
+            "ci": {n: [float(lo), float(hi)] for n, (lo, hi) in self.ci.items()} or None,
+            "reason": self.reason or None,
+            "ci_reason": self.ci_reason or None,
+            "ols": self.ols,
+            "bootstrap": {"n_draws": self.n_draws, "n_draws_used": self.n_draws_used, "n_groups": self.n_groups},
+        }
 
 
 def _loglog_line(compute: np.ndarray, n_opt: np.ndarray) -> tuple[float, float]:
@@ -235,69 +336,201 @@ def _loglog_line(compute: np.ndarray, n_opt: np.ndarray) -> tuple[float, float]:
     return float(math.exp(ln.mean() - slope * lc.mean())), slope
 
 
-def fit_optimal_size(
-    points: pd.DataFrame,
-    budgets: np.ndarray | None = None,
-    *,
-    n_draws: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[pd.DataFrame, OptimalSizeFit | None]:
-    """Optimal sizes per budget and the fit ``N_opt = k C^a`` with a clustered bootstrap CI.
-
-    Returns (optima table, fit); the fit is None when fewer than 2 budgets are not at the edge.
-    ``points`` needs a ``run`` column for the bootstrap (the resampling unit).
-    """
-    budgets = default_budgets(points) if budgets is None else np.asarray(budgets, float)
-    optima = optimal_sizes(points, budgets)
-    inner = optima[~optima["edge"]]
-    if len(inner) < 2:
-        return optima, None
-    k, a = _loglog_line(inner["compute"].to_numpy(), inner["n_opt"].to_numpy())
-    result = OptimalSizeFit(k=k, a=a, n_points=len(inner), status="ok")
-    if len(inner) >= 3:
-        # ols_loglog fits y = A x^-alpha; N_opt = k C^a has alpha = -a
-        ols = ols_loglog(inner["compute"], inner["n_opt"], level=level)
-        result.ols = {"k": ols["A"], "a": -ols["alpha"], "se_a": ols["se_alpha"], "p_a": ols["p_alpha"],
-                      "r2": ols["r2"],
-                      "ci": {"k": ols["ci"]["A"], "a": [-ols["ci"]["alpha"][1],
-                                                        -ols["ci"]["alpha"][0]]}, "cov_type": ols["cov_type"]}
-    else:
-        result.status = "two_points"
-    if n_draws > 0:
-        draws = _bootstrap_optimal_size(points, budgets, n_draws, seed)
-        result.n_draws, result.n_draws_used = n_draws, len(draws)
-        if len(draws):
-            result.draws = draws
-            tail = 100 * (1 - level) / 2
-            for j, name in enumerate(("k", "a")):
-                lo, hi = np.percentile(draws[:, j], [tail, 100 - tail])
-                result.ci[name] = (float(lo), float(hi))
-    return optima, result
+def _interior_isoflop(traj: Trajectories, present: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    rows = [r for r in _isoflop_rows(traj, present) if r["interior"]]
+    return np.array([r["compute"] for r in rows]), np.array([r["n_opt"] for r in rows])
 
 
-def _bootstrap_optimal_size(points: pd.DataFrame, budgets: np.ndarray, n_draws: int, seed: int) -> np.ndarray:
-    """(k, a) per draw: runs resampled with replacement within each size (as integer weights);
-    draws with fewer than 2 non-edge budgets are dropped (the caller reports how many were used)."""
+def _interior_envelope(traj: Trajectories, present: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    best, _ = _envelope_rows(traj, present)
+    profiles = _size_profiles(traj, present)
+    compute, n_env = [], []
+    for j in np.flatnonzero(best >= 0):
+        reaching = traj.sizes[np.isfinite(profiles[:, j])]
+        size = traj.run_params[best[j]]
+        if len(reaching) >= 3 and reaching[0] < size < reaching[-1]:
+            compute.append(traj.grid[j])
+            n_env.append(size)
+    return np.array(compute), np.array(n_env)
+
+
+def _fit_n_opt(
+    approach: str, traj: Trajectories, interior, what: str, n_draws: int, seed: int, level: float
+) -> NOptFit:
+    compute, n_opt = interior(traj, None)
+    result = NOptFit(approach, n_budgets=len(compute), n_groups=traj.n_runs)
+    if len(compute) < MIN_INTERIOR_BUDGETS:
+        result.reason = (
+            f"not identifiable from these runs: {len(compute)} {what} with an interior optimum "
+            f"(need >= {MIN_INTERIOR_BUDGETS}); the best size sits at the edge of the size grid elsewhere"
+        )
+        return result
+    if len(np.unique(n_opt)) < 2:
+        result.reason = (
+            f"not identifiable from these runs: every interior {what[:-1]} picks the same size ({n_opt[0]:.3g})"
+        )
+        return result
+    result.k, result.a = _loglog_line(compute, n_opt)
+    ols = ols_loglog(compute, n_opt, level=level)  # fits y = A x^-alpha, so a = -alpha
+    result.ols = {
+        "a": -ols["alpha"],
+        "ci_a": [-ols["ci"]["alpha"][1], -ols["ci"]["alpha"][0]],
+        "r2": ols["r2"],
+        "cov_type": ols["cov_type"],
+        "note": "treats budgets as independent; the run bootstrap CI does not",
+    }
+    if traj.n_runs < MIN_CI_RUNS:
+        result.ci_reason = f"{traj.n_runs} run(s): estimate without CI (a CI needs >= {MIN_CI_RUNS} independent runs)"
+        return result
+    if n_draws <= 0:
+        result.ci_reason = "no bootstrap draws requested"
+        return result
+    if not _resampling_varies(traj):
+        result.ci_reason = ONE_RUN_PER_SIZE
+        return result
+    draws = _bootstrap_runs(traj, interior, n_draws, seed)
+    result.n_draws, result.n_draws_used = n_draws, len(draws)
+    if len(draws) < 0.5 * n_draws:
+        result.ci_reason = (
+            f"only {len(draws)}/{n_draws} draws keep >= 2 interior {what}: unstable under resampling runs"
+        )
+        return result
+    result.draws = draws
+    tail = 100 * (1 - level) / 2
+    for j, name in enumerate(("k", "a")):
+        lo, hi = np.percentile(draws[:, j], [tail, 100 - tail])
+        result.ci[name] = (float(lo), float(hi))
+    return result
+
+
+ONE_RUN_PER_SIZE = "one run per size: resampling runs within sizes cannot vary the data; estimate without CI"
+
+
+def _resampling_varies(traj: Trajectories) -> bool:
+    return bool(np.bincount(traj.size_index).max() > 1)
+
+
+def resample_runs(traj: Trajectories, rng: np.random.Generator) -> np.ndarray:
+    """One bootstrap draw as a run mask: the runs of every size drawn with replacement (the
+    profiles and the envelope take minima, so only whether a run was drawn matters)."""
+    present = np.zeros(traj.n_runs, bool)
+    for i in range(len(traj.sizes)):
+        rows = np.flatnonzero(traj.size_index == i)
+        present[rng.choice(rows, size=len(rows), replace=True)] = True
+    return present
+
+
+def _bootstrap_runs(traj: Trajectories, interior, n_draws: int, seed: int) -> np.ndarray:
+    """(k, a) per draw; draws with fewer than 2 interior budgets (no slope) are dropped and counted."""
     rng = np.random.default_rng(seed)
-    meta, log_y = _run_matrix(points, budgets)
-    members = [np.flatnonzero((meta["params"] == size).to_numpy()) for size in np.sort(meta["params"].unique())]
-    blocks = _curve_blocks(meta)
     out = []
     for _ in range(n_draws):
-        weights = np.zeros(len(meta))
-        for rows in members:
-            np.add.at(weights, rng.choice(rows, size=len(rows), replace=True), 1.0)
-        sizes, values = _size_matrix(meta, log_y, weights, blocks)
-        compute, n_opt = _inner_optima(sizes, values, budgets)
-        if len(compute) >= 2:
+        compute, n_opt = interior(traj, resample_runs(traj, rng))
+        if len(compute) >= 2 and len(np.unique(n_opt)) >= 2:
             out.append(_loglog_line(compute, n_opt))
     return np.array(out, dtype=float).reshape(-1, 2)
 
 
-def frontier_line(points: pd.DataFrame, num: int = 80) -> pd.DataFrame:
-    """The envelope on a dense log grid over the compute range, for plotting: columns x, y, params."""
-    lo, hi = float(points["compute"].min()), float(points["compute"].max())
-    grid = np.logspace(math.log10(lo), math.log10(hi), num)
-    line = envelope(points, grid)
-    return line.rename(columns={"compute": "x"})
+@dataclass
+class ComputeOptimal:
+    """Both approaches to the compute-optimal size, side by side."""
+
+    optima: pd.DataFrame  # iso-FLOP profiles, one row per budget
+    envelope: pd.DataFrame  # the envelope on the grid, one row per grid compute
+    isoflop: NOptFit
+    envelope_fit: NOptFit
+    n_runs: int
+    n_sizes: int
+
+    def to_json(self) -> dict:
+        return {
+            "n_runs": self.n_runs,
+            "n_sizes": self.n_sizes,
+            "isoflop": {"optima": self.optima.to_dict(orient="records"), "n_opt_fit": self.isoflop.to_json()},
+            "envelope": {"points": self.envelope.to_dict(orient="records"), "n_opt_fit": self.envelope_fit.to_json()},
+        }
+
+
+def compute_optimal(
+    points: pd.DataFrame,
+    budgets: np.ndarray | None = None,
+    grid: np.ndarray | None = None,
+    *,
+    n_draws: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> ComputeOptimal:
+    """Compute-optimal size by iso-FLOP profiles at ``budgets`` (default :func:`default_budgets`)
+    and by the envelope on ``grid`` (default :func:`compute_grid`), each with ``N_opt = k C^a``
+    and a bootstrap over runs."""
+    points = check_points(points)
+    budgets = default_budgets(points) if budgets is None else np.asarray(budgets, float)
+    grid = compute_grid(points) if grid is None else np.asarray(grid, float)
+    at_budgets, on_grid = read_runs(points, budgets), read_runs(points, grid)
+    optima = pd.DataFrame(
+        _isoflop_rows(at_budgets), columns=["compute", "n_opt", "n_best", "y_best", "n_sizes", "interior", "reason"]
+    )
+    return ComputeOptimal(
+        optima=optima,
+        envelope=_envelope_table(on_grid),
+        isoflop=_fit_n_opt("iso-FLOP profiles", at_budgets, _interior_isoflop, "budgets", n_draws, seed, level),
+        envelope_fit=_fit_n_opt("envelope", on_grid, _interior_envelope, "grid points", n_draws, seed, level),
+        n_runs=at_budgets.n_runs,
+        n_sizes=len(at_budgets.sizes),
+    )
+
+
+def envelope_draws(
+    points: pd.DataFrame, grid: np.ndarray, n_draws: int, seed: int = 0
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """The envelope rebuilt from ``n_draws`` run resamples: a list of (compute, y) on the grid
+    points each draw reaches, and the number of runs (the bootstrap's groups)."""
+    traj = read_runs(points, grid)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_draws):
+        best, best_log = _envelope_rows(traj, resample_runs(traj, rng))
+        keep = best >= 0
+        out.append((traj.grid[keep], np.exp(best_log[keep])))
+    return out, traj.n_runs
+
+
+def frontier_law(
+    points: pd.DataFrame,
+    grid: np.ndarray | None = None,
+    *,
+    n_draws: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    variable: str = "C",
+):
+    """The saturating law ``y = E + A C^-alpha`` (or its nested pure law, see
+    :func:`cmscale.analysis.selection.select_law`) fitted to the envelope on ``grid``, with a CI
+    from the bootstrap over runs (each draw rebuilds the envelope). Returns (LawChoice, envelope)."""
+    from cmscale.analysis.fit import bootstrap_datasets
+    from cmscale.analysis.selection import select_law
+
+    points = check_points(points)
+    grid = compute_grid(points) if grid is None else np.asarray(grid, float)
+    table = envelope(points, grid)
+    choice = select_law(
+        "saturating",
+        [table["compute"].to_numpy(float)],
+        table["y"].to_numpy(float),
+        None,
+        n_draws=0,
+        variables={"A": variable},
+    )
+    n_runs = int(points["run"].nunique())
+    choice.n_groups = n_runs
+    if choice.kept is None or n_draws <= 0:
+        return choice, table
+    if n_runs < MIN_CI_RUNS:
+        choice.ci_note = f"{n_runs} run(s): estimate without CI (a CI needs >= {MIN_CI_RUNS} independent runs)"
+        return choice, table
+    if points.groupby("params")["run"].nunique().max() < 2:
+        choice.ci_note = ONE_RUN_PER_SIZE
+        return choice, table
+    draws, _ = envelope_draws(points, grid, n_draws, seed)
+    bootstrap_datasets(choice.kept, [([c], y) for c, y in draws], n_runs, seed=seed, level=level)
+    return choice, table

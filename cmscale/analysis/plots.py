@@ -24,8 +24,9 @@ LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]
 
 def paper_style() -> None:
     sns.set_theme(context="paper", style="ticks", font_scale=1.1)
-    plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "axes.grid": True, "grid.alpha": 0.3,
-                         "legend.frameon": False})
+    plt.rcParams.update(
+        {"figure.dpi": 120, "savefig.dpi": 200, "axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False}
+    )
 
 
 def _size_styles(sizes: list[str]) -> dict[str, dict]:
@@ -67,8 +68,17 @@ def fid_vs_compute(
         style = styles[size]
         subset = points[points["size"] == size].sort_values("train_flops")
         params = int(subset["params"].iloc[0])
-        axis.plot(subset["train_flops"], subset["fid"], marker=style["marker"], color=style["color"], linestyle="none",
-                  markersize=6, markeredgecolor="black", markeredgewidth=0.5, label=f"{size} ({params / 1e6:.2g}M)")
+        axis.plot(
+            subset["train_flops"],
+            subset["fid"],
+            marker=style["marker"],
+            color=style["color"],
+            linestyle="none",
+            markersize=6,
+            markeredgecolor="black",
+            markeredgewidth=0.5,
+            label=f"{size} ({params / 1e6:.2g}M)",
+        )
         if curves and size in curves:
             curve = curves[size]
             axis.plot(curve["x"], curve["y"], color=style["color"], linestyle=style["linestyle"], linewidth=1.3)
@@ -77,13 +87,14 @@ def fid_vs_compute(
     if frontier is not None and len(frontier):
         axis.plot(frontier["x"], frontier["y"], color="black", linewidth=2.2, linestyle="-", label="frontier", zorder=5)
     if frontier_fit is not None and len(frontier_fit):
-        axis.plot(frontier_fit["x"], frontier_fit["y"], color="0.35", linewidth=1.2, linestyle="--",
-                  label="frontier fit")
+        axis.plot(
+            frontier_fit["x"], frontier_fit["y"], color="0.35", linewidth=1.2, linestyle="--", label="frontier fit"
+        )
         if {"lo", "hi"} <= set(frontier_fit.columns):
-            axis.fill_between(frontier_fit["x"], frontier_fit["lo"], frontier_fit["hi"], color="0.5", alpha=0.2,
-                              linewidth=0)
-    axis.set_xscale("log")
-    axis.set_yscale("log")
+            axis.fill_between(
+                frontier_fit["x"], frontier_fit["lo"], frontier_fit["hi"], color="0.5", alpha=0.2, linewidth=0
+            )
+    log_axes(axis)
     axis.set_xlabel("training compute (FLOPs)")
     axis.set_ylabel("FID")
     axis.set_title(title)
@@ -91,25 +102,35 @@ def fid_vs_compute(
     return figure
 
 
-def optimal_size_vs_compute(optima: pd.DataFrame, fit: pd.DataFrame | None, title: str) -> plt.Figure:
-    """N_opt against compute. ``optima``: columns compute, n_opt, edge (bool). ``fit``: x, y[, lo, hi]."""
+def optimal_size_vs_compute(
+    optima: pd.DataFrame, envelope: pd.DataFrame | None, fits: dict[str, pd.DataFrame], title: str
+) -> plt.Figure:
+    """N_opt against compute by both approaches. ``optima``: iso-FLOP rows (compute, n_opt,
+    interior); ``envelope``: grid rows (compute, params); ``fits``: approach -> DataFrame(x, y[, lo, hi])."""
     paper_style()
-    figure, axis = plt.subplots(figsize=(4.6, 3.6))
-    inner = optima[~optima["edge"]]
-    edge = optima[optima["edge"]]
-    axis.plot(inner["compute"], inner["n_opt"], "o", color="black", label="optimum (fitted)")
+    figure, axis = plt.subplots(figsize=(4.8, 3.6))
+    if envelope is not None and len(envelope):
+        axis.step(
+            envelope["compute"],
+            envelope["params"],
+            where="mid",
+            color="0.55",
+            linewidth=1.2,
+            label="envelope's run size",
+        )
+    inner, edge = optima[optima["interior"]], optima[~optima["interior"]]
+    axis.plot(inner["compute"], inner["n_opt"], "o", color="black", label="iso-FLOP optimum")
     if len(edge):
-        axis.plot(edge["compute"], edge["n_opt"], "x", color="0.4", markersize=8, label="at grid edge (excluded)")
-    if fit is not None and len(fit):
-        axis.plot(fit["x"], fit["y"], "--", color="0.2", label="$N_{opt} = k C^a$")
+        axis.plot(edge["compute"], edge["n_opt"], "x", color="0.35", markersize=8, label="at size-grid edge (excluded)")
+    for (name, fit), style in zip(fits.items(), ("--", ":")):
+        axis.plot(fit["x"], fit["y"], style, color="0.1", label=f"$N_{{opt}} = k C^a$ ({name})")
         if {"lo", "hi"} <= set(fit.columns):
-            axis.fill_between(fit["x"], fit["lo"], fit["hi"], color="0.5", alpha=0.2, linewidth=0)
-    axis.set_xscale("log")
-    axis.set_yscale("log")
+            axis.fill_between(fit["x"], fit["lo"], fit["hi"], color="0.5", alpha=0.15, linewidth=0)
+    log_axes(axis)
     axis.set_xlabel("training compute (FLOPs)")
     axis.set_ylabel("compute-optimal parameters")
     axis.set_title(title)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7)
     return figure
 
 
@@ -125,17 +146,31 @@ def teacher_student(pairs: pd.DataFrame, title: str) -> plt.Figure:
     teacher = pairs.groupby("params", as_index=False)["teacher_fid"].mean().sort_values("params")
     top.plot(teacher["params"], teacher["teacher_fid"], "-o", color="black", label="teacher", markersize=6)
     for group in groups:
-        subset = pairs[pairs["group"] == group].groupby("params", as_index=False)[["student_fid",
-                                                                                   "teacher_fid"]].mean().sort_values("params")
+        subset = (
+            pairs[pairs["group"] == group]
+            .groupby("params", as_index=False)[["student_fid", "teacher_fid"]]
+            .mean()
+            .sort_values("params")
+        )
         style = styles[group]
-        top.plot(subset["params"], subset["student_fid"], marker=style["marker"], linestyle=style["linestyle"],
-                 color=style["color"], label=group)
-        bottom.plot(subset["params"], subset["student_fid"] / subset["teacher_fid"], marker=style["marker"],
-                    linestyle=style["linestyle"], color=style["color"])
+        top.plot(
+            subset["params"],
+            subset["student_fid"],
+            marker=style["marker"],
+            linestyle=style["linestyle"],
+            color=style["color"],
+            label=group,
+        )
+        bottom.plot(
+            subset["params"],
+            subset["student_fid"] / subset["teacher_fid"],
+            marker=style["marker"],
+            linestyle=style["linestyle"],
+            color=style["color"],
+        )
     bottom.axhline(1.0, color="0.5", linewidth=0.8)
-    for axis in (top, bottom):
-        axis.set_xscale("log")
-    top.set_yscale("log")
+    log_axes(top)
+    log_axes(bottom, y=False)
     top.set_ylabel("FID")
     bottom.set_ylabel("student / teacher")
     bottom.set_xlabel("parameters")
@@ -156,16 +191,53 @@ def fid_vs_sampling_compute(points: pd.DataFrame, title: str) -> plt.Figure:
     for label in labels:
         subset = points[points["label"] == label].sort_values("sampling_flops_per_image")
         style = styles[label]
-        axis.plot(subset["sampling_flops_per_image"], subset["fid"], marker=style["marker"],
-                  linestyle=style["linestyle"],
-                  color=style["color"], label=label, markeredgecolor="black", markeredgewidth=0.4)
-    axis.set_xscale("log")
-    axis.set_yscale("log")
+        axis.plot(
+            subset["sampling_flops_per_image"],
+            subset["fid"],
+            marker=style["marker"],
+            linestyle=style["linestyle"],
+            color=style["color"],
+            label=label,
+            markeredgecolor="black",
+            markeredgewidth=0.4,
+        )
+    log_axes(axis)
     axis.set_xlabel("sampling compute per image (NFE x FLOPs)")
     axis.set_ylabel("FID")
     axis.set_title(title)
     axis.legend(fontsize=8)
     return figure
+
+
+def log_axes(axis, x: bool = True, y: bool = True, max_labels: int = 6) -> None:
+    """Log scale with legible ticks: labels only at a few round values (powers of ten, or 1-2-5
+    steps when the range is under two decades), never on every minor tick, so labels cannot overlap."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    def label(value, _pos=None) -> str:
+        exponent = int(np.floor(np.log10(value)))
+        mantissa = value / 10.0**exponent
+        if abs(mantissa - 1) < 1e-6:
+            return f"$10^{{{exponent}}}$"
+        return f"${mantissa:g}\\times10^{{{exponent}}}$" if exponent not in (-1, 0, 1, 2) else f"{value:g}"
+
+    for enabled, which in ((x, "x"), (y, "y")):
+        if not enabled:
+            continue
+        getattr(axis, f"set_{which}scale")("log")
+        lo, hi = getattr(axis, f"get_{which}lim")()
+        decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+        # the coarsest mantissa set that puts at least 3 labels on the axis
+        for steps in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
+            ticks = [m * 10.0**e for e in decades for m in steps if lo <= m * 10.0**e <= hi]
+            if len(ticks) >= 3:
+                break
+        stride = max(1, int(np.ceil(len(ticks) / max_labels)))
+        ticks = ticks[::stride] or [np.sqrt(lo * hi)]
+        target = getattr(axis, f"{which}axis")
+        target.set_major_locator(FixedLocator(ticks))
+        target.set_major_formatter(FuncFormatter(label))
+        target.set_minor_formatter(NullFormatter())
 
 
 def log_grid(low: float, high: float, num: int = 64) -> np.ndarray:

@@ -9,7 +9,6 @@ keys -> [lo, hi]), ``status`` and ``n_points``; ``fit ratio`` gives per group ``
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
@@ -19,32 +18,30 @@ import pandas as pd
 from cmscale.cli.options import JSON_OPTION, ROOT_OPTION
 from cmscale.rundir import DB_FILE
 
-LOSS_OPTION = click.option("--loss", type=click.Choice(["log", "linear", "huber"]), default="log", show_default=True,
-                           help="Error model: squares of log residuals, of residuals, or Huber on log residuals.")
-DELTA_OPTION = click.option("--delta", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-                            help="Huber delta (with --loss huber).")
-DRAWS_OPTION = click.option("--n-draws", type=click.IntRange(min=0), default=1000, show_default=True,
-                            help="Bootstrap draws (0: no CIs).")
+LOSS_OPTION = click.option(
+    "--loss",
+    type=click.Choice(["log", "linear", "huber"]),
+    default="log",
+    show_default=True,
+    help="Error model: squares of log residuals, of residuals, or Huber on log residuals.",
+)
+DELTA_OPTION = click.option(
+    "--delta",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-3,
+    show_default=True,
+    help="Huber delta (with --loss huber).",
+)
+DRAWS_OPTION = click.option(
+    "--n-draws", type=click.IntRange(min=0), default=1000, show_default=True, help="Bootstrap draws (0: no CIs)."
+)
 SEED_OPTION = click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 
 
-def _clean(obj):
-    """JSON-safe: NaN -> null, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
 def _echo_json(obj) -> None:
-    click.echo(json.dumps(_clean(obj), indent=2))
+    from cmscale.analysis.data import json_safe
+
+    click.echo(json.dumps(json_safe(obj), indent=2))
 
 
 def _read_table(csv: Path | None, parquet: Path | None) -> tuple[pd.DataFrame, str]:
@@ -61,8 +58,9 @@ def _read_table(csv: Path | None, parquet: Path | None) -> tuple[pd.DataFrame, s
 def _columns(table: pd.DataFrame, source: str, **columns: str | None) -> None:
     for option, column in columns.items():
         if column is not None and column not in table:
-            raise click.ClickException(f"{source}: no column {column!r} (from --{option.replace('_', '-')}); "
-                                       f"columns are {list(table.columns)}")
+            raise click.ClickException(
+                f"{source}: no column {column!r} (from --{option.replace('_', '-')}); columns are {list(table.columns)}"
+            )
 
 
 def _positive(table: pd.DataFrame, source: str, *columns: str) -> None:
@@ -161,16 +159,21 @@ def powerlaw_command(
         _echo_json(results)
         return
     for item in results:
-        click.echo(f"{item['method']} {item['fit_of']}: " + ", ".join(
-            f"{k}={item[k]:.4g}" + (f" [{item['ci'][k][0]:.4g}, {item['ci'][k][1]:.4g}]" if k in item["ci"] else "")
-            for k in ("E", "A", "alpha") if k in item) + f"  status={item['status']}  n={item['n_points']}")
+        click.echo(
+            f"{item['method']} {item['fit_of']}: "
+            + ", ".join(
+                f"{k}={item[k]:.4g}" + (f" [{item['ci'][k][0]:.4g}, {item['ci'][k][1]:.4g}]" if k in item["ci"] else "")
+                for k in ("E", "A", "alpha")
+                if k in item
+            )
+            + f"  status={item['status']}  n={item['n_points']}"
+        )
 
 
 def _sweep_powerlaws(root, sweep, metric_name, only_method, form, loss, delta, n_draws, seed) -> list[dict]:
     from cmscale.analysis import data as D
     from cmscale.analysis.fit import fit_with_bootstrap
     from cmscale.analysis.frontier import envelope
-    from cmscale.analysis.report import frontier_table
 
     try:
         metric = D.parse_metric(metric_name)
@@ -195,7 +198,7 @@ def _sweep_powerlaws(root, sweep, metric_name, only_method, form, loss, delta, n
             )
             for preset, sub in points.groupby("preset", sort=False)
         ]
-        env = envelope(frontier_table(points), np.sort(points["train_flops"].unique().astype(float)))
+        env = envelope(D.frontier_points(points))
         jobs.append(("frontier", env["compute"].to_numpy(), env["y"].to_numpy(), None, None))
         for label, x, y, groups, params in jobs:
             item = {"method": method, "metric": metric.name, "fit_of": label, "params": params}
@@ -315,7 +318,9 @@ def joint_command(
         _echo_json(out)
         return
     click.echo(_fit_line(f"{y_col} = E + A N^-alpha + B D^-beta", fit))
-    if fit.derived:
+    if fit.derived and fit.status != "converged":
+        click.echo(f"N_opt ∝ C^a: {out['derived_reason']}")
+    elif fit.derived:
         click.echo(
             "N_opt ∝ C^a, D_opt ∝ C^b: "
             + ", ".join(
@@ -330,6 +335,120 @@ def joint_command(
             f"inside CI {int(held.points['inside_ci'].sum())}/{len(held.points)}, inside PI "
             f"{int(held.points['inside_pi'].sum())}/{len(held.points)}"
         )
+
+
+@fit_group.command("frontier")
+@click.option("--sweep", default=None, help="Sweep name in the store.")
+@click.option("--method", default=None, help="Only this method (default: all).")
+@click.option(
+    "--metric",
+    default="fid_2step",
+    show_default=True,
+    help="fid_<k>step: FID at k sampler steps (teachers: their Heun eval).",
+)
+@click.option(
+    "--csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Any table instead of a sweep.",
+)
+@click.option(
+    "--parquet",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Parquet table instead of a sweep.",
+)
+@click.option("--size-col", default=None, help="Table column with the model size N (parameters).")
+@click.option("--compute-col", default=None, help="Table column with the training compute C at the eval.")
+@click.option("--y-col", default=None, help="Table column with the loss or FID.")
+@click.option(
+    "--run-col",
+    default=None,
+    help="Table column naming the run (trajectory and bootstrap unit); default: each row is a run.",
+)
+@DRAWS_OPTION
+@SEED_OPTION
+@ROOT_OPTION
+@JSON_OPTION
+def frontier_command(
+    sweep, method, metric, csv, parquet, size_col, compute_col, y_col, run_col, n_draws, seed, root, as_json
+) -> None:
+    """Compute-optimal size N_opt(C) by iso-FLOP profiles and by the lower envelope over runs, and
+    N_opt = k C^a with a bootstrap over runs (only with >= 3 budgets whose optimum is interior)."""
+    from cmscale.analysis.frontier import compute_optimal
+
+    if sweep is not None:
+        jobs = _sweep_frontier_points(root, sweep, method, metric)
+    else:
+        table, source = _read_table(csv, parquet)
+        if not (size_col and compute_col and y_col):
+            raise click.UsageError("a table needs --size-col, --compute-col and --y-col (and optionally --run-col)")
+        _columns(table, source, size_col=size_col, compute_col=compute_col, y_col=y_col, run_col=run_col)
+        _positive(table, source, size_col, compute_col, y_col)
+        points = pd.DataFrame(
+            {
+                "run": table[run_col].astype(str) if run_col else np.arange(len(table)).astype(str),
+                "params": table[size_col].astype(float),
+                "compute": table[compute_col].astype(float),
+                "y": table[y_col].astype(float),
+            }
+        )
+        jobs = [(source, None, points)]
+    out = []
+    for label, budgets, points in jobs:
+        try:
+            result = compute_optimal(points, budgets, n_draws=n_draws, seed=seed)
+        except ValueError as error:
+            raise click.ClickException(f"{label}: {error}") from None
+        out.append({"of": label, **result.to_json()})
+    if as_json:
+        _echo_json(out if sweep is not None else out[0])
+        return
+    for item in out:
+        click.echo(f"{item['of']}: {item['n_runs']} runs, {item['n_sizes']} sizes")
+        for row in item["isoflop"]["optima"]:
+            flag = "interior" if row["interior"] else f"edge ({row['reason']})"
+            click.echo(
+                f"  C={row['compute']:.4g}: N_opt={row['n_opt']:.4g} "
+                f"(best grid size {row['n_best']:.4g}, y={row['y_best']:.4g}) {flag}"
+            )
+        for key in ("isoflop", "envelope"):
+            fit = item[key]["n_opt_fit"]
+            if fit["a"] is None:
+                click.echo(f"  N_opt ∝ C^a ({fit['approach']}): {fit['reason']}")
+                continue
+            ci = (
+                f" [{fit['ci']['a'][0]:.4g}, {fit['ci']['a'][1]:.4g}]" if fit["ci"] else f" (no CI: {fit['ci_reason']})"
+            )
+            click.echo(
+                f"  N_opt ∝ C^a ({fit['approach']}): a = {fit['a']:.4g}{ci} from {fit['n_budgets']} interior points, "
+                f"bootstrap over {fit['bootstrap']['n_groups']} runs"
+            )
+
+
+def _sweep_frontier_points(root, sweep, only_method, metric_name) -> list[tuple[str, np.ndarray, pd.DataFrame]]:
+    from cmscale.analysis import data as D
+
+    try:
+        metric = D.parse_metric(metric_name)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--metric") from None
+    runs = _query(D.runs_sql(sweep), root)
+    if runs.empty:
+        raise click.ClickException(f"sweep {sweep!r} has no runs in {Path(root) / 'cmscale.duckdb'}")
+    jobs = []
+    for method in [only_method] if only_method else D.sweep_methods(runs):
+        rows, _ = D.pick_extractor(_query(D.points_sql(sweep, method, metric), root))
+        if rows.empty:
+            continue
+        budgets = np.sort(rows["budget_flops"].dropna().unique().astype(float))
+        jobs.append((f"{method} {metric.name}", budgets, D.frontier_points(rows)))
+    if not jobs:
+        raise click.ClickException(
+            f"sweep {sweep!r}: no finished run has {metric.name} evals"
+            + (f" for method {only_method!r}" if only_method else "")
+        )
+    return jobs
 
 
 @fit_group.command("ratio")
