@@ -68,7 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.environ.get("CMSCALE_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["CMSCALE_NUM_THREADS"]))
-    config = RunConfig(method="edm", preset=args.preset, batch_size=args.batch_size, resolution=args.resolution, budget_iters=1)
+    config = RunConfig(method="edm", preset=args.preset, batch_size=args.batch_size, resolution=args.resolution,
+                       budget_iters=1)
     config = config.model_copy(update={"method": args.method})
     teacher = None
     if args.method in ("ect", "scd"):
@@ -86,7 +87,8 @@ def main() -> None:
            "backend": args.backend, "threads": torch.get_num_threads(), "eager_s_per_step": eager,
            "compiled_s_per_step": compiled, "speedup": eager / compiled, "compile_s": compile_s,
            "break_even_steps": break_even}
-    print(f"{'method':>6} {'preset':>6} {'eager ms':>9} {'compiled ms':>12} {'speed-up':>9} {'compile s':>10} {'break-even':>11}")
+    print(f"{'method':>6} {'preset':>6} {'eager ms':>9} {'compiled ms':>12} {'speed-up':>9} {'compile s':>10} "
+          f"{'break-even':>11}")
     print(f"{args.method:>6} {args.preset:>6} {eager * 1e3:>9.1f} {compiled * 1e3:>12.1f} {eager / compiled:>8.2f}x "
           f"{compile_s:>10.1f} {(f'{break_even:.0f} steps' if break_even else 'never'):>11}")
     result = {"benchmark": "compile", "created": datetime.now(UTC).isoformat(timespec="seconds"),

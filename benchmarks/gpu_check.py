@@ -158,7 +158,8 @@ def flops_per_step(method: str, preset: str, resolution: int, channels: int, bat
 
 def synthetic_cifar(num_images: int, resolution: int, channels: int) -> ImageData:
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (num_images, channels, resolution, resolution), dtype=torch.uint8, generator=generator)
+    shape = (num_images, channels, resolution, resolution)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
     return ImageData("synthetic-cifar", images, torch.zeros(num_images, dtype=torch.int64))
 
 
@@ -244,7 +245,8 @@ def bf16_vs_fp32(setup: Setup, batches: StepBatches, device: torch.device) -> di
     losses = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(step_seed(0, 123))
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with torch.no_grad(), autocast:
             losses[precision] = float(setup.loss(x0).mean())
     return {"loss_fp32": losses["fp32"], "loss_bf16": losses["bf16"],
             "loss_rel_diff": abs(losses["bf16"] - losses["fp32"]) / max(abs(losses["fp32"]), 1e-30)}
@@ -313,7 +315,8 @@ def inception_row(args, device: torch.device) -> dict:
             extractor = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
             weights = "random"
     extractor = extractor.to(device)
-    images = torch.randint(0, 256, (args.inception_batch, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
+    shape = (args.inception_batch, 3, args.resolution, args.resolution)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
     with torch.no_grad():
         features = extractor(images)[0]
         seconds = time_call(lambda: extractor(images), device, args.sample_repeats)
@@ -328,7 +331,8 @@ def inception_row(args, device: torch.device) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="folder for a copy of gpu_check.json (besides benchmarks/results)")
-    parser.add_argument("--results-dir", default=str(RESULTS), help="where gpu_check.json goes (default benchmarks/results)")
+    parser.add_argument("--results-dir", default=str(RESULTS),
+                        help="where gpu_check.json goes (default benchmarks/results)")
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run of this script")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats, no compile variants")
     parser.add_argument("--presets", default=None, help="comma-separated presets (default l,xl; a cpu dry run uses xs)")
@@ -364,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's default (tf32 = true) for fp32 runs
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or platform.machine())
     peak = matmul_peak_tflops(device, args.peak_size, repeats=20 if device.type == "cuda" else 2)
     presets = [name.strip() for name in args.presets.split(",") if name.strip()]
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
@@ -384,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     variants = []
     largest = presets[-1]
     if "ect" in methods:
-        wanted = [(True, False)] if args.quick or device.type != "cuda" else [(True, False), (False, True), (True, True)]
+        wanted = [(True, False)]  # (channels_last, compile)
+        if not args.quick and device.type == "cuda":
+            wanted += [(False, True), (True, True)]
         for channels_last, compile_net in wanted:
             if compile_net and time.perf_counter() - started > args.budget_s - 120:
-                variants.append({"method": "ect", "preset": largest, "precision": "bf16", "channels_last": channels_last,
+                variants.append({"method": "ect", "preset": largest, "precision": "bf16",
+                                 "channels_last": channels_last,
                                  "compile": True, "skipped": "time budget spent"})
                 continue
             variants.append(train_row(args, device, data, "ect", largest, "bf16", peak, channels_last, compile_net))
@@ -405,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for row in rows + variants:
         if "skipped" in row:
-            print(f"{row['preset']:>6} {row['method']:>6} {row['precision']:>5} {'y' if row['channels_last'] else '':>3} "
+            layout = "y" if row["channels_last"] else ""
+            print(f"{row['preset']:>6} {row['method']:>6} {row['precision']:>5} {layout:>3} "
                   f"{'y':>4}  skipped: {row['skipped']}")
             continue
         memory = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
@@ -426,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
 
     timed = [row for row in rows + variants if "skipped" not in row]
     worst_share = max(row["loading_share"] for row in timed)
-    ect_best = [row["mfu"] for row in timed if row["method"] == "ect" and row["preset"] == "xl" and row["precision"] == "bf16"]
+    ect_best = [row["mfu"] for row in timed
+                if (row["method"], row["preset"], row["precision"]) == ("ect", "xl", "bf16")]
     result = {
         "benchmark": "gpu_check",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (Python 3.10 safe)

@@ -42,7 +42,8 @@ def einsum_attention(layer: SelfAttention, x: torch.Tensor) -> torch.Tensor:
 
 
 def small_unet(seed: int = 0) -> UNet:
-    net = UNet(img_resolution=8, img_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
+    net = UNet(img_resolution=8, img_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+               attn_resolutions=(4,))
     return randomize(net, seed)
 
 

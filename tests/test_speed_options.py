@@ -26,6 +26,7 @@ from cmscale.models.losses import ECTLoss
 from cmscale.models.precond import EDMPrecond
 from cmscale.models.unet import UNet
 from cmscale.rundir import read_metrics
+from cmscale.sweep.plan import run_id_for
 from cmscale.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,8 +120,10 @@ def test_channels_last_run_logs_the_losses_of_a_contiguous_run(tmp_path):
         logged[channels_last] = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl", "train")]
     assert len(logged[True]) == 3
     assert logged[True] == pytest.approx(logged[False], rel=1e-4)
-    # Execution options do not change a run's identity.
-    assert RunConfig(**base, channels_last=True, compile=True, tf32=False).config_hash() == RunConfig(**base).config_hash()
+    # Execution options do not change a run's identity (so neither its sweep run id).
+    fast = RunConfig(**base, channels_last=True, compile=True, tf32=False)
+    assert fast.identity() == RunConfig(**base).identity()
+    assert run_id_for(fast) == run_id_for(RunConfig(**base))
 
 
 def test_step_batches_draw_the_trainers_images_and_split_them_over_ranks():
@@ -150,7 +153,8 @@ def run_gpu_check(*args: str, hide_cuda: bool) -> subprocess.CompletedProcess:
     if hide_cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     code = BLOCK_AND_RUN.format(absent=ABSENT_ON_GPU_MACHINE)
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_gpu_check_says_no_cuda_and_exits_zero_without_a_gpu():
@@ -170,7 +174,9 @@ def test_gpu_check_dry_run_on_cpu_with_only_torch_and_numpy(tmp_path):
     assert all(row["img_per_s"] > 0 for row in report["train"])
     # Its FLOPs per step are the trainer's count (built without cmscale.methods, which needs pydantic).
     for row in report["train"]:
-        config = RunConfig(method=row["method"], preset="xxs", dataset="cifar10", resolution=32, batch_size=4, budget_iters=1)
+        config = RunConfig(method=row["method"], preset="xxs", dataset="cifar10", resolution=32, batch_size=4,
+                           budget_iters=1)
         assert row["flops_per_step"] == flops_per_step(config)
-    assert {(row["steps"], row["sampler"]) for row in report["sampling"]} == {(1, "edm"), (2, "edm"), (1, "trigflow"), (2, "trigflow")}
+    sampled = {(row["steps"], row["sampler"]) for row in report["sampling"]}
+    assert sampled == {(1, "edm"), (2, "edm"), (1, "trigflow"), (2, "trigflow")}
     assert "torch-fidelity not importable" in report["inception"]["skipped"]
