@@ -140,6 +140,11 @@ class RunConfig(StrictModel):
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
+    # How the run executes (memory layout, compiler, CUDA matmul precision), kept out of the config hash
+    # like `device`, so a run keeps its identity on another machine:
+    compile: bool = Field(False, description="wrap the network in torch.compile (pays off on long GPU runs)")
+    channels_last: bool = Field(False, description="NHWC memory layout for the network (faster convolutions on CUDA)")
+    tf32: bool = Field(True, description="on CUDA, fp32 matmuls and convolutions use TF32 tensor cores")
     teacher_ckpt: str | None = None
     teacher_run_id: str | None = None
     budget_iters: int | None = Field(None, gt=0)
@@ -169,7 +174,10 @@ class RunConfig(StrictModel):
 
     def identity(self) -> dict:
         """The fields that define the run (everything but bookkeeping), for hashing."""
-        return self.model_dump(mode="json", exclude={"run_id", "sweep", "device", "heartbeat_s"})
+        return self.model_dump(mode="json", exclude={"run_id", "sweep", *EXECUTION_FIELDS})
+
+
+EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32"}
 
 
 class ConfigError(ValueError):

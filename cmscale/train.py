@@ -41,6 +41,7 @@ import torch
 
 from cmscale.config import RunConfig
 from cmscale.data import load_dataset
+from cmscale.data.loader import StepBatches, step_seed
 from cmscale.distributed import (
     any_rank,
     average_gradients,
@@ -50,6 +51,7 @@ from cmscale.distributed import (
     pick_device,
 )
 from cmscale.methods import Method, build_method, flops_per_step, iterations_for_budget, unet_of
+from cmscale.models.execution import compile_network, to_channels_last
 from cmscale.models.flops import forward_flops
 from cmscale.models.unet import count_parameters
 from cmscale.rundir import (
@@ -74,9 +76,6 @@ DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
 __all__ = ["IterationMismatchError", "TrainJob", "Trainer", "active_trainer", "save_active_run", "train"]
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """Seed of the global RNG for one step on one rank (noise, times, dropout masks)."""
-    return ((seed * 1_000_003 + step) * 4096 + rank) % (2**63)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,13 +155,27 @@ class Trainer:
                              f"set batch_size to a multiple of the world size")
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
+        self.batches = StepBatches(self.data, config.batch_size, config.seed, self.rank, self.world, self.device)
+        if self.device.type == "cuda":
+            # TF32 tensor cores for fp32 matmuls and convolutions (tf32 = false keeps full fp32).
+            torch.backends.cuda.matmul.allow_tf32 = config.tf32
+            torch.backends.cudnn.allow_tf32 = config.tf32
+            torch.backends.cudnn.benchmark = True
         self.method: Method = build_method(config, self.data.channels, self.device)
         if self.world > 1:
             broadcast_parameters([self.method.model, *self.method.extra_modules])
+        if config.channels_last:
+            to_channels_last(self.method.model, self.method.teacher)
         self.emas = [copy.deepcopy(self.method.model).eval().requires_grad_(False) for _ in config.ema_rates]
+        if config.compile:
+            compile_network(unet_of(self.method.model))  # after the EMA copies (see compile_network)
         self.params = self.method.trainable_parameters()
-        optimizer_class = torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam
-        self.optimizer = optimizer_class(self.params, lr=config.lr, betas=config.adam_betas)
+        if config.optimizer == "radam":
+            self.optimizer = torch.optim.RAdam(self.params, lr=config.lr, betas=config.adam_betas)
+        else:
+            # The fused CUDA kernel updates every parameter in a few launches instead of one per tensor.
+            self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=config.adam_betas,
+                                              fused=self.device.type == "cuda")
         self.flops_per_step = flops_per_step(config)
         self.iterations = iterations_for_budget(config)
         if iterations is not None and iterations != self.iterations:
@@ -220,11 +233,7 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
     def batch(self) -> torch.Tensor:
         """This rank's share of the step's batch; the whole batch depends only on (seed, step)."""
-        per_rank = self.config.batch_size // self.world
-        generator = torch.Generator().manual_seed(step_seed(self.config.seed, self.step))
-        indices = torch.randint(len(self.data), (self.config.batch_size,), generator=generator)
-        indices = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
-        return self.data.batch(indices).to(self.device)
+        return self.batches(self.step)
 
     def learning_rate(self) -> float:
         warmup = self.config.lr_warmup_iters
@@ -259,9 +268,9 @@ class Trainer:
 
     @torch.no_grad()
     def update_emas(self) -> None:
+        params = [param.detach() for param in self.method.model.parameters()]
         for rate, ema in zip(self.config.ema_rates, self.emas):
-            for ema_param, param in zip(ema.parameters(), self.method.model.parameters()):
-                ema_param.lerp_(param.detach(), 1 - rate)
+            torch._foreach_lerp_(list(ema.parameters()), params, 1 - rate)
             for ema_buffer, buffer in zip(ema.buffers(), self.method.model.buffers()):
                 ema_buffer.copy_(buffer)
 

@@ -16,12 +16,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cmscale.models.attention import matmul_attention
+
 FLOP_CONVENTION = "2 FLOPs per multiply-add (FlopCounterMode); elementwise ops not counted"
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of everything ``fn`` runs (forward, and backward if it calls ``.backward()``)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of everything ``fn`` runs (forward, and backward if it calls ``.backward()``).
+
+    Attention is counted as its two matmuls: FlopCounterMode counts SDPA's CUDA kernels but not
+    its CPU kernel, and the two paths do the same multiply-adds.
+    """
+    with matmul_attention(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -4,8 +4,8 @@ The network is a plain ``nn.Module`` that maps ``(x, c_noise) -> F``; preconditi
 TrigFlow) wraps it (see ``precond.py``). The noise label ``c_noise`` is a float per sample:
 ``ln(sigma)/4`` under EDM and ``t`` under TrigFlow; both feed the same positional embedding.
 
-Attention is written with plain matmuls so that ``torch.func.jvp`` (sCM's tangent) works through
-it: PyTorch's fused SDPA kernels have no forward-mode AD.
+Attention goes through :func:`cmscale.models.attention.attention`: fused SDPA on every pass, and
+plain matmuls inside a JVP (sCM's tangent), since the fused kernels have no forward-mode AD.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from cmscale.models.attention import attention
 
 
 def _group_count(channels: int) -> int:
@@ -69,7 +71,7 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over pixels, in plain matmuls (forward-mode AD friendly)."""
+    """Multi-head self-attention over pixels (SDPA, or matmuls under forward-mode AD; see ``attention``)."""
 
     def __init__(self, channels: int, head_channels: int = 64):
         super().__init__()
@@ -82,10 +84,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(batch * self.num_heads, 3, channels // self.num_heads, height * width)
-        q, k, v = qkv.unbind(1)
-        weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(q.shape[1]), dim=2)
-        attended = torch.einsum("bij,bcj->bci", weights, v).reshape(batch, channels, height, width)
+        head_channels = channels // self.num_heads
+        # qkv's channels are ordered (head, q/k/v, channel); tokens go last so that a channels_last
+        # input gives q, k, v with unit stride along the head channels, as the fused kernels want.
+        qkv = self.qkv(self.norm(x)).reshape(batch, self.num_heads, 3, head_channels, height * width)
+        q, k, v = qkv.transpose(-2, -1).unbind(2)
+        attended = attention(q, k, v).transpose(-2, -1).reshape(batch, channels, height, width)
         return (x + self.proj(attended)) / math.sqrt(2)
 
 
