@@ -57,7 +57,7 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cmscale.analysis.report import write_report
+    from cmscale.analysis.render import write_report
     from cmscale.cluster.executors import detaches
     from cmscale.results import ingest, read_query
     from cmscale.rundir import TERMINAL_STATES

@@ -371,9 +371,3 @@ def _sampling_points(finals: pd.DataFrame) -> pd.DataFrame:
     )
     return rows.rename(columns={"preset": "size"})
 
-
-def write_report(*args, **kwargs):
-    """See :func:`cmscale.analysis.render.write_report`."""
-    from cmscale.analysis.render import write_report as _write
-
-    return _write(*args, **kwargs)

@@ -569,7 +569,7 @@ def plot_command(sweep, out_dir, n_draws, seed, root) -> None:
 def report_command(sweep, out_dir, ingest, n_draws, seed, root) -> None:
     """Write a self-contained report.html and a report.md for SWEEP: figures, fit tables with CIs,
     the teacher-student ratio table, warnings and the SQL behind each figure."""
-    from cmscale.analysis.report import write_report
+    from cmscale.analysis.render import write_report
 
     if ingest:
         from cmscale.results import StoreError
