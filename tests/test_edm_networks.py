@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
+from edm_format import ddpmpp_reference
 
 from cmscale.models.edm_networks import Conv2d, DhariwalUNet, Linear, SongUNet, UNetBlock
 from cmscale.models.flops import count_flops, forward_flops, meta_copy
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond
 from cmscale.models.presets import build_unet
 from cmscale.models.unet import count_parameters
-from edm_format import ddpmpp_reference
 
 TINY = dict(model_channels=8, channel_mult=(2, 2, 2), num_blocks=2, attn_resolutions=(8,))
 
@@ -19,7 +19,7 @@ def _randomised(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     # EDM zero-initialises output convs; random weights make every layer matter in a comparison.
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in net.named_parameters():
+        for parameter in net.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.3)
     return net
 
