@@ -141,6 +141,9 @@ def _register() -> None:
     from cmscale.eval.cli import eval_command
 
     main.add_command(eval_command)
+    from cmscale.teacher_cli import teacher_group
+
+    main.add_command(teacher_group)
 
 
 _register()

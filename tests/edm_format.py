@@ -61,6 +61,7 @@ def _fake_persistence_module():
         raise AssertionError("EDM's reconstruct function was called")
 
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
     module._reconstruct_persistent_obj = _reconstruct_persistent_obj
     package.persistence = module
     saved = {name: sys.modules.get(name) for name in ("torch_utils", "torch_utils.persistence")}
