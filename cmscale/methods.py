@@ -125,19 +125,26 @@ def sampler_steps(config: RunConfig) -> list[int]:
 
 
 _FLOPS_CACHE: dict[tuple, int] = {}
+_ECT_PARTS_CACHE: dict[tuple, tuple[int, int]] = {}
 
 
 def flops_per_step(config: RunConfig) -> int:
     """FLOPs of one training step at ``config.batch_size``, counted with FlopCounterMode.
 
     Counts forward and backward of the online network plus every extra pass the method makes:
-    ECT's no-grad target forward, sCT's JVP, sCD's teacher forward and JVP. Counting runs on the
-    meta device (shapes only) with a randomly initialised teacher, since only shapes matter.
+    sCT's JVP, sCD's teacher forward and JVP, and ECT's no-grad target forward, which runs only
+    on the rows with r > 0, so an ECT step's cost depends on its stage. For ECT this returns the
+    run-average: the expected FLOPs of the whole run (integrated over its stage schedule, see
+    :func:`train_flops_at`) divided by its iterations. Counting runs on the meta device (shapes
+    only) with a randomly initialised teacher, since only shapes matter.
     """
+    if config.method == "ect":
+        iterations = iterations_for_budget(config)
+        return max(1, round(train_flops_at(config, iterations) / iterations))
     from cmscale.data.datasets import DATASETS  # noqa: F401  (keeps dataset names in one place)
     from cmscale.models.flops import count_flops
 
-    img_channels = 1 if config.dataset == "digits" else 3
+    img_channels = _img_channels(config)
     key = (config.method, config.preset, config.resolution, img_channels, config.batch_size, config.dropout)
     if key in _FLOPS_CACHE:
         return _FLOPS_CACHE[key]
@@ -155,13 +162,87 @@ def flops_per_step(config: RunConfig) -> int:
     return flops
 
 
+def _img_channels(config: RunConfig) -> int:
+    return 1 if config.dataset == "digits" else 3
+
+
+def ect_step_parts(config: RunConfig) -> tuple[int, int]:
+    """(online forward + backward, no-grad target forward over the whole batch), counted on the meta device.
+
+    An ECT step at stage s costs ``online + P(r > 0 | s) * target`` in expectation: the target runs
+    on the rows with r > 0 only, and the FLOPs of these networks are linear in the number of rows.
+    """
+    from cmscale.models.flops import count_flops
+
+    img_channels = _img_channels(config)
+    key = (config.preset, config.resolution, img_channels, config.batch_size, config.dropout)
+    if key not in _ECT_PARTS_CACHE:
+        with torch.device("meta"):
+            model = EDMPrecond(build_unet(config.preset, config.resolution, img_channels, dropout=config.dropout))
+            x = torch.zeros(config.batch_size, img_channels, config.resolution, config.resolution)
+            sigma = torch.ones(config.batch_size)
+        online = count_flops(lambda: model(x, sigma).sum().backward())
+        with torch.no_grad():
+            target = count_flops(lambda: model(x, sigma))
+        _ECT_PARTS_CACHE[key] = (online, target)
+    return _ECT_PARTS_CACHE[key]
+
+
+def _ect_loss_for_schedule(config: RunConfig) -> ECTLoss:
+    options = config.ect
+    return ECTLoss(options.P_mean, options.P_std, options.sigma_data, options.q, options.k, options.b,
+                   options.c, options.mapping, options.weighting)
+
+
+def _ect_stage_length(config: RunConfig, iterations: int) -> int:
+    return config.ect.iters_per_stage or max(1, iterations // config.ect.num_stages)
+
+
+def ect_train_flops(config: RunConfig, steps: int, iterations: int, parts: tuple[int, int]) -> float:
+    """Expected FLOPs of the first ``steps`` ECT steps of a run of ``iterations``, stage by stage (exact sum)."""
+    online, target = parts
+    loss = _ect_loss_for_schedule(config)
+    length = _ect_stage_length(config, iterations)
+    total, stage = 0.0, 0
+    while stage * length < steps:
+        in_stage = min(steps, (stage + 1) * length) - stage * length
+        total += in_stage * (online + loss.target_row_fraction(stage) * target)
+        stage += 1
+    return total
+
+
+def ect_iterations(config: RunConfig, parts: tuple[int, int]) -> int:
+    """Iterations whose expected ECT FLOPs are nearest ``budget_flops`` (within half a step)."""
+    if config.budget_iters is not None:
+        return config.budget_iters
+    budget = config.budget_flops
+
+    def cost(n: int) -> float:
+        return ect_train_flops(config, n, n, parts)
+
+    low, high = 1, max(2, int(budget / parts[0]) + 1)  # every step costs at least the online pass
+    while low < high:  # the largest n with cost(n) <= budget (cost grows with n)
+        middle = (low + high + 1) // 2
+        if cost(middle) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return min(range(max(1, low - 1), low + 3), key=lambda n: abs(cost(n) - budget))
+
+
+def train_flops_at(config: RunConfig, step: int) -> float:
+    """Counted training FLOPs after ``step`` steps (ECT: the expected cost of each step's stage, summed)."""
+    if config.method == "ect":
+        parts = ect_step_parts(config)
+        return ect_train_flops(config, step, ect_iterations(config, parts), parts)
+    return step * flops_per_step(config)
+
+
 def _method_without_weights(config: RunConfig, img_channels: int) -> Method:
     """Like build_method but with random teacher weights (for counting on the meta device)."""
     net = build_unet(config.preset, config.resolution, img_channels, dropout=config.dropout)
     if config.method == "edm":
         return Method("edm", EDMPrecond(net), EDMLoss())
-    if config.method == "ect":
-        return Method("ect", EDMPrecond(net, sigma_min=config.ect.sigma_min), ECTLoss())
     loss = SCMLoss(config.method, warmup_iters=0, weight_channels=config.scm.weight_mlp_channels)
     teacher = EDMAsTrigFlow(EDMPrecond(build_unet(config.preset, config.resolution, img_channels))) if config.method == "scd" else None
     return Method(config.method, EDMAsTrigFlow(EDMPrecond(net)), loss, teacher, [loss.adaptive_weight])
@@ -170,4 +251,6 @@ def _method_without_weights(config: RunConfig, img_channels: int) -> Method:
 def iterations_for_budget(config: RunConfig) -> int:
     if config.budget_iters is not None:
         return config.budget_iters
+    if config.method == "ect":
+        return ect_iterations(config, ect_step_parts(config))
     return max(1, round(config.budget_flops / flops_per_step(config)))

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from cmscale.config import RunConfig
 from cmscale.data import load_dataset
-from cmscale.methods import Method, build_method, flops_per_step, iterations_for_budget, unet_of
+from cmscale.methods import Method, build_method, flops_per_step, iterations_for_budget, train_flops_at, unet_of
 from cmscale.models.flops import forward_flops
 from cmscale.models.unet import count_parameters
 from cmscale.rundir import (
@@ -228,6 +228,10 @@ class Trainer:
         self.wall_offset_s = float(state["wall_s"])
         self.first_started = float(state.get("first_started", self.first_started))
 
+    def train_flops(self, step: int) -> float:
+        """Counted FLOPs of the first ``step`` steps (ECT's depend on the stage; see methods.train_flops_at)."""
+        return train_flops_at(self.config, step)
+
     def wall_s(self) -> float:
         return self.wall_offset_s + time.time() - self.started
 
@@ -324,7 +328,7 @@ def _finish(run_dir: Path, status: str, reason: str | None, trainer: Trainer, st
         "status": status,
         "reason": reason,
         "final_step": trainer.step,
-        "train_flops": trainer.step * trainer.flops_per_step,
+        "train_flops": trainer.train_flops(trainer.step),
         "wall_s": trainer.wall_s(),
         "started": started,
         "finished": time.time(),
@@ -383,7 +387,7 @@ def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
                     step = trainer.step
                     if metrics and (step % config.log_every == 0 or step == trainer.total_iters):
                         metrics.write({"kind": "train", "step": step, "images_seen": step * config.batch_size,
-                                       "train_flops": step * trainer.flops_per_step, "loss": loss, "wall_s": trainer.wall_s()})
+                                       "train_flops": trainer.train_flops(step), "loss": loss, "wall_s": trainer.wall_s()})
                     if step in trainer.eval_steps:
                         rows = run_evals(trainer)
                         if metrics:
@@ -438,7 +442,7 @@ def run_evals(trainer: Trainer) -> list[dict[str, Any]]:
         trainer.config,
         ema,
         step=trainer.step,
-        train_flops=trainer.step * trainer.flops_per_step,
+        train_flops=trainer.train_flops(trainer.step),
         images_seen=trainer.step * trainer.config.batch_size,
         run_dir=trainer.run_dir,
         device=trainer.device,

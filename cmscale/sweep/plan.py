@@ -120,7 +120,10 @@ class FlopsCache:
         return self.counts.get(self.key(config))
 
     def put(self, config: RunConfig, flops: int) -> None:
-        self.counts[self.key(config)] = int(flops)
+        self.put_key(self.key(config), flops)
+
+    def put_key(self, key: str, flops: int) -> None:
+        self.counts[key] = int(flops)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path, {"fingerprint": self.fingerprint, "counts": self.counts})
@@ -171,10 +174,33 @@ class Planner:
             base["data_path"] = spec.data_path
         return _merge(base, spec.defaults)
 
+    def _ect_parts(self, config: RunConfig) -> tuple[int, int]:
+        """ECT's (online, full-batch target) FLOPs per shape; the run's cost follows its stage schedule."""
+        from cmscale.methods import ect_step_parts
+
+        key = FlopsCache.key(config)
+        if key + "/online" not in self._flops_cache:
+            parts = [self._disk.counts.get(f"{key}/{part}") for part in ("online", "target")]
+            if None in parts:
+                parts = list(ect_step_parts(config))
+                self._disk.counts[f"{key}/online"] = parts[0]
+                self._disk.put_key(f"{key}/target", parts[1])
+            self._flops_cache[key + "/online"], self._flops_cache[key + "/target"] = parts
+        return self._flops_cache[key + "/online"], self._flops_cache[key + "/target"]
+
     def _planned(self, fields: dict[str, Any], stage: int, where: str, depends_on: list[str]) -> PlannedRun:
         config = self._config(fields, where)
-        flops_per_step = self._flops(config)
-        iterations = _iterations(config.budget_flops, config.budget_iters, flops_per_step)
+        if config.method == "ect" and self._disk is not None:
+            # An ECT step's cost depends on its stage (the target runs on rows with r > 0 only): plan with
+            # the trainer's own stage-by-stage sum, and record the run-average per step.
+            from cmscale.methods import ect_iterations, ect_train_flops
+
+            parts = self._ect_parts(config)
+            iterations = ect_iterations(config, parts)
+            flops_per_step = max(1, round(ect_train_flops(config, iterations, iterations, parts) / iterations))
+        else:
+            flops_per_step = self._flops(config)
+            iterations = _iterations(config.budget_flops, config.budget_iters, flops_per_step)
         run_id = run_id_for(config)
         config = config.model_copy(update={"run_id": run_id})
         return PlannedRun(run_id, config, stage, flops_per_step, iterations, depends_on)
