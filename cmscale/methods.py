@@ -230,11 +230,11 @@ def ect_iterations(config: RunConfig, parts: tuple[int, int]) -> int:
     return min(range(max(1, low - 1), low + 3), key=lambda n: abs(cost(n) - budget))
 
 
-def train_flops_at(config: RunConfig, step: int) -> float:
+def train_flops_at(config: RunConfig, step: int) -> int:
     """Counted training FLOPs after ``step`` steps (ECT: the expected cost of each step's stage, summed)."""
     if config.method == "ect":
         parts = ect_step_parts(config)
-        return ect_train_flops(config, step, ect_iterations(config, parts), parts)
+        return round(ect_train_flops(config, step, ect_iterations(config, parts), parts))
     return step * flops_per_step(config)
 
 
