@@ -56,8 +56,10 @@ def synchronize(device: torch.device) -> None:
 def import_official(path: Path):
     """(ECMLoss, ECMPrecond) from a locuslab/ect checkout, importable without CUDA or requests."""
     if not (path / "training" / "loss.py").is_file():
-        raise SystemExit(f"{path}: not a locuslab/ect checkout (training/loss.py missing); export one with "
-                         "`git --git-dir=<mirror> archive HEAD | tar -x -C <dir>`")
+        raise SystemExit(
+            f"{path}: not a locuslab/ect checkout (training/loss.py missing); export one with "
+            "`git --git-dir=<mirror> archive HEAD | tar -x -C <dir>`"
+        )
     try:
         import requests  # noqa: F401
     except ImportError:
@@ -82,8 +84,11 @@ class CmscaleNetForOfficialLoss(nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ect-path", default=os.environ.get("CMSCALE_ECT_OFFICIAL"),
-                        help="checkout of locuslab/ect (or $CMSCALE_ECT_OFFICIAL)")
+    parser.add_argument(
+        "--ect-path",
+        default=os.environ.get("CMSCALE_ECT_OFFICIAL"),
+        help="checkout of locuslab/ect (or $CMSCALE_ECT_OFFICIAL)",
+    )
     parser.add_argument("--preset", default="ddpmpp-s", help="a ddpmpp preset (ddpmpp is EDM's CIFAR-10 network)")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -111,12 +116,22 @@ def main() -> None:
 
     torch.manual_seed(0)
     cmscale_net = build_unet(args.preset, args.resolution, 3, dropout=args.dropout)
-    official_model = ECMPrecond(img_resolution=args.resolution, img_channels=3, model_type="SongUNet",
-                                embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                                channel_mult_noise=1, resample_filter=[1, 1], model_channels=spec.model_channels,
-                                channel_mult=list(spec.channel_mult), num_blocks=spec.num_blocks,
-                                attn_resolutions=list(spec.attn_resolutions(args.resolution)),
-                                augment_dim=spec.augment_dim, dropout=args.dropout)
+    official_model = ECMPrecond(
+        img_resolution=args.resolution,
+        img_channels=3,
+        model_type="SongUNet",
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+        model_channels=spec.model_channels,
+        channel_mult=list(spec.channel_mult),
+        num_blocks=spec.num_blocks,
+        attn_resolutions=list(spec.attn_resolutions(args.resolution)),
+        augment_dim=spec.augment_dim,
+        dropout=args.dropout,
+    )
     official_model.model.load_state_dict(cmscale_net.state_dict(), strict=True)  # the same weights in both
     # sigma_min = 0: in training mode ECMPrecond uses the plain EDM coefficients.
     cmscale_model = EDMPrecond(cmscale_net, sigma_data=0.5, sigma_min=0.0)
@@ -137,7 +152,9 @@ def main() -> None:
     for name, (model, _) in variants.items():
         model.to(device).train()
         optimizers[name] = torch.optim.RAdam(model.parameters(), lr=1e-4)
-    images = torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(1))
+    images = torch.rand(
+        args.batch_size, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(1)
+    )
     images = (images * 2 - 1).to(device)
 
     def step(name: str, seed: int) -> tuple[float, torch.Tensor]:
@@ -170,9 +187,18 @@ def main() -> None:
     from cmscale.config import RunConfig
     from cmscale.methods import ect_step_parts
 
-    online, target = ect_step_parts(RunConfig(method="ect", preset=args.preset, dataset="cifar10",
-                                              resolution=args.resolution, batch_size=args.batch_size,
-                                              dropout=args.dropout, budget_iters=1, teacher_ckpt="unused"))
+    online, target = ect_step_parts(
+        RunConfig(
+            method="ect",
+            preset=args.preset,
+            dataset="cifar10",
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            dropout=args.dropout,
+            budget_iters=1,
+            teacher_ckpt="unused",
+        )
+    )
     share = cmscale_loss.target_row_fraction(0)
     flops = {"official": online + (1 - (1 - share) ** args.batch_size) * target, "cmscale": online + share * target}
     # Rounds share their draws across variants, so the per-round ratio is the paired statistic; its
@@ -180,30 +206,46 @@ def main() -> None:
     speedup = statistics.median(o / c for o, c in zip(times["official"], times["cmscale"]))
     speedup_same_net = statistics.median(o / c for o, c in zip(times["official loss, cmscale net"], times["cmscale"]))
 
-    print(f"ECT step at stage 0, {args.preset} (DDPM++, {spec.model_channels} channels) at {args.resolution}x"
-          f"{args.resolution}x3, batch {args.batch_size}, dropout {args.dropout}, {device}, "
-          f"{torch.get_num_threads()} threads; median of {args.steps} interleaved rounds")
+    print(
+        f"ECT step at stage 0, {args.preset} (DDPM++, {spec.model_channels} channels) at {args.resolution}x"
+        f"{args.resolution}x3, batch {args.batch_size}, dropout {args.dropout}, {device}, "
+        f"{torch.get_num_threads()} threads; median of {args.steps} interleaved rounds"
+    )
     print(f"{'variant':<30} {'median s/step':>14} {'min s/step':>11}")
     for name in variants:
         print(f"{name:<30} {median[name]:>14.4f} {min(times[name]):>11.4f}")
-    print(f"official / cmscale step time, median of per-round ratios: {speedup:.3f} (same network under both "
-          f"losses: {speedup_same_net:.3f}); "
-          f"speed-up {100 * (1 - 1 / speedup):.1f}% less time per step")
-    print(f"expected counted FLOPs per step: official {flops['official']:.4g}, cmscale {flops['cmscale']:.4g} "
-          f"(ratio {flops['official'] / flops['cmscale']:.3f}; fastest-step ratio "
-          f"{min(times['official']) / min(times['cmscale']):.3f})")
-    print(f"losses on the first draw, official vs cmscale: max |difference| = {loss_difference:.2e} "
-          f"({rows_with_target}/{args.batch_size} rows with r > 0)")
+    print(
+        f"official / cmscale step time, median of per-round ratios: {speedup:.3f} (same network under both "
+        f"losses: {speedup_same_net:.3f}); "
+        f"speed-up {100 * (1 - 1 / speedup):.1f}% less time per step"
+    )
+    print(
+        f"expected counted FLOPs per step: official {flops['official']:.4g}, cmscale {flops['cmscale']:.4g} "
+        f"(ratio {flops['official'] / flops['cmscale']:.3f}; fastest-step ratio "
+        f"{min(times['official']) / min(times['cmscale']):.3f})"
+    )
+    print(
+        f"losses on the first draw, official vs cmscale: max |difference| = {loss_difference:.2e} "
+        f"({rows_with_target}/{args.batch_size} rows with r > 0)"
+    )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
-        "benchmark": "ect_vs_official", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "benchmark": "ect_vs_official",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "config": {key: value for key, value in vars(args).items() if key != "ect_path"} | {"stage": 0},
-        "seconds_per_step_median": median, "seconds_per_step_all": times,
-        "official_over_cmscale_paired_median": speedup, "official_loss_same_net_over_cmscale": speedup_same_net,
-        "first_draw_max_loss_difference": loss_difference, "expected_flops_per_step": flops,
+        "seconds_per_step_median": median,
+        "seconds_per_step_all": times,
+        "official_over_cmscale_paired_median": speedup,
+        "official_loss_same_net_over_cmscale": speedup_same_net,
+        "first_draw_max_loss_difference": loss_difference,
+        "expected_flops_per_step": flops,
         "fastest_step_ratio": min(times["official"]) / min(times["cmscale"]),
         "summary": {"official_over_cmscale_paired_median": round(speedup, 3), "target_1.15_met": speedup >= 1.15},
     }

@@ -77,10 +77,18 @@ def _fake_persistence_module():
 
 
 def _module_state(**extra) -> dict:
-    state = {"training": False, "_parameters": OrderedDict(), "_buffers": OrderedDict(),
-             "_non_persistent_buffers_set": set(), "_backward_hooks": OrderedDict(), "_forward_hooks": OrderedDict(),
-             "_forward_pre_hooks": OrderedDict(), "_state_dict_hooks": OrderedDict(),
-             "_load_state_dict_pre_hooks": OrderedDict(), "_modules": OrderedDict()}
+    state = {
+        "training": False,
+        "_parameters": OrderedDict(),
+        "_buffers": OrderedDict(),
+        "_non_persistent_buffers_set": set(),
+        "_backward_hooks": OrderedDict(),
+        "_forward_hooks": OrderedDict(),
+        "_forward_pre_hooks": OrderedDict(),
+        "_state_dict_hooks": OrderedDict(),
+        "_load_state_dict_pre_hooks": OrderedDict(),
+        "_modules": OrderedDict(),
+    }
     state.update(extra)
     return state
 
@@ -113,8 +121,17 @@ def _records(tree: dict, name: str, class_name: str):
     return _Persistent(class_name, state)
 
 
-def write_edm_pickle(path, state_dict: dict, model_kwargs: dict, img_resolution: int, img_channels: int,
-                     label_dim: int = 0, sigma_data: float = 0.5, model_class: str = "SongUNet", precond: str = "EDMPrecond") -> None:
+def write_edm_pickle(
+    path,
+    state_dict: dict,
+    model_kwargs: dict,
+    img_resolution: int,
+    img_channels: int,
+    label_dim: int = 0,
+    sigma_data: float = 0.5,
+    model_class: str = "SongUNet",
+    precond: str = "EDMPrecond",
+) -> None:
     """An EDM training snapshot ``dict(ema=..., loss_fn=..., augment_pipe=None, dataset_kwargs=...)``."""
     tree: dict = {}
     for key, value in state_dict.items():
@@ -124,25 +141,53 @@ def write_edm_pickle(path, state_dict: dict, model_kwargs: dict, img_resolution:
             node = node.setdefault(part, {})
         node[leaf] = value.detach().clone()
     model = _records(tree, "model", model_class)
-    model.state["_modules"]["map_noise"] = _Persistent("PositionalEmbedding", _module_state(num_channels=8, endpoint=True))
-    model.state["_init_kwargs"] = dict(img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-                                       label_dim=label_dim, **model_kwargs)
-    ema_state = _module_state(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                              use_fp16=False, sigma_min=0, sigma_max=float("inf"), sigma_data=sigma_data,
-                              _init_args=(), _init_kwargs=dict(img_resolution=img_resolution, img_channels=img_channels,
-                                                               label_dim=label_dim, model_type=model_class))
+    model.state["_modules"]["map_noise"] = _Persistent(
+        "PositionalEmbedding", _module_state(num_channels=8, endpoint=True)
+    )
+    model.state["_init_kwargs"] = dict(
+        img_resolution=img_resolution,
+        in_channels=img_channels,
+        out_channels=img_channels,
+        label_dim=label_dim,
+        **model_kwargs,
+    )
+    ema_state = _module_state(
+        img_resolution=img_resolution,
+        img_channels=img_channels,
+        label_dim=label_dim,
+        use_fp16=False,
+        sigma_min=0,
+        sigma_max=float("inf"),
+        sigma_data=sigma_data,
+        _init_args=(),
+        _init_kwargs=dict(
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, model_type=model_class
+        ),
+    )
     ema_state["_modules"]["model"] = model
-    snapshot = dict(ema=_Persistent(precond, ema_state),
-                    loss_fn=_Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=sigma_data,
-                                                        _init_args=(), _init_kwargs={})),
-                    augment_pipe=None, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="x.zip"))
+    snapshot = dict(
+        ema=_Persistent(precond, ema_state),
+        loss_fn=_Persistent(
+            "EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=sigma_data, _init_args=(), _init_kwargs={})
+        ),
+        augment_pipe=None,
+        dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="x.zip"),
+    )
     with _fake_persistence_module(), open(path, "wb") as handle:
         pickle.dump(snapshot, handle)
 
 
-def ddpmpp_reference(sd: dict, x: torch.Tensor, c_noise: torch.Tensor, model_channels: int,
-                     channel_mult: tuple[int, ...], num_blocks: int, attn_resolutions: tuple[int, ...]) -> torch.Tensor:
+def ddpmpp_reference(
+    sd: dict,
+    x: torch.Tensor,
+    c_noise: torch.Tensor,
+    model_channels: int,
+    channel_mult: tuple[int, ...],
+    num_blocks: int,
+    attn_resolutions: tuple[int, ...],
+) -> torch.Tensor:
     """DDPM++ (EDM's SongUNet, unconditional) from its layer equations and a state dict."""
+
     def conv(prefix, h, up=False, down=False):
         if up:
             h = h.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
@@ -198,5 +243,7 @@ def ddpmpp_reference(sd: dict, x: torch.Tensor, c_noise: torch.Tensor, model_cha
             h = block(f"dec.{res}x{res}_up", h, emb, up=True)
         for index in range(num_blocks + 1):
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(f"dec.{res}x{res}_block{index}", h, emb, attention=index == num_blocks and res in attn_resolutions)
+            h = block(
+                f"dec.{res}x{res}_block{index}", h, emb, attention=index == num_blocks and res in attn_resolutions
+            )
     return conv(f"dec.{resolution}x{resolution}_aux_conv", F.silu(norm(f"dec.{resolution}x{resolution}_aux_norm", h)))

@@ -30,9 +30,18 @@ def _random(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def _networks():
     return {
-        "unet": UNet(img_resolution=8, img_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-                     attn_resolutions=(4,), dropout=0.3),
-        "ddpmpp": SongUNet(8, 1, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.3),
+        "unet": UNet(
+            img_resolution=8,
+            img_channels=1,
+            model_channels=8,
+            channel_mult=(1, 2),
+            num_blocks=1,
+            attn_resolutions=(4,),
+            dropout=0.3,
+        ),
+        "ddpmpp": SongUNet(
+            8, 1, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.3
+        ),
     }
 
 
@@ -112,7 +121,9 @@ def test_budget_planning_sums_the_expected_cost_of_every_step_stage_by_stage(ect
     config = RunConfig(**base, budget_flops=budget)
     iterations = iterations_for_budget(config)
     # Brute force: each step's stage from the trainer's own schedule, its cost online + P(r > 0) target.
-    loss = ECTLoss(iters_per_stage=ect_options.get("iters_per_stage") or max(1, iterations // ect_options["num_stages"]))
+    loss = ECTLoss(
+        iters_per_stage=ect_options.get("iters_per_stage") or max(1, iterations // ect_options["num_stages"])
+    )
 
     def brute(steps: int) -> float:
         total = 0.0
@@ -133,11 +144,18 @@ def test_the_sweep_planner_plans_ect_iterations_as_the_trainer_does(tmp_path, mo
     from cmscale.sweep.spec import SweepSpec
 
     monkeypatch.setenv("CMSCALE_CACHE_DIR", str(tmp_path / "cache"))
-    spec = SweepSpec.model_validate({
-        "name": "ectplan", "dataset": "digits", "resolution": 16, "presets": ["xxs"], "seeds": [0],
-        "budgets": {"start": 3e9, "stop": 3e10, "num": 3}, "methods": {"ect": {}},
-        "teacher": {"checkpoints": {"xxs": str(tmp_path / "t.pt")}},
-    })
+    spec = SweepSpec.model_validate(
+        {
+            "name": "ectplan",
+            "dataset": "digits",
+            "resolution": 16,
+            "presets": ["xxs"],
+            "seeds": [0],
+            "budgets": {"start": 3e9, "stop": 3e10, "num": 3},
+            "methods": {"ect": {}},
+            "teacher": {"checkpoints": {"xxs": str(tmp_path / "t.pt")}},
+        }
+    )
     runs = [run for run in Planner(spec, tmp_path).plan() if run.config.method == "ect"]
     assert runs
     for run in runs:

@@ -131,8 +131,11 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     allowed[("numpy", "dtype")] = numpy.dtype
     # torch containers are the only non-persistent modules in EDM's networks (enc/dec are ModuleDicts);
     # they arrive as NEWOBJ + BUILD (or copyreg._reconstructor) and become inert ContainerRecords.
-    for module, name in (("torch.nn.modules.container", "ModuleDict"), ("torch.nn.modules.container", "ModuleList"),
-                         ("torch.nn.modules.container", "Sequential")):
+    for module, name in (
+        ("torch.nn.modules.container", "ModuleDict"),
+        ("torch.nn.modules.container", "ModuleList"),
+        ("torch.nn.modules.container", "Sequential"),
+    ):
         allowed[(module, name)] = type(name, (ContainerRecord,), {"class_name": name})
     allowed[("copyreg", "_reconstructor")] = _container_reconstructor
     return allowed
@@ -158,8 +161,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         return target
 
     def persistent_load(self, pid: Any) -> Any:
-        raise EDMPickleError(f"{self.source}: persistent id {pid!r} found: this is a torch.save file, not an EDM "
-                             "network pickle; pass it as teacher_ckpt directly if it holds a cmscale checkpoint")
+        raise EDMPickleError(
+            f"{self.source}: persistent id {pid!r} found: this is a torch.save file, not an EDM "
+            "network pickle; pass it as teacher_ckpt directly if it holds a cmscale checkpoint"
+        )
 
 
 def read_edm_pickle(path: str | Path) -> Any:
@@ -173,7 +178,9 @@ def read_edm_pickle(path: str | Path) -> Any:
         except EDMPickleError:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError) as error:
-            raise EDMPickleError(f"{path}: not a readable EDM network pickle ({type(error).__name__}: {error})") from None
+            raise EDMPickleError(
+                f"{path}: not a readable EDM network pickle ({type(error).__name__}: {error})"
+            ) from None
 
 
 def record_tensors(record: PersistentRecord | ContainerRecord, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -205,13 +212,37 @@ def _plain(value: Any) -> Any:
 
 
 # EDM's constructor defaults (training/networks.py), for arguments a pickle does not record.
-_SONG_DEFAULTS = dict(model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
-                      attn_resolutions=[16], embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-                      decoder_type="standard", resample_filter=[1, 1], augment_dim=0, label_dim=0)
-_DHARIWAL_DEFAULTS = dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
-                          attn_resolutions=[32, 16, 8], augment_dim=0, label_dim=0)
-_DDPMPP_ONLY = dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard", decoder_type="standard",
-                    resample_filter=[1, 1], channel_mult_emb=4)
+_SONG_DEFAULTS = dict(
+    model_channels=128,
+    channel_mult=[1, 2, 2, 2],
+    channel_mult_emb=4,
+    num_blocks=4,
+    attn_resolutions=[16],
+    embedding_type="positional",
+    channel_mult_noise=1,
+    encoder_type="standard",
+    decoder_type="standard",
+    resample_filter=[1, 1],
+    augment_dim=0,
+    label_dim=0,
+)
+_DHARIWAL_DEFAULTS = dict(
+    model_channels=192,
+    channel_mult=[1, 2, 3, 4],
+    channel_mult_emb=4,
+    num_blocks=3,
+    attn_resolutions=[32, 16, 8],
+    augment_dim=0,
+    label_dim=0,
+)
+_DDPMPP_ONLY = dict(
+    embedding_type="positional",
+    channel_mult_noise=1,
+    encoder_type="standard",
+    decoder_type="standard",
+    resample_filter=[1, 1],
+    channel_mult_emb=4,
+)
 
 
 @dataclass
@@ -230,12 +261,16 @@ def _network_record(top: Any, source: str) -> PersistentRecord:
     if isinstance(top, dict) and "ema" in top:
         top = top["ema"]
     if not isinstance(top, PersistentRecord):
-        raise EDMPickleError(f"{source}: expected EDM's snapshot dict with an 'ema' network (or a pickled EDMPrecond); "
-                             f"found {type(top).__name__}")
+        raise EDMPickleError(
+            f"{source}: expected EDM's snapshot dict with an 'ema' network (or a pickled EDMPrecond); "
+            f"found {type(top).__name__}"
+        )
     if top.class_name != "EDMPrecond":
-        raise EDMPickleError(f"{source}: the network is {top.class_name}, but cmscale imports EDMPrecond networks only "
-                             "(EDM's 'edm-*' pickles; the VP/VE/iDDPM 'baseline-*' pickles use other noise "
-                             "conditioning). Download an edm-*.pkl")
+        raise EDMPickleError(
+            f"{source}: the network is {top.class_name}, but cmscale imports EDMPrecond networks only "
+            "(EDM's 'edm-*' pickles; the VP/VE/iDDPM 'baseline-*' pickles use other noise "
+            "conditioning). Download an edm-*.pkl"
+        )
     return top
 
 
@@ -249,33 +284,60 @@ def import_edm_network(path: str | Path) -> ImportedNetwork:
         raise EDMPickleError(f"{source}: EDMPrecond has no 'model' network")
     label_dim = int(state.get("label_dim") or 0)
     if label_dim:
-        raise EDMPickleError(f"{source}: a class-conditional network (label_dim={label_dim}); cmscale trains "
-                             "unconditional models: use an '*-uncond-*' pickle such as edm-cifar10-32x32-uncond-vp.pkl")
+        raise EDMPickleError(
+            f"{source}: a class-conditional network (label_dim={label_dim}); cmscale trains "
+            "unconditional models: use an '*-uncond-*' pickle such as edm-cifar10-32x32-uncond-vp.pkl"
+        )
     recorded = _plain(model.state.get("_init_kwargs") or {})
     if model.class_name == "SongUNet":
         architecture, kwargs = "ddpmpp", {**_SONG_DEFAULTS, **recorded}
         unsupported = {key: kwargs[key] for key, value in _DDPMPP_ONLY.items() if kwargs[key] != value}
         if unsupported:
-            raise EDMPickleError(f"{source}: a SongUNet with {unsupported}: that is NCSN++ or a non-standard DDPM++; "
-                                 "cmscale has EDM's DDPM++ only (positional embedding, standard encoder and decoder)")
+            raise EDMPickleError(
+                f"{source}: a SongUNet with {unsupported}: that is NCSN++ or a non-standard DDPM++; "
+                "cmscale has EDM's DDPM++ only (positional embedding, standard encoder and decoder)"
+            )
     elif model.class_name == "DhariwalUNet":
         architecture, kwargs = "adm", {**_DHARIWAL_DEFAULTS, **recorded}
     else:
-        raise EDMPickleError(f"{source}: unknown EDM network class {model.class_name}; cmscale imports SongUNet "
-                             "(DDPM++) and DhariwalUNet (ADM)")
+        raise EDMPickleError(
+            f"{source}: unknown EDM network class {model.class_name}; cmscale imports SongUNet "
+            "(DDPM++) and DhariwalUNet (ADM)"
+        )
     resolution = int(kwargs.get("img_resolution", state.get("img_resolution")))
     img_channels = int(kwargs.get("in_channels", state.get("img_channels")))
-    wanted = (int(kwargs["model_channels"]), tuple(kwargs["channel_mult"]), int(kwargs["num_blocks"]),
-              tuple(sorted(kwargs["attn_resolutions"])))
-    preset = next((name for name, spec in PRESETS.items() if spec.architecture == architecture and
-                   (spec.model_channels, spec.channel_mult, spec.num_blocks,
-                    tuple(sorted(spec.attn_resolutions(resolution)))) == wanted), None)
+    wanted = (
+        int(kwargs["model_channels"]),
+        tuple(kwargs["channel_mult"]),
+        int(kwargs["num_blocks"]),
+        tuple(sorted(kwargs["attn_resolutions"])),
+    )
+    preset = next(
+        (
+            name
+            for name, spec in PRESETS.items()
+            if spec.architecture == architecture
+            and (
+                spec.model_channels,
+                spec.channel_mult,
+                spec.num_blocks,
+                tuple(sorted(spec.attn_resolutions(resolution))),
+            )
+            == wanted
+        ),
+        None,
+    )
     if preset is None:
-        known = ", ".join(f"{name} ({spec.model_channels} ch, mult {spec.channel_mult}, {spec.num_blocks} blocks)"
-                          for name, spec in PRESETS.items() if spec.architecture == architecture)
-        raise EDMPickleError(f"{source}: no {architecture} preset has model_channels={wanted[0]}, channel_mult={wanted[1]}, "
-                             f"num_blocks={wanted[2]}, attn_resolutions={wanted[3]} at {resolution}px; "
-                             f"add one to cmscale/models/presets.py (known: {known})")
+        known = ", ".join(
+            f"{name} ({spec.model_channels} ch, mult {spec.channel_mult}, {spec.num_blocks} blocks)"
+            for name, spec in PRESETS.items()
+            if spec.architecture == architecture
+        )
+        raise EDMPickleError(
+            f"{source}: no {architecture} preset has model_channels={wanted[0]}, channel_mult={wanted[1]}, "
+            f"num_blocks={wanted[2]}, attn_resolutions={wanted[3]} at {resolution}px; "
+            f"add one to cmscale/models/presets.py (known: {known})"
+        )
 
     tensors = record_tensors(model)
     notes = []
@@ -288,17 +350,27 @@ def import_edm_network(path: str | Path) -> ImportedNetwork:
         notes.append("the pickle has no augmentation-label layer; map_augment.weight set to zeros (unused)")
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{key} {tuple(tensors[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
-             if key in tensors and tensors[key].shape != value.shape]
+    wrong = [
+        f"{key} {tuple(tensors[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in tensors and tensors[key].shape != value.shape
+    ]
     if missing or unexpected or wrong:
-        raise EDMPickleError(f"{source}: the {model.class_name} weights do not fit preset {preset!r}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+        raise EDMPickleError(
+            f"{source}: the {model.class_name} weights do not fit preset {preset!r}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
     net.load_state_dict(tensors, strict=True)
-    return ImportedNetwork(preset=preset, resolution=resolution, img_channels=img_channels,
-                           sigma_data=float(state.get("sigma_data", 0.5)),
-                           state_dict={key: value.float().contiguous() for key, value in net.state_dict().items()},
-                           network_class=f"{precond.class_name}/{model.class_name}",
-                           network_kwargs={key: value for key, value in recorded.items()}, notes=notes)
+    return ImportedNetwork(
+        preset=preset,
+        resolution=resolution,
+        img_channels=img_channels,
+        sigma_data=float(state.get("sigma_data", 0.5)),
+        state_dict={key: value.float().contiguous() for key, value in net.state_dict().items()},
+        network_class=f"{precond.class_name}/{model.class_name}",
+        network_kwargs={key: value for key, value in recorded.items()},
+        notes=notes,
+    )
 
 
 def teacher_checkpoint(imported: ImportedNetwork, source: str | Path) -> dict[str, Any]:
@@ -316,8 +388,12 @@ def teacher_checkpoint(imported: ImportedNetwork, source: str | Path) -> dict[st
         "sigma_data": imported.sigma_data,
         "method": "edm",
         "step": 0,
-        "source": {"file": source.name, "sha256": digest.hexdigest(), "network": imported.network_class,
-                   "init_kwargs": imported.network_kwargs},
+        "source": {
+            "file": source.name,
+            "sha256": digest.hexdigest(),
+            "network": imported.network_class,
+            "init_kwargs": imported.network_kwargs,
+        },
     }
 
 
@@ -331,6 +407,8 @@ def import_edm_pickle(path: str | Path, out: str | Path) -> dict[str, Any]:
     torch.save(checkpoint, tmp)
     tmp.replace(out)
     summary = {key: value for key, value in checkpoint.items() if key != "net"}
-    summary["params"] = sum(value.numel() for key, value in imported.state_dict.items() if not key.endswith("resample_filter"))
+    summary["params"] = sum(
+        value.numel() for key, value in imported.state_dict.items() if not key.endswith("resample_filter")
+    )
     summary["notes"] = imported.notes
     return summary

@@ -55,8 +55,15 @@ def _init_weight(shape: tuple[int, ...], mode: str, fan_in: int, fan_out: int) -
 class Linear(nn.Module):
     """y = x W^T + b, with parameters ``weight`` [out, in] and ``bias`` [out] as in EDM."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_mode: str = "kaiming_normal",
-                 init_weight: float = 1.0, init_bias: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        init_mode: str = "kaiming_normal",
+        init_weight: float = 1.0,
+        init_bias: float = 0.0,
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -76,9 +83,19 @@ class Conv2d(nn.Module):
     state-dict keys match EDM's). EDM's 'fused' resampling (NCSN++ only) is not needed here.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
-                 down: bool = False, resample_filter: tuple[int, ...] = (1, 1), init_mode: str = "kaiming_normal",
-                 init_weight: float = 1.0, init_bias: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        bias: bool = True,
+        up: bool = False,
+        down: bool = False,
+        resample_filter: tuple[int, ...] = (1, 1),
+        init_mode: str = "kaiming_normal",
+        init_weight: float = 1.0,
+        init_bias: float = 0.0,
+    ):
         if up and down:
             raise ValueError("a Conv2d resamples up or down, not both")
         super().__init__()
@@ -87,7 +104,11 @@ class Conv2d(nn.Module):
         self.up = up
         self.down = down
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = nn.Parameter(_init_weight((out_channels, in_channels, kernel, kernel), **fans) * init_weight) if kernel else None
+        self.weight = (
+            nn.Parameter(_init_weight((out_channels, in_channels, kernel, kernel), **fans) * init_weight)
+            if kernel
+            else None
+        )
         self.bias = nn.Parameter(_init_weight((out_channels,), **fans) * init_bias) if kernel and bias else None
         taps = torch.as_tensor(resample_filter, dtype=torch.float32)
         box = torch.outer(taps, taps)[None, None] / taps.sum() ** 2
@@ -117,8 +138,10 @@ class GroupNorm(nn.Module):
         super().__init__()
         self.num_groups = max(1, min(num_groups, num_channels // min_channels_per_group))
         if num_channels % self.num_groups:
-            raise ValueError(f"{num_channels} channels do not split into {self.num_groups} groups; "
-                             "use a channel count divisible by min(32, channels // 4)")
+            raise ValueError(
+                f"{num_channels} channels do not split into {self.num_groups} groups; "
+                "use a channel count divisible by min(32, channels // 4)"
+            )
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -130,17 +153,34 @@ class GroupNorm(nn.Module):
 class UNetBlock(nn.Module):
     """EDM's residual block (optionally resampling) with optional self-attention; names as in EDM."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False, down: bool = False,
-                 attention: bool = False, num_heads: int | None = None, channels_per_head: int = 64,
-                 dropout: float = 0.0, skip_scale: float = 1.0, eps: float = 1e-5,
-                 resample_filter: tuple[int, ...] = (1, 1), resample_proj: bool = False, adaptive_scale: bool = True,
-                 init: dict | None = None, init_zero: dict | None = None, init_attn: dict | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        up: bool = False,
+        down: bool = False,
+        attention: bool = False,
+        num_heads: int | None = None,
+        channels_per_head: int = 64,
+        dropout: float = 0.0,
+        skip_scale: float = 1.0,
+        eps: float = 1e-5,
+        resample_filter: tuple[int, ...] = (1, 1),
+        resample_proj: bool = False,
+        adaptive_scale: bool = True,
+        init: dict | None = None,
+        init_zero: dict | None = None,
+        init_attn: dict | None = None,
+    ):
         super().__init__()
         init = init or {}
         init_zero = init_zero if init_zero is not None else dict(init_weight=0.0)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = (
+            0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        )
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
 
@@ -154,7 +194,9 @@ class UNetBlock(nn.Module):
         if out_channels != in_channels or up or down:
             # A 1x1 projection when channels change (or DDPM++'s resample_proj); else a bare resampling.
             kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init)
+            self.skip = Conv2d(
+                in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init
+            )
         if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
             self.qkv = Conv2d(out_channels, out_channels * 3, 1, **(init_attn if init_attn is not None else init))
@@ -207,9 +249,11 @@ class PositionalEmbedding(nn.Module):
 
 def _check_levels(img_resolution: int, channel_mult: tuple[int, ...]) -> None:
     if img_resolution % (2 ** (len(channel_mult) - 1)) != 0:
-        raise ValueError(f"img_resolution={img_resolution} is not divisible by 2**{len(channel_mult) - 1} "
-                         f"(channel_mult={tuple(channel_mult)} has {len(channel_mult)} levels); pick a resolution "
-                         "that is a multiple of that or fewer levels")
+        raise ValueError(
+            f"img_resolution={img_resolution} is not divisible by 2**{len(channel_mult) - 1} "
+            f"(channel_mult={tuple(channel_mult)} has {len(channel_mult)} levels); pick a resolution "
+            "that is a multiple of that or fewer levels"
+        )
 
 
 class SongUNet(nn.Module):
@@ -231,9 +275,18 @@ class SongUNet(nn.Module):
             ``map_augment`` exists so the state dict loads, and is unused without augmentation labels).
     """
 
-    def __init__(self, img_resolution: int, img_channels: int, model_channels: int = 128,
-                 channel_mult: tuple[int, ...] = (2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4,
-                 attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.0, augment_dim: int = 0):
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        model_channels: int = 128,
+        channel_mult: tuple[int, ...] = (2, 2, 2),
+        channel_mult_emb: int = 4,
+        num_blocks: int = 4,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.0,
+        augment_dim: int = 0,
+    ):
         super().__init__()
         _check_levels(img_resolution, channel_mult)
         self.img_resolution = img_resolution
@@ -243,9 +296,19 @@ class SongUNet(nn.Module):
         init = dict(init_mode="xavier_uniform")
         init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
         init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-                     resample_filter=(1, 1), resample_proj=True, adaptive_scale=False,
-                     init=init, init_zero=init_zero, init_attn=init_attn)
+        block = dict(
+            emb_channels=emb_channels,
+            num_heads=1,
+            dropout=dropout,
+            skip_scale=math.sqrt(0.5),
+            eps=1e-6,
+            resample_filter=(1, 1),
+            resample_proj=True,
+            adaptive_scale=False,
+            init=init,
+            init_zero=init_zero,
+            init_attn=init_attn,
+        )
 
         self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
@@ -263,7 +326,9 @@ class SongUNet(nn.Module):
                 self.enc[f"{res}x{res}_down"] = UNetBlock(channels, channels, down=True, **block)
             for index in range(num_blocks):
                 out = model_channels * mult
-                self.enc[f"{res}x{res}_block{index}"] = UNetBlock(channels, out, attention=res in attn_resolutions, **block)
+                self.enc[f"{res}x{res}_block{index}"] = UNetBlock(
+                    channels, out, attention=res in attn_resolutions, **block
+                )
                 channels = out
         skips = [module.out_channels for module in self.enc.values()]
 
@@ -278,13 +343,17 @@ class SongUNet(nn.Module):
             for index in range(num_blocks + 1):
                 out = model_channels * mult
                 attention = index == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{index}"] = UNetBlock(channels + skips.pop(), out, attention=attention, **block)
+                self.dec[f"{res}x{res}_block{index}"] = UNetBlock(
+                    channels + skips.pop(), out, attention=attention, **block
+                )
                 channels = out
         res = img_resolution
         self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(channels, eps=1e-6)
         self.dec[f"{res}x{res}_aux_conv"] = Conv2d(channels, img_channels, 3, **init_zero)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c_noise: torch.Tensor, augment_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = self.map_noise(c_noise.reshape(-1).expand(x.shape[0]))
         emb = torch.cat(emb.chunk(2, dim=1)[::-1], dim=1).to(x.dtype)  # DDPM++ orders the sinusoids [sin, cos]
         if self.map_augment is not None and augment_labels is not None:
@@ -315,9 +384,18 @@ class DhariwalUNet(nn.Module):
     attention (64 channels per head) at 32, 16 and 8. Class labels are not supported.
     """
 
-    def __init__(self, img_resolution: int, img_channels: int, model_channels: int = 192,
-                 channel_mult: tuple[int, ...] = (1, 2, 3, 4), channel_mult_emb: int = 4, num_blocks: int = 3,
-                 attn_resolutions: tuple[int, ...] = (32, 16, 8), dropout: float = 0.0, augment_dim: int = 0):
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        model_channels: int = 192,
+        channel_mult: tuple[int, ...] = (1, 2, 3, 4),
+        channel_mult_emb: int = 4,
+        num_blocks: int = 3,
+        attn_resolutions: tuple[int, ...] = (32, 16, 8),
+        dropout: float = 0.0,
+        augment_dim: int = 0,
+    ):
         super().__init__()
         _check_levels(img_resolution, channel_mult)
         self.img_resolution = img_resolution
@@ -343,7 +421,9 @@ class DhariwalUNet(nn.Module):
                 self.enc[f"{res}x{res}_down"] = UNetBlock(channels, channels, down=True, **block)
             for index in range(num_blocks):
                 out = model_channels * mult
-                self.enc[f"{res}x{res}_block{index}"] = UNetBlock(channels, out, attention=res in attn_resolutions, **block)
+                self.enc[f"{res}x{res}_block{index}"] = UNetBlock(
+                    channels, out, attention=res in attn_resolutions, **block
+                )
                 channels = out
         skips = [module.out_channels for module in self.enc.values()]
 
@@ -357,13 +437,16 @@ class DhariwalUNet(nn.Module):
                 self.dec[f"{res}x{res}_up"] = UNetBlock(channels, channels, up=True, **block)
             for index in range(num_blocks + 1):
                 out = model_channels * mult
-                self.dec[f"{res}x{res}_block{index}"] = UNetBlock(channels + skips.pop(), out,
-                                                                   attention=res in attn_resolutions, **block)
+                self.dec[f"{res}x{res}_block{index}"] = UNetBlock(
+                    channels + skips.pop(), out, attention=res in attn_resolutions, **block
+                )
                 channels = out
         self.out_norm = GroupNorm(channels)
         self.out_conv = Conv2d(channels, img_channels, 3, **init_zero)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c_noise: torch.Tensor, augment_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = self.map_noise(c_noise.reshape(-1).expand(x.shape[0])).to(x.dtype)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from cmscale.cli.options import json_option
+
 
 @click.group("teacher")
 def teacher_group() -> None:
@@ -14,9 +16,13 @@ def teacher_group() -> None:
 
 @teacher_group.command("import")
 @click.argument("edm_pickle", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Where to write the cmscale teacher checkpoint (.pt); use it as teacher_ckpt.")
-@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint's metadata as JSON.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Where to write the cmscale teacher checkpoint (.pt); use it as teacher_ckpt.",
+)
+@json_option("Print the checkpoint's metadata as JSON.")
 def import_command(edm_pickle: str, out: str, as_json: bool) -> None:
     """Turn EDM's network pickle (e.g. edm-cifar10-32x32-uncond-vp.pkl) into a teacher checkpoint.
 
@@ -32,9 +38,11 @@ def import_command(edm_pickle: str, out: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"wrote {out}: preset {summary['preset']} ({summary['params']:,} parameters, "
-               f"{summary['source']['network']}), {summary['resolution']}x{summary['resolution']}x"
-               f"{summary['img_channels']}, sigma_data {summary['sigma_data']}")
+    click.echo(
+        f"wrote {out}: preset {summary['preset']} ({summary['params']:,} parameters, "
+        f"{summary['source']['network']}), {summary['resolution']}x{summary['resolution']}x"
+        f"{summary['img_channels']}, sigma_data {summary['sigma_data']}"
+    )
     for note in summary["notes"]:
         click.echo(f"note: {note}")
-    click.echo(f"use it with:  preset = \"{summary['preset']}\"  teacher_ckpt = \"{out}\"")
+    click.echo(f'use it with:  preset = "{summary["preset"]}"  teacher_ckpt = "{out}"')
