@@ -196,11 +196,16 @@ def count_flops_per_step(config: RunConfig) -> int:
     """FLOPs of one training step at ``config.batch_size``, counted with FlopCounterMode.
 
     Counts forward and backward of the online network plus every extra pass the method makes:
-    ECT's no-grad target forward, sCT's JVP, sCD's teacher forward and JVP. Counting runs on the
-    meta device (shapes only) with a randomly initialised teacher, since only shapes matter.
+    sCT's JVP, sCD's teacher forward and JVP, and ECT's no-grad target forward, which runs only on
+    the rows with r > 0, so an ECT step's cost depends on its stage: for ECT this is the
+    run-average (the run's expected FLOPs, summed stage by stage, over its iterations; see
+    :func:`ect_train_flops`). Counting runs on the meta device (shapes only) with a randomly
+    initialised teacher, since only shapes matter.
     """
     from cmscale.models.flops import count_flops
 
+    if config.method == "ect":  # the target's rows depend on the draw: count the parts, average over the run
+        return ect_average_step_flops(config, count_ect_step_parts(config))
     img_channels = dataset_channels(config.dataset)
     counting_config = config.model_copy(update={"budget_iters": 1, "budget_flops": None})
     with torch.device("meta"):
@@ -263,7 +268,24 @@ class FlopsCache:
         except (OSError, ValueError, KeyError, AttributeError):
             pass
 
+    def ect_parts(self, config: RunConfig) -> tuple[int, int]:
+        """ECT's (online forward + backward, full-batch target forward), cached per shape.
+
+        A custom ``counter`` is taken as the whole step's cost, with no separate target part.
+        """
+        names = [f"{self.key(config)}/{part}" for part in ("online", "target")]
+        if any(name not in self.counts for name in names) and not self._disk_loaded:
+            self._load_disk()
+        if any(name not in self.counts for name in names):
+            real = self.counter is count_flops_per_step
+            parts = count_ect_step_parts(config) if real else (int(self.counter(config)), 0)
+            self.counts.update(zip(names, parts))
+            self._save()
+        return self.counts[names[0]], self.counts[names[1]]
+
     def __call__(self, config: RunConfig) -> int:
+        if config.method == "ect":  # its cost depends on the stage schedule, hence on the budget
+            return ect_average_step_flops(config, self.ect_parts(config))
         key = self.key(config)
         if key not in self.counts and not self._disk_loaded:
             self._load_disk()
@@ -284,17 +306,110 @@ class FlopsCache:
 _SHARED_CACHE: FlopsCache | None = None
 
 
-def flops_per_step(config: RunConfig) -> int:
-    """FLOPs of one training step of ``config`` (see :func:`count_flops_per_step`), from the shared cache."""
+def _shared_cache() -> FlopsCache:
     global _SHARED_CACHE
     if _SHARED_CACHE is None:
         _SHARED_CACHE = FlopsCache()
-    return _SHARED_CACHE(config)
+    return _SHARED_CACHE
+
+
+def flops_per_step(config: RunConfig) -> int:
+    """FLOPs of one training step of ``config`` (see :func:`count_flops_per_step`), from the shared cache."""
+    return _shared_cache()(config)
+
+
+def _cache_of(flops: Callable[[RunConfig], int]) -> FlopsCache:
+    if isinstance(flops, FlopsCache):
+        return flops
+    return _shared_cache() if flops is flops_per_step else FlopsCache(flops)
 
 
 def iterations_for_budget(config: RunConfig, flops: Callable[[RunConfig], int] = flops_per_step) -> int:
     """The run's iteration count: ``budget_iters``, or the FLOP budget over the FLOPs of one step,
-    rounded to the nearest whole step (so iterations x FLOPs per step is within half a step of it)."""
+    rounded to the nearest whole step (so iterations x FLOPs per step is within half a step of it).
+    ECT: the count whose stage-by-stage expected FLOPs are nearest the budget (:func:`ect_iterations`)."""
     if config.budget_iters is not None:
         return config.budget_iters
+    if config.method == "ect":
+        return ect_iterations(config, _cache_of(flops).ect_parts(config))
     return max(1, round(config.budget_flops / flops(config)))
+
+
+def train_flops_at(config: RunConfig, step: int) -> int:
+    """Counted training FLOPs after ``step`` steps (ECT: each step's expected cost at its stage, summed)."""
+    if config.method == "ect":
+        parts = _shared_cache().ect_parts(config)
+        return round(ect_train_flops(config, step, ect_iterations(config, parts), parts))
+    return step * flops_per_step(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# ECT: a step's cost depends on its stage
+
+
+def count_ect_step_parts(config: RunConfig) -> tuple[int, int]:
+    """(online forward + backward, no-grad target forward over the whole batch), counted on the meta device.
+
+    An ECT step at stage s costs ``online + P(r > 0 | s) * target`` in expectation: the target runs
+    on the rows with r > 0 only, and the FLOPs of these networks are linear in the number of rows.
+    """
+    from cmscale.models.flops import count_flops
+
+    img_channels = dataset_channels(config.dataset)
+    with torch.device("meta"):
+        model = wrap_network(config, build_unet(config.preset, config.resolution, img_channels, dropout=config.dropout))
+        x = torch.zeros(config.batch_size, img_channels, config.resolution, config.resolution)
+        sigma = torch.ones(config.batch_size)
+    online = count_flops(lambda: model(x, sigma).sum().backward())
+    with torch.no_grad():
+        target = count_flops(lambda: model(x, sigma))
+    return online, target
+
+
+def ect_step_parts(config: RunConfig) -> tuple[int, int]:
+    """:func:`count_ect_step_parts` through the shared cache."""
+    return _shared_cache().ect_parts(config)
+
+
+def _ect_stage_length(config: RunConfig, iterations: int) -> int:
+    return config.ect.iters_per_stage or max(1, iterations // config.ect.num_stages)
+
+
+def ect_train_flops(config: RunConfig, steps: int, iterations: int, parts: tuple[int, int]) -> float:
+    """Expected FLOPs of the first ``steps`` ECT steps of a run of ``iterations``, stage by stage (exact sum)."""
+    online, target = parts
+    options = config.ect
+    loss = ECTLoss(options.P_mean, options.P_std, options.sigma_data, options.q, options.k, options.b,
+                   options.c, options.mapping, options.weighting)
+    length = _ect_stage_length(config, iterations)
+    total, stage = 0.0, 0
+    while stage * length < steps:
+        in_stage = min(steps, (stage + 1) * length) - stage * length
+        total += in_stage * (online + loss.target_row_fraction(stage) * target)
+        stage += 1
+    return total
+
+
+def ect_iterations(config: RunConfig, parts: tuple[int, int]) -> int:
+    """Iterations whose expected ECT FLOPs are nearest ``budget_flops`` (within half a step)."""
+    if config.budget_iters is not None:
+        return config.budget_iters
+    budget = config.budget_flops
+
+    def cost(n: int) -> float:
+        return ect_train_flops(config, n, n, parts)
+
+    low, high = 1, max(2, int(budget / parts[0]) + 1)  # every step costs at least the online pass
+    while low < high:  # the largest n with cost(n) <= budget (cost grows with n)
+        middle = (low + high + 1) // 2
+        if cost(middle) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return min(range(max(1, low - 1), low + 3), key=lambda n: abs(cost(n) - budget))
+
+
+def ect_average_step_flops(config: RunConfig, parts: tuple[int, int]) -> int:
+    """ECT's run-average FLOPs per step: the run's expected FLOPs over its iterations."""
+    iterations = ect_iterations(config, parts)
+    return max(1, round(ect_train_flops(config, iterations, iterations, parts) / iterations))

@@ -50,7 +50,7 @@ from cmscale.distributed import (
     mean_over_ranks,
     pick_device,
 )
-from cmscale.methods import Method, build_method, flops_per_step, iterations_for_budget, unet_of
+from cmscale.methods import Method, build_method, flops_per_step, iterations_for_budget, train_flops_at, unet_of
 from cmscale.models.execution import compile_network, to_channels_last
 from cmscale.models.flops import forward_flops
 from cmscale.models.unet import count_parameters
@@ -211,6 +211,10 @@ class Trainer:
         self.wall_offset_s = float(state["wall_s"])
         self.first_started = float(state.get("first_started", self.first_started))
 
+    def train_flops(self, step: int) -> int:
+        """Counted FLOPs of the first ``step`` steps (ECT's depend on the stage; see methods.train_flops_at)."""
+        return train_flops_at(self.config, step)
+
     def wall_s(self) -> float:
         return self.wall_offset_s + time.time() - self.started
 
@@ -318,7 +322,7 @@ def _finish(run_dir: Path, status: RunState, reason: str | None, trainer: Traine
         DONE_STATE_KEY: status,
         "reason": reason,
         "final_step": trainer.step,
-        "train_flops": trainer.step * trainer.flops_per_step,
+        "train_flops": trainer.train_flops(trainer.step),
         "wall_s": trainer.wall_s(),
         "started": started,
         "finished": time.time(),
@@ -386,7 +390,7 @@ def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
                                 "kind": "train",
                                 "step": step,
                                 "images_seen": step * config.batch_size,
-                                "train_flops": step * trainer.flops_per_step,
+                                "train_flops": trainer.train_flops(step),
                                 "loss": loss,
                                 "wall_s": trainer.wall_s(),
                             }
@@ -434,7 +438,7 @@ def run_evals(trainer: Trainer) -> list[dict[str, Any]]:
         trainer.config,
         ema,
         step=trainer.step,
-        train_flops=trainer.step * trainer.flops_per_step,
+        train_flops=trainer.train_flops(trainer.step),
         images_seen=trainer.step * trainer.config.batch_size,
         run_dir=trainer.run_dir,
         device=trainer.device,

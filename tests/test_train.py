@@ -254,7 +254,8 @@ def test_cmscale_train_runs_the_digits_ect_example(tmp_path):
     done = read_json(run_dir / "done.json")
     config = read_json(run_dir / "config.json")
     assert done["status"] == "done" and done["final_step"] == config["budget_iters_resolved"]
-    assert done["train_flops"] == done["final_step"] * config["flops_per_step"]
+    # ECT's steps cost more as stages advance; flops_per_step is the run-average, rounded to a whole FLOP.
+    assert abs(done["train_flops"] - done["final_step"] * config["flops_per_step"]) <= done["final_step"] / 2
     rows = read_metrics(run_dir / "metrics.jsonl", "train")
     assert [row["step"] for row in rows] == list(range(10, done["final_step"] + 1, 10))
     assert all(math.isfinite(row["loss"]) for row in rows)

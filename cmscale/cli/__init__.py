@@ -2,6 +2,7 @@
 
 - ``main``: the top-level group; ``models``: presets; ``data``: datasets; ``demo``: the demo study;
 - ``train``, ``eval``: one run; ``sweep``: sweeps; ``tune``: Optuna searches;
+- ``teacher``: import EDM's published networks as teacher checkpoints;
 - ``results``: the DuckDB store; ``analysis``: ``fit``, ``plot``, ``report``;
 - ``options``: ``--root``, ``--json`` and the consoles they share.
 

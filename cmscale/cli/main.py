@@ -13,6 +13,7 @@ from cmscale.cli.eval import eval_command
 from cmscale.cli.models import models_group
 from cmscale.cli.results import results_group
 from cmscale.cli.sweep import sweep_group
+from cmscale.cli.teacher import teacher_group
 from cmscale.cli.train import train_command
 from cmscale.cli.tune import tune_group
 
@@ -25,7 +26,7 @@ def main() -> None:
 
 # In the order `cmscale --help` has always listed them (click sorts the names anyway).
 for command in (models_group, data_group, demo_command, sweep_group, results_group, fit_group, plot_command,
-                report_command, tune_group, train_command, eval_command):
+                report_command, tune_group, train_command, eval_command, teacher_group):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch.autograd import forward_ad
 from torch.nn import functional as F
 
 from cmscale.models.jvp import lean_jvp
+from cmscale.models.dropout import clear_masks, record_masks, replay_masks
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond, _per_sample
 from cmscale.models.unet import PositionalEmbedding
 
@@ -74,11 +75,14 @@ class ECTLoss:
         d = || f(x_t, t) - sg[f(x_r, r)] ||^2  (per-sample sum; f(x_r, 0) := x0)
         L = (sqrt(d + c^2) - c) * w(t, r),   w = 1 / (t - r)  ('inv_dt')  or  (t^2 + sd^2) / (t sd)^2  ('snr')
 
-    The target runs under no_grad with the same random state as the online pass, so dropout masks
-    match. At r = 0 the target is the clean image and the loss is the EDM denoising objective
-    re-weighted: L = w(t, 0) phi(d) with phi(d) = sqrt(d + c^2) - c and
-    d = ||D(x0 + t n, t) - x0||^2 = EDMLoss(t) / lambda(t), see :meth:`from_diffusion_loss`.
-    With the sigmoid mapping, stage 0 and q = 2, r = 0 for every t <= ln(k - 1) (about 1.95).
+    The target runs under no_grad and only on the rows with r > 0 (none: no target pass at all);
+    rows with r = 0 take the clean image. Its dropout masks are the online pass's own, recorded
+    and replayed by row (:mod:`cmscale.models.dropout`), not redrawn from a restored RNG state, so
+    the loss equals the full-batch computation with matching masks on the same draws. At r = 0 the
+    loss is the EDM denoising objective re-weighted: L = w(t, 0) phi(d) with phi(d) = sqrt(d + c^2) - c
+    and d = ||D(x0 + t n, t) - x0||^2 = EDMLoss(t) / lambda(t), see :meth:`from_diffusion_loss`.
+    With the sigmoid mapping, stage 0 and q = 2, r = 0 for every t <= ln(k - 1) (about 1.95), i.e.
+    for about 81% of the rows (:meth:`target_row_fraction`), so a stage-0 step skips most of the target.
     """
 
     def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5, q: float = 2.0,
@@ -104,9 +108,27 @@ class ECTLoss:
     # r rounds to t and the 1/(t - r) weight divides by zero. ECT's own runs stop well before that.
     MIN_DECAY = 2.0**-20
 
-    def decay(self) -> float:
+    def decay(self, stage: int | None = None) -> float:
         """q^-(s+1): (t - r)/t for the 'const' mapping, halving per stage at q = 2 (floored at MIN_DECAY)."""
-        return max(self.q ** -(self.stage + 1.0), self.MIN_DECAY)
+        return max(self.q ** -((self.stage if stage is None else stage) + 1.0), self.MIN_DECAY)
+
+    def target_row_fraction(self, stage: int) -> float:
+        """P(r > 0) at ``stage`` under ln t ~ N(P_mean, P_std^2): the expected share of rows the target runs on.
+
+        r > 0  <=>  decay (1 + k sigmoid(-b t)) < 1  <=>  sigmoid(-b t) < a = (1/decay - 1) / k, and since
+        sigmoid(-b t) falls from 1/2 as t grows, that is t > t* = ln((1 - a) / a) / b (every t > 0 when
+        a >= 1/2), so the fraction is 1 - Phi((ln t* - P_mean) / P_std). 'const': n = 1, always r > 0.
+        """
+        decay = self.decay(stage)
+        if self.mapping != "sigmoid" or self.k == 0:
+            return 1.0 if decay < 1 else 0.0
+        threshold = (1 / decay - 1) / self.k
+        if self.b == 0:
+            return 1.0 if threshold > 0.5 else 0.0
+        if threshold >= 0.5:
+            return 1.0
+        t_star = math.log((1 - threshold) / threshold) / self.b
+        return 0.5 * math.erfc((math.log(t_star) - self.P_mean) / (self.P_std * math.sqrt(2)))
 
     def t_to_r(self, t: torch.Tensor) -> torch.Tensor:
         n = 1 + self.k * torch.sigmoid(-self.b * t) if self.mapping == "sigmoid" else torch.ones_like(t)
@@ -129,14 +151,16 @@ class ECTLoss:
         t = (torch.randn(x0.shape[0], device=x0.device) * self.P_std + self.P_mean).exp() if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         r = self.t_to_r(t)
-        with same_random_state(x0.device):
+        with record_masks(model):
             online = model(x0 + _per_sample(t, x0) * noise, t)
-        with torch.no_grad():
-            # The target runs at r itself (as in locuslab/ect); r = 0 rows only need a finite
-            # c_noise = ln(r)/4 here, since they are replaced by the clean image below.
-            r_safe = r.clamp(min=1e-12)
-            target = model(x0 + _per_sample(r_safe, x0) * noise, r_safe)
-            target = torch.where(_per_sample(r, x0) > 0, torch.nan_to_num(target), x0)
+        target = x0
+        rows = torch.nonzero(r > 0).flatten()  # (one host sync, as locuslab/ect's `r.max() > 0`)
+        if rows.numel():
+            with torch.no_grad(), replay_masks(model, rows):
+                x0_rows, r_rows = x0[rows], r[rows]
+                target_rows = model(x0_rows + _per_sample(r_rows, x0_rows) * noise[rows], r_rows)
+            target = x0.index_put((rows,), torch.nan_to_num(target_rows).to(x0.dtype))
+        clear_masks(model)
         return self.distance(_sum_per_sample((online - target) ** 2)) * self.weight(t, r)
 
 

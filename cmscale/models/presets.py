@@ -1,16 +1,35 @@
-"""Named model sizes: the one table of UNet presets.
+"""Named model sizes: the one table of network presets.
 
-Each preset fixes the width, depth and attention placement of :class:`~cmscale.models.unet.UNet`;
-resolution and channels come from the dataset. Attention is placed by level (0 = full resolution),
-so a preset means the same architecture at 16x16 digits and at 32x32 CIFAR-10. Parameter counts
-grow by about 2-4x per step; ``xl`` is the DDPM++ CIFAR-10 network of EDM (about 56M parameters).
+Each preset fixes the architecture, width, depth and attention placement; resolution and channels
+come from the dataset. Attention is placed by level (0 = full resolution), so a preset means the
+same architecture at 16x16 digits and at 32x32 CIFAR-10.
+
+Architectures:
+
+- ``unet``: cmscale's own DDPM++-style :class:`~cmscale.models.unet.UNet` (presets ``xxs`` to ``xl``;
+  parameter counts grow by about 2-4x per step; ``xl`` is close to, but not equal to, EDM's DDPM++).
+- ``ddpmpp``: EDM's exact DDPM++ (:class:`~cmscale.models.edm_networks.SongUNet`), whose state dict
+  is EDM's. ``ddpmpp`` is the EDM CIFAR-10 network (55.7M parameters at 32x32x3) that
+  ``cmscale teacher import`` produces from EDM's published pickle; the narrower ``ddpmpp-*``
+  presets keep its layout at smaller widths (a scaling family on the exact architecture).
+- ``adm``: EDM's ADM (:class:`~cmscale.models.edm_networks.DhariwalUNet`) at its ImageNet-64
+  configuration, unconditional.
+
+``ddpmpp`` presets carry EDM's 9-dimensional augmentation-label layer (``map_augment``) so that
+EDM's CIFAR-10 checkpoints load strictly; it is unused unless augmentation labels are passed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from torch import nn
+
+from cmscale.models.edm_networks import DhariwalUNet, SongUNet
 from cmscale.models.unet import UNet
+
+Architecture = Literal["unet", "ddpmpp", "adm"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +39,8 @@ class Preset:
     channel_mult: tuple[int, ...]
     num_blocks: int
     attn_levels: tuple[int, ...]
+    architecture: Architecture = "unet"
+    augment_dim: int = 0  # EDM's augmentation-label width (ddpmpp/adm only)
 
     def attn_resolutions(self, img_resolution: int) -> tuple[int, ...]:
         return tuple(img_resolution >> level for level in self.attn_levels)
@@ -34,6 +55,18 @@ PRESETS: dict[str, Preset] = {
         Preset("m", model_channels=48, channel_mult=(1, 2, 2), num_blocks=2, attn_levels=(1,)),
         Preset("l", model_channels=96, channel_mult=(1, 2, 2), num_blocks=2, attn_levels=(1,)),
         Preset("xl", model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_levels=(1,)),
+        # EDM's DDPM++ (CIFAR-10: 128 channels, mult (2, 2, 2), 4 blocks, attention at 16x16) and narrower copies.
+        Preset("ddpmpp-xxs", model_channels=8, channel_mult=(2, 2, 2), num_blocks=4, attn_levels=(1,),
+               architecture="ddpmpp", augment_dim=9),
+        Preset("ddpmpp-s", model_channels=32, channel_mult=(2, 2, 2), num_blocks=4, attn_levels=(1,),
+               architecture="ddpmpp", augment_dim=9),
+        Preset("ddpmpp-m", model_channels=64, channel_mult=(2, 2, 2), num_blocks=4, attn_levels=(1,),
+               architecture="ddpmpp", augment_dim=9),
+        Preset("ddpmpp", model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_levels=(1,),
+               architecture="ddpmpp", augment_dim=9),
+        # EDM's ADM at ImageNet-64 (192 channels, mult (1, 2, 3, 4), 3 blocks, attention at 32, 16, 8).
+        Preset("adm", model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_levels=(1, 2, 3),
+               architecture="adm"),
     ]
 }
 
@@ -44,14 +77,14 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: float = 0.0) -> UNet:
+def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: float = 0.0) -> nn.Module:
+    """The network of ``preset``: ``forward(x, c_noise) -> F``, with ``img_resolution``/``img_channels`` attributes."""
     spec = get_preset(preset)
-    return UNet(
-        img_resolution=img_resolution,
-        img_channels=img_channels,
-        model_channels=spec.model_channels,
-        channel_mult=spec.channel_mult,
-        num_blocks=spec.num_blocks,
-        attn_resolutions=spec.attn_resolutions(img_resolution),
-        dropout=dropout,
-    )
+    common = dict(img_resolution=img_resolution, img_channels=img_channels, model_channels=spec.model_channels,
+                  channel_mult=spec.channel_mult, num_blocks=spec.num_blocks,
+                  attn_resolutions=spec.attn_resolutions(img_resolution), dropout=dropout)
+    if spec.architecture == "ddpmpp":
+        return SongUNet(**common, augment_dim=spec.augment_dim)
+    if spec.architecture == "adm":
+        return DhariwalUNet(**common, augment_dim=spec.augment_dim)
+    return UNet(**common)

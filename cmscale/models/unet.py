@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cmscale.models.attention import attention
+from cmscale.models.dropout import ReplayableDropout
 
 
 def _group_count(channels: int) -> int:
@@ -54,7 +55,7 @@ class ResBlock(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels)
         self.norm_out = nn.GroupNorm(_group_count(out_channels), out_channels, eps=1e-6)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ReplayableDropout(dropout)  # ECT replays the online pass's masks in its target
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         # A near-zero last conv makes each block start as the identity, as in EDM's init.

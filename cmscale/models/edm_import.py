@@ -1,0 +1,414 @@
+"""Import EDM's published network pickles as cmscale teacher checkpoints, without running EDM's code.
+
+EDM (NVlabs/edm) saves ``network-snapshot-*.pkl`` as ``pickle.dump(dict(ema=..., loss_fn=...,
+augment_pipe=..., dataset_kwargs=...))``. Every network class there is wrapped by EDM's
+``torch_utils.persistence``, which pickles an instance as a call
+
+    torch_utils.persistence._reconstruct_persistent_obj(meta),
+    meta = {type: 'class', version, module_src: <source of the whole module>, class_name, state}
+
+where ``state`` is the module's ``__dict__`` (``_parameters``, ``_buffers``, ``_modules``, and the
+constructor arguments ``_init_args``/``_init_kwargs``). Unpickling it normally *executes*
+``module_src``. Here a restricted unpickler resolves only an allow-list of globals: that one
+persistence call (turned into an inert :class:`PersistentRecord`, its source kept as text and
+never run), torch's tensor and storage rebuilders (storages are read with ``torch.load(...,
+weights_only=True)``), numpy's array rebuilders, and plain containers. Any other global -- the way
+a pickle runs code -- is refused with :class:`EDMPickleError` before anything is called.
+
+The network inside ``ema`` (an ``EDMPrecond`` around a ``SongUNet`` or ``DhariwalUNet``) becomes a
+cmscale checkpoint:
+
+    {'net': state dict (EDM's own keys), 'preset', 'resolution', 'img_channels', 'sigma_data',
+     'method': 'edm', 'source': {file name, sha256, EDM classes and constructor arguments}}
+
+which ``teacher_ckpt`` accepts for ECT (initialisation) and sCD (teacher).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmscale.models.presets import PRESETS, build_unet
+
+
+class EDMPickleError(ValueError):
+    """An EDM pickle that cannot (or must not) be imported; the message names the file and the fix."""
+
+
+@dataclass
+class PersistentRecord:
+    """An EDM persistent object as data: its class name, its state, and its source (never executed)."""
+
+    class_name: str
+    state: dict
+    module_src: str
+    version: Any
+
+
+class _EasyDict(dict):
+    """Stands in for ``dnnlib.util.EasyDict`` (a dict subclass) inside constructor arguments."""
+
+
+class ContainerRecord:
+    """A torch container module (ModuleDict, ...) as data: only its state is kept."""
+
+    class_name = "container"
+
+    def __init__(self) -> None:
+        self.state: dict = {}
+
+    def __setstate__(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise EDMPickleError(f"a {self.class_name} without a state dict")
+        self.state = dict(state)
+
+
+def _container_reconstructor(cls, base, state):
+    # Protocol 0/1 spelling of 'make an empty instance of cls'; only the inert container records qualify.
+    if not (isinstance(cls, type) and issubclass(cls, ContainerRecord)) or state is not None:
+        raise EDMPickleError(f"copyreg._reconstructor of {cls!r}: only torch container modules are accepted")
+    return cls()
+
+
+def _persistent_record(meta: Any) -> PersistentRecord:
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
+        raise EDMPickleError("a torch_utils.persistence record without type 'class' and a class_name")
+    state = meta.get("state") or {}
+    if not isinstance(state, dict):
+        raise EDMPickleError(f"the persistence record of {meta['class_name']} has no state dict")
+    return PersistentRecord(meta["class_name"], dict(state), str(meta.get("module_src", "")), meta.get("version"))
+
+
+def _storage_from_bytes(data: bytes):
+    # torch pickles a storage as torch.save(storage) bytes; read them with torch's own safe loader.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _parameter_data(data: torch.Tensor, requires_grad: bool = False, backward_hooks: Any = None, state: Any = None):
+    return data
+
+
+def _tensor_of_type(func, new_type, args, state=None):
+    return func(*args)
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    allowed: dict[tuple[str, str], Any] = {
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): _parameter_data,
+        ("torch._utils", "_rebuild_parameter_with_state"): _parameter_data,
+        ("torch._tensor", "_rebuild_from_type_v2"): _tensor_of_type,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+        ("torch", "Tensor"): torch.Tensor,
+        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+        ("torch", "Size"): torch.Size,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("dnnlib.util", "EasyDict"): _EasyDict,
+    }
+    for name in ("float16", "bfloat16", "float32", "float64", "int64", "int32", "uint8", "bool"):
+        allowed[("torch", name)] = getattr(torch, name)
+    import numpy
+
+    try:  # numpy 2 moved the array rebuilders to numpy._core; pickles name either module
+        from numpy._core import multiarray
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.scalar
+    allowed[("numpy", "ndarray")] = numpy.ndarray
+    allowed[("numpy", "dtype")] = numpy.dtype
+    # torch containers are the only non-persistent modules in EDM's networks (enc/dec are ModuleDicts);
+    # they arrive as NEWOBJ + BUILD (or copyreg._reconstructor) and become inert ContainerRecords.
+    for module, name in (
+        ("torch.nn.modules.container", "ModuleDict"),
+        ("torch.nn.modules.container", "ModuleList"),
+        ("torch.nn.modules.container", "Sequential"),
+    ):
+        allowed[(module, name)] = type(name, (ContainerRecord,), {"class_name": name})
+    allowed[("copyreg", "_reconstructor")] = _container_reconstructor
+    return allowed
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only allow-listed globals; anything else would run code and is refused."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+        self.allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        target = self.allowed.get((module, name))
+        if target is None:
+            raise EDMPickleError(
+                f"{self.source}: refusing to load {module}.{name}: unpickling it could execute code. cmscale reads "
+                "EDM network pickles without running them and accepts only tensors, arrays, plain containers and "
+                "EDM's torch_utils.persistence records. Import a network pickle written by NVlabs/edm "
+                "(e.g. edm-cifar10-32x32-uncond-vp.pkl), or convert other files to a state dict yourself"
+            )
+        return target
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise EDMPickleError(
+            f"{self.source}: persistent id {pid!r} found: this is a torch.save file, not an EDM "
+            "network pickle; pass it as teacher_ckpt directly if it holds a cmscale checkpoint"
+        )
+
+
+def read_edm_pickle(path: str | Path) -> Any:
+    """The top-level object of an EDM pickle, with persistent objects as :class:`PersistentRecord`."""
+    path = Path(path)
+    if not path.is_file():
+        raise EDMPickleError(f"{path}: EDM network pickle not found (download it first, see README 'Start from EDM')")
+    with path.open("rb") as handle:
+        try:
+            return RestrictedUnpickler(handle, str(path)).load()
+        except EDMPickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError) as error:
+            raise EDMPickleError(
+                f"{path}: not a readable EDM network pickle ({type(error).__name__}: {error})"
+            ) from None
+
+
+def record_tensors(record: PersistentRecord | ContainerRecord, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The state dict of a persistent module record: parameters and persistent buffers, recursively."""
+    state = record.state
+    tensors: dict[str, torch.Tensor] = {}
+    skipped = set(state.get("_non_persistent_buffers_set") or ())
+    for kind in ("_parameters", "_buffers"):
+        for name, value in (state.get(kind) or {}).items():
+            if value is not None and name not in skipped:
+                tensors[prefix + name] = value.detach().clone()
+    for name, child in (state.get("_modules") or {}).items():
+        if isinstance(child, (PersistentRecord, ContainerRecord)):
+            tensors.update(record_tensors(child, f"{prefix}{name}."))
+        elif child is not None:
+            raise EDMPickleError(f"module {prefix}{name} is not an EDM persistent module ({type(child).__name__})")
+    return tensors
+
+
+def _plain(value: Any) -> Any:
+    """Constructor arguments as plain JSON-like data (EasyDicts to dicts, tuples to lists)."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+# EDM's constructor defaults (training/networks.py), for arguments a pickle does not record.
+_SONG_DEFAULTS = dict(
+    model_channels=128,
+    channel_mult=[1, 2, 2, 2],
+    channel_mult_emb=4,
+    num_blocks=4,
+    attn_resolutions=[16],
+    embedding_type="positional",
+    channel_mult_noise=1,
+    encoder_type="standard",
+    decoder_type="standard",
+    resample_filter=[1, 1],
+    augment_dim=0,
+    label_dim=0,
+)
+_DHARIWAL_DEFAULTS = dict(
+    model_channels=192,
+    channel_mult=[1, 2, 3, 4],
+    channel_mult_emb=4,
+    num_blocks=3,
+    attn_resolutions=[32, 16, 8],
+    augment_dim=0,
+    label_dim=0,
+)
+_DDPMPP_ONLY = dict(
+    embedding_type="positional",
+    channel_mult_noise=1,
+    encoder_type="standard",
+    decoder_type="standard",
+    resample_filter=[1, 1],
+    channel_mult_emb=4,
+)
+
+
+@dataclass
+class ImportedNetwork:
+    preset: str
+    resolution: int
+    img_channels: int
+    sigma_data: float
+    state_dict: dict[str, torch.Tensor]
+    network_class: str
+    network_kwargs: dict
+    notes: list[str]
+
+
+def _network_record(top: Any, source: str) -> PersistentRecord:
+    if isinstance(top, dict) and "ema" in top:
+        top = top["ema"]
+    if not isinstance(top, PersistentRecord):
+        raise EDMPickleError(
+            f"{source}: expected EDM's snapshot dict with an 'ema' network (or a pickled EDMPrecond); "
+            f"found {type(top).__name__}"
+        )
+    if top.class_name != "EDMPrecond":
+        raise EDMPickleError(
+            f"{source}: the network is {top.class_name}, but cmscale imports EDMPrecond networks only "
+            "(EDM's 'edm-*' pickles; the VP/VE/iDDPM 'baseline-*' pickles use other noise "
+            "conditioning). Download an edm-*.pkl"
+        )
+    return top
+
+
+def import_edm_network(path: str | Path) -> ImportedNetwork:
+    """Read an EDM pickle safely and map its network onto a cmscale preset (checked by a strict load)."""
+    source = str(path)
+    precond = _network_record(read_edm_pickle(path), source)
+    state = precond.state
+    model = (state.get("_modules") or {}).get("model")
+    if not isinstance(model, PersistentRecord):
+        raise EDMPickleError(f"{source}: EDMPrecond has no 'model' network")
+    label_dim = int(state.get("label_dim") or 0)
+    if label_dim:
+        raise EDMPickleError(
+            f"{source}: a class-conditional network (label_dim={label_dim}); cmscale trains "
+            "unconditional models: use an '*-uncond-*' pickle such as edm-cifar10-32x32-uncond-vp.pkl"
+        )
+    recorded = _plain(model.state.get("_init_kwargs") or {})
+    if model.class_name == "SongUNet":
+        architecture, kwargs = "ddpmpp", {**_SONG_DEFAULTS, **recorded}
+        unsupported = {key: kwargs[key] for key, value in _DDPMPP_ONLY.items() if kwargs[key] != value}
+        if unsupported:
+            raise EDMPickleError(
+                f"{source}: a SongUNet with {unsupported}: that is NCSN++ or a non-standard DDPM++; "
+                "cmscale has EDM's DDPM++ only (positional embedding, standard encoder and decoder)"
+            )
+    elif model.class_name == "DhariwalUNet":
+        architecture, kwargs = "adm", {**_DHARIWAL_DEFAULTS, **recorded}
+    else:
+        raise EDMPickleError(
+            f"{source}: unknown EDM network class {model.class_name}; cmscale imports SongUNet "
+            "(DDPM++) and DhariwalUNet (ADM)"
+        )
+    resolution = int(kwargs.get("img_resolution", state.get("img_resolution")))
+    img_channels = int(kwargs.get("in_channels", state.get("img_channels")))
+    wanted = (
+        int(kwargs["model_channels"]),
+        tuple(kwargs["channel_mult"]),
+        int(kwargs["num_blocks"]),
+        tuple(sorted(kwargs["attn_resolutions"])),
+    )
+    preset = next(
+        (
+            name
+            for name, spec in PRESETS.items()
+            if spec.architecture == architecture
+            and (
+                spec.model_channels,
+                spec.channel_mult,
+                spec.num_blocks,
+                tuple(sorted(spec.attn_resolutions(resolution))),
+            )
+            == wanted
+        ),
+        None,
+    )
+    if preset is None:
+        known = ", ".join(
+            f"{name} ({spec.model_channels} ch, mult {spec.channel_mult}, {spec.num_blocks} blocks)"
+            for name, spec in PRESETS.items()
+            if spec.architecture == architecture
+        )
+        raise EDMPickleError(
+            f"{source}: no {architecture} preset has model_channels={wanted[0]}, channel_mult={wanted[1]}, "
+            f"num_blocks={wanted[2]}, attn_resolutions={wanted[3]} at {resolution}px; "
+            f"add one to cmscale/models/presets.py (known: {known})"
+        )
+
+    tensors = record_tensors(model)
+    notes = []
+    augment_dim = int(kwargs.get("augment_dim") or 0)
+    net = build_unet(preset, resolution, img_channels)
+    expected = net.state_dict()
+    if augment_dim == 0 and "map_augment.weight" in expected:
+        # The augmentation-label layer is never used without augmentation labels; zeros make the load strict.
+        tensors["map_augment.weight"] = torch.zeros_like(expected["map_augment.weight"])
+        notes.append("the pickle has no augmentation-label layer; map_augment.weight set to zeros (unused)")
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{key} {tuple(tensors[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in tensors and tensors[key].shape != value.shape
+    ]
+    if missing or unexpected or wrong:
+        raise EDMPickleError(
+            f"{source}: the {model.class_name} weights do not fit preset {preset!r}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
+    net.load_state_dict(tensors, strict=True)
+    return ImportedNetwork(
+        preset=preset,
+        resolution=resolution,
+        img_channels=img_channels,
+        sigma_data=float(state.get("sigma_data", 0.5)),
+        state_dict={key: value.float().contiguous() for key, value in net.state_dict().items()},
+        network_class=f"{precond.class_name}/{model.class_name}",
+        network_kwargs={key: value for key, value in recorded.items()},
+        notes=notes,
+    )
+
+
+def teacher_checkpoint(imported: ImportedNetwork, source: str | Path) -> dict[str, Any]:
+    """The cmscale teacher checkpoint (plain keys; ``torch.load(weights_only=True)`` reads it)."""
+    source = Path(source)
+    digest = hashlib.sha256()
+    with source.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "net": imported.state_dict,
+        "preset": imported.preset,
+        "resolution": imported.resolution,
+        "img_channels": imported.img_channels,
+        "sigma_data": imported.sigma_data,
+        "method": "edm",
+        "step": 0,
+        "source": {
+            "file": source.name,
+            "sha256": digest.hexdigest(),
+            "network": imported.network_class,
+            "init_kwargs": imported.network_kwargs,
+        },
+    }
+
+
+def import_edm_pickle(path: str | Path, out: str | Path) -> dict[str, Any]:
+    """Import ``path`` and write the teacher checkpoint to ``out``; returns its metadata (no weights)."""
+    imported = import_edm_network(path)
+    checkpoint = teacher_checkpoint(imported, path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(out)
+    summary = {key: value for key, value in checkpoint.items() if key != "net"}
+    summary["params"] = sum(
+        value.numel() for key, value in imported.state_dict.items() if not key.endswith("resample_filter")
+    )
+    summary["notes"] = imported.notes
+    return summary
