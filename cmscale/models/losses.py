@@ -16,8 +16,8 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.nn import functional as F
 
-from cmscale.models.jvp import lean_jvp
 from cmscale.models.dropout import clear_masks, record_masks, replay_masks
+from cmscale.models.jvp import lean_jvp
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond, _per_sample
 from cmscale.models.unet import PositionalEmbedding
 
