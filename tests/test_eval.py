@@ -33,7 +33,7 @@ from cmscale.eval import (
     reference_statistics,
 )
 from cmscale.eval.features import INCEPTION_FILENAME, DigitsFeatureExtractor
-from cmscale.eval.fid import scores_to_reference
+from cmscale.eval.fid import noise_floor, scores_to_reference
 from cmscale.eval.run import load_run_config_json, model_from_final_checkpoint
 from cmscale.methods import unet_of
 from cmscale.models.flops import forward_flops
@@ -119,6 +119,16 @@ def test_kid_is_near_zero_for_real_images_and_rises_with_noise(digits, space):
     assert abs(real.kid) < 0.15 * strong.kid
     assert real.kid < mild.kid < strong.kid and real.kid_std > 0
     assert scores_to_reference(digits.images[::2], reference).kid is None  # kid_subsets=0: FID only
+
+
+def test_noise_floor_is_fid_between_disjoint_real_samples_and_shrinks_with_the_sample_count(digits, space):
+    small, large = (noise_floor(digits, space, n, repeats=3, kid_subsets=10) for n in (100, 400))
+    # Real against real: FID's finite-sample bias only, roughly proportional to 1/num_samples.
+    assert small.fid_mean > 2 * large.fid_mean > 0 and small.fid_std > 0
+    assert large.reference_size == len(digits) - 400 and large.repeats == 3
+    assert noise_floor(digits, space, 400, repeats=3, kid_subsets=10) == large  # seeded
+    with pytest.raises(ValueError, match="half of the"):
+        noise_floor(digits, space, len(digits))
 
 
 def frechet_distance_direct(features_a: np.ndarray, features_b: np.ndarray) -> float:

@@ -20,7 +20,7 @@ FID) comes from the same call with ``kid=True``: torch-fidelity caches the refer
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +196,46 @@ def fid_between(images_a: torch.Tensor, images_b: torch.Tensor, space: FeatureSp
         **_fidelity_common(space, device, batch_size),
     )
     return float(metrics[KEY_METRIC_FID])
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """FID and KID of real images against other real images, at an eval's sample count.
+
+    A perfect generator scores about ``fid_mean`` (FID's finite-sample bias), and two evals of one
+    model differ by about ``fid_std``: differences between models smaller than that are noise.
+    """
+
+    num_samples: int
+    reference_size: int
+    repeats: int
+    fid_mean: float
+    fid_std: float
+    kid_mean: float
+    kid_std: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def noise_floor(data: ImageData, space: FeatureSpace, num_samples: int, repeats: int = 3, kid_subsets: int = 20,
+                device: torch.device | str = "cpu", batch_size: int = FEATURE_BATCH, seed: int = 0) -> NoiseFloor:
+    """Split the data ``repeats`` times at random into ``num_samples`` images and the disjoint rest,
+    and score the first part against the rest with the evals' FID and KID."""
+    images = data.images
+    if not 2 <= num_samples <= len(images) // 2:
+        raise ValueError(f"noise floor: num_samples must lie in [2, {len(images) // 2}] (half of the "
+                         f"{len(images)} {data.name} images); got {num_samples}")
+    generator = torch.Generator().manual_seed(seed)
+    fids, kids = [], []
+    for _ in range(repeats):
+        order = torch.randperm(len(images), generator=generator)
+        sample, rest = images[order[:num_samples]], images[order[num_samples:]]
+        metrics = torch_fidelity.calculate_metrics(
+            input1=UInt8Images(sample, space.channels), input2=UInt8Images(rest, space.channels), cache=False,
+            fid=True, kid=kid_subsets > 0, kid_subsets=max(kid_subsets, 1), kid_subset_size=min(KID_SUBSET_SIZE, num_samples),
+            **_fidelity_common(space, device, batch_size))
+        fids.append(float(metrics[KEY_METRIC_FID]))
+        kids.append(float(metrics.get(KEY_METRIC_KID_MEAN, float("nan"))))
+    return NoiseFloor(num_samples, len(images) - num_samples, repeats, float(np.mean(fids)), float(np.std(fids)),
+                      float(np.mean(kids)), float(np.std(kids)))

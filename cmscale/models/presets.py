@@ -4,6 +4,11 @@ Each preset fixes the width, depth and attention placement of :class:`~cmscale.m
 resolution and channels come from the dataset. Attention is placed by level (0 = full resolution),
 so a preset means the same architecture at 16x16 digits and at 32x32 CIFAR-10. Parameter counts
 grow by about 2-4x per step; ``xl`` is the DDPM++ CIFAR-10 network of EDM (about 56M parameters).
+
+The ``t<width>`` presets are a finer ladder below ``xxs`` (about 12k to 400k parameters on 8x8
+grey digits): two resolution levels, no attention outside the middle block, named by their base
+width. At these sizes a CPU can train every size of a scaling study to comparable convergence in
+minutes, which is what the demo study (``cmscale demo``) needs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in [
+        Preset("t4", model_channels=4, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
+        Preset("t6", model_channels=6, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
+        Preset("t8", model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
+        Preset("t12", model_channels=12, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
+        Preset("t16", model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
+        Preset("t24", model_channels=24, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
         Preset("xxs", model_channels=8, channel_mult=(1, 2, 2), num_blocks=1, attn_levels=()),
         Preset("xs", model_channels=16, channel_mult=(1, 2, 2), num_blocks=1, attn_levels=()),
         Preset("s", model_channels=32, channel_mult=(1, 2, 2), num_blocks=1, attn_levels=(1,)),
