@@ -107,9 +107,9 @@ def data_info(name: str, path: str | None, resolution: int | None, as_json: bool
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
               help="local: processes on this machine; slurm: the cluster behind SLURM_CONF.")
 @click.option("--profile", default=None, help="SLURM profile (slurm/profiles/NAME.toml) for --executor slurm.")
-@click.option("--quick", is_flag=True, help="Two sizes, smaller budgets and fewer FID samples: a few minutes.")
+@click.option("--quick", is_flag=True, help="Two sizes, three budgets, shorter teachers: under 3 minutes on 2 cores.")
 def demo_command(out: str, executor: str, profile: str | None, quick: bool) -> None:
-    """Run the whole study on the embedded digits data: teachers, ECT and sCD, FID, DuckDB, fits, report."""
+    """Run the whole study on the embedded digits data: teachers, ECT and sCD, FID/KID, DuckDB, fits, report."""
     from pathlib import Path
 
     from cmscale.config import ConfigError
