@@ -15,6 +15,8 @@ import pytest
 from cmscale.demo import spec_path
 from cmscale.sweep.spec import load_spec
 
+pytestmark = pytest.mark.slow  # end to end: minutes of training on a busy machine
+
 CMSCALE = [sys.executable, "-m", "cmscale.cli"]
 
 
@@ -46,7 +48,8 @@ def test_quick_demo_lands_evals_of_every_run_in_duckdb(quick_demo):
         evals = connection.execute("SELECT count(*) FROM evals").fetchone()[0]
         runs, done = connection.execute("SELECT count(*), count(*) FILTER (WHERE status = 'done') FROM runs").fetchone()
         without_eval = connection.execute(
-            "SELECT count(*) FROM runs r WHERE NOT EXISTS (SELECT 1 FROM evals e WHERE e.run_id = r.run_id)").fetchone()[0]
+            "SELECT count(*) FROM runs r WHERE NOT EXISTS (SELECT 1 FROM evals e WHERE e.run_id = r.run_id)"
+        ).fetchone()[0]
     assert evals > 0
     assert runs == done == 14  # 2 teachers + 2 sizes x 3 budgets x (ECT, sCD)
     assert without_eval == 0
@@ -58,7 +61,8 @@ def test_quick_demo_records_kid_and_the_sample_count_and_prints_the_noise_floor(
     spec = load_spec(spec_path(quick=True))
     with duckdb.connect(str(root / "cmscale.duckdb"), read_only=True) as connection:
         counts = connection.execute("SELECT DISTINCT num_samples FROM evals").fetchall()
-        missing_kid = connection.execute("SELECT count(*) FROM evals WHERE kid IS NULL OR kid_std IS NULL").fetchone()[0]
+        missing_kid = connection.execute(
+            "SELECT count(*) FROM evals WHERE kid IS NULL OR kid_std IS NULL").fetchone()[0]
     assert counts == [(spec.defaults["eval"]["num_samples"],)] and missing_kid == 0
     floor = json.loads((root / "report" / spec.name / "noise_floor.json").read_text())
     assert floor["num_samples"] == spec.defaults["eval"]["num_samples"] and 0 < floor["fid_mean"] < 20
@@ -88,10 +92,19 @@ def test_quick_demo_fits_alpha_with_a_finite_ci_for_a_method(quick_demo):
     root, completed = quick_demo
     assert completed.returncode == 0
     sweep = load_spec(spec_path(quick=True)).name
-    fitted = subprocess.run([*CMSCALE, "fit", "powerlaw", "--sweep", sweep, "--root", str(root), "--json", "--n-draws", "200"],
-                            capture_output=True, text=True, timeout=600)
+    fitted = subprocess.run(
+        [*CMSCALE, "fit", "powerlaw", "--sweep", sweep, "--root", str(root), "--json", "--n-draws", "200"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     fits = json.loads(fitted.stdout)
-    finite = [fit for fit in fits if fit["method"] in ("ect", "scd")
-              and all(math.isfinite(bound) for bound in fit["ci"]["alpha"]) and fit["ci"]["alpha"][0] < fit["ci"]["alpha"][1]]
+    finite = [
+        fit
+        for fit in fits
+        if fit["method"] in ("ect", "scd")
+        and all(math.isfinite(bound) for bound in fit["ci"]["alpha"])
+        and fit["ci"]["alpha"][0] < fit["ci"]["alpha"][1]
+    ]
     assert finite, json.dumps(fits, indent=1)[:3000]

@@ -143,8 +143,10 @@ class Scores:
     kid_std: float | None = None
 
 
-def scores_to_reference(images: torch.Tensor, reference: Reference, device: torch.device | str = "cpu",
-                        batch_size: int = FEATURE_BATCH, kid_subsets: int = 0) -> Scores:
+def scores_to_reference(
+    images: torch.Tensor, reference: Reference, device: torch.device | str = "cpu",
+    batch_size: int = FEATURE_BATCH, kid_subsets: int = 0,
+) -> Scores:
     """FID (and KID when ``kid_subsets`` > 0) between uint8 ``images`` and the reference, by one
     ``torch_fidelity.calculate_metrics`` call. The reference statistics (and, for KID, features)
     come from the cache, so the reference images go through the extractor at most once."""
@@ -174,7 +176,8 @@ def scores_to_reference(images: torch.Tensor, reference: Reference, device: torc
         metrics = calculate()
     if not kid:
         return Scores(float(metrics[KEY_METRIC_FID]))
-    return Scores(float(metrics[KEY_METRIC_FID]), float(metrics[KEY_METRIC_KID_MEAN]), float(metrics[KEY_METRIC_KID_STD]))
+    kid_mean, kid_std = float(metrics[KEY_METRIC_KID_MEAN]), float(metrics[KEY_METRIC_KID_STD])
+    return Scores(float(metrics[KEY_METRIC_FID]), kid_mean, kid_std)
 
 
 def fid_to_reference(images: torch.Tensor, reference: Reference, device: torch.device | str = "cpu",
@@ -233,7 +236,8 @@ def noise_floor(data: ImageData, space: FeatureSpace, num_samples: int, repeats:
         sample, rest = images[order[:num_samples]], images[order[num_samples:]]
         metrics = torch_fidelity.calculate_metrics(
             input1=UInt8Images(sample, space.channels), input2=UInt8Images(rest, space.channels), cache=False,
-            fid=True, kid=kid_subsets > 0, kid_subsets=max(kid_subsets, 1), kid_subset_size=min(KID_SUBSET_SIZE, num_samples),
+            fid=True, kid=kid_subsets > 0, kid_subsets=max(kid_subsets, 1),
+            kid_subset_size=min(KID_SUBSET_SIZE, num_samples),
             **_fidelity_common(space, device, batch_size))
         fids.append(float(metrics[KEY_METRIC_FID]))
         kids.append(float(metrics.get(KEY_METRIC_KID_MEAN, float("nan"))))
