@@ -486,10 +486,10 @@ def test_a_version_1_store_gains_kid_columns_and_old_eval_rows_keep_null(tmp_pat
         writer.write({**eval_row(10, 1, 20.0), "kid": 0.25, "kid_std": 0.5})
     ingest(tmp_path)
     sql = "SELECT run_id, step, fid, kid, kid_std, num_samples FROM evals ORDER BY run_id, step"
-    rows = query(sql, tmp_path, ingest=False).rows()
+    rows = query(sql, tmp_path, ingest_first=False).rows()
     assert rows == [("old", 5, 50.0, None, None, 300), ("r00", 9, 30.0, None, None, 500),
                     ("r00", 10, 20.0, 0.25, 0.5, 500)]
-    assert query("SELECT kid FROM latest_eval WHERE run_id = 'r00'", tmp_path, ingest=False).rows() == [(0.25,)]
+    assert query("SELECT kid FROM latest_eval WHERE run_id = 'r00'", tmp_path, ingest_first=False).rows() == [(0.25,)]
     assert scalar(tmp_path, "SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 2
 
 
