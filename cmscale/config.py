@@ -105,7 +105,10 @@ class EvalConfig(StrictModel):
         default_factory=lambda: [1.0], description="fractions of the budget at which to evaluate FID"
     )
     cm_steps: list[int] = Field(default_factory=lambda: [1, 2])
-    num_samples: int | None = Field(None, ge=2, description="FID samples; None: 50,000 for real data, 1,000 for digits")
+    num_samples: int | None = Field(
+        None, ge=2, description="FID/KID samples; None: 50,000 for real data, 1,000 for digits"
+    )
+    kid_subsets: int = Field(100, ge=0, description="KID random subsets (torch-fidelity's default); 0: no KID")
     batch_size: int = Field(250, ge=1)
     extractor: str = Field(
         "auto", description="'auto' (digits -> domain CNN, else inception-v3-compat) or an extractor name"

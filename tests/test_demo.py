@@ -55,6 +55,39 @@ def test_quick_demo_lands_evals_of_every_run_in_duckdb(quick_demo):
     assert without_eval == 0
 
 
+def test_quick_demo_records_kid_and_the_sample_count_and_prints_the_noise_floor(quick_demo):
+    root, completed = quick_demo
+    assert completed.returncode == 0
+    spec = load_spec(spec_path(quick=True))
+    with duckdb.connect(str(root / "cmscale.duckdb"), read_only=True) as connection:
+        counts = connection.execute("SELECT DISTINCT num_samples FROM evals").fetchall()
+        missing_kid = connection.execute(
+            "SELECT count(*) FROM evals WHERE kid IS NULL OR kid_std IS NULL").fetchone()[0]
+    assert counts == [(spec.defaults["eval"]["num_samples"],)] and missing_kid == 0
+    floor = json.loads((root / "report" / spec.name / "noise_floor.json").read_text())
+    assert floor["num_samples"] == spec.defaults["eval"]["num_samples"] and 0 < floor["fid_mean"] < 20
+    assert "eval noise floor:" in completed.stdout
+
+
+def test_quick_demo_teachers_improve_with_size_and_students_with_compute(quick_demo):
+    root, completed = quick_demo
+    assert completed.returncode == 0
+    with duckdb.connect(str(root / "cmscale.duckdb"), read_only=True) as connection:
+        teachers = connection.execute(
+            "SELECT r.params, r.final_step, e.fid FROM latest_eval e JOIN runs r USING (run_id) "
+            "WHERE r.method = 'edm' ORDER BY r.params").fetchall()
+        students = connection.execute(
+            "SELECT r.method, r.preset, e.sampler_steps, regr_slope(ln(e.fid), ln(e.train_flops)) AS slope, count(*) "
+            "FROM evals e JOIN runs r USING (run_id) WHERE r.method <> 'edm' "
+            "GROUP BY ALL ORDER BY ALL").fetchall()
+    # Teachers all train for the same number of iterations; the larger one is the better one.
+    assert len({steps for _, steps, _ in teachers}) == 1
+    assert teachers[0][2] > teachers[-1][2], teachers
+    # Every size of every method: FID falls with training compute (log-log slope over its
+    # 3 budgets x 3 eval fractions) at 1 and 2 sampling steps.
+    assert len(students) == 8 and all(count == 9 and slope < 0 for *_, slope, count in students), students
+
+
 def test_quick_demo_fits_alpha_with_a_finite_ci_for_a_method(quick_demo):
     root, completed = quick_demo
     assert completed.returncode == 0

@@ -32,6 +32,7 @@ from cmscale.eval import (
     reference_statistics,
 )
 from cmscale.eval.features import INCEPTION_FILENAME, DigitsFeatureExtractor
+from cmscale.eval.fid import noise_floor, scores_to_reference
 from cmscale.eval.run import load_run_config_json, model_from_final_checkpoint
 from cmscale.methods import unet_of
 from cmscale.models.flops import forward_flops
@@ -106,6 +107,27 @@ def test_fid_rises_monotonically_with_gaussian_noise(digits, space):
     reference, _ = reference_statistics(digits, space)
     fids = [fid_to_reference(add_noise(digits.images, std), reference) for std in (0.0, 0.05, 0.1, 0.2)]
     assert all(a < b for a, b in zip(fids, fids[1:])), fids
+
+
+def test_kid_is_near_zero_for_real_images_and_rises_with_noise(digits, space):
+    reference, _ = reference_statistics(digits, space)
+    real, mild, strong = (scores_to_reference(add_noise(digits.images[::2], std), reference, kid_subsets=50)
+                          for std in (0.0, 0.2, 0.4))
+    # KID estimates MMD^2 without FID's finite-sample bias: near 0 for half of the reference
+    # itself (slightly negative: the half overlaps the reference), and it grows with corruption.
+    assert abs(real.kid) < 0.15 * strong.kid
+    assert real.kid < mild.kid < strong.kid and real.kid_std > 0
+    assert scores_to_reference(digits.images[::2], reference).kid is None  # kid_subsets=0: FID only
+
+
+def test_noise_floor_is_fid_between_disjoint_real_samples_and_shrinks_with_the_sample_count(digits, space):
+    small, large = (noise_floor(digits, space, n, repeats=3, kid_subsets=10) for n in (100, 400))
+    # Real against real: FID's finite-sample bias only, roughly proportional to 1/num_samples.
+    assert small.fid_mean > 2 * large.fid_mean > 0 and small.fid_std > 0
+    assert large.reference_size == len(digits) - 400 and large.repeats == 3
+    assert noise_floor(digits, space, 400, repeats=3, kid_subsets=10) == large  # seeded
+    with pytest.raises(ValueError, match="half of the"):
+        noise_floor(digits, space, len(digits))
 
 
 def frechet_distance_direct(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -237,6 +259,7 @@ def test_tiny_ect_run_writes_the_expected_eval_rows(tiny_runs):
         assert row["train_flops"] == row["step"] * resolved["flops_per_step"]
         assert row["images_seen"] == row["step"] * student.batch_size
         assert row["num_samples"] == NUM_SAMPLES
+        assert np.isfinite(row["kid"]) and row["kid_std"] >= 0
         assert np.isfinite(row["fid"]) and row["fid"] > 0 and row["wall_s"] > 0
     # The xxs UNet on one 16x16 grey image: the counted FLOPs the eval rows multiply.
     model, _ = model_from_final_checkpoint(student, run_dir / "ckpt" / "final.pt", torch.device("cpu"))

@@ -471,6 +471,28 @@ def test_views_planned_runs_trials_and_schema_version(tmp_path):
         assert migrate(con) == []  # already current
 
 
+def test_a_version_1_store_gains_kid_columns_and_old_eval_rows_keep_null(tmp_path):
+    from cmscale.results.schema import MIGRATIONS
+
+    make_run(tmp_path, 0, 10, evals=(eval_row(9, 1, 30.0),))
+    with duckdb.connect(str(tmp_path / "cmscale.duckdb")) as con:  # the store as schema version 1 left it
+        con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description VARCHAR, "
+                    "applied_at TIMESTAMP)")
+        MIGRATIONS[0][2](con)
+        con.execute("INSERT INTO schema_version VALUES (1, 'v1', now())")
+        con.execute("INSERT INTO evals (run_id, step, sampler_steps, fid, num_samples, extractor) "
+                    "VALUES ('old', 5, 1, 50.0, 300, 'x')")
+    with MetricsWriter(tmp_path / SWEEP / "r00" / "metrics.jsonl") as writer:
+        writer.write({**eval_row(10, 1, 20.0), "kid": 0.25, "kid_std": 0.5})
+    ingest(tmp_path)
+    sql = "SELECT run_id, step, fid, kid, kid_std, num_samples FROM evals ORDER BY run_id, step"
+    rows = query(sql, tmp_path, ingest_first=False).rows()
+    assert rows == [("old", 5, 50.0, None, None, 300), ("r00", 9, 30.0, None, None, 500),
+                    ("r00", 10, 20.0, 0.25, 0.5, 500)]
+    assert query("SELECT kid FROM latest_eval WHERE run_id = 'r00'", tmp_path, ingest_first=False).rows() == [(0.25,)]
+    assert scalar(tmp_path, "SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 2
+
+
 def test_export_parquet_matches_the_query(tmp_path):
     for rank in range(3):
         make_run(tmp_path, rank, 20, evals=(eval_row(19, 1, 10.0 + rank),))

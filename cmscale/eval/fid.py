@@ -11,12 +11,16 @@ A lock around the computation makes concurrent jobs compute it once. FID of gene
 then ``torch_fidelity.calculate_metrics(input1=samples, input2=reference data,
 input2_cache_name=<input>, fid=True, ...)``, which finds the cached statistics and does not touch
 the reference images again. No Frechet distance is written by hand here.
+
+KID (Binkowski et al. 2018; unbiased, so a few hundred samples do not shift it the way they shift
+FID) comes from the same call with ``kid=True``: torch-fidelity caches the reference *features*
+(``<input>-<extractor>-features-<layer>.pt``) beside the statistics, under the same lock.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.utils import (
     cache_lookup_one_recompute_on_miss,
     create_feature_extractor,
@@ -35,6 +40,7 @@ from cmscale.eval.cache import cache_root, locked
 from cmscale.eval.features import FeatureSpace
 
 FEATURE_BATCH = 250
+KID_SUBSET_SIZE = 1000  # torch-fidelity's default; capped by the sample and reference counts
 
 
 class UInt8Images(Dataset):
@@ -90,6 +96,11 @@ class Reference:
     def stats_path(self) -> Path:
         return self.stats_root / f"{self.stats_name}.pt"
 
+    @property
+    def features_path(self) -> Path:
+        # torch-fidelity's name for the cached features of a named input (utils.py), read by KID.
+        return self.stats_root / f"{self.id}-features-{self.space.layer}.pt"
+
 
 def _fidelity_common(space: FeatureSpace, device: torch.device | str, batch_size: int) -> dict:
     return {
@@ -123,23 +134,58 @@ def reference_statistics(data: ImageData, space: FeatureSpace, device: torch.dev
     return reference, stats
 
 
+@dataclass(frozen=True)
+class Scores:
+    """FID, and KID (mean and std over ``kid_subsets`` random subsets) when asked for."""
+
+    fid: float
+    kid: float | None = None
+    kid_std: float | None = None
+
+
+def scores_to_reference(
+    images: torch.Tensor, reference: Reference, device: torch.device | str = "cpu",
+    batch_size: int = FEATURE_BATCH, kid_subsets: int = 0,
+) -> Scores:
+    """FID (and KID when ``kid_subsets`` > 0) between uint8 ``images`` and the reference, by one
+    ``torch_fidelity.calculate_metrics`` call. The reference statistics (and, for KID, features)
+    come from the cache, so the reference images go through the extractor at most once."""
+    if not reference.stats_path.is_file():
+        reference_statistics(reference.data, reference.space, device, batch_size)
+    kid = {}
+    if kid_subsets > 0:
+        subset = min(KID_SUBSET_SIZE, images.shape[0], reference.data.images.shape[0])
+        kid = {"kid": True, "kid_subsets": kid_subsets, "kid_subset_size": subset}
+
+    def calculate() -> dict[str, float]:
+        return torch_fidelity.calculate_metrics(
+            input1=UInt8Images(images, reference.space.channels),
+            input2=UInt8Images(reference.data.images, reference.space.channels),
+            input2_cache_name=reference.input_name,
+            cache=True,
+            cache_root=str(reference.stats_root),
+            fid=True,
+            **kid,
+            **_fidelity_common(reference.space, device, batch_size),
+        )
+
+    if kid and not reference.features_path.is_file():
+        with locked(reference.features_path):  # one job extracts the reference features, the others read them
+            metrics = calculate()
+    else:
+        metrics = calculate()
+    if not kid:
+        return Scores(float(metrics[KEY_METRIC_FID]))
+    kid_mean, kid_std = float(metrics[KEY_METRIC_KID_MEAN]), float(metrics[KEY_METRIC_KID_STD])
+    return Scores(float(metrics[KEY_METRIC_FID]), kid_mean, kid_std)
+
+
 def fid_to_reference(images: torch.Tensor, reference: Reference, device: torch.device | str = "cpu",
                      batch_size: int = FEATURE_BATCH) -> float:
     """FID between uint8 ``images`` and the reference, by ``torch_fidelity.calculate_metrics``.
     The reference statistics come from the cache (computed first if missing), so the reference
     images are not read again."""
-    if not reference.stats_path.is_file():
-        reference_statistics(reference.data, reference.space, device, batch_size)
-    metrics = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(images, reference.space.channels),
-        input2=UInt8Images(reference.data.images, reference.space.channels),
-        input2_cache_name=reference.input_name,
-        cache=True,
-        cache_root=str(reference.stats_root),
-        fid=True,
-        **_fidelity_common(reference.space, device, batch_size),
-    )
-    return float(metrics[KEY_METRIC_FID])
+    return scores_to_reference(images, reference, device, batch_size).fid
 
 
 def fid_between(images_a: torch.Tensor, images_b: torch.Tensor, space: FeatureSpace, device: torch.device | str = "cpu",
@@ -153,3 +199,47 @@ def fid_between(images_a: torch.Tensor, images_b: torch.Tensor, space: FeatureSp
         **_fidelity_common(space, device, batch_size),
     )
     return float(metrics[KEY_METRIC_FID])
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """FID and KID of real images against other real images, at an eval's sample count.
+
+    A perfect generator scores about ``fid_mean`` (FID's finite-sample bias), and two evals of one
+    model differ by about ``fid_std``: differences between models smaller than that are noise.
+    """
+
+    num_samples: int
+    reference_size: int
+    repeats: int
+    fid_mean: float
+    fid_std: float
+    kid_mean: float
+    kid_std: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def noise_floor(data: ImageData, space: FeatureSpace, num_samples: int, repeats: int = 3, kid_subsets: int = 20,
+                device: torch.device | str = "cpu", batch_size: int = FEATURE_BATCH, seed: int = 0) -> NoiseFloor:
+    """Split the data ``repeats`` times at random into ``num_samples`` images and the disjoint rest,
+    and score the first part against the rest with the evals' FID and KID."""
+    images = data.images
+    if not 2 <= num_samples <= len(images) // 2:
+        raise ValueError(f"noise floor: num_samples must lie in [2, {len(images) // 2}] (half of the "
+                         f"{len(images)} {data.name} images); got {num_samples}")
+    generator = torch.Generator().manual_seed(seed)
+    fids, kids = [], []
+    for _ in range(repeats):
+        order = torch.randperm(len(images), generator=generator)
+        sample, rest = images[order[:num_samples]], images[order[num_samples:]]
+        metrics = torch_fidelity.calculate_metrics(
+            input1=UInt8Images(sample, space.channels), input2=UInt8Images(rest, space.channels), cache=False,
+            fid=True, kid=kid_subsets > 0, kid_subsets=max(kid_subsets, 1),
+            kid_subset_size=min(KID_SUBSET_SIZE, num_samples),
+            **_fidelity_common(space, device, batch_size))
+        fids.append(float(metrics[KEY_METRIC_FID]))
+        kids.append(float(metrics.get(KEY_METRIC_KID_MEAN, float("nan"))))
+    return NoiseFloor(num_samples, len(images) - num_samples, repeats, float(np.mean(fids)), float(np.std(fids)),
+                      float(np.mean(kids)), float(np.std(kids)))

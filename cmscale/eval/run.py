@@ -5,12 +5,15 @@ the EMA model) and what ``cmscale eval RUN_DIR`` calls on a finished run's ``ckp
 It returns one row per sampler step count (1 and 2 for consistency models, the Heun step counts
 for an EDM teacher), with the keys of the run-directory contract::
 
-    kind="eval", step, train_flops, images_seen, sampler_steps, nfe, fid, num_samples,
+    kind="eval", step, train_flops, images_seen, sampler_steps, nfe, fid, kid, kid_std, num_samples,
     extractor, reference, sampling_flops_per_image, wall_s
 
 ``sampling_flops_per_image = nfe * forward_flops(unet)`` (counted FLOPs of one UNet forward on one
 image, the convention of cmscale.models.flops), so FID can be plotted against sampling compute.
-``wall_s`` is the seconds this row's sampling and FID took.
+``wall_s`` is the seconds this row's sampling and FID took. ``kid``/``kid_std`` are KID's mean and
+std over ``eval.kid_subsets`` subsets of ``min(1000, num_samples)`` images (None when
+``kid_subsets`` is 0). FID from a few hundred samples is biased upwards by roughly 1/num_samples;
+KID is unbiased, and ``num_samples`` travels with every row so the two can be read together.
 
 Sampling is reproducible: every eval of a run draws its noise from one generator seeded with
 ``eval.seed`` (the same noise at every training step and for every step count), batched by
@@ -32,7 +35,7 @@ from cmscale.config import RunConfig
 from cmscale.data import load_dataset
 from cmscale.distributed import pick_device
 from cmscale.eval.features import feature_space
-from cmscale.eval.fid import fid_to_reference, reference_statistics, to_uint8
+from cmscale.eval.fid import reference_statistics, scores_to_reference, to_uint8
 from cmscale.methods import model_from_checkpoint, sample, sampler_steps, unet_of
 from cmscale.models.flops import forward_flops
 from cmscale.rundir import (
@@ -45,8 +48,8 @@ from cmscale.rundir import (
 
 DIGITS_DEFAULT_SAMPLES = 1_000
 REAL_DATA_DEFAULT_SAMPLES = 50_000  # the FID-50k convention of published numbers
-EVAL_ROW_KEYS = ("kind", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "num_samples",
-                 "extractor", "reference", "sampling_flops_per_image", "wall_s")
+EVAL_ROW_KEYS = ("kind", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "kid", "kid_std",
+                 "num_samples", "extractor", "reference", "sampling_flops_per_image", "wall_s")
 
 
 def eval_num_samples(config: RunConfig) -> int:
@@ -112,7 +115,7 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
                 images, nfe = generate(
                     config, model, num_samples, steps, net.img_channels, device, batch_size, config.eval.seed
                 )
-                fid = fid_to_reference(images, reference, device, batch_size)
+                scores = scores_to_reference(images, reference, device, batch_size, config.eval.kid_subsets)
                 if config.eval.grid_images:
                     save_grid(
                         images, run_dir / SAMPLES_DIR / f"step{step:08d}-{steps}steps.png", config.eval.grid_images
@@ -125,7 +128,9 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
                         "images_seen": int(images_seen),
                         "sampler_steps": int(steps),
                         "nfe": int(nfe),
-                        "fid": float(fid),
+                        "fid": scores.fid,
+                        "kid": scores.kid,
+                        "kid_std": scores.kid_std,
                         "num_samples": int(num_samples),
                         "extractor": space.extractor,
                         "reference": reference.id,

@@ -24,6 +24,8 @@ METRIC_SCHEMA: dict[str, pl.DataType] = {
     "sampler_steps": pl.Int64,
     "nfe": pl.Int64,
     "fid": pl.Float64,
+    "kid": pl.Float64,
+    "kid_std": pl.Float64,
     "num_samples": pl.Int64,
     "extractor": pl.String,
     "reference": pl.String,
@@ -32,7 +34,7 @@ METRIC_SCHEMA: dict[str, pl.DataType] = {
 TRAIN_COLUMNS = ["run_id", "step", "images_seen", "train_flops", "loss", "wall_s"]
 EVAL_COLUMNS = [
     "run_id", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "num_samples",
-    "extractor", "reference", "sampling_flops_per_image", "wall_s",
+    "extractor", "reference", "sampling_flops_per_image", "wall_s", "kid", "kid_std",
 ]
 TRAIN_KEY = ["run_id", "step"]
 EVAL_KEY = ["run_id", "step", "sampler_steps", "extractor"]
@@ -164,9 +166,16 @@ def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
         LEFT JOIN last_fid USING (run_id)""")
 
 
+def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
+    # KID beside FID (rows written before it have NULL); the views select evals.* and pick them up.
+    con.execute("ALTER TABLE evals ADD COLUMN kid DOUBLE")
+    con.execute("ALTER TABLE evals ADD COLUMN kid_std DOUBLE")
+
+
 # (version, description, apply). Append new entries for schema changes; never edit old ones.
 MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
     (1, "tables sweeps, runs, train, evals, trials, ingest_files; views latest_eval, run_summary", _migration_1),
+    (2, "evals: kid, kid_std (KID mean and std over subsets)", _migration_2),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -18,7 +18,7 @@ Example (``examples/sweep_digits_tiny.toml``)::
 
     [teacher]                             # pretrain one EDM teacher per preset ...
     train = true
-    budget_flops = 1e13
+    budget_flops = 1e13                   # or budget_iters = 800: every size to the same step count
     # ... or give checkpoints:  [teacher.checkpoints]  xs = "/path/to/teacher_xs.pt"
 
     [executor]
