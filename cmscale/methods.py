@@ -27,7 +27,38 @@ from cmscale.models.unet import UNet
 
 
 class TeacherCheckpointError(FileNotFoundError):
-    pass
+    """A teacher checkpoint is missing, unreadable, or made for another network; names the file and fix."""
+
+
+class BudgetError(ValueError):
+    """A compute budget below one training step."""
+
+
+# Checkpoint metadata: the plain keys every cmscale checkpoint (run state, final, imported teacher) carries.
+CHECKPOINT_META_KEYS = ("preset", "resolution", "img_channels", "sigma_data", "method")
+
+
+def sigma_data_of(config: RunConfig) -> float:
+    """The data standard deviation the run's preconditioner uses."""
+    if config.method == "edm":
+        return config.edm.sigma_data
+    if config.method == "ect":
+        return config.ect.sigma_data
+    return config.scm.sigma_data
+
+
+def checkpoint_meta(config: RunConfig, img_channels: int) -> dict:
+    return {"preset": config.preset, "resolution": config.resolution, "img_channels": img_channels,
+            "sigma_data": sigma_data_of(config), "method": config.method}
+
+
+def metadata_mismatches(stored: dict, expected: dict) -> list[str]:
+    """``key: checkpoint has A, the run has B`` for each metadata key present in both that differs."""
+    problems = []
+    for key, wanted in expected.items():
+        if key in stored and stored[key] != wanted:
+            problems.append(f"{key}: the checkpoint has {stored[key]!r}, the run has {wanted!r}")
+    return problems
 
 
 @dataclass
@@ -61,21 +92,49 @@ def unet_of(model: nn.Module) -> UNet:
     return model.net
 
 
-def load_unet_weights(net: UNet, path: str | Path) -> None:
+def load_unet_weights(net: UNet, path: str | Path, expected: dict | None = None) -> None:
+    """Load a teacher's UNet weights, after checking its metadata against ``expected``.
+
+    ``expected`` holds the run's values of CHECKPOINT_META_KEYS (the teacher's method must be edm);
+    a checkpoint without metadata (a bare state dict) is checked by its tensor shapes alone."""
     path = Path(path)
     if not path.is_file():
         raise TeacherCheckpointError(
             f"teacher checkpoint {path} not found; train the EDM teacher first (method = 'edm'; its run writes "
             "ckpt/final.pt) or set teacher_ckpt to an existing file"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(state["net"] if "net" in state else state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file (empty, truncated, pickle, garbage) is reported alike
+        raise TeacherCheckpointError(
+            f"teacher checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "it is not a complete cmscale checkpoint: point teacher_ckpt at an EDM run's ckpt/final.pt"
+        ) from None
+    if not isinstance(state, dict):
+        raise TeacherCheckpointError(f"teacher checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
+    if expected is not None:
+        problems = metadata_mismatches(state, expected)
+        if problems:
+            raise TeacherCheckpointError(f"teacher checkpoint {path} does not fit this run: {'; '.join(problems)}; "
+                                         "use a teacher trained with the same preset, resolution and data")
+    weights = state["net"] if "net" in state else state
+    try:
+        net.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:400]
+        raise TeacherCheckpointError(
+            f"teacher checkpoint {path} does not fit this run's network ({detail}); use a teacher trained with the "
+            "same preset, resolution and channels"
+        ) from None
 
 
 def build_method(config: RunConfig, img_channels: int, device: torch.device | str = "cpu") -> Method:
     """Assemble networks and loss for ``config``; the teacher is loaded from ``config.teacher_ckpt``."""
     def fresh_unet() -> UNet:
         return build_unet(config.preset, config.resolution, img_channels, dropout=config.dropout)
+
+    teacher_meta = checkpoint_meta(config, img_channels) | {"method": "edm"}
 
     method = config.method
     if method == "edm":
@@ -85,7 +144,7 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
     if method == "ect":
         options = config.ect
         net = fresh_unet()
-        load_unet_weights(net, config.teacher_ckpt)
+        load_unet_weights(net, config.teacher_ckpt, teacher_meta)
         model = EDMPrecond(net, options.sigma_data, sigma_min=options.sigma_min)
         iters_per_stage = options.iters_per_stage or max(1, iterations_for_budget(config) // options.num_stages)
         loss = ECTLoss(options.P_mean, options.P_std, options.sigma_data, options.q, options.k, options.b,
@@ -98,13 +157,13 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
     teacher = None
     if config.teacher_ckpt:
         net = fresh_unet()
-        load_unet_weights(net, config.teacher_ckpt)
+        load_unet_weights(net, config.teacher_ckpt, teacher_meta)
         model: nn.Module = EDMAsTrigFlow(EDMPrecond(net, options.sigma_data))
     else:
         model = TrigFlowPrecond(fresh_unet(), options.sigma_data)
     if method == "scd":
         teacher_net = build_unet(config.preset, config.resolution, img_channels)
-        load_unet_weights(teacher_net, config.teacher_ckpt)
+        load_unet_weights(teacher_net, config.teacher_ckpt, teacher_meta)
         teacher = EDMAsTrigFlow(EDMPrecond(teacher_net, options.sigma_data)).to(device).eval().requires_grad_(False)
     return Method(method, model.to(device), loss, teacher, [loss.adaptive_weight])
 
@@ -170,4 +229,13 @@ def _method_without_weights(config: RunConfig, img_channels: int) -> Method:
 def iterations_for_budget(config: RunConfig) -> int:
     if config.budget_iters is not None:
         return config.budget_iters
-    return max(1, round(config.budget_flops / flops_per_step(config)))
+    step_flops = flops_per_step(config)
+    check_budget_covers_a_step(config.budget_flops, step_flops, "budget_flops")
+    return max(1, round(config.budget_flops / step_flops))
+
+
+def check_budget_covers_a_step(budget_flops: float, step_flops: int, field: str) -> None:
+    """A budget below one step would be clamped to one step, training on more compute than asked."""
+    if budget_flops < step_flops:
+        raise BudgetError(f"{field} = {budget_flops:.4g} is below one training step ({step_flops:.4g} FLOPs per step "
+                          f"at this preset, resolution and batch size); give at least {step_flops:.4g}")

@@ -172,8 +172,15 @@ class Planner:
         return _merge(base, spec.defaults)
 
     def _planned(self, fields: dict[str, Any], stage: int, where: str, depends_on: list[str]) -> PlannedRun:
+        from cmscale.methods import BudgetError, check_budget_covers_a_step
+
         config = self._config(fields, where)
         flops_per_step = self._flops(config)
+        if config.budget_flops is not None:
+            try:
+                check_budget_covers_a_step(config.budget_flops, flops_per_step, "budget_flops")
+            except BudgetError as error:
+                raise SpecError(f"{self.source} ({where}): invalid configuration\n  - {error}") from None
         iterations = _iterations(config.budget_flops, config.budget_iters, flops_per_step)
         run_id = run_id_for(config)
         config = config.model_copy(update={"run_id": run_id})

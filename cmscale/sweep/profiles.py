@@ -15,11 +15,18 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from cmscale.config import ConfigError, StrictModel, format_validation_error
+from cmscale.config import (
+    SAFE_NAME_PATTERN,
+    ConfigError,
+    SafeName,
+    StrictModel,
+    format_validation_error,
+    safe_path_component,
+)
 
 
 class Profile(StrictModel):
-    name: str = "local"
+    name: SafeName = "local"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -80,6 +87,10 @@ def load_profile(name_or_path: str) -> Profile:
     if candidate.suffix == ".toml" and candidate.is_file():
         path = candidate
     else:
+        try:
+            safe_path_component(name_or_path)
+        except ValueError as error:
+            raise ConfigError(f"profile: {error} (or give a path to a .toml file)") from None
         path = next((folder / f"{name_or_path}.toml" for folder in profile_dirs() if (folder / f"{name_or_path}.toml").is_file()), None)
         if path is None:
             raise ConfigError(
@@ -90,7 +101,7 @@ def load_profile(name_or_path: str) -> Profile:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", path.stem if SAFE_NAME_PATTERN.match(path.stem) else "custom")
     try:
         return Profile.model_validate(raw)
     except ValidationError as error:

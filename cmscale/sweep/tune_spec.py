@@ -55,7 +55,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from cmscale.config import ConfigError, Method, RunConfig, StrictModel, read_toml
+from cmscale.config import (
+    DATASETS_WITH_FILES,
+    ConfigError,
+    Method,
+    ProfileRef,
+    RunConfig,
+    SafeName,
+    StrictModel,
+    read_toml,
+)
 
 SAMPLER_STEPS_PARAM = "sampler_steps"
 NOT_SEARCHABLE = {"run_id", "sweep"}
@@ -126,12 +135,12 @@ class PrunerSpec(StrictModel):
 
 class TuneExecutorSpec(StrictModel):
     name: Literal["local", "slurm", "debug"] = "local"
-    profile: str = "local"
+    profile: ProfileRef = "local"
     timeout_min: int = Field(120, ge=1, description="wall-clock limit of one worker")
 
 
 class TuneSpec(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeName
     n_trials: int = Field(ge=1)
     workers: int = Field(1, ge=1)
     storage: str | None = Field(None, description="Optuna storage URL; default: a journal file under the results root")
@@ -220,7 +229,7 @@ def _errors(source: str, items: list[tuple[str, str]]) -> TuneSpecError:
 
 
 def _pydantic_items(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
-    return [(prefix + _loc(item["loc"]), item["msg"]) for item in error.errors()]
+    return [(prefix + _loc(item["loc"]), item["msg"].removeprefix("Value error, ")) for item in error.errors()]
 
 
 def parse_tune_spec(raw: dict[str, Any], source: str = "<tune spec>") -> TuneSpec:
@@ -254,6 +263,10 @@ def load_tune_spec(path: Path | str) -> TuneSpec:
             if isinstance(base.get(key), str):
                 base[key] = _absolute(base[key], path.parent)
     spec = parse_tune_spec(raw, str(path))
+    data_path = spec.base.get("data_path")
+    if spec.base.get("dataset") in DATASETS_WITH_FILES and data_path and not Path(data_path).exists():
+        raise _errors(str(path), [("base.data_path", f"{data_path} does not exist; give the folder (or file) that holds "
+                                                      f"the {spec.base['dataset']} data")])
     teacher = spec.base.get("teacher_ckpt")
     if teacher and not Path(teacher).is_file():
         raise _errors(str(path), [("base.teacher_ckpt", f"{teacher} not found; train the EDM teacher first (its run "
