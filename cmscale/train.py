@@ -249,6 +249,8 @@ class Trainer:
         self.started = time.time()
         self.first_started = self.started  # kept across resumes, for done.json
         self.forced_changes: list[str] = []
+        self.resume_notes: list[str] = []
+        self.saved_step: int | None = None  # the step latest.pt holds
         self.eval_steps = sorted({max(1, round(fraction * self.total_iters)) for fraction in config.eval.at_fractions})
 
     # -- state ------------------------------------------------------------------------------
@@ -281,7 +283,10 @@ class Trainer:
         return self.wall_offset_s + time.time() - self.started
 
     def save(self) -> None:
-        if self.is_writer:
+        # Saving twice at one step (the periodic save, then the end of the run) would make the
+        # previous checkpoint a copy of the latest instead of an older good one.
+        if self.is_writer and self.saved_step != self.step:
+            self.saved_step = self.step
             ckpt_dir = self.run_dir / CKPT_DIR
             save_checkpoint(ckpt_dir / LATEST_CHECKPOINT, self.state(), previous=ckpt_dir / PREVIOUS_CHECKPOINT)
 
@@ -298,6 +303,8 @@ class Trainer:
                 if state is None:
                     continue
                 self.load_state(state)
+                if name == LATEST_CHECKPOINT:
+                    self.saved_step = self.step
                 return True, notes
             except Exception as error:  # noqa: BLE001 - a bad checkpoint of any kind is set aside, not fatal yet
                 detail = str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {_first_line(error)}"
@@ -467,6 +474,8 @@ def _finish(run_dir: Path, status: str, reason: str | None, trainer: Trainer, st
         "started": started,
         "finished": time.time(),
     }
+    if trainer.resume_notes:
+        done["resume_notes"] = trainer.resume_notes  # checkpoints set aside on the way
     if trainer.is_writer:
         atomic_write_json(run_dir / DONE_FILE, done)
         write_status(run_dir, status)
@@ -516,6 +525,7 @@ def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
         resumed, notes = trainer.resume()
     except CheckpointError as error:
         return _finish(run_dir, "failed", f"cannot resume: {error}", trainer, trainer.first_started)
+    trainer.resume_notes = notes
     for note in notes:
         print(f"warning: {note}; resumed from the previous checkpoint (step {trainer.step})", file=sys.stderr)
     if trainer.is_writer:
