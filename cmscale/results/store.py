@@ -21,9 +21,14 @@ Why it is built this way:
   (atomic replace: new inode, possibly shorter, different bytes before the offset). Any of these
   signs makes the store re-read the whole file and replace that run's rows, so the database
   mirrors the file and never holds a step twice.
-* Keys: train (run_id, step), evals (run_id, step, sampler_steps, extractor), runs (run_id),
-  sweeps (sweep), trials (study, trial_number). Rows are upserted, latest wins. All but train
-  declare a PRIMARY KEY; train's is kept by ingestion alone (see the schema for why).
+* A run's identity is (sweep, run_id), its folder ``<root>/<sweep>/<run_id>``: the same run id in
+  two sweeps (identical configs plan identical ids) names two runs. Keys: train (sweep, run_id,
+  step), evals (sweep, run_id, step, sampler_steps, extractor), runs (sweep, run_id), sweeps
+  (sweep), trials (study, trial_number). Rows are upserted, latest wins. All but train declare a
+  PRIMARY KEY; train's is kept by ingestion alone (see the schema for why).
+* A metrics row whose values cannot be converted is skipped alone and reported as an error with
+  its file, byte offset and field (``cmscale results ingest --strict`` then exits 1); the rows
+  around it are ingested.
 """
 
 from __future__ import annotations
@@ -86,13 +91,14 @@ METRIC_SCHEMA: dict[str, pl.DataType] = {
     "reference": pl.String,
     "sampling_flops_per_image": pl.Float64,
 }
-TRAIN_COLUMNS = ["run_id", "step", "images_seen", "train_flops", "loss", "wall_s"]
+TRAIN_COLUMNS = ["sweep", "run_id", "step", "images_seen", "train_flops", "loss", "wall_s"]
 EVAL_COLUMNS = [
-    "run_id", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "num_samples",
+    "sweep", "run_id", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "num_samples",
     "extractor", "reference", "sampling_flops_per_image", "wall_s",
 ]
-TRAIN_KEY = ["run_id", "step"]
-EVAL_KEY = ["run_id", "step", "sampler_steps", "extractor"]
+RUN_KEY = ["sweep", "run_id"]  # a run's identity, in every table and view
+TRAIN_KEY = [*RUN_KEY, "step"]
+EVAL_KEY = [*RUN_KEY, "step", "sampler_steps", "extractor"]
 
 RUN_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String,
@@ -133,10 +139,11 @@ SWEEP_SCHEMA: dict[str, pl.DataType] = {
 }
 TRIAL_SCHEMA: dict[str, pl.DataType] = {
     "study": pl.String, "trial_number": pl.Int32, "state": pl.String, "params_json": pl.String,
-    "values_json": pl.String, "run_id": pl.String, "updated": pl.Datetime("us"),
+    "values_json": pl.String, "run_id": pl.String, "updated": pl.Datetime("us"), "attempt": pl.Int32,
+    "reason": pl.String,
 }
 FILE_SCHEMA: dict[str, pl.DataType] = {
-    "path": pl.String, "run_id": pl.String, "size": pl.Int64, "mtime_ns": pl.Int64, "inode": pl.Int64,
+    "path": pl.String, "sweep": pl.String, "run_id": pl.String, "size": pl.Int64, "mtime_ns": pl.Int64, "inode": pl.Int64,
     "consumed": pl.Int64, "fingerprint": pl.String, "problem": pl.String, "ingested_at": pl.Datetime("us"),
 }
 
@@ -216,9 +223,80 @@ def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
         LEFT JOIN last_fid USING (run_id)""")
 
 
+def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
+    """Run identity (sweep, run_id) in every table, view and join; every attempt of a trial.
+
+    Schema 1 keyed runs on run_id alone, so runs of two sweeps with the same id were merged and
+    cannot be told apart any more. Everything in the store mirrors the run folders, so the tables
+    are created anew and emptied, with the ingest bookkeeping: the ingest that follows every
+    migration re-reads each file and rebuilds the rows from the folders, each under its sweep."""
+    for view in ("run_summary", "latest_eval"):
+        con.execute(f"DROP VIEW IF EXISTS {view}")
+    for table in ("runs", "train", "evals", "trials", "ingest_files"):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+    con.execute("""
+        CREATE TABLE runs (
+            sweep VARCHAR NOT NULL, run_id VARCHAR NOT NULL, method VARCHAR, preset VARCHAR, params BIGINT,
+            dataset VARCHAR, resolution INTEGER, batch_size INTEGER, budget_flops DOUBLE,
+            budget_iters BIGINT, flops_per_step DOUBLE, flops_per_image_forward DOUBLE, seed INTEGER,
+            teacher_run_id VARCHAR, status VARCHAR, reason VARCHAR, host VARCHAR, slurm_job_id VARCHAR,
+            git_commit VARCHAR, config_json JSON, started TIMESTAMP, finished TIMESTAMP,
+            final_step BIGINT, train_flops DOUBLE, wall_s DOUBLE,
+            img_channels INTEGER, world_size INTEGER, executor VARCHAR, attempt INTEGER,
+            status_updated TIMESTAMP, run_dir VARCHAR, ingested_at TIMESTAMP, PRIMARY KEY (sweep, run_id))""")
+    # train's key (sweep, run_id, step) is kept by ingestion, not declared (see migration 1 for why).
+    con.execute("""
+        CREATE TABLE train (
+            sweep VARCHAR NOT NULL, run_id VARCHAR NOT NULL, step BIGINT NOT NULL, images_seen BIGINT,
+            train_flops DOUBLE, loss DOUBLE, wall_s DOUBLE)""")
+    con.execute("""
+        CREATE TABLE evals (
+            sweep VARCHAR NOT NULL, run_id VARCHAR NOT NULL, step BIGINT NOT NULL, train_flops DOUBLE,
+            images_seen BIGINT, sampler_steps INTEGER NOT NULL, nfe INTEGER, fid DOUBLE, num_samples INTEGER,
+            extractor VARCHAR NOT NULL, reference VARCHAR, sampling_flops_per_image DOUBLE,
+            wall_s DOUBLE, PRIMARY KEY (sweep, run_id, step, sampler_steps, extractor))""")
+    # One row per attempt: a retried trial has a new trial number and keeps the failed one.
+    con.execute("""
+        CREATE TABLE trials (
+            study VARCHAR NOT NULL, trial_number INTEGER NOT NULL, state VARCHAR, params_json JSON,
+            values_json JSON, run_id VARCHAR, updated TIMESTAMP, attempt INTEGER, reason VARCHAR,
+            PRIMARY KEY (study, trial_number))""")
+    con.execute("""
+        CREATE TABLE ingest_files (
+            path VARCHAR PRIMARY KEY, sweep VARCHAR, run_id VARCHAR, size BIGINT, mtime_ns BIGINT, inode BIGINT,
+            consumed BIGINT, fingerprint VARCHAR, problem VARCHAR, ingested_at TIMESTAMP)""")
+    con.execute("DELETE FROM sweeps")
+    con.execute("""
+        CREATE VIEW latest_eval AS
+        SELECT * FROM evals
+        QUALIFY step = max(step) OVER (PARTITION BY sweep, run_id, sampler_steps)""")
+    con.execute("""
+        CREATE VIEW run_summary AS
+        WITH last_train AS (
+            SELECT sweep, run_id, arg_max(loss, step) AS final_loss, max(step) AS last_train_step,
+                   count(*) AS n_train_rows
+            FROM train GROUP BY sweep, run_id),
+        last_fid AS (
+            SELECT sweep, run_id,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 1) AS fid_1step,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 2) AS fid_2step,
+                   min(extractor) AS fid_extractor,
+                   max(step) AS last_eval_step,
+                   max(train_flops) AS eval_train_flops
+            FROM latest_eval GROUP BY sweep, run_id)
+        SELECT runs.*, last_train.final_loss, last_train.last_train_step, last_train.n_train_rows,
+               last_fid.fid_1step, last_fid.fid_2step, last_fid.fid_extractor,
+               last_fid.last_eval_step, last_fid.eval_train_flops
+        FROM runs
+        LEFT JOIN last_train USING (sweep, run_id)
+        LEFT JOIN last_fid USING (sweep, run_id)""")
+
+
 # (version, description, apply). Append new entries for schema changes; never edit old ones.
 MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
     (1, "tables sweeps, runs, train, evals, trials, ingest_files; views latest_eval, run_summary", _migration_1),
+    (2, "run identity (sweep, run_id) in every table and view; trials keep every attempt; rebuilt from the "
+        "run folders by the next ingest", _migration_2),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -442,7 +520,7 @@ class IngestReport:
         log.warning(message)
 
     def error(self, path: Path | str, message: str) -> None:
-        if any(p.path == str(path) for p in self.errors):
+        if any(p.path == str(path) and p.message == message for p in self.errors):
             return
         problem = FileProblem(str(path), message)
         self.errors.append(problem)
@@ -543,6 +621,7 @@ def _fingerprint(data: bytes) -> str:
 class _MetricsChunk:
     """New complete lines of one metrics.jsonl and the bookkeeping to store once they are written."""
 
+    sweep: str
     run_id: str
     seen: _Seen
     blob: bytes  # what was read; the new complete lines are blob[lo:hi] (kept unsliced: no copies)
@@ -566,7 +645,7 @@ class _MetricsChunk:
         return self.blob.count(b"\n", self.lo, self.hi)
 
 
-def _read_metrics(run_id: str, seen: _Seen, known: _Known | None) -> _MetricsChunk | None:
+def _read_metrics(sweep: str, run_id: str, seen: _Seen, known: _Known | None) -> _MetricsChunk | None:
     try:
         handle = open(seen.path, "rb")
     except FileNotFoundError:
@@ -593,11 +672,35 @@ def _read_metrics(run_id: str, seen: _Seen, known: _Known | None) -> _MetricsChu
     hi = blob.rfind(b"\n", lo) + 1 or lo  # end of the last complete line
     consumed = start + hi - lo
     fingerprint = _fingerprint(blob[max(0, consumed - FINGERPRINT_BYTES) - blob_start : consumed - blob_start])
-    return _MetricsChunk(run_id, seen, blob, lo, hi, start, consumed, fingerprint, reset, len(blob) - hi)
+    return _MetricsChunk(sweep, run_id, seen, blob, lo, hi, start, consumed, fingerprint, reset, len(blob) - hi)
+
+
+def _convert_value(value: Any, dtype: pl.DataType) -> Any:
+    """``value`` as the column's type, or raise ValueError saying what was expected."""
+    if value is None:
+        return None
+    if dtype == pl.String:
+        if isinstance(value, str):
+            return value
+        raise ValueError("not a string")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("not a number")
+    if dtype == pl.Int64:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")
+        value = int(value)
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("out of the 64-bit range")
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError("too large for a 64-bit float") from None
 
 
 def _parse_lines_slowly(chunk: _MetricsChunk, report: IngestReport) -> pl.DataFrame:
-    """Line-by-line parse for a chunk the fast reader rejected (NaN, blank or malformed lines)."""
+    """Row by row, for a chunk the fast reader rejected: a line that is not a JSON object, or a value
+    of the wrong type, skips that row alone, reported as an error with its byte offset and field."""
     rows = []
     position = chunk.start
     for line in bytes(chunk.view).split(b"\n")[:-1]:
@@ -607,31 +710,44 @@ def _parse_lines_slowly(chunk: _MetricsChunk, report: IngestReport) -> pl.DataFr
             continue
         try:
             row = json.loads(line)  # accepts NaN and Infinity, which json.dumps writes
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            rows.append({key: row.get(key) for key in METRIC_SCHEMA})
         except ValueError as error:
-            report.warn(f"{chunk.seen.path}: malformed line at byte {offset} skipped ({error})")
+            report.error(chunk.seen.path, f"byte {offset}: not a JSON line ({error}); row skipped")
+            continue
+        if not isinstance(row, dict):
+            report.error(chunk.seen.path, f"byte {offset}: expected a JSON object, got {type(row).__name__}; row skipped")
+            continue
+        converted = {}
+        for key, dtype in METRIC_SCHEMA.items():
+            try:
+                converted[key] = _convert_value(row.get(key), dtype)
+            except ValueError as reason:
+                shown = repr(row.get(key))
+                report.error(chunk.seen.path, f"byte {offset}: field {key!r} is {shown[:80]}, {reason}; row skipped")
+                break
+        else:
+            rows.append(converted)
     if not rows:
         return pl.DataFrame(schema=METRIC_SCHEMA)
-    try:
-        return pl.from_dicts(rows, schema=METRIC_SCHEMA, strict=False)
-    except Exception as error:  # noqa: BLE001 - a value of the wrong type; report and keep going
-        report.warn(f"{chunk.seen.path}: rows with unparseable values skipped ({error})")
-        return pl.DataFrame(schema=METRIC_SCHEMA)
+    return pl.from_dicts(rows, schema=METRIC_SCHEMA)
+
+
+def _with_identity(frame: pl.DataFrame, chunk: _MetricsChunk) -> pl.DataFrame:
+    return frame.insert_column(0, pl.Series("run_id", [chunk.run_id] * frame.height, pl.String)).insert_column(
+        0, pl.Series("sweep", [chunk.sweep] * frame.height, pl.String))
 
 
 def _parse_chunks(chunks: list[_MetricsChunk], report: IngestReport) -> pl.DataFrame:
-    """All chunks' rows with a ``run_id`` column, in file order (one fast parse when possible)."""
+    """All chunks' rows with ``sweep`` and ``run_id`` columns, in file order (one fast parse when possible)."""
     chunks = [c for c in chunks if c.nbytes]
     if not chunks:
-        return pl.DataFrame(schema={"run_id": pl.String, **METRIC_SCHEMA})
+        return pl.DataFrame(schema={"sweep": pl.String, "run_id": pl.String, **METRIC_SCHEMA})
     counts = [c.count_lines() for c in chunks]
     try:
         frame = pl.read_ndjson(io.BytesIO(b"".join(c.view for c in chunks)), schema=METRIC_SCHEMA)
         if frame.height == sum(counts):  # blank lines would misalign run ids; then go file by file
             index = pl.Series(np.repeat(np.arange(len(chunks), dtype=np.uint32), counts))
-            return frame.insert_column(0, pl.Series("run_id", [c.run_id for c in chunks], pl.String).gather(index))
+            frame = frame.insert_column(0, pl.Series("run_id", [c.run_id for c in chunks], pl.String).gather(index))
+            return frame.insert_column(0, pl.Series("sweep", [c.sweep for c in chunks], pl.String).gather(index))
     except Exception:  # noqa: BLE001 - polars rejects NaN/Infinity and malformed lines; go file by file
         pass
     frames = []
@@ -642,7 +758,7 @@ def _parse_chunks(chunks: list[_MetricsChunk], report: IngestReport) -> pl.DataF
                 frame = _parse_lines_slowly(chunk, report)
         except Exception:  # noqa: BLE001
             frame = _parse_lines_slowly(chunk, report)
-        frames.append(frame.insert_column(0, pl.Series("run_id", [chunk.run_id] * frame.height, pl.String)))
+        frames.append(_with_identity(frame, chunk))
     return pl.concat(frames, how="vertical")
 
 
@@ -655,7 +771,8 @@ def _split_rows(frame: pl.DataFrame, report: IngestReport) -> tuple[pl.DataFrame
     train = frame.lazy().filter(is_train & has_step).select(TRAIN_COLUMNS).collect()
     # Each run's rows are contiguous and its steps only grow, so a step that does not exceed the
     # previous one of the same run is the cheap sign of a duplicate; only then pay for unique().
-    regress = (pl.col("run_id") == pl.col("run_id").shift(1)) & (pl.col("step") <= pl.col("step").shift(1))
+    same_run = (pl.col("sweep") == pl.col("sweep").shift(1)) & (pl.col("run_id") == pl.col("run_id").shift(1))
+    regress = same_run & (pl.col("step") <= pl.col("step").shift(1))
     if train.height and train.select(regress.any()).item():
         train = train.unique(subset=TRAIN_KEY, keep="last", maintain_order=True)
     evals = frame.lazy().filter(is_eval & has_step).collect()
@@ -782,24 +899,32 @@ def _run_row(
     }
 
 
-def _trial_row(path: Path, run_id: str, report: IngestReport) -> dict[str, Any] | None:
+def _trial_rows(path: Path, run_id: str, report: IngestReport) -> list[dict[str, Any]]:
+    """One row per attempt in a trial.json: the current trial and each earlier (failed) attempt."""
     trial = _load_object(path, report, TRIAL_FILE)
     if trial is None:
-        return None
-    study, number = trial.get("study"), _number(trial.get("trial_number"), int)
-    if study is None or number is None:
-        report.error(path, "trial.json needs 'study' and 'trial_number'")
-        return None
-    values = trial.get("values")
-    return {
-        "study": str(study),
-        "trial_number": number,
-        "state": _text(trial.get("state")),
-        "params_json": json.dumps(trial.get("params") or {}, sort_keys=True),
-        "values_json": None if values is None else json.dumps(values),
-        "run_id": _text(trial.get("run_id") or run_id),
-        "updated": _timestamp(trial.get("updated")),
-    }
+        return []
+    records = [trial] + [r for r in trial.get("earlier_attempts") or [] if isinstance(r, dict)]
+    rows = []
+    for record in records:
+        study = record.get("study") or trial.get("study")
+        number = _number(record.get("trial_number"), int)
+        if study is None or number is None:
+            report.error(path, "trial.json needs 'study' and 'trial_number' (in each earlier attempt too)")
+            return []
+        values = record.get("values")
+        rows.append({
+            "study": str(study),
+            "trial_number": number,
+            "state": _text(record.get("state")),
+            "params_json": json.dumps(record.get("params") or {}, sort_keys=True),
+            "values_json": None if values is None else json.dumps(values),
+            "run_id": _text(record.get("run_id") or run_id),
+            "updated": _timestamp(record.get("updated")),
+            "attempt": _number(record.get("attempt"), int),
+            "reason": _text(record.get("reason")),
+        })
+    return rows
 
 
 # --------------------------------------------------------------------------- ingest
@@ -862,14 +987,14 @@ def _read_known(path: Path, timeout_s: float, report: IngestReport) -> dict[str,
 class _Batch:
     """One write transaction: metrics files to read, and rows from the small JSON files."""
 
-    metrics: list[tuple[str, _Seen, _Known | None]] = field(default_factory=list)  # (run_id, file, bookkeeping)
+    metrics: list[tuple[str, str, _Seen, _Known | None]] = field(default_factory=list)  # (sweep, run_id, file, bookkeeping)
     run_rows: list[dict[str, Any]] = field(default_factory=list)
     sweep_rows: list[dict[str, Any]] = field(default_factory=list)
     trial_rows: list[dict[str, Any]] = field(default_factory=list)
-    json_files: list[tuple[_Seen, str | None, str | None]] = field(default_factory=list)  # (file, run_id, problem)
+    json_files: list[tuple[_Seen, str | None, str | None, str | None]] = field(default_factory=list)  # (file, sweep, run_id, problem)
     vanished: list[str] = field(default_factory=list)  # bookkeeping paths whose files are gone
-    vanished_metrics_runs: list[str] = field(default_factory=list)
-    delete_runs: list[str] = field(default_factory=list)
+    vanished_metrics_runs: list[tuple[str, str]] = field(default_factory=list)  # (sweep, run_id)
+    delete_runs: list[tuple[str, str]] = field(default_factory=list)  # (sweep, run_id)
 
     def has_json_work(self) -> bool:
         return any([self.run_rows, self.sweep_rows, self.trial_rows, self.json_files, self.vanished, self.delete_runs])
@@ -931,7 +1056,6 @@ def _plan(root: Path, known: dict[str, _Known], report: IngestReport, batch_byte
     batch_size = 0
     present: set[str] = set()
     run_dirs = {(run.sweep, run.run_id): run for run in runs}
-    owners: dict[str, str] = {}
     changed_runs: set[tuple[str, str]] = set()
 
     def unchanged(seen: _Seen) -> bool:
@@ -946,15 +1070,11 @@ def _plan(root: Path, known: dict[str, _Known], report: IngestReport, batch_byte
     def problem_of(seen: _Seen) -> str | None:
         return next((p.message for p in report.errors if p.path == str(seen.path)), None)
 
-    for run in runs:
-        if owners.setdefault(run.run_id, run.sweep) != run.sweep:
-            report.warn(f"run id {run.run_id} appears in sweeps {owners[run.run_id]} and {run.sweep}; their rows are merged")
-
     for sweep, seen in sweep_files.items():
         if unchanged(seen):
             continue
         data = plans.load(sweep)
-        final.json_files.append((seen, None, problem_of(seen)))
+        final.json_files.append((seen, sweep, None, problem_of(seen)))
         if data is None:
             continue
         planned = plans.planned(sweep)
@@ -972,15 +1092,13 @@ def _plan(root: Path, known: dict[str, _Known], report: IngestReport, batch_byte
                 if batch_size >= batch_bytes:
                     batches.append(_Batch())
                     batch_size = 0
-                batches[-1].metrics.append((run.run_id, seen, entry))
+                batches[-1].metrics.append((run.sweep, run.run_id, seen, entry))
                 batch_size += seen.size - (entry.consumed if entry is not None and seen.size >= entry.consumed else 0)
             elif name in RUN_JSON_FILES:
                 changed_runs.add((run.sweep, run.run_id))
             elif name == TRIAL_FILE:
-                row = _trial_row(seen.path, run.run_id, report)
-                if row is not None:
-                    final.trial_rows.append(row)
-                final.json_files.append((seen, run.run_id, problem_of(seen)))
+                final.trial_rows.extend(_trial_rows(seen.path, run.run_id, report))
+                final.json_files.append((seen, run.sweep, run.run_id, problem_of(seen)))
 
     for rel in known:
         if rel in present:
@@ -988,7 +1106,7 @@ def _plan(root: Path, known: dict[str, _Known], report: IngestReport, batch_byte
         final.vanished.append(rel)
         parts = rel.split("/")
         if len(parts) == 3 and parts[2] == METRICS_FILE:
-            final.vanished_metrics_runs.append(parts[1])  # metrics.jsonl deleted: so are its rows
+            final.vanished_metrics_runs.append((parts[0], parts[1]))  # metrics.jsonl deleted: so are its rows
         elif len(parts) == 3 and parts[2] in RUN_JSON_FILES:
             changed_runs.add((parts[0], parts[1]))
 
@@ -996,13 +1114,13 @@ def _plan(root: Path, known: dict[str, _Known], report: IngestReport, batch_byte
         run = run_dirs.get((sweep, run_id))
         planned = plans.planned(sweep).get(run_id)
         if run is None and planned is None:
-            final.delete_runs.append(run_id)  # run directory removed and not in the sweep's plan
+            final.delete_runs.append((sweep, run_id))  # run directory removed and not in the sweep's plan
             continue
         final.run_rows.append(_run_row(sweep, run_id, run, planned, report))
         for name in RUN_JSON_FILES:
             if run is not None and name in run.files:
                 seen = run.files[name]
-                final.json_files.append((seen, run_id, problem_of(seen)))
+                final.json_files.append((seen, sweep, run_id, problem_of(seen)))
 
     batches = [b for b in batches if b.metrics]
     if final.has_json_work():
@@ -1038,8 +1156,8 @@ def _upsert(
 
 def _read_batch(batch: _Batch, report: IngestReport) -> list[_MetricsChunk]:
     chunks = []
-    for run_id, seen, entry in batch.metrics:
-        chunk = _read_metrics(run_id, seen, entry)
+    for sweep, run_id, seen, entry in batch.metrics:
+        chunk = _read_metrics(sweep, run_id, seen, entry)
         if chunk is None:
             continue
         if chunk.torn:
@@ -1054,21 +1172,26 @@ def _read_batch(batch: _Batch, report: IngestReport) -> list[_MetricsChunk]:
     return chunks
 
 
+def _runs_frame(runs: list[tuple[str, str]]) -> pl.DataFrame:
+    return pl.DataFrame({"sweep": [r[0] for r in runs], "run_id": [r[1] for r in runs]},
+                        schema={"sweep": pl.String, "run_id": pl.String})
+
+
 def _write_batch(path: Path, batch: _Batch, known: dict[str, _Known], report: IngestReport, timeout_s: float) -> None:
     chunks = _read_batch(batch, report)
     train, evals = _split_rows(_parse_chunks(chunks, report), report)
     now = _now()
     file_rows = [
-        {"path": c.seen.rel, "run_id": c.run_id, "size": c.seen.size, "mtime_ns": c.seen.mtime_ns,
+        {"path": c.seen.rel, "sweep": c.sweep, "run_id": c.run_id, "size": c.seen.size, "mtime_ns": c.seen.mtime_ns,
          "inode": c.seen.inode, "consumed": c.consumed, "fingerprint": c.fingerprint, "problem": None,
          "ingested_at": now}
         for c in chunks
     ] + [
-        {"path": s.rel, "run_id": run_id, "size": s.size, "mtime_ns": s.mtime_ns, "inode": s.inode,
+        {"path": s.rel, "sweep": sweep, "run_id": run_id, "size": s.size, "mtime_ns": s.mtime_ns, "inode": s.inode,
          "consumed": s.size, "fingerprint": None, "problem": problem, "ingested_at": now}
-        for s, run_id, problem in batch.json_files
+        for s, sweep, run_id, problem in batch.json_files
     ]
-    reset_runs = sorted({c.run_id for c in chunks if c.reset} | set(batch.vanished_metrics_runs))
+    reset_runs = sorted({(c.sweep, c.run_id) for c in chunks if c.reset} | set(batch.vanished_metrics_runs))
 
     con = _open(path, read_only=False, timeout_s=timeout_s, report=report)
     try:
@@ -1089,16 +1212,17 @@ def _write_batch(path: Path, batch: _Batch, known: dict[str, _Known], report: In
                 moved = {p for p in touched if current.get(p) != known.get(p)}
                 if moved:
                     report.warn(f"{len(moved)} files were ingested meanwhile by another process; left to the next ingest")
-                    skip = list({c.run_id for c in chunks if c.seen.rel in moved})
-                    train = train.filter(~pl.col("run_id").is_in(skip))
-                    evals = evals.filter(~pl.col("run_id").is_in(skip))
+                    skip = {(c.sweep, c.run_id) for c in chunks if c.seen.rel in moved}
+                    skipped = _runs_frame(sorted(skip))
+                    train = train.join(skipped, on=RUN_KEY, how="anti", maintain_order="left")
+                    evals = evals.join(skipped, on=RUN_KEY, how="anti", maintain_order="left")
                     file_rows = [row for row in file_rows if row["path"] not in moved]
                     reset_runs = [r for r in reset_runs if r not in skip]
             if reset_runs:
                 # The file was rewritten (resume) or removed: the run's rows become exactly the file's.
-                con.register("_reset", pl.DataFrame({"run_id": reset_runs}, schema={"run_id": pl.String}))
-                con.execute("DELETE FROM train WHERE run_id IN (SELECT run_id FROM _reset)")
-                con.execute("DELETE FROM evals WHERE run_id IN (SELECT run_id FROM _reset)")
+                con.register("_reset", _runs_frame(reset_runs))
+                con.execute("DELETE FROM train WHERE (sweep, run_id) IN (SELECT sweep, run_id FROM _reset)")
+                con.execute("DELETE FROM evals WHERE (sweep, run_id) IN (SELECT sweep, run_id FROM _reset)")
                 con.unregister("_reset")
             _upsert(con, "train", train, key=TRAIN_KEY)
             _upsert(con, "evals", evals)
@@ -1106,7 +1230,7 @@ def _write_batch(path: Path, batch: _Batch, known: dict[str, _Known], report: In
             _upsert(con, "sweeps", batch.sweep_rows, SWEEP_SCHEMA)
             _upsert(con, "trials", batch.trial_rows, TRIAL_SCHEMA)
             if batch.delete_runs:
-                con.executemany("DELETE FROM runs WHERE run_id = ?", [[r] for r in batch.delete_runs])
+                con.executemany("DELETE FROM runs WHERE sweep = ? AND run_id = ?", [list(r) for r in batch.delete_runs])
             if batch.vanished:
                 con.executemany("DELETE FROM ingest_files WHERE path = ?", [[p] for p in batch.vanished])
             _upsert(con, "ingest_files", file_rows, FILE_SCHEMA)
