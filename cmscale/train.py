@@ -412,9 +412,12 @@ def resume_differences(config: RunConfig, stored: dict[str, Any]) -> list[str]:
 
     Settings missing from an older config.json are not compared; RESUME_MAY_CHANGE never is."""
     new = config.model_dump(mode="json")
+    may_change = set(RESUME_MAY_CHANGE)
+    if config.teacher_run_id and stored.get("teacher_run_id") == config.teacher_run_id:
+        may_change.add("teacher_ckpt")  # the same planned teacher, found under a moved results root
     differences = []
     for key in RunConfig.model_fields:
-        if key in RESUME_MAY_CHANGE or key not in stored:
+        if key in may_change or key not in stored:
             continue
         old_value, new_value = stored[key], new[key]
         if isinstance(old_value, dict) and isinstance(new_value, dict):

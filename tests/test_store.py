@@ -324,7 +324,7 @@ def test_malformed_config_and_done_are_reported_with_their_paths_and_others_inge
     assert scalar(tmp_path, "SELECT method FROM runs WHERE run_id = 'r00'") == "ect"
 
 
-@pytest.mark.parametrize("statement", ["DELETE FROM train", "DROP TABLE runs", "INSERT INTO train VALUES ('x', 1, 1, 1.0, 1.0, 1.0)"])
+@pytest.mark.parametrize("statement", ["DELETE FROM train", "DROP TABLE runs", "INSERT INTO train VALUES ('s', 'x', 1, 1, 1.0, 1.0, 1.0)"])
 def test_query_refuses_writes(tmp_path, statement):
     make_run(tmp_path, 0, 10)
     ingest(tmp_path)

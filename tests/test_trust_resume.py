@@ -15,7 +15,7 @@ from cmscale.cli import main
 from cmscale.config import RunConfig
 from cmscale.methods import TeacherCheckpointError, build_method
 from cmscale.rundir import read_json, read_metrics
-from cmscale.train import ResumeConfigError, train
+from cmscale.train import ResumeConfigError, resume_differences, train
 
 NO_EVAL = {"at_fractions": []}
 
@@ -183,3 +183,12 @@ def test_rerunning_a_failed_runs_folder_says_it_is_finished_and_how_to_start_fre
     assert again.exit_code == 1
     assert f"{run_dir} holds a finished run (status failed" in again.output
     assert f"rm -r {run_dir}" in again.output and "nothing was run" in again.output
+
+
+def test_a_planned_teacher_under_a_moved_root_may_change_its_path_but_a_given_teacher_may_not():
+    old, new = "/old/root/s/t/ckpt/final.pt", "/new/root/s/t/ckpt/final.pt"
+    planned = RunConfig(method="ect", preset="xxs", budget_iters=2, teacher_ckpt=new, teacher_run_id="t")
+    assert resume_differences(planned, planned.model_dump(mode="json") | {"teacher_ckpt": old}) == []
+    given = planned.model_copy(update={"teacher_run_id": None})
+    assert resume_differences(given, given.model_dump(mode="json") | {"teacher_ckpt": old}) == [
+        f"teacher_ckpt: {old!r} -> {new!r}"]
