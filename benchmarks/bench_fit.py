@@ -46,9 +46,19 @@ def time_fit(form: str, n_draws: int, repeats: int) -> dict:
     started = time.process_time()
     fit_with_bootstrap(form, data.X, data.y, data.groups, n_draws=n_draws, seed=0, n_jobs=1)
     cpu = time.process_time() - started
-    return {"form": form, "n_points": int(data.y.size), "n_groups": int(len(set(data.groups))), "n_draws": n_draws,
-            "seconds": min(times), "seconds_all": times, "cpu_seconds_single_process": cpu, "status": fit.status,
-            "bootstrap_statuses": fit.bootstrap.status_counts(), "alpha": fit.params["alpha"], "alpha_ci": list(fit.ci["alpha"])}
+    return {
+        "form": form,
+        "n_points": int(data.y.size),
+        "n_groups": int(len(set(data.groups))),
+        "n_draws": n_draws,
+        "seconds": min(times),
+        "seconds_all": times,
+        "cpu_seconds_single_process": cpu,
+        "status": fit.status,
+        "bootstrap_statuses": fit.bootstrap.status_counts(),
+        "alpha": fit.params["alpha"],
+        "alpha_ci": list(fit.ci["alpha"]),
+    }
 
 
 def main() -> None:
@@ -67,12 +77,28 @@ def main() -> None:
 
     timing = [time_fit(form, args.draws, args.repeats) for form in ("saturating", "joint")]
     table = Table(title=f"fit + {args.draws} bootstrap draws ({cores} cores, load average {os.getloadavg()[0]:.1f})")
-    for column in ("law", "points", "runs", "wall s", f"goal < {GOAL_S:g} s", "CPU s (1 process)", "alpha [95% CI]", "draw statuses"):
+    for column in (
+        "law",
+        "points",
+        "runs",
+        "wall s",
+        f"goal < {GOAL_S:g} s",
+        "CPU s (1 process)",
+        "alpha [95% CI]",
+        "draw statuses",
+    ):
         table.add_column(column)
     for row in timing:
-        table.add_row(row["form"], str(row["n_points"]), str(row["n_groups"]), f"{row['seconds']:.2f}",
-                      "yes" if row["seconds"] < GOAL_S else "NO", f"{row['cpu_seconds_single_process']:.2f}",
-                      f"{row['alpha']:.4f} [{row['alpha_ci'][0]:.4f}, {row['alpha_ci'][1]:.4f}]", str(row["bootstrap_statuses"]))
+        table.add_row(
+            row["form"],
+            str(row["n_points"]),
+            str(row["n_groups"]),
+            f"{row['seconds']:.2f}",
+            "yes" if row["seconds"] < GOAL_S else "NO",
+            f"{row['cpu_seconds_single_process']:.2f}",
+            f"{row['alpha']:.4f} [{row['alpha_ci'][0]:.4f}, {row['alpha_ci'][1]:.4f}]",
+            str(row["bootstrap_statuses"]),
+        )
     console.print(table)
 
     coverage = []
@@ -84,27 +110,62 @@ def main() -> None:
                 study["seconds"] = time.perf_counter() - started
                 coverage.append(study)
         table = Table(title=f"95% CI coverage over {replicates} seeded replicates (200 draws each)")
-        for column in ("law", "noise", "parameter", "truth", "coverage", f"goal >= {COVERAGE_GOAL:.0%}", "median estimate", "sd", "seconds"):
+        for column in (
+            "law",
+            "noise",
+            "parameter",
+            "truth",
+            "coverage",
+            f"goal >= {COVERAGE_GOAL:.0%}",
+            "median estimate",
+            "sd",
+            "seconds",
+        ):
             table.add_column(column)
         for study in coverage:
             names = ["E", "alpha"] if study["form"] == "saturating" else ["E", "alpha", "beta"]
             for name in names:
                 entry = study[name]
-                table.add_row(study["form"], f"{study['noise']:g}", name, f"{entry['truth']:g}", f"{entry['coverage']:.3f}",
-                              ("yes" if entry["coverage"] >= COVERAGE_GOAL else "NO") if name == "alpha" else "",
-                              f"{entry['median_estimate']:.4g}", f"{entry['std_estimate']:.3g}", f"{study['seconds']:.0f}")
+                table.add_row(
+                    study["form"],
+                    f"{study['noise']:g}",
+                    name,
+                    f"{entry['truth']:g}",
+                    f"{entry['coverage']:.3f}",
+                    ("yes" if entry["coverage"] >= COVERAGE_GOAL else "NO") if name == "alpha" else "",
+                    f"{entry['median_estimate']:.4g}",
+                    f"{entry['std_estimate']:.3g}",
+                    f"{study['seconds']:.0f}",
+                )
         console.print(table)
 
     summary = {f"{row['form']}_fit_{row['n_draws']}_draws_s": round(row["seconds"], 3) for row in timing}
-    summary.update({f"{row['form']}_cpu_s_single_process": round(row["cpu_seconds_single_process"], 3) for row in timing})
+    summary.update(
+        {f"{row['form']}_cpu_s_single_process": round(row["cpu_seconds_single_process"], 3) for row in timing}
+    )
     summary.update({f"{s['form']}_alpha_coverage_noise{s['noise']:g}": s["alpha"]["coverage"] for s in coverage})
-    summary.update({f"joint_beta_coverage_noise{s['noise']:g}": s["beta"]["coverage"] for s in coverage if s["form"] == "joint"})
+    summary.update(
+        {f"joint_beta_coverage_noise{s['noise']:g}": s["beta"]["coverage"] for s in coverage if s["form"] == "joint"}
+    )
     if coverage:
         summary["coverage_replicates"] = replicates
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / args.out
-    out.write_text(json.dumps({"cores": cores, "load_average_1m_at_end": os.getloadavg()[0], "goal_s": GOAL_S, "coverage_goal": COVERAGE_GOAL, "timing": timing,
-                               "coverage": coverage, "summary": summary}, indent=2, default=float))
+    out.write_text(
+        json.dumps(
+            {
+                "cores": cores,
+                "load_average_1m_at_end": os.getloadavg()[0],
+                "goal_s": GOAL_S,
+                "coverage_goal": COVERAGE_GOAL,
+                "timing": timing,
+                "coverage": coverage,
+                "summary": summary,
+            },
+            indent=2,
+            default=float,
+        )
+    )
     console.print(f"wrote {out}")
 
 

@@ -50,8 +50,8 @@ def spec_raw(seeds: int, train_teachers: bool) -> dict:
 
 
 def measure(layout: str, seeds: int, root: Path) -> dict:
-    from cmscale.sweep.control import submit_runs
-    from cmscale.sweep.launch import cluster_max_array_size
+    from cmscale.cluster.slurm import cluster_max_array_size
+    from cmscale.sweep.launch import submit_runs
     from cmscale.sweep.plan import plan_sweep
     from cmscale.sweep.spec import parse_spec
 
@@ -92,13 +92,31 @@ def main() -> int:
             row["flops_cache"] = cache
             rows.append(row)
 
-    table = Table(title=f"plan + dry-run submit, {rows[-1]['runs']:,} runs (goal: plan < {GOAL_S:.0f} s, one sbatch per array)")
-    for column in ("layout", "FLOPs cache", "runs", "plan s", "dry-run submit s", "sbatch calls", "largest array", "MaxArraySize"):
+    table = Table(
+        title=f"plan + dry-run submit, {rows[-1]['runs']:,} runs (goal: plan < {GOAL_S:.0f} s, one sbatch per array)"
+    )
+    for column in (
+        "layout",
+        "FLOPs cache",
+        "runs",
+        "plan s",
+        "dry-run submit s",
+        "sbatch calls",
+        "largest array",
+        "MaxArraySize",
+    ):
         table.add_column(column, justify="left" if column in ("layout", "FLOPs cache") else "right")
     for row in rows:
-        table.add_row(row["layout"], row["flops_cache"], f"{row['runs']:,}", f"{row['plan_s']:.2f}",
-                      f"{row['dry_run_submit_s']:.2f}", str(row["sbatch_calls"]), str(row["largest_array"]),
-                      str(row["max_array_size"] or "-"))
+        table.add_row(
+            row["layout"],
+            row["flops_cache"],
+            f"{row['runs']:,}",
+            f"{row['plan_s']:.2f}",
+            f"{row['dry_run_submit_s']:.2f}",
+            str(row["sbatch_calls"]),
+            str(row["largest_array"]),
+            str(row["max_array_size"] or "-"),
+        )
     console.print(table)
 
     warm = [row for row in rows if row["flops_cache"] == "warm"]
@@ -116,7 +134,9 @@ def main() -> int:
     }
     results = HERE / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "launch.json").write_text(json.dumps({"summary": summary, "rows": rows, "quick": args.quick}, indent=2) + "\n")
+    (results / "launch.json").write_text(
+        json.dumps({"summary": summary, "rows": rows, "quick": args.quick}, indent=2) + "\n"
+    )
     console.print(f"wrote {results / 'launch.json'}")
     return 0
 

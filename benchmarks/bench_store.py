@@ -41,7 +41,8 @@ def _lines(rank: int, start: int, stop: int) -> str:
         if step % EVAL_EVERY == EVAL_EVERY - 1:
             for sampler_steps in (1, 2):
                 out.append(
-                    f'{{"kind": "eval", "step": {step}, "train_flops": {1.2345e9 * step!r}, "images_seen": {64 * step}, '
+                    f'{{"kind": "eval", "step": {step}, "train_flops": {1.2345e9 * step!r}, '
+                    f'"images_seen": {64 * step}, '
                     f'"sampler_steps": {sampler_steps}, "nfe": {sampler_steps}, "fid": {100.0 / (1 + step)!r}, '
                     f'"num_samples": 1000, "extractor": "digits-classifier", "reference": "digits-train", '
                     f'"sampling_flops_per_image": {2e6 * sampler_steps!r}, "wall_s": 1.5}}\n'
@@ -81,7 +82,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="no-op re-ingests timed (median reported)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "store.json")
-    parser.add_argument("--quick", action="store_true", help="100,000 rows over 50 runs (for benchmarks/run_all.py --quick)")
+    parser.add_argument(
+        "--quick", action="store_true", help="100,000 rows over 50 runs (for benchmarks/run_all.py --quick)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rows, args.runs = 100_000, 50
@@ -111,7 +114,7 @@ def main() -> None:
         assert incremental.train_rows == n_appended, incremental.to_dict()
 
         t = time.perf_counter()
-        count = query("SELECT count(*) FROM train", root, ingest=False).item()
+        count = query("SELECT count(*) FROM train", root, ingest_first=False).item()
         query_s = time.perf_counter() - t
         assert count == n_train + n_appended
     finally:
@@ -142,8 +145,16 @@ def main() -> None:
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
     }
-    result["summary"] = {key: result[key] for key in ("train_rows", "first_ingest_rows_per_s", "first_ingest_rows_per_cpu_s",
-                                                      "noop_over_first", "meets_goal")}
+    result["summary"] = {
+        key: result[key]
+        for key in (
+            "train_rows",
+            "first_ingest_rows_per_s",
+            "first_ingest_rows_per_cpu_s",
+            "noop_over_first",
+            "meets_goal",
+        )
+    }
     table = Table(title=f"results store: {args.rows:,} train rows over {args.runs} runs")
     table.add_column("measure")
     table.add_column("value", justify="right")

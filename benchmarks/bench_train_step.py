@@ -116,39 +116,65 @@ def main() -> None:
     if os.environ.get("CMSCALE_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["CMSCALE_NUM_THREADS"]))
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     precision = "bf16" if device.type == "cuda" else "fp32"
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_peak_gflops(device, peak_dtype, size=8192 if device.type == "cuda" else 1024,
-                              repeats=20 if device.type == "cuda" else 5)
+    peak = matmul_peak_gflops(
+        device, peak_dtype, size=8192 if device.type == "cuda" else 1024, repeats=20 if device.type == "cuda" else 5
+    )
     presets = [name.strip() for name in args.presets.split(",") if name.strip()]
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device {device} ({device_name}), {torch.get_num_threads()} threads, precision {precision}, "
-          f"batch {args.batch_size} at {args.resolution}px; matmul peak {peak:.1f} GFLOP/s ({peak_dtype})")
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    )
+    print(
+        f"device {device} ({device_name}), {torch.get_num_threads()} threads, precision {precision}, "
+        f"batch {args.batch_size} at {args.resolution}px; matmul peak {peak:.1f} GFLOP/s ({peak_dtype})"
+    )
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for preset in presets:
             teacher = random_teacher(preset, args.resolution, Path(folder))
             for method in methods:
-                config = RunConfig(method=method, preset=preset, batch_size=args.batch_size, resolution=args.resolution,
-                                   budget_iters=1, precision=precision, device=str(device),
-                                   teacher_ckpt=teacher if method in ("ect", "scd") else None)
+                config = RunConfig(
+                    method=method,
+                    preset=preset,
+                    batch_size=args.batch_size,
+                    resolution=args.resolution,
+                    budget_iters=1,
+                    precision=precision,
+                    device=str(device),
+                    teacher_ckpt=teacher if method in ("ect", "scd") else None,
+                )
                 flops = flops_per_step(config)
                 seconds, median = time_steps(config, device, args.steps, args.warmup)
                 achieved = flops / seconds / 1e9
-                rows.append({
-                    "preset": preset, "method": method,
-                    "params": count_parameters(build_unet(preset, args.resolution, 1)),
-                    "batch_size": args.batch_size, "s_per_step": seconds, "s_per_step_median": median,
-                    "images_per_s": args.batch_size / seconds, "flops_per_step": flops,
-                    "achieved_gflops": achieved, "mfu": achieved / peak,
-                })
+                rows.append(
+                    {
+                        "preset": preset,
+                        "method": method,
+                        "params": count_parameters(build_unet(preset, args.resolution, 1)),
+                        "batch_size": args.batch_size,
+                        "s_per_step": seconds,
+                        "s_per_step_median": median,
+                        "images_per_s": args.batch_size / seconds,
+                        "flops_per_step": flops,
+                        "achieved_gflops": achieved,
+                        "mfu": achieved / peak,
+                    }
+                )
                 row = rows[-1]
-                print(f"  {preset:>4} {method:>4}: {row['s_per_step'] * 1e3:8.1f} ms/step {row['images_per_s']:9.1f} img/s "
-                      f"{flops / 1e9:9.2f} GFLOP/step {achieved:8.2f} GFLOP/s  MFU {row['mfu']:.1%}", flush=True)
+                print(
+                    f"  {preset:>4} {method:>4}: {row['s_per_step'] * 1e3:8.1f} ms/step {row['images_per_s']:9.1f} "
+                    "img/s "
+                    f"{flops / 1e9:9.2f} GFLOP/step {achieved:8.2f} GFLOP/s  MFU {row['mfu']:.1%}",
+                    flush=True,
+                )
 
     ratios = {}
     for preset in presets:
@@ -164,23 +190,39 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['preset']:>6} {row['method']:>6} {row['params']:>10,} {row['images_per_s']:>9.1f} "
-              f"{row['flops_per_step'] / 1e9:>11.2f} {row['achieved_gflops']:>9.2f} {row['mfu']:>7.1%}")
+        print(
+            f"{row['preset']:>6} {row['method']:>6} {row['params']:>10,} {row['images_per_s']:>9.1f} "
+            f"{row['flops_per_step'] / 1e9:>11.2f} {row['achieved_gflops']:>9.2f} {row['mfu']:>7.1%}"
+        )
     for preset, ratio in ratios.items():
-        print(f"sCD/ECT on {preset}: step time x{ratio['scd_over_ect_time']:.2f}, counted FLOPs x{ratio['scd_over_ect_flops']:.2f}")
+        print(
+            f"sCD/ECT on {preset}: step time x{ratio['scd_over_ect_time']:.2f}, counted FLOPs "
+            f"x{ratio['scd_over_ect_flops']:.2f}"
+        )
 
     result = {
         "benchmark": "train_step",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": str(device), "device_name": device_name, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "precision": precision,
-        "matmul_peak_gflops": peak, "matmul_peak_dtype": str(peak_dtype),
+        "device": str(device),
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "precision": precision,
+        "matmul_peak_gflops": peak,
+        "matmul_peak_dtype": str(peak_dtype),
         "flop_convention": "2 FLOPs per multiply-add (FlopCounterMode)",
-        "steps": args.steps, "batch_size": args.batch_size, "resolution": args.resolution,
-        "rows": rows, "scd_over_ect": ratios,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "rows": rows,
+        "scd_over_ect": ratios,
         "summary": {
             "device": str(device),
-            **{f"img_per_s_{row['method']}_{row['preset']}": round(row["images_per_s"], 1) for row in rows if row["preset"] == presets[0]},
+            **{
+                f"img_per_s_{row['method']}_{row['preset']}": round(row["images_per_s"], 1)
+                for row in rows
+                if row["preset"] == presets[0]
+            },
             **{f"scd_over_ect_time_{preset}": round(ratio["scd_over_ect_time"], 2) for preset, ratio in ratios.items()},
             "max_mfu": max(row["mfu"] for row in rows),
         },

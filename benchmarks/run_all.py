@@ -47,7 +47,9 @@ def benchmark_commands(quick: bool, demo_root: Path) -> dict[str, list[str]]:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
 
@@ -99,7 +101,9 @@ def main() -> int:
     for column in ("benchmark", "exit", "wall s", "headline"):
         table.add_column(column)
     for name, outcome in outcomes.items():
-        figures = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(outcome["summary"].items())[:6])
+        figures = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(outcome["summary"].items())[:6]
+        )
         table.add_row(name, str(outcome["exit_code"]), f"{outcome['wall_s']:.1f}", figures or "-")
     console.print(table)
     console.print(f"wrote {RESULTS / 'summary.json'}")

@@ -1,4 +1,10 @@
-"""cmscale: scaling-law studies of consistency models (ECT, sCT, sCD)."""
+"""cmscale: scaling-law studies of consistency models (ECT, sCT, sCD).
+
+Layout (imports only point down; see README's "Layout" and tests/test_imports.py): ``rundir``
+(the on-disk contract), ``models``, ``data``, ``distributed``, ``config``, ``methods`` (the only
+method switch), ``eval``, ``train``, ``cluster`` (executors, launchers), ``sweep``, ``tune``,
+``results`` (the DuckDB store), ``analysis``, ``demo``, and ``cli`` (the only user of click).
+"""
 
 import warnings
 

@@ -3,16 +3,22 @@
 A :class:`RunConfig` fully describes one training run. The sweep planner builds these from a
 spec; ``cmscale train RUN.toml`` reads one from a file. Interior code receives the validated
 object and never re-checks it.
+
+This module is also the one home of what every config reader shares: the TOML reader
+(:func:`read_toml`), the error formatter (:func:`format_validation_error`), dotted overrides and
+layered merges of settings (:func:`set_dotted`, :func:`apply_overrides`, :func:`merge_settings`),
+the resolver of paths written relative to a file (:func:`resolve_path`), and the environment
+defaults of the results root and the cache root.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
+import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -25,7 +31,8 @@ from pydantic import (
     model_validator,
 )
 
-Method = Literal["edm", "ect", "sct", "scd"]
+MethodName = Literal["edm", "ect", "sct", "scd"]
+METHODS: tuple[str, ...] = get_args(MethodName)  # the method list; everything else derives from it
 STUDENT_METHODS = ("ect", "scd")  # methods that need a pretrained teacher checkpoint
 Dataset = Literal["digits", "cifar10", "imagefolder"]
 DATASETS_WITH_FILES = ("cifar10", "imagefolder")  # read from data_path; digits ships with scikit-learn
@@ -61,6 +68,23 @@ ProfileRef = Annotated[str, AfterValidator(profile_name_or_file)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]  # EMA rates, Adam betas: in [0, 1)
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
+RESULTS_ENV = "CMSCALE_RESULTS"
+DEFAULT_RESULTS_ROOT = "results"
+CACHE_ENV = "CMSCALE_CACHE_DIR"
+
+
+def default_results_root() -> Path:
+    """``$CMSCALE_RESULTS``, else ``results`` (relative to the working directory)."""
+    return Path(os.environ.get(RESULTS_ENV, DEFAULT_RESULTS_ROOT))
+
+
+def cache_root(create: bool = True) -> Path:
+    """``$CMSCALE_CACHE_DIR`` or ``~/.cache/cmscale``: extractor weights, FID statistics, FLOP counts."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cmscale").expanduser()
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+    return root
+
 
 class StrictModel(BaseModel):
     # NaN and inf are refused on every float field: a budget or a rate of inf is never meant.
@@ -89,8 +113,12 @@ class ECTOptions(StrictModel):
     mapping: Literal["sigmoid", "const"] = "sigmoid"
     weighting: Literal["inv_dt", "snr"] = "inv_dt"
     num_stages: int = Field(8, ge=1, description="stages over the run; the stage length is budget_iters / num_stages")
-    iters_per_stage: int | None = Field(None, ge=1, description="fixed stage length in iterations; overrides num_stages")
-    sigma_min: float = Field(0.002, ge=0, description="boundary of the consistency function (ECMPrecond uses 0.002-0.003)")
+    iters_per_stage: int | None = Field(
+        None, ge=1, description="fixed stage length in iterations; overrides num_stages"
+    )
+    sigma_min: float = Field(
+        0.002, ge=0, description="boundary of the consistency function (ECMPrecond uses 0.002-0.003)"
+    )
     sigma_max: float = Field(80.0, gt=0)
     t_mid: float = Field(0.821, gt=0, description="intermediate sigma for 2-step sampling")
 
@@ -110,11 +138,15 @@ class SCMOptions(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    at_fractions: list[float] = Field(default_factory=lambda: [1.0], description="fractions of the budget at which to evaluate FID")
+    at_fractions: list[float] = Field(
+        default_factory=lambda: [1.0], description="fractions of the budget at which to evaluate FID"
+    )
     cm_steps: list[int] = Field(default_factory=lambda: [1, 2])
     num_samples: int | None = Field(None, ge=2, description="FID samples; None: 50,000 for real data, 1,000 for digits")
     batch_size: int = Field(250, ge=1)
-    extractor: str = Field("auto", description="'auto' (digits -> domain CNN, else inception-v3-compat) or an extractor name")
+    extractor: str = Field(
+        "auto", description="'auto' (digits -> domain CNN, else inception-v3-compat) or an extractor name"
+    )
     inception_weights: str | None = None
     seed: int = 0
     grid_images: int = Field(64, ge=0, le=64)
@@ -130,7 +162,7 @@ class EvalConfig(StrictModel):
 class RunConfig(StrictModel):
     """One training run, end to end."""
 
-    method: Method
+    method: MethodName
     preset: str
     dataset: Dataset = "digits"
     data_path: str | None = Field(None, validate_default=True)
@@ -190,10 +222,6 @@ class RunConfig(StrictModel):
         """The fields that define the run (everything but bookkeeping), for hashing."""
         return self.model_dump(mode="json", exclude={"run_id", "sweep", "device", "heartbeat_s"})
 
-    def config_hash(self) -> str:
-        payload = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
 
 def check_resolution(dataset: str | None, resolution: int, preset: str | None) -> None:
     """Refuse resolutions above the dataset's bound, or not divisible by the preset's downsampling."""
@@ -201,7 +229,8 @@ def check_resolution(dataset: str | None, resolution: int, preset: str | None) -
 
     bound = MAX_RESOLUTION.get(dataset)
     if bound is not None and resolution > bound:
-        raise ValueError(f"resolution {resolution} is above the bound for dataset {dataset!r} ({bound}); the data set is "
+        raise ValueError(f"resolution {resolution} is above the bound for dataset {dataset!r} ({bound}); "
+                         "the data set is "
                          f"held in memory at this resolution. Use resolution <= {bound}")
     if preset in PRESETS:
         factor = 2 ** (len(PRESETS[preset].channel_mult) - 1)
@@ -233,9 +262,72 @@ def read_toml(path: Path | str, what: str, error: type[ConfigError] = ConfigErro
         raise error(f"{path}: not valid TOML ({decode_error})") from None
 
 
-def load_run_config(path: Path | str) -> RunConfig:
-    raw = read_toml(path, "run config")
+def load_run_config(path: Path | str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a run TOML, apply dotted ``overrides`` (``{"ect.q": 4.0}``), validate once.
+
+    Errors name the file (and the overrides, when some were given) and each bad field.
+    """
+    raw = apply_overrides(read_toml(path, "run config"), overrides or {})
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(str(path), error)) from None
+        given = " ".join(f"{key}={value}" for key, value in (overrides or {}).items())
+        source = f"{path} (with --set {given})" if overrides else str(path)
+        raise ConfigError(format_validation_error(source, error)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Dotted overrides, layered settings and relative paths (the one implementation of each)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=VALUE`` -> ("a.b", value); VALUE is read as a TOML value, else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{text!r} is not KEY=VALUE (e.g. budget_iters=50 or ect.num_stages=2)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``tree["a"]["b"] = value`` for ``dotted = "a.b"``, creating the tables on the way."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``tree`` with each dotted setting of ``overrides`` set."""
+    merged = copy.deepcopy(tree)
+    for dotted, value in overrides.items():
+        set_dotted(merged, dotted, value)
+    return merged
+
+
+def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Merge layers of settings, later ones winning; option tables (``ect``, ``eval``) merge key by key."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = merge_settings(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
+
+
+def resolve_path(value: str, beside: Path, absolute: bool = False) -> str:
+    """A path written in a file: as given when absolute or found from the working directory, else
+    beside the file (``beside`` is its folder) when found there. ``absolute`` makes the answer
+    absolute, for jobs that may start in another working directory."""
+    candidate = Path(value).expanduser()
+    if not candidate.is_absolute() and not candidate.exists() and (Path(beside) / candidate).exists():
+        return str((Path(beside) / candidate).resolve())
+    if absolute and not candidate.is_absolute():
+        return str(candidate.resolve())
+    return str(candidate) if absolute else value

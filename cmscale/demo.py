@@ -52,8 +52,10 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cmscale.analysis.report import write_report
-    from cmscale.results.store import ingest, query
-    from cmscale.sweep.control import submit_runs, wait_for_sweep
+    from cmscale.cluster.executors import detaches
+    from cmscale.results import ingest, read_query
+    from cmscale.rundir import TERMINAL_STATES
+    from cmscale.sweep.launch import submit_runs, wait_for_sweep
     from cmscale.sweep.plan import plan_sweep
     from cmscale.sweep.spec import load_spec
 
@@ -69,7 +71,9 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
     console.print(f"{len(runs)} runs: {teachers} EDM teachers, {len(runs) - teachers} students; executor {executor}")
 
     timings: dict[str, float] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
         task = progress.add_task("training and evaluating", total=len(runs))
 
         def on_finish(run, state):
@@ -77,10 +81,11 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
             progress.console.print(f"  {state:>6}  {run.run_id}")
 
         report = submit_runs(runs, spec, out, executor, profile, on_finish=on_finish, spec_path=path)
-        progress.update(task, completed=len(report.skipped) + (len(report.submitted) if executor != "slurm" else 0))
-        if executor == "slurm":
+        ended_here = 0 if detaches(executor) else len(report.submitted)
+        progress.update(task, completed=len(report.skipped) + ended_here)
+        if detaches(executor):
             def on_poll(states):
-                progress.update(task, completed=sum(s.state in ("done", "failed", "lost") for s in states))
+                progress.update(task, completed=sum(s.state in TERMINAL_STATES for s in states))
 
             wait_for_sweep(out, spec.name, poll_s=3.0, on_poll=on_poll)
     timings["runs_s"] = time.time() - started
@@ -97,11 +102,13 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
         sql = sql.format(sweep=spec.name)
         console.print(f"[bold]{title}[/bold]")
         console.print(sql, style="dim", highlight=False)
-        console.print(query(sql, root=out, ingest=False).to_pandas().to_string(index=False))
+        console.print(read_query(sql, root=out).to_pandas().to_string(index=False))
         console.print()
     # soft_wrap: a path folded across lines cannot be copied or clicked
     console.print(f"report: [bold]{report_paths['html']}[/bold]  (markdown: {report_paths['md']})", soft_wrap=True)
     if n_draws < 1000:
-        console.print(f"fits used {n_draws} bootstrap draws each; for 1,000: cmscale report {spec.name} --root {out} --out DIR")
+        console.print(
+            f"fits used {n_draws} bootstrap draws each; for 1,000: cmscale report {spec.name} --root {out} --out DIR"
+        )
     console.print(f"demo finished in {timings['total_s']:.0f} s")
     return {"report": report_paths, "timings": timings, "sweep": spec.name, "root": str(out)}

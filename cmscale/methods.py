@@ -1,18 +1,27 @@
 """A training method assembled from a RunConfig: network wrapper, loss, teacher and sampler.
 
-``build_method`` is the one place that knows how EDM, ECT, sCT and sCD differ; the training loop,
-FLOP counting and evaluation all go through it.
+This is the one place that knows how EDM, ECT, sCT and sCD differ: which preconditioner wraps a
+method's network (:func:`wrap_network`), how the method is built for training
+(:func:`build_method`) or rebuilt from a final checkpoint (:func:`model_from_checkpoint`), how it
+samples (:func:`sample`), what one training step costs (:func:`flops_per_step`, with one cache
+for every caller) and how many iterations a budget buys (:func:`iterations_for_budget`). The
+training loop, the sweep planner and evaluation all go through it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from cmscale.config import RunConfig
+from cmscale.config import RunConfig, cache_root
+from cmscale.data.datasets import dataset_channels
 from cmscale.models.losses import ECTLoss, EDMLoss, SCMLoss
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond
 from cmscale.models.presets import build_unet
@@ -24,6 +33,9 @@ from cmscale.models.samplers import (
     scm_times,
 )
 from cmscale.models.unet import UNet
+from cmscale.rundir import atomic_write_json
+
+FLOPS_CACHE_FILE = "flops_per_step.json"
 
 
 class TeacherCheckpointError(FileNotFoundError):
@@ -63,6 +75,8 @@ def metadata_mismatches(stored: dict, expected: dict) -> list[str]:
 
 @dataclass
 class Method:
+    """A method built for training: the wrapped network, its loss, the teacher and extra modules."""
+
     name: str
     model: nn.Module  # the wrapper that is trained (its .net or .edm.net is the UNet)
     loss_fn: object
@@ -90,6 +104,21 @@ def unet_of(model: nn.Module) -> UNet:
     if isinstance(model, EDMAsTrigFlow):
         return model.edm.net
     return model.net
+
+
+def wrap_network(config: RunConfig, net: UNet) -> nn.Module:
+    """The preconditioner around a method's network (the only place that decides it).
+
+    EDM: the EDM denoiser; ECT: ECT's boundary-exact ECMPrecond; sCT and sCD: TrigFlow, keeping the
+    EDM parametrisation (converted) when the network starts from an EDM teacher.
+    """
+    if config.method == "edm":
+        return EDMPrecond(net, config.edm.sigma_data)
+    if config.method == "ect":
+        return EDMPrecond(net, config.ect.sigma_data, sigma_min=config.ect.sigma_min)
+    if config.teacher_ckpt:
+        return EDMAsTrigFlow(EDMPrecond(net, config.scm.sigma_data))
+    return TrigFlowPrecond(net, config.scm.sigma_data)
 
 
 def load_unet_weights(net: UNet, path: str | Path, expected: dict | None = None) -> None:
@@ -129,43 +158,58 @@ def load_unet_weights(net: UNet, path: str | Path, expected: dict | None = None)
         ) from None
 
 
-def build_method(config: RunConfig, img_channels: int, device: torch.device | str = "cpu") -> Method:
-    """Assemble networks and loss for ``config``; the teacher is loaded from ``config.teacher_ckpt``."""
-    def fresh_unet() -> UNet:
-        return build_unet(config.preset, config.resolution, img_channels, dropout=config.dropout)
+def build_method(
+    config: RunConfig, img_channels: int, device: torch.device | str = "cpu", load_weights: bool = True
+) -> Method:
+    """Assemble networks and loss for ``config``; the teacher is loaded from ``config.teacher_ckpt``.
 
+    ``load_weights=False`` leaves every network randomly initialised (FLOP counting on the meta
+    device, where only shapes matter).
+    """
+
+    def unet(dropout: float = config.dropout) -> UNet:
+        return build_unet(config.preset, config.resolution, img_channels, dropout=dropout)
+
+    # A teacher is an EDM model of this run's preset, resolution, channels and sigma_data.
     teacher_meta = checkpoint_meta(config, img_channels) | {"method": "edm"}
+
+    def from_teacher(net: UNet) -> UNet:
+        if load_weights:
+            load_unet_weights(net, config.teacher_ckpt, teacher_meta)
+        return net
 
     method = config.method
     if method == "edm":
         options = config.edm
-        model = EDMPrecond(fresh_unet(), options.sigma_data)
+        model = wrap_network(config, unet())
         return Method("edm", model.to(device), EDMLoss(options.P_mean, options.P_std, options.sigma_data))
     if method == "ect":
         options = config.ect
-        net = fresh_unet()
-        load_unet_weights(net, config.teacher_ckpt, teacher_meta)
-        model = EDMPrecond(net, options.sigma_data, sigma_min=options.sigma_min)
+        model = wrap_network(config, from_teacher(unet()))
         iters_per_stage = options.iters_per_stage or max(1, iterations_for_budget(config) // options.num_stages)
         loss = ECTLoss(options.P_mean, options.P_std, options.sigma_data, options.q, options.k, options.b,
                        options.c, options.mapping, options.weighting, iters_per_stage)
         return Method("ect", model.to(device), loss)
     options = config.scm
     loss = SCMLoss(method, options.P_mean, options.P_std, options.sigma_data, options.warmup_iters,
-                   options.tangent_norm_c, options.tangent_norm, options.sigma_max, weight_channels=options.weight_mlp_channels)
+                   options.tangent_norm_c, options.tangent_norm, options.sigma_max,
+                   weight_channels=options.weight_mlp_channels)
     loss.adaptive_weight.to(device)
+    net = from_teacher(unet()) if config.teacher_ckpt else unet()
     teacher = None
-    if config.teacher_ckpt:
-        net = fresh_unet()
-        load_unet_weights(net, config.teacher_ckpt, teacher_meta)
-        model: nn.Module = EDMAsTrigFlow(EDMPrecond(net, options.sigma_data))
-    else:
-        model = TrigFlowPrecond(fresh_unet(), options.sigma_data)
     if method == "scd":
-        teacher_net = build_unet(config.preset, config.resolution, img_channels)
-        load_unet_weights(teacher_net, config.teacher_ckpt, teacher_meta)
-        teacher = EDMAsTrigFlow(EDMPrecond(teacher_net, options.sigma_data)).to(device).eval().requires_grad_(False)
-    return Method(method, model.to(device), loss, teacher, [loss.adaptive_weight])
+        teacher_config = config.model_copy(update={"dropout": 0.0})
+        teacher = wrap_network(teacher_config, from_teacher(unet(dropout=0.0)))
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    return Method(method, wrap_network(config, net).to(device), loss, teacher, [loss.adaptive_weight])
+
+
+def model_from_checkpoint(config: RunConfig, payload: dict[str, Any], device: torch.device | str) -> nn.Module:
+    """The network of a final checkpoint (``ckpt/final.pt``'s payload) in the method's wrapper, frozen."""
+    net = build_unet(payload.get("preset", config.preset), payload.get("resolution", config.resolution),
+                     payload["img_channels"])
+    net.load_state_dict(payload["net"])
+    return wrap_network(config, net).to(device).eval().requires_grad_(False)
 
 
 def sample(config: RunConfig, model: nn.Module, shape: tuple[int, ...], steps: int, generator: torch.Generator,
@@ -183,53 +227,116 @@ def sampler_steps(config: RunConfig) -> list[int]:
     return list(config.edm.heun_steps) if config.method == "edm" else list(config.eval.cm_steps)
 
 
-_FLOPS_CACHE: dict[tuple, int] = {}
+# ----------------------------------------------------------------------------------------------
+# FLOPs per step and iterations
 
 
-def flops_per_step(config: RunConfig) -> int:
+def count_flops_per_step(config: RunConfig) -> int:
     """FLOPs of one training step at ``config.batch_size``, counted with FlopCounterMode.
 
     Counts forward and backward of the online network plus every extra pass the method makes:
     ECT's no-grad target forward, sCT's JVP, sCD's teacher forward and JVP. Counting runs on the
     meta device (shapes only) with a randomly initialised teacher, since only shapes matter.
     """
-    from cmscale.data.datasets import DATASETS  # noqa: F401  (keeps dataset names in one place)
     from cmscale.models.flops import count_flops
 
-    img_channels = 1 if config.dataset == "digits" else 3
-    key = (config.method, config.preset, config.resolution, img_channels, config.batch_size, config.dropout)
-    if key in _FLOPS_CACHE:
-        return _FLOPS_CACHE[key]
-    counting_config = config.model_copy(update={"teacher_ckpt": None, "budget_iters": 1, "budget_flops": None})
+    img_channels = dataset_channels(config.dataset)
+    counting_config = config.model_copy(update={"budget_iters": 1, "budget_flops": None})
     with torch.device("meta"):
-        method = _method_without_weights(counting_config, img_channels)
+        method = build_method(counting_config, img_channels, device="meta", load_weights=False)
         x0 = torch.zeros(config.batch_size, img_channels, config.resolution, config.resolution)
     method.set_iteration(10**9)  # full tangent warm-up: the step's cost does not depend on it
 
     def one_step() -> None:
         method.loss(x0).mean().backward()
 
-    flops = count_flops(one_step)
-    _FLOPS_CACHE[key] = flops
-    return flops
+    return count_flops(one_step)
 
 
-def _method_without_weights(config: RunConfig, img_channels: int) -> Method:
-    """Like build_method but with random teacher weights (for counting on the meta device)."""
-    net = build_unet(config.preset, config.resolution, img_channels, dropout=config.dropout)
-    if config.method == "edm":
-        return Method("edm", EDMPrecond(net), EDMLoss())
-    if config.method == "ect":
-        return Method("ect", EDMPrecond(net, sigma_min=config.ect.sigma_min), ECTLoss())
-    loss = SCMLoss(config.method, warmup_iters=0, weight_channels=config.scm.weight_mlp_channels)
-    teacher = EDMAsTrigFlow(EDMPrecond(build_unet(config.preset, config.resolution, img_channels))) if config.method == "scd" else None
-    return Method(config.method, EDMAsTrigFlow(EDMPrecond(net)), loss, teacher, [loss.adaptive_weight])
+def _counting_code_fingerprint() -> str:
+    """Hash of the code that decides FLOPs per step (methods, models) and the torch version.
+
+    Counts cached on disk under an older fingerprint are never used, so editing a model or a
+    loss can never leave a stale count behind.
+    """
+    from importlib.metadata import version
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256(version("torch").encode())
+    for path in sorted([package / "methods.py", *(package / "models").glob("*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def iterations_for_budget(config: RunConfig) -> int:
+class FlopsCache:
+    """FLOPs per step per shape, in memory and (for the real counter) in ``<cache root>/flops_per_step.json``.
+
+    Counting one shape traces a training step (seconds on a busy CPU); a sweep has few shapes and
+    many runs, so each shape is counted once per code version. The planner and the trainer share
+    the process-wide cache (:func:`flops_per_step`), so they can never disagree; a custom
+    ``counter`` (tests, benchmarks) keeps its counts in memory only.
+    """
+
+    def __init__(self, counter: Callable[[RunConfig], int] | None = None, path: Path | None = None):
+        self.counter = counter or count_flops_per_step
+        self.path = path if counter is not None else (path or cache_root(create=False) / FLOPS_CACHE_FILE)
+        self.fingerprint = _counting_code_fingerprint() if self.path else ""
+        self.counts: dict[str, int] = {}
+        self._disk_loaded = False
+
+    @staticmethod
+    def key(config: RunConfig) -> str:
+        """Every setting that changes a step's cost: method, preset, shape, batch, dropout, sCM's weight MLP."""
+        weight_mlp = config.scm.weight_mlp_channels if config.method in ("sct", "scd") else 0
+        return (f"{config.method}/{config.preset}/{config.resolution}x{dataset_channels(config.dataset)}"
+                f"/b{config.batch_size}/d{config.dropout}/w{weight_mlp}")
+
+    def _load_disk(self) -> None:
+        self._disk_loaded = True
+        if not self.path:
+            return
+        try:
+            stored = json.loads(Path(self.path).read_text())
+            if stored.get("fingerprint") == self.fingerprint:
+                self.counts = {key: int(value) for key, value in stored["counts"].items()} | self.counts
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+
+    def __call__(self, config: RunConfig) -> int:
+        key = self.key(config)
+        if key not in self.counts and not self._disk_loaded:
+            self._load_disk()
+        if key not in self.counts:
+            self.counts[key] = int(self.counter(config))
+            self._save()
+        return self.counts[key]
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        try:
+            atomic_write_json(Path(self.path), {"fingerprint": self.fingerprint, "counts": self.counts})
+        except OSError:
+            pass  # a read-only cache only costs time
+
+
+_SHARED_CACHE: FlopsCache | None = None
+
+
+def flops_per_step(config: RunConfig) -> int:
+    """FLOPs of one training step of ``config`` (see :func:`count_flops_per_step`), from the shared cache."""
+    global _SHARED_CACHE
+    if _SHARED_CACHE is None:
+        _SHARED_CACHE = FlopsCache()
+    return _SHARED_CACHE(config)
+
+
+def iterations_for_budget(config: RunConfig, flops: Callable[[RunConfig], int] = flops_per_step) -> int:
+    """The run's iteration count: ``budget_iters``, or the FLOP budget over the FLOPs of one step,
+    rounded to the nearest whole step (so iterations x FLOPs per step is within half a step of it)."""
     if config.budget_iters is not None:
         return config.budget_iters
-    step_flops = flops_per_step(config)
+    step_flops = flops(config)
     check_budget_covers_a_step(config.budget_flops, step_flops, "budget_flops")
     return max(1, round(config.budget_flops / step_flops))
 

@@ -1,15 +1,27 @@
-"""The run directory: the one on-disk contract between a training job, the sweep layer and the store.
+"""The on-disk contract between training jobs, the sweep and search layers and the store.
 
-A run writes only into its own directory::
+Every file name lives here. A results root holds::
 
-    <root>/<sweep>/<run_id>/
-        config.json      resolved run config (written once, atomically, before the first step)
+    <root>/cmscale.duckdb                 the store (written only by ``cmscale results ingest``)
+    <root>/<sweep>/sweep.json             the sweep's plan (run ids, stages, dependencies, configs,
+                                          ``iterations``)
+    <root>/<sweep>/_submitit/             submitit's pickles and logs (sweeps and searches)
+    <root>/<study>/tune.json              an Optuna search: spec, storage, workers
+    <root>/<study>/optuna.journal         its default storage; ``claim.lock`` serialises claims
+    <root>/<sweep>/<run_id>/              one run, which writes only into its own directory:
+        config.json      resolved run config (written once, atomically, before the first step); the
+                         iteration count is stored as ``budget_iters_resolved``
         metrics.jsonl    append-only, one JSON object per line; rows have ``kind`` "train" or "eval"
-        status.json      {"state": "running"|"done"|"failed", "host", "pid", "slurm_job_id", "updated"}
+        status.json      {"state": RunState, "host", "pid", "slurm_job_id", "updated", ...}
         heartbeat        its mtime is refreshed every few seconds while the run is alive
-        done.json        {"status": "done"|"failed", "reason", "finished", ...} written once at the end
-        ckpt/            checkpoints, written atomically (tmp file then rename)
+        done.json        {"status": "done"|"failed"|"pruned", "reason", "finished", ...} written once
+        job.json         how and when the run was last submitted (executor, job id, attempt)
+        trial.json       the Optuna trial behind the run (searches only)
+        ckpt/            latest.pt (resume state) and final.pt (EMA network), written atomically
         samples/         PNG sample grids from evals
+
+``done.json`` names its state ``status`` and ``status.json`` names it ``state``: both keys are kept
+as they are for the files already on disk; both hold a :class:`RunState` value.
 
 Train rows: kind, step, images_seen, train_flops, loss, wall_s.
 Eval rows:  kind, step, train_flops, images_seen, sampler_steps, nfe, fid, num_samples,
@@ -25,16 +37,75 @@ import os
 import socket
 import threading
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+# results root
+DB_FILE = "cmscale.duckdb"
+INGEST_LOCK_FILE = ".cmscale-ingest.lock"
+# a sweep's or a study's folder
+SWEEP_FILE = "sweep.json"
+SUBMITIT_DIR = "_submitit"
+TUNE_FILE = "tune.json"
+JOURNAL_FILE = "optuna.journal"
+CLAIM_LOCK = "claim.lock"
+# a run's folder
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
 HEARTBEAT_FILE = "heartbeat"
 DONE_FILE = "done.json"
+JOB_FILE = "job.json"
+TRIAL_FILE = "trial.json"
 CKPT_DIR = "ckpt"
+LATEST_CHECKPOINT = "latest.pt"
+PREVIOUS_CHECKPOINT = "previous.pt"  # the last good one, kept until the next is complete on disk
+FINAL_CHECKPOINT = "final.pt"
 SAMPLES_DIR = "samples"
+# keys whose names the files keep for compatibility (see the module docstring)
+DONE_STATE_KEY = "status"
+STATUS_STATE_KEY = "state"
+ITERATIONS_KEY = "budget_iters_resolved"  # config.json's name for the run's iteration count
+
+
+class RunState(StrEnum):
+    """Every state a run can be in, as written to status.json/done.json or derived by sweep status.
+
+    The trainer writes RUNNING, DONE, FAILED, PRUNED (stopped by a search), INTERRUPTED (a signal
+    between steps) and REQUEUED (checkpointed before submitit requeues it). The sweep layer adds
+    PLANNED (never submitted), QUEUED (a live job that has not started) and LOST (the run said it
+    was running, its heartbeat went stale and no live job stands behind it).
+    """
+
+    PLANNED = "planned"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    PRUNED = "pruned"
+    INTERRUPTED = "interrupted"
+    REQUEUED = "requeued"
+    LOST = "lost"
+
+
+TERMINAL_STATES = frozenset({RunState.DONE, RunState.FAILED, RunState.LOST})
+LIVE_STATES = frozenset({RunState.QUEUED, RunState.RUNNING})
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """Where a finished run keeps its EMA network (a student's teacher checkpoint)."""
+    return Path(run_dir) / CKPT_DIR / FINAL_CHECKPOINT
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """Where a run keeps the state it resumes from."""
+    return Path(run_dir) / CKPT_DIR / LATEST_CHECKPOINT
+
+
+def previous_checkpoint(run_dir: Path) -> Path:
+    """The state before the latest, kept until the latest is complete (a resume falls back to it)."""
+    return Path(run_dir) / CKPT_DIR / PREVIOUS_CHECKPOINT
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -122,11 +193,19 @@ def truncate_metrics_after(path: Path, last_step: int) -> None:
     atomic_write_bytes(path, "".join(json.dumps(row, default=float) + "\n" for row in kept).encode())
 
 
-def write_status(run_dir: Path, state: str, **extra: Any) -> None:
+def read_job(run_dir: Path) -> dict[str, Any] | None:
+    """The run's job.json, or None when it was never submitted (or the file is torn)."""
+    try:
+        return read_json(Path(run_dir) / JOB_FILE)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_status(run_dir: Path, state: RunState, **extra: Any) -> None:
     atomic_write_json(
         Path(run_dir) / STATUS_FILE,
         {
-            "state": state,
+            STATUS_STATE_KEY: RunState(state),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

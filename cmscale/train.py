@@ -7,7 +7,11 @@ submitit before a timeout or preemption) are deferred to step boundaries, where 
 consistent: the run checkpoints and exits, and the requeued job picks up from disk.
 
 Data parallel: with ``WORLD_SIZE > 1`` (torchrun, or submitit's environment on SLURM) every rank
-computes its share of the batch, gradients are averaged with ``all_reduce``, and rank 0 writes.
+computes its share of the batch, gradients are averaged with ``all_reduce``, and rank 0 writes
+(see :mod:`cmscale.distributed`). The iteration count comes from
+:func:`cmscale.methods.iterations_for_budget`, the function the sweep planner uses too.
+
+Search workers stop and checkpoint the run in progress through :func:`save_active_run`.
 
 Randomness is a function of (seed, step, rank): the images of a step are drawn from a generator
 seeded by (seed, step) and split across ranks, and the noise, times and dropout masks come from the
@@ -23,24 +27,30 @@ the first start of the run, kept across resumes.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import submitit
 import torch
-import torch.distributed as dist
 from pydantic import ValidationError
 
 from cmscale.config import RunConfig, format_validation_error
 from cmscale.data import load_dataset
+from cmscale.distributed import (
+    any_rank,
+    average_gradients,
+    broadcast_parameters,
+    init_distributed,
+    mean_over_ranks,
+    pick_device,
+)
 from cmscale.methods import (
     Method,
     build_method,
@@ -53,85 +63,36 @@ from cmscale.methods import (
 from cmscale.models.flops import forward_flops
 from cmscale.models.unet import count_parameters
 from cmscale.rundir import (
-    CKPT_DIR,
     CONFIG_FILE,
     DONE_FILE,
+    DONE_STATE_KEY,
+    ITERATIONS_KEY,
     METRICS_FILE,
     Heartbeat,
     MetricsWriter,
+    RunState,
     atomic_write_json,
+    final_checkpoint,
+    latest_checkpoint,
+    previous_checkpoint,
     read_json,
     truncate_metrics_after,
     write_status,
 )
 
-LATEST_CHECKPOINT = "latest.pt"
-PREVIOUS_CHECKPOINT = "previous.pt"  # the last good one, kept until the next is complete on disk
-FINAL_CHECKPOINT = "final.pt"
+DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
 # Settings that cannot change a run's result: a resume may change them freely.
 RESUME_MAY_CHANGE = frozenset({"log_every", "ckpt_every", "heartbeat_s", "device", "run_id", "sweep"})
-DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
 
-__all__ = ["train", "TrainJob", "flops_per_step", "iterations_for_budget"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed set-up
-
-
-def distributed_env() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's variables, or from SLURM through submitit."""
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    rank, world = distributed_env()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return rank, world
-
-
-def average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None:
-    """All-reduce and average gradients across ranks in one flat buffer (what DDP does, unbucketed).
-
-    Each rank's loss is the mean over its equal share of the batch, so the average of the ranks'
-    gradients is the gradient of the mean over the whole batch.
-    """
-    if world == 1:
-        return
-    for parameter in parameters:
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-    flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world
-    offset = 0
-    for parameter in parameters:
-        count = parameter.numel()
-        parameter.grad.copy_(flat[offset : offset + count].view_as(parameter.grad))
-        offset += count
-
-
-def broadcast_parameters(modules: list[torch.nn.Module]) -> None:
-    """Make every rank start from rank 0's weights (fresh inits could differ across hosts)."""
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+__all__ = [
+    "CheckpointError", "IterationMismatchError", "ResumeConfigError", "TrainJob", "Trainer", "active_trainer",
+    "save_active_run", "train",
+]
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """Seed of the global RNG for one step on one rank (noise, times, dropout masks)."""
     return ((seed * 1_000_003 + step) * 4096 + rank) % (2**63)
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(requested)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,10 +182,18 @@ def git_commit() -> str | None:
 # The run
 
 
-class Trainer:
-    """Holds the live state of a run so that a signal handler can checkpoint it between steps."""
+class IterationMismatchError(ValueError):
+    """The plan's iteration count differs from the one this code computes for the same config."""
 
-    def __init__(self, config: RunConfig, run_dir: Path):
+
+class Trainer:
+    """Holds the live state of a run so that a signal handler can checkpoint it between steps.
+
+    ``iterations`` is the plan's count when the sweep planner gave one; the trainer computes the
+    count with the same function and refuses to start when the two differ (a stale plan).
+    """
+
+    def __init__(self, config: RunConfig, run_dir: Path, iterations: int | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = pick_device(config.device)
@@ -243,7 +212,11 @@ class Trainer:
         optimizer_class = torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam
         self.optimizer = optimizer_class(self.params, lr=config.lr, betas=config.adam_betas)
         self.flops_per_step = flops_per_step(config)
-        self.total_iters = iterations_for_budget(config)
+        self.iterations = iterations_for_budget(config)
+        if iterations is not None and iterations != self.iterations:
+            raise IterationMismatchError(
+                f"the plan gives {iterations} iterations but this code computes {self.iterations} for the same "
+                f"config ({self.flops_per_step} FLOPs per step); plan the sweep again with this code")
         self.step = 0
         self.wall_offset_s = 0.0
         self.started = time.time()
@@ -251,7 +224,7 @@ class Trainer:
         self.forced_changes: list[str] = []
         self.resume_notes: list[str] = []
         self.saved_step: int | None = None  # the step latest.pt holds
-        self.eval_steps = sorted({max(1, round(fraction * self.total_iters)) for fraction in config.eval.at_fractions})
+        self.eval_steps = sorted({max(1, round(fraction * self.iterations)) for fraction in config.eval.at_fractions})
 
     # -- state ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -287,8 +260,7 @@ class Trainer:
         # previous checkpoint a copy of the latest instead of an older good one.
         if self.is_writer and self.saved_step != self.step:
             self.saved_step = self.step
-            ckpt_dir = self.run_dir / CKPT_DIR
-            save_checkpoint(ckpt_dir / LATEST_CHECKPOINT, self.state(), previous=ckpt_dir / PREVIOUS_CHECKPOINT)
+            save_checkpoint(latest_checkpoint(self.run_dir), self.state(), previous=previous_checkpoint(self.run_dir))
 
     def resume(self) -> tuple[bool, list[str]]:
         """Load the newest good checkpoint: ``latest.pt``, else ``previous.pt``.
@@ -296,18 +268,20 @@ class Trainer:
         A file that cannot be loaded is moved aside and named in the returned notes. Returns
         (resumed, notes); raises CheckpointError when checkpoints exist but none loads."""
         notes: list[str] = []
-        for name in (LATEST_CHECKPOINT, PREVIOUS_CHECKPOINT):
-            path = self.run_dir / CKPT_DIR / name
+        for path in (latest_checkpoint(self.run_dir), previous_checkpoint(self.run_dir)):
             try:
                 state = load_checkpoint(path)
                 if state is None:
                     continue
                 self.load_state(state)
-                if name == LATEST_CHECKPOINT:
+                if path == latest_checkpoint(self.run_dir):
                     self.saved_step = self.step
                 return True, notes
             except Exception as error:  # noqa: BLE001 - a bad checkpoint of any kind is set aside, not fatal yet
-                detail = str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {_first_line(error)}"
+                if isinstance(error, CheckpointError):
+                    detail = str(error)
+                else:
+                    detail = f"{type(error).__name__}: {_first_line(error)}"
                 if str(path) not in detail:
                     detail = f"{path}: {detail}"
                 if self.is_writer and path.is_file():
@@ -321,7 +295,7 @@ class Trainer:
     def save_final(self) -> None:
         if self.is_writer:
             ema = self.emas[0] if self.emas else self.method.model
-            save_checkpoint(self.run_dir / CKPT_DIR / FINAL_CHECKPOINT, checkpoint_meta(self.config, self.data.channels) | {
+            save_checkpoint(final_checkpoint(self.run_dir), checkpoint_meta(self.config, self.data.channels) | {
                 "net": unet_of(ema).state_dict(),
                 "step": self.step,
             })
@@ -348,17 +322,15 @@ class Trainer:
         self.method.set_iteration(self.step)
         torch.manual_seed(step_seed(self.config.seed, self.step, self.rank))
         x0 = self.batch()
-        autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        autocast = torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"
+        )
         with autocast:
             loss = self.method.loss(x0).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.params, self.world)
-        value = loss.detach().float().clone()
-        if self.world > 1:
-            dist.all_reduce(value)
-            value /= self.world
-        value = float(value)
+        value = mean_over_ranks(loss, self.world)
         if not math.isfinite(value):
             return value
         for group in self.optimizer.param_groups:
@@ -377,7 +349,21 @@ class Trainer:
                 ema_buffer.copy_(buffer)
 
 
-_ACTIVE: Trainer | None = None
+_ACTIVE: Trainer | None = None  # the run this process is training; read through active_trainer()
+
+
+def active_trainer() -> Trainer | None:
+    """The trainer of the run this process is training now, or None between runs."""
+    return _ACTIVE
+
+
+def save_active_run() -> Trainer | None:
+    """Checkpoint the run this process is training (the hook for submitit's ``checkpoint`` of a
+    job or a search worker about to be requeued); returns its trainer, or None when none runs."""
+    trainer = _ACTIVE
+    if trainer is not None:
+        trainer.save()
+    return trainer
 
 
 def _write_config(trainer: Trainer) -> None:
@@ -388,7 +374,7 @@ def _write_config(trainer: Trainer) -> None:
         "params": count_parameters(unet_of(trainer.method.model)),
         "flops_per_step": trainer.flops_per_step,
         "flops_per_image_forward": forward_flops(unet_of(trainer.method.model)),
-        "budget_iters_resolved": trainer.total_iters,
+        ITERATIONS_KEY: trainer.iterations,
         "img_channels": trainer.data.channels,
         "world_size": trainer.world,
         "git_commit": git_commit(),
@@ -422,7 +408,8 @@ def resume_differences(config: RunConfig, stored: dict[str, Any]) -> list[str]:
         old_value, new_value = stored[key], new[key]
         if isinstance(old_value, dict) and isinstance(new_value, dict):
             differences += [f"{key}.{sub}: {old_value.get(sub)!r} -> {new_value.get(sub)!r}"
-                            for sub in sorted(set(old_value) | set(new_value)) if old_value.get(sub) != new_value.get(sub)]
+                            for sub in sorted(set(old_value) | set(new_value))
+                            if old_value.get(sub) != new_value.get(sub)]
         elif old_value != new_value:
             differences.append(f"{key}: {old_value!r} -> {new_value!r}")
     return differences
@@ -436,7 +423,9 @@ def check_resume_config(config: RunConfig, run_dir: Path, force: bool) -> list[s
     try:
         stored = read_json(path)
     except ValueError as error:
-        raise ResumeConfigError(f"{path} is not valid JSON ({error}); remove {run_dir} to start the run fresh") from None
+        raise ResumeConfigError(
+            f"{path} is not valid JSON ({error}); remove {run_dir} to start the run fresh"
+        ) from None
     differences = resume_differences(config, stored)
     if differences and not force:
         raise ResumeConfigError(
@@ -449,27 +438,27 @@ def check_resume_config(config: RunConfig, run_dir: Path, force: bool) -> list[s
     return differences
 
 
-def _writes(run_dir: Path) -> bool:
+def _is_writer_process() -> bool:
     """Whether this process is the writer (rank 0), before the process group exists."""
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
 def record_failure(run_dir: Path, reason: str, phase: str) -> None:
     """done.json and status.json say ``failed`` with the reason, so `sweep status` shows it."""
-    if not _writes(run_dir):
+    if not _is_writer_process():
         return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    atomic_write_json(run_dir / DONE_FILE, {"status": "failed", "reason": reason, "phase": phase, "finished": now,
-                                            "started": now, "final_step": None})
-    write_status(run_dir, "failed")
+    atomic_write_json(run_dir / DONE_FILE, {DONE_STATE_KEY: RunState.FAILED, "reason": reason, "phase": phase,
+                                            "finished": now, "started": now, "final_step": None})
+    write_status(run_dir, RunState.FAILED)
 
 
-def _finish(run_dir: Path, status: str, reason: str | None, trainer: Trainer, started: float) -> dict[str, Any]:
+def _finish(run_dir: Path, status: RunState, reason: str | None, trainer: Trainer, started: float) -> dict[str, Any]:
     """Write done.json (times in Unix seconds; ``started`` is the first start, before any resume)."""
     done = {
-        "status": status,
+        DONE_STATE_KEY: status,
         "reason": reason,
         "final_step": trainer.step,
         "train_flops": trainer.step * trainer.flops_per_step,
@@ -485,12 +474,13 @@ def _finish(run_dir: Path, status: str, reason: str | None, trainer: Trainer, st
     return done
 
 
-def train(config: RunConfig, run_dir: Path | str, on_eval=None, force: bool = False,
-          record_failures: bool = False) -> dict[str, Any]:
+def train(config: RunConfig, run_dir: Path | str, on_eval=None, iterations: int | None = None,
+          force: bool = False, record_failures: bool = False) -> dict[str, Any]:
     """Train (or resume) one run in ``run_dir``; returns the content of ``done.json``.
 
     ``on_eval(rows) -> bool`` is called with each eval point's rows; returning True stops the run
-    early with status ``pruned`` (used by the Optuna search). A resume must use the settings in
+    early with status ``pruned`` (used by the Optuna search). ``iterations``: the plan's count,
+    checked against the trainer's own (see :class:`Trainer`). A resume must use the settings in
     ``config.json`` (ResumeConfigError names the fields that differ) unless ``force``. With
     ``record_failures`` (jobs), an exception is recorded in ``done.json`` before it propagates.
     """
@@ -503,7 +493,8 @@ def train(config: RunConfig, run_dir: Path | str, on_eval=None, force: bool = Fa
     phase = "start-up"
     try:
         forced_changes = check_resume_config(config, run_dir, force)
-        trainer = Trainer(config, run_dir)  # before creating the directory: a bad teacher path leaves nothing behind
+        # Built before the directory is created: a bad teacher path leaves nothing behind.
+        trainer = Trainer(config, run_dir, iterations)
         trainer.forced_changes = forced_changes
         run_dir.mkdir(parents=True, exist_ok=True)
         _ACTIVE = trainer
@@ -527,71 +518,70 @@ def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
     try:
         resumed, notes = trainer.resume()
     except CheckpointError as error:
-        return _finish(run_dir, "failed", f"cannot resume: {error}", trainer, trainer.first_started)
+        return _finish(run_dir, RunState.FAILED, f"cannot resume: {error}", trainer, trainer.first_started)
     trainer.resume_notes = notes
     for note in notes:
         print(f"warning: {note}; resumed from the previous checkpoint (step {trainer.step})", file=sys.stderr)
     if trainer.is_writer:
         truncate_metrics_after(run_dir / METRICS_FILE, trainer.step)
         _write_config(trainer)
-        write_status(run_dir, "running", step=trainer.step, resumed_from=trainer.step if resumed else None,
+        write_status(run_dir, RunState.RUNNING, step=trainer.step, resumed_from=trainer.step if resumed else None,
                      **({"resume_notes": notes} if notes else {}))
     started = trainer.first_started
     metrics = MetricsWriter(run_dir / METRICS_FILE) if trainer.is_writer else None
     try:
-        with Heartbeat(run_dir, config.heartbeat_s) if trainer.is_writer else _null():
-            while trainer.step < trainer.total_iters:
+        with Heartbeat(run_dir, config.heartbeat_s) if trainer.is_writer else nullcontext():
+            while trainer.step < trainer.iterations:
                 with signals_deferred():
                     loss = trainer.train_step()
                     if not math.isfinite(loss):
-                        reason = (f"non-finite loss ({loss}) at step {trainer.step + 1}; the update was skipped and the "
-                                  f"run stopped (lower lr, check the data and the teacher checkpoint)")
-                        return _finish(run_dir, "failed", reason, trainer, started)
+                        reason = (
+                            f"non-finite loss ({loss}) at step {trainer.step + 1}; the update was skipped and the "
+                            f"run stopped (lower lr, check the data and the teacher checkpoint)"
+                        )
+                        return _finish(run_dir, RunState.FAILED, reason, trainer, started)
                     step = trainer.step
-                    if metrics and (step % config.log_every == 0 or step == trainer.total_iters):
-                        metrics.write({"kind": "train", "step": step, "images_seen": step * config.batch_size,
-                                       "train_flops": step * trainer.flops_per_step, "loss": loss, "wall_s": trainer.wall_s()})
+                    if metrics and (step % config.log_every == 0 or step == trainer.iterations):
+                        metrics.write(
+                            {
+                                "kind": "train",
+                                "step": step,
+                                "images_seen": step * config.batch_size,
+                                "train_flops": step * trainer.flops_per_step,
+                                "loss": loss,
+                                "wall_s": trainer.wall_s(),
+                            }
+                        )
                     if step in trainer.eval_steps:
                         rows = run_evals(trainer)
                         if metrics:
                             for row in rows:
                                 metrics.write(row)
-                        if _any_rank(trainer, trainer.is_writer and on_eval is not None and bool(on_eval(rows))):
+                        stop_search = trainer.is_writer and on_eval is not None and bool(on_eval(rows))
+                        if any_rank(stop_search, trainer.world, trainer.device):
                             trainer.save()
                             trainer.save_final()
-                            return _finish(run_dir, "pruned", f"stopped by the search at step {step}", trainer, started)
+                            return _finish(
+                                run_dir, RunState.PRUNED, f"stopped by the search at step {step}", trainer, started
+                            )
                     if step % config.ckpt_every == 0:
                         trainer.save()
-                if _should_stop(trainer, stop):
+                if any_rank(stop.requested is not None, trainer.world, trainer.device):
+                    # every rank stops at the same step if any rank got the signal
                     trainer.save()
                     if trainer.is_writer:
-                        write_status(run_dir, "interrupted", step=trainer.step, signal=stop.requested)
-                    return {"status": "interrupted", "reason": f"signal {stop.requested}", "final_step": trainer.step}
+                        write_status(run_dir, RunState.INTERRUPTED, step=trainer.step, signal=stop.requested)
+                    return {
+                        DONE_STATE_KEY: RunState.INTERRUPTED,
+                        "reason": f"signal {stop.requested}",
+                        "final_step": trainer.step,
+                    }
             trainer.save()
             trainer.save_final()
-            return _finish(run_dir, "done", None, trainer, started)
+            return _finish(run_dir, RunState.DONE, None, trainer, started)
     finally:
         if metrics:
             metrics.close()
-
-
-def _any_rank(trainer: Trainer, flag: bool) -> bool:
-    """True on every rank if it is true on any rank, so that all ranks leave the loop at the same step."""
-    if trainer.world == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=trainer.device)  # NCCL needs a device tensor
-    dist.all_reduce(value)
-    return bool(value.item() > 0)
-
-
-def _should_stop(trainer: Trainer, stop: StopFlag) -> bool:
-    """Every rank stops at the same step if any rank got the signal."""
-    return _any_rank(trainer, stop.requested is not None)
-
-
-@contextmanager
-def _null():
-    yield
 
 
 def run_evals(trainer: Trainer) -> list[dict[str, Any]]:
@@ -613,28 +603,25 @@ def run_evals(trainer: Trainer) -> list[dict[str, Any]]:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """The callable that submitit runs: ``TrainJob()(config_dict, run_dir)``.
+    """The callable that submitit runs: ``TrainJob()(config_dict, run_dir, iterations)``.
 
     On USR2 (timeout or preemption) submitit calls :meth:`checkpoint` between steps (signals are
     deferred to step boundaries), which saves the live state; the requeued job resumes from the
     newest checkpoint on disk, never from state pickled at submission.
     """
 
-    def __call__(self, config_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    def __call__(self, config_dict: dict[str, Any], run_dir: str, iterations: int | None = None) -> dict[str, Any]:
         try:
             config = RunConfig.model_validate(config_dict)
         except ValidationError as error:
-            record_failure(Path(run_dir), format_validation_error("start-up failed: the run's config", error), "start-up")
+            reason = format_validation_error("start-up failed: the run's config", error)
+            record_failure(Path(run_dir), reason, "start-up")
             raise
-        return train(config, Path(run_dir), record_failures=True)
+        return train(config, Path(run_dir), iterations=iterations, record_failures=True)
 
-    def checkpoint(self, config_dict: dict[str, Any], run_dir: str) -> submitit.helpers.DelayedSubmission:
-        if _ACTIVE is not None:
-            _ACTIVE.save()
-            if _ACTIVE.is_writer:
-                write_status(Path(run_dir), "requeued", step=_ACTIVE.step)
-        return submitit.helpers.DelayedSubmission(TrainJob(), config_dict, run_dir)
-
-
-def main_config_dump(config: RunConfig) -> str:
-    return json.dumps(config.model_dump(mode="json"), indent=2)
+    def checkpoint(self, config_dict: dict[str, Any], run_dir: str,
+                   iterations: int | None = None) -> submitit.helpers.DelayedSubmission:
+        trainer = save_active_run()
+        if trainer is not None and trainer.is_writer:
+            write_status(Path(run_dir), RunState.REQUEUED, step=trainer.step)
+        return submitit.helpers.DelayedSubmission(TrainJob(), config_dict, run_dir, iterations)

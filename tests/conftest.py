@@ -1,13 +1,17 @@
-"""Shared test set-up: one torch thread per test process, and the localhost SLURM cluster fixture."""
+"""Shared test set-up: one torch thread per test process, the localhost SLURM cluster fixture, the
+``cmscale sweep`` helpers of the sweep tests and the tiny EDM teacher of the search tests."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 # Tests use tiny networks: one thread is as fast and keeps results bitwise reproducible.
 torch.set_num_threads(1)
@@ -42,3 +46,32 @@ def slurm_cluster() -> str:
             pytest.fail(f"the SLURM tests are required here but the cluster is unusable: {problem}")
         pytest.skip(problem)
     return os.environ["SLURM_CONF"]
+
+
+def sweep(*args: str | Path) -> str:
+    """Run ``cmscale sweep ARGS`` in process; fails the test with the output unless it exits 0."""
+    from cmscale.cli.sweep import sweep_group
+
+    result = CliRunner().invoke(sweep_group, [str(arg) for arg in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def submitted_count(output: str) -> int:
+    """The N of "submitted N runs" in ``cmscale sweep launch``'s report."""
+    match = re.search(r"submitted (\d+) runs", output)
+    assert match, output
+    return int(match.group(1))
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> str:
+    """A tiny EDM teacher (10 iterations, no evals): ECT trials start from it."""
+    from cmscale.config import RunConfig
+    from cmscale.train import train
+
+    run_dir = tmp_path_factory.mktemp("teacher") / "edm_xxs"
+    config = RunConfig(method="edm", preset="xxs", budget_iters=10, batch_size=16, ckpt_every=1000,
+                       eval={"at_fractions": []})
+    assert train(config, run_dir)["status"] == "done"
+    return str(run_dir / "ckpt" / "final.pt")

@@ -30,7 +30,9 @@ def frontier_points(sizes, computes, seeds=3, noise=0.01, seed=0) -> pd.DataFram
         for s in range(seeds):
             for c in computes:
                 y = evaluate_law("joint", JOINT_TRUTH, n, c / (6 * n)) * math.exp(rng.normal(0, noise))
-                rows.append({"size": f"{n:.2g}", "params": n, "compute": c, "y": y, "curve": "one", "run": f"{n:.3g}-{s}"})
+                rows.append(
+                    {"size": f"{n:.2g}", "params": n, "compute": c, "y": y, "curve": "one", "run": f"{n:.3g}-{s}"}
+                )
     return pd.DataFrame(rows)
 
 
@@ -55,8 +57,18 @@ def test_envelope_reads_each_size_by_log_log_interpolation():
 def test_optimal_size_is_the_vertex_of_the_log_parabola():
     sizes = np.array([1e6, 3e6, 1e7, 3e7])
     vertex = 5e6
-    rows = [{"size": str(n), "params": n, "compute": c, "y": math.exp(0.2 * (math.log(n) - math.log(vertex)) ** 2 + 1.0),
-             "curve": "c", "run": str(n)} for n in sizes for c in (1e12, 1e14)]
+    rows = [
+        {
+            "size": str(n),
+            "params": n,
+            "compute": c,
+            "y": math.exp(0.2 * (math.log(n) - math.log(vertex)) ** 2 + 1.0),
+            "curve": "c",
+            "run": str(n),
+        }
+        for n in sizes
+        for c in (1e12, 1e14)
+    ]
     optima = optimal_sizes(pd.DataFrame(rows), np.array([1e13]))
     assert not optima["edge"].iloc[0]
     assert optima["n_opt"].iloc[0] == pytest.approx(vertex, rel=1e-9)
@@ -97,7 +109,9 @@ def test_extrapolation_check_predicts_held_out_budget_of_a_known_law():
     data = joint_data(n_sizes=6, n_budgets=5, evals_per_run=4, noise=0.02, seed=3)
     budget = np.repeat(np.arange(30) % 5, 4)  # run r has budget index r % 5
     table = pd.DataFrame({"N": data.X[0], "D": data.X[1], "y": data.y, "run": data.groups, "budget": budget})
-    result = holdout_validation(table, form="joint", x_cols=["N", "D"], y_col="y", by="budget", k=1, group_col="run", n_draws=100)
+    result = holdout_validation(
+        table, form="joint", x_cols=["N", "D"], y_col="y", by="budget", k=1, group_col="run", n_draws=100
+    )
     held = result.points
     assert result.held_values == [4.0] and len(held) == 24 and result.fit.n_points == 96
     truth = evaluate_law("joint", JOINT_TRUTH, held["N"], held["D"])
@@ -112,7 +126,9 @@ def test_extrapolation_check_predicts_held_out_budget_of_a_known_law():
 def test_extrapolation_check_can_hold_out_the_largest_size():
     data = joint_data(n_sizes=6, n_budgets=4, evals_per_run=3, noise=0.02, seed=4)
     table = pd.DataFrame({"N": data.X[0], "D": data.X[1], "y": data.y, "run": data.groups})
-    result = holdout_validation(table, form="joint", x_cols=["N", "D"], y_col="y", by="N", k=1, group_col="run", n_draws=60)
+    result = holdout_validation(
+        table, form="joint", x_cols=["N", "D"], y_col="y", by="N", k=1, group_col="run", n_draws=60
+    )
     assert (result.points["N"] == table["N"].max()).all()
     assert result.mean_abs_log_error < 0.05
 
@@ -163,13 +179,31 @@ SCM_TABLE5 = {  # sCM (Lu & Song 2024) Table 5, ImageNet 512, FID; EDM2 sizes S.
 
 
 def test_fit_ratio_cli_on_published_scm_table(tmp_path):
-    rows = [{"size": p, "teacher_fid": t, "student_fid": s, "group": group}
-            for group in ("scd 2-step", "scd 1-step")
-            for p, t, s in zip(SCM_TABLE5["params"], SCM_TABLE5["teacher"], SCM_TABLE5[group])]
+    rows = [
+        {"size": p, "teacher_fid": t, "student_fid": s, "group": group}
+        for group in ("scd 2-step", "scd 1-step")
+        for p, t, s in zip(SCM_TABLE5["params"], SCM_TABLE5["teacher"], SCM_TABLE5[group])
+    ]
     path = tmp_path / "scm_table5.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
-    result = CliRunner().invoke(main, ["fit", "ratio", "--csv", str(path), "--size-col", "size", "--teacher-col", "teacher_fid",
-                                       "--student-col", "student_fid", "--group-col", "group", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            "ratio",
+            "--csv",
+            str(path),
+            "--size-col",
+            "size",
+            "--teacher-col",
+            "teacher_fid",
+            "--student-col",
+            "student_fid",
+            "--group-col",
+            "group",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     two = out["scd 2-step"]
@@ -177,7 +211,10 @@ def test_fit_ratio_cli_on_published_scm_table(tmp_path):
     expected = np.mean(np.array(SCM_TABLE5["scd 2-step"]) / np.array(SCM_TABLE5["teacher"]))
     assert two["mean_ratio"] == pytest.approx(expected) and 1.08 < two["mean_ratio"] < 1.11  # "within 10%"
     assert two["n_points"] == 5 and two["slope_ci"][0] < 0 < two["slope_ci"][1] and two["slope_p"] > 0.05
-    assert out["scd 1-step"]["mean_ratio"] > 1.3 and out["scd 1-step"]["slope_ci"][0] < 0 < out["scd 1-step"]["slope_ci"][1]
+    assert (
+        out["scd 1-step"]["mean_ratio"] > 1.3
+        and out["scd 1-step"]["slope_ci"][0] < 0 < out["scd 1-step"]["slope_ci"][1]
+    )
 
 
 def _joint_csv(tmp_path):
@@ -191,7 +228,21 @@ def _joint_csv(tmp_path):
 
 def test_fit_joint_cli_with_compute_column_and_held_out_top_budget(tmp_path):
     path, table = _joint_csv(tmp_path)
-    base = ["fit", "joint", "--csv", str(path), "--n-col", "params", "--y-col", "fid", "--group-col", "run", "--n-draws", "50", "--json"]
+    base = [
+        "fit",
+        "joint",
+        "--csv",
+        str(path),
+        "--n-col",
+        "params",
+        "--y-col",
+        "fid",
+        "--group-col",
+        "run",
+        "--n-draws",
+        "50",
+        "--json",
+    ]
     by_c = CliRunner().invoke(main, base + ["--c-col", "flops"])
     by_d = CliRunner().invoke(main, base + ["--d-col", "images"])
     assert by_c.exit_code == 0 and by_d.exit_code == 0, by_c.output + by_d.output
@@ -202,7 +253,9 @@ def test_fit_joint_cli_with_compute_column_and_held_out_top_budget(tmp_path):
     assert fit_c["status"] == "converged" and fit_c["n_points"] == len(table)
     assert abs(fit_c["alpha"] - 0.3) < 0.05 and abs(fit_c["beta"] - 0.4) < 0.05
 
-    held = CliRunner().invoke(main, base + ["--c-col", "flops", "--drop-top", "3", "--loss", "huber", "--delta", "1e-3"])
+    held = CliRunner().invoke(
+        main, base + ["--c-col", "flops", "--drop-top", "3", "--loss", "huber", "--delta", "1e-3"]
+    )
     assert held.exit_code == 0, held.output
     out = json.loads(held.output)
     assert out["loss"] == "huber" and out["n_points"] == len(table) - 3
@@ -212,18 +265,29 @@ def test_fit_joint_cli_with_compute_column_and_held_out_top_budget(tmp_path):
 
 def test_fit_cli_names_the_file_and_column_on_bad_input(tmp_path):
     path, _ = _joint_csv(tmp_path)
-    result = CliRunner().invoke(main, ["fit", "joint", "--csv", str(path), "--n-col", "size", "--d-col", "images", "--y-col", "fid"])
-    assert result.exit_code != 0 and str(path) in result.output and "'size'" in result.output and "--n-col" in result.output
+    result = CliRunner().invoke(
+        main, ["fit", "joint", "--csv", str(path), "--n-col", "size", "--d-col", "images", "--y-col", "fid"]
+    )
+    assert (
+        result.exit_code != 0
+        and str(path) in result.output
+        and "'size'" in result.output
+        and "--n-col" in result.output
+    )
     result = CliRunner().invoke(main, ["fit", "joint", "--csv", str(path), "--n-col", "params", "--y-col", "fid"])
     assert result.exit_code != 0 and "exactly one of --d-col or --c-col" in result.output
 
 
 def test_powerlaw_cli_on_a_table(tmp_path):
     x = np.logspace(10, 14, 30)
-    y = evaluate_law("saturating", {"E": 2.0, "A": 2e5, "alpha": 0.5}, x) * np.exp(np.random.default_rng(0).normal(0, 0.02, 30))
+    y = evaluate_law("saturating", {"E": 2.0, "A": 2e5, "alpha": 0.5}, x) * np.exp(
+        np.random.default_rng(0).normal(0, 0.02, 30)
+    )
     path = tmp_path / "curve.csv"
     pd.DataFrame({"flops": x, "fid": y}).to_csv(path, index=False)
-    result = CliRunner().invoke(main, ["fit", "powerlaw", "--csv", str(path), "--x-col", "flops", "--y-col", "fid", "--n-draws", "50", "--json"])
+    result = CliRunner().invoke(
+        main, ["fit", "powerlaw", "--csv", str(path), "--x-col", "flops", "--y-col", "fid", "--n-draws", "50", "--json"]
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert set(out) >= {"E", "A", "alpha", "ci", "status", "n_points"} and abs(out["alpha"] - 0.5) < 0.1

@@ -15,6 +15,8 @@ import pytest
 from cmscale.demo import spec_path
 from cmscale.sweep.spec import load_spec
 
+pytestmark = pytest.mark.slow  # end to end: minutes of training on a busy machine
+
 CMSCALE = [sys.executable, "-m", "cmscale.cli"]
 
 
@@ -46,7 +48,8 @@ def test_quick_demo_lands_evals_of_every_run_in_duckdb(quick_demo):
         evals = connection.execute("SELECT count(*) FROM evals").fetchone()[0]
         runs, done = connection.execute("SELECT count(*), count(*) FILTER (WHERE status = 'done') FROM runs").fetchone()
         without_eval = connection.execute(
-            "SELECT count(*) FROM runs r WHERE NOT EXISTS (SELECT 1 FROM evals e WHERE e.run_id = r.run_id)").fetchone()[0]
+            "SELECT count(*) FROM runs r WHERE NOT EXISTS (SELECT 1 FROM evals e WHERE e.run_id = r.run_id)"
+        ).fetchone()[0]
     assert evals > 0
     assert runs == done == 14  # 2 teachers + 2 sizes x 3 budgets x (ECT, sCD)
     assert without_eval == 0
@@ -56,10 +59,19 @@ def test_quick_demo_fits_alpha_with_a_finite_ci_for_a_method(quick_demo):
     root, completed = quick_demo
     assert completed.returncode == 0
     sweep = load_spec(spec_path(quick=True)).name
-    fitted = subprocess.run([*CMSCALE, "fit", "powerlaw", "--sweep", sweep, "--root", str(root), "--json", "--n-draws", "200"],
-                            capture_output=True, text=True, timeout=600)
+    fitted = subprocess.run(
+        [*CMSCALE, "fit", "powerlaw", "--sweep", sweep, "--root", str(root), "--json", "--n-draws", "200"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     fits = json.loads(fitted.stdout)
-    finite = [fit for fit in fits if fit["method"] in ("ect", "scd")
-              and all(math.isfinite(bound) for bound in fit["ci"]["alpha"]) and fit["ci"]["alpha"][0] < fit["ci"]["alpha"][1]]
+    finite = [
+        fit
+        for fit in fits
+        if fit["method"] in ("ect", "scd")
+        and all(math.isfinite(bound) for bound in fit["ci"]["alpha"])
+        and fit["ci"]["alpha"][0] < fit["ci"]["alpha"][1]
+    ]
     assert finite, json.dumps(fits, indent=1)[:3000]

@@ -29,7 +29,6 @@ from cmscale.eval import (
     feature_space,
     fid_between,
     fid_to_reference,
-    prepare_eval,
     reference_statistics,
 )
 from cmscale.eval.features import INCEPTION_FILENAME, DigitsFeatureExtractor
@@ -196,8 +195,6 @@ def test_missing_inception_weights_raise_the_documented_error_offline(offline):
     config = RunConfig(method="edm", preset="xxs", dataset="cifar10", data_path=str(offline / "no-cifar"),
                        resolution=32, budget_iters=1)
     with pytest.raises(InceptionWeightsNotFoundError):
-        prepare_eval(config)
-    with pytest.raises(InceptionWeightsNotFoundError):
         evaluate_model(config, model=None, step=1, train_flops=0.0, images_seen=0, run_dir=offline / "run")
 
 
@@ -297,7 +294,9 @@ def test_cli_eval_reports_missing_inception_weights(offline):
     assert f"Inception weights not found at {given}" in result.output
 
 
-@pytest.mark.parametrize("method,with_teacher", [("edm", False), ("ect", True), ("sct", False), ("sct", True), ("scd", True)])
+@pytest.mark.parametrize(
+    "method,with_teacher", [("edm", False), ("ect", True), ("sct", False), ("sct", True), ("scd", True)]
+)
 def test_final_checkpoint_rebuilds_the_training_wrapper(tmp_path, method, with_teacher):
     from cmscale.methods import build_method
     from cmscale.models.presets import build_unet
@@ -305,7 +304,9 @@ def test_final_checkpoint_rebuilds_the_training_wrapper(tmp_path, method, with_t
     torch.manual_seed(0)
     teacher_path = tmp_path / "teacher.pt"
     torch.save({"net": build_unet("xxs", 16, 1).state_dict()}, teacher_path)
-    config = RunConfig(method=method, preset="xxs", budget_iters=10, teacher_ckpt=str(teacher_path) if with_teacher else None)
+    config = RunConfig(
+        method=method, preset="xxs", budget_iters=10, teacher_ckpt=str(teacher_path) if with_teacher else None
+    )
     trained = build_method(config, 1).model.eval()
     with torch.no_grad():  # move the weights off the teacher's, so a wrong load would show
         for parameter in trained.parameters():

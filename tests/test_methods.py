@@ -6,6 +6,7 @@ make F = 0 and hide errors in the maps. Checks that need tight tolerances run in
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -34,11 +35,20 @@ from cmscale.models.unet import UNet
 SD = 0.5
 
 
-def random_unet(seed: int = 0, dtype: torch.dtype = torch.float64, attention: bool = True, dropout: float = 0.0) -> UNet:
+def random_unet(
+    seed: int = 0, dtype: torch.dtype = torch.float64, attention: bool = True, dropout: float = 0.0
+) -> UNet:
     """A small UNet (with attention at 4x4) whose every weight is random, so F is far from zero."""
     torch.manual_seed(seed)
-    net = UNet(img_resolution=8, img_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-               attn_resolutions=(4,) if attention else (), dropout=dropout)
+    net = UNet(
+        img_resolution=8,
+        img_channels=1,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_blocks=1,
+        attn_resolutions=(4,) if attention else (),
+        dropout=dropout,
+    )
     with torch.no_grad():
         for name, parameter in net.named_parameters():
             if parameter.ndim > 1:
@@ -315,3 +325,66 @@ def test_ect_loss_stays_finite_far_past_the_last_stage():
     x0 = images(8, dtype=torch.float32)
     value = loss(model, x0, t=t, noise=torch.randn_like(x0))
     assert torch.isfinite(value).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# The FLOPs-per-step cache: one entry per step cost, never a stale count
+
+
+def _flops_config(**update):
+    base = RunConfig(method="sct", preset="xxs", budget_flops=1e12, batch_size=16, resolution=16)
+    return base.model_copy(update=update)
+
+
+CACHE_CHANGES = {
+    "preset": {"preset": "xs"},
+    "batch": {"batch_size": 32},
+    "resolution": {"resolution": 8},
+    "method": {"method": "edm"},
+    "dropout": {"dropout": 0.1},
+    "dataset": {"dataset": "cifar10"},
+    "weight_mlp": {"scm": {"weight_mlp_channels": 64}},
+}
+
+
+def test_flops_cache_counts_each_step_cost_once_and_every_change_gets_its_own_entry():
+    from cmscale.methods import FlopsCache
+
+    calls = []
+    cache = FlopsCache(counter=lambda config: calls.append(FlopsCache.key(config)) or 1000 + len(calls))
+    base = _flops_config()
+    assert cache(base) == cache(base.model_copy(update={"lr": 0.1, "seed": 3})) == 1001  # cost unchanged: one count
+    for change in CACHE_CHANGES.values():
+        config = _flops_config(**change) if "scm" not in change else base.model_copy(
+            update={"scm": base.scm.model_copy(update=change["scm"])})
+        cache(config)
+    assert len(calls) == 1 + len(CACHE_CHANGES) == len(set(calls))
+
+
+@pytest.mark.parametrize("change", ["preset", "batch", "resolution", "method"])
+def test_counted_flops_per_step_change_with_the_step_cost(change):
+    from cmscale.methods import count_flops_per_step
+
+    assert count_flops_per_step(_flops_config(**CACHE_CHANGES[change])) != count_flops_per_step(_flops_config())
+
+
+def test_flops_cache_on_disk_is_used_only_under_the_same_code_fingerprint(tmp_path):
+    from cmscale.methods import FlopsCache
+
+    path = tmp_path / "flops_per_step.json"
+    config = _flops_config()
+    real = FlopsCache(path=path)
+    counted = real(config)
+    assert json.loads(path.read_text())["counts"] == {FlopsCache.key(config): counted}
+
+    def no_counting(config):
+        raise AssertionError("counted again although the disk cache holds the count")
+
+    again = FlopsCache(path=path)
+    again.counter = no_counting
+    assert again(config) == counted  # a fresh process reads the count back
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({"fingerprint": "older-code", "counts": stored["counts"]}))
+    stale = FlopsCache(path=path)
+    stale.counter = lambda config: 7
+    assert stale(config) == 7  # a count from other code is never used

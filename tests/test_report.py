@@ -42,7 +42,16 @@ def law(n: float, images: float) -> float:
     return E + A * n**-ALPHA + B * images**-BETA
 
 
-def write_run(root: Path, method: str, preset: str, budget: float, seed: int, rng, status: str = "done", teacher: str | None = None) -> str:
+def write_run(
+    root: Path,
+    method: str,
+    preset: str,
+    budget: float,
+    seed: int,
+    rng,
+    status: str = "done",
+    teacher: str | None = None,
+) -> str:
     """One run directory as a finished trainer leaves it: config.json, metrics.jsonl, status.json, done.json."""
     n = SIZES[preset]
     flops_per_step = 6.0 * n * BATCH * (1.5 if method == "scd" else 1.0)
@@ -50,28 +59,80 @@ def write_run(root: Path, method: str, preset: str, budget: float, seed: int, rn
     run_id = f"{method}-{preset}-{budget:.0e}-s{seed}".replace("+", "")
     run_dir = root / SWEEP / run_id
     extra = {"teacher_ckpt": f"/ckpt/{teacher}.pt", "teacher_run_id": teacher} if teacher else {}
-    config = RunConfig(method=method, preset=preset, budget_flops=budget, seed=seed, batch_size=BATCH, sweep=SWEEP, run_id=run_id, **extra)
-    atomic_write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json") | {
-        "run_id": run_id, "params": int(n), "flops_per_step": flops_per_step, "flops_per_image_forward": 2.0 * n,
-        "budget_iters_resolved": iters, "img_channels": 1, "world_size": 1, "git_commit": "synthetic"})
+    config = RunConfig(
+        method=method,
+        preset=preset,
+        budget_flops=budget,
+        seed=seed,
+        batch_size=BATCH,
+        sweep=SWEEP,
+        run_id=run_id,
+        **extra,
+    )
+    atomic_write_json(
+        run_dir / CONFIG_FILE,
+        config.model_dump(mode="json")
+        | {
+            "run_id": run_id,
+            "params": int(n),
+            "flops_per_step": flops_per_step,
+            "flops_per_image_forward": 2.0 * n,
+            "budget_iters_resolved": iters,
+            "img_channels": 1,
+            "world_size": 1,
+            "git_commit": "synthetic",
+        },
+    )
     fractions = FRACTIONS if status == "done" else FRACTIONS[:1]
     with MetricsWriter(run_dir / METRICS_FILE) as writer:
         for fraction in fractions:
             step = max(1, int(iters * fraction))
             images = step * BATCH
             flops = step * flops_per_step
-            writer.write({"kind": "train", "step": step, "images_seen": images, "train_flops": flops, "loss": 1.0 / step, "wall_s": 0.1 * step})
+            writer.write(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "images_seen": images,
+                    "train_flops": flops,
+                    "loss": 1.0 / step,
+                    "wall_s": 0.1 * step,
+                }
+            )
             steps = [8] if method == "edm" else [1, 2]
             for k in steps:
                 factor = 1.0 if method == "edm" else FACTORS[method, k]
                 fid = factor * law(n, images) * math.exp(rng.normal(0.0, 0.02))
                 nfe = 2 * k - 1 if method == "edm" else k
-                writer.write({"kind": "eval", "step": step, "train_flops": flops, "images_seen": images, "sampler_steps": k, "nfe": nfe,
-                              "fid": fid, "num_samples": 500, "extractor": "digits-cnn", "reference": "digits-train",
-                              "sampling_flops_per_image": nfe * 2.0 * n, "wall_s": 1.0})
+                writer.write(
+                    {
+                        "kind": "eval",
+                        "step": step,
+                        "train_flops": flops,
+                        "images_seen": images,
+                        "sampler_steps": k,
+                        "nfe": nfe,
+                        "fid": fid,
+                        "num_samples": 500,
+                        "extractor": "digits-cnn",
+                        "reference": "digits-train",
+                        "sampling_flops_per_image": nfe * 2.0 * n,
+                        "wall_s": 1.0,
+                    }
+                )
     write_status(run_dir, status)
-    atomic_write_json(run_dir / DONE_FILE, {"status": status, "reason": "loss is NaN at step 12" if status == "failed" else "",
-                                            "final_step": step, "train_flops": flops, "wall_s": 10.0, "started": 1.7e9, "finished": 1.7e9 + 10})
+    atomic_write_json(
+        run_dir / DONE_FILE,
+        {
+            "status": status,
+            "reason": "loss is NaN at step 12" if status == "failed" else "",
+            "final_step": step,
+            "train_flops": flops,
+            "wall_s": 10.0,
+            "started": 1.7e9,
+            "finished": 1.7e9 + 10,
+        },
+    )
     return run_id
 
 
@@ -105,10 +166,15 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     root = tmp_path / "results"
     build_sweep(root)
     report = ingest(root)
-    assert query(f"SELECT count(*) AS n FROM runs WHERE sweep = '{SWEEP}'", root=root, ingest=False)["n"][0] == 4 + 4 * 2 * 3 + 1, report
+    assert (
+        query(f"SELECT count(*) AS n FROM runs WHERE sweep = '{SWEEP}'", root=root, ingest_first=False)["n"][0]
+        == 4 + 4 * 2 * 3 + 1
+    ), report
 
     out = tmp_path / "report"
-    result = CliRunner().invoke(main, ["report", SWEEP, "--out", str(out), "--root", str(root), "--n-draws", "30", "--no-ingest"])
+    result = CliRunner().invoke(
+        main, ["report", SWEEP, "--out", str(out), "--root", str(root), "--n-draws", "30", "--no-ingest"]
+    )
     assert result.exit_code == 0, result.output
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()

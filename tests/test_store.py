@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
+from cmscale.cli.results import results_group
 from cmscale.results import (
     SCHEMA_VERSION,
     ReadOnlyQueryError,
@@ -26,7 +27,6 @@ from cmscale.results import (
     migrate,
     query,
 )
-from cmscale.results.cli import results_group
 from cmscale.rundir import MetricsWriter, atomic_write_json, truncate_metrics_after, write_status
 
 SWEEP = "sw"
@@ -34,22 +34,53 @@ SWEEP = "sw"
 
 def train_row(rank: int, step: int, wall_s: float = 0.0) -> dict:
     # The loss encodes (rank, step), so the tests can check every stored value in SQL.
-    return {"kind": "train", "step": step, "images_seen": 64 * step, "train_flops": 1e9 * step,
-            "loss": rank + step * 1e-4, "wall_s": wall_s}
+    return {
+        "kind": "train",
+        "step": step,
+        "images_seen": 64 * step,
+        "train_flops": 1e9 * step,
+        "loss": rank + step * 1e-4,
+        "wall_s": wall_s,
+    }
 
 
 def eval_row(step: int, sampler_steps: int, fid: float) -> dict:
-    return {"kind": "eval", "step": step, "train_flops": 1e9 * step, "images_seen": 64 * step,
-            "sampler_steps": sampler_steps, "nfe": sampler_steps, "fid": fid, "num_samples": 500,
-            "extractor": "digits-classifier", "reference": "digits-train", "sampling_flops_per_image": 2e6 * sampler_steps,
-            "wall_s": 1.0}
+    return {
+        "kind": "eval",
+        "step": step,
+        "train_flops": 1e9 * step,
+        "images_seen": 64 * step,
+        "sampler_steps": sampler_steps,
+        "nfe": sampler_steps,
+        "fid": fid,
+        "num_samples": 500,
+        "extractor": "digits-classifier",
+        "reference": "digits-train",
+        "sampling_flops_per_image": 2e6 * sampler_steps,
+        "wall_s": 1.0,
+    }
 
 
 def config_of(run_id: str, rank: int) -> dict:
-    return {"method": "ect", "preset": "xs", "dataset": "digits", "resolution": 8, "batch_size": 64, "seed": rank,
-            "budget_flops": None, "budget_iters": 100, "run_id": run_id, "params": 1000 + rank,
-            "flops_per_step": 1e9, "flops_per_image_forward": 2e6, "budget_iters_resolved": 100,
-            "img_channels": 1, "world_size": 1, "git_commit": "abc123", "sweep": SWEEP}
+    return {
+        "method": "ect",
+        "preset": "xs",
+        "dataset": "digits",
+        "resolution": 8,
+        "batch_size": 64,
+        "seed": rank,
+        "budget_flops": None,
+        "budget_iters": 100,
+        "run_id": run_id,
+        "params": 1000 + rank,
+        "flops_per_step": 1e9,
+        "flops_per_image_forward": 2e6,
+        "budget_iters_resolved": 100,
+        "img_channels": 1,
+        "world_size": 1,
+        "git_commit": "abc123",
+        "sweep": SWEEP,
+    }
 
 
 def make_run(root: Path, rank: int, n_train: int, done: bool = True, evals: tuple = ()) -> Path:
@@ -71,7 +102,7 @@ def make_run(root: Path, rank: int, n_train: int, done: bool = True, evals: tupl
 
 
 def scalar(root: Path, sql: str):
-    return query(sql, root, ingest=False).item()
+    return query(sql, root, ingest_first=False).item()
 
 
 def table_fingerprint(root: Path) -> dict:
@@ -136,7 +167,9 @@ def test_16_writers_with_ingest_loop_give_exactly_32000_rows(tmp_path):
     assert ingests_while_writing >= 2 and rows_seen_while_writing > 0  # the loop really overlapped the writers
     assert scalar(tmp_path, "SELECT count(*) FROM train") == 32_000
     assert scalar(tmp_path, "SELECT count(DISTINCT (run_id, step)) FROM train") == 32_000
-    per_run = query("SELECT run_id, count(*) n, min(step) lo, max(step) hi FROM train GROUP BY run_id", tmp_path, ingest=False)
+    per_run = query(
+        "SELECT run_id, count(*) n, min(step) lo, max(step) hi FROM train GROUP BY run_id", tmp_path, ingest_first=False
+    )
     assert per_run.height == 16
     assert per_run["n"].to_list() == [2000] * 16 and set(per_run["lo"]) == {0} and set(per_run["hi"]) == {1999}
     wrong = "SELECT count(*) FROM train WHERE abs(loss - (CAST(substr(run_id, 2) AS INT) + step * 1e-4)) > 1e-9"
@@ -149,10 +182,27 @@ def test_two_ingest_processes_and_a_query_at_once_all_succeed_with_exact_counts(
     command = [sys.executable, "-m", "cmscale.results"]  # the `cmscale results` group itself
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     processes = [
-        subprocess.Popen(command + ["ingest", "--root", str(tmp_path), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
-        subprocess.Popen(command + ["ingest", "--root", str(tmp_path), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
-        subprocess.Popen(command + ["query", "SELECT count(*) AS n FROM train", "--root", str(tmp_path), "--format", "json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+        subprocess.Popen(
+            command + ["ingest", "--root", str(tmp_path), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        ),
+        subprocess.Popen(
+            command + ["ingest", "--root", str(tmp_path), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        ),
+        subprocess.Popen(
+            command + ["query", "SELECT count(*) AS n FROM train", "--root", str(tmp_path), "--format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        ),
     ]
     outputs = [process.communicate(timeout=240) for process in processes]
     for process, (_, stderr) in zip(processes, outputs):
@@ -222,15 +272,27 @@ def test_torn_line_dropped_by_a_resumed_writer_leaves_each_step_once(tmp_path):
             writer.write(train_row(1, step))
     report = ingest(tmp_path)
     assert not report.torn_files and not report.reset_files  # bytes before the offset are unchanged
-    assert query("SELECT step FROM train ORDER BY step", tmp_path, ingest=False)["step"].to_list() == list(range(7))
+    assert query("SELECT step FROM train ORDER BY step", tmp_path, ingest_first=False)["step"].to_list() == list(
+        range(7)
+    )
 
 
 def test_noop_reingest_parses_nothing_and_changes_nothing(tmp_path):
     for rank in range(12):
         make_run(tmp_path, rank, 300, evals=(eval_row(299, 1, 20.0), eval_row(299, 2, 15.0)))
     atomic_write_json(tmp_path / SWEEP / "sweep.json", {"sweep": SWEEP, "spec_path": "spec.toml", "runs": []})
-    atomic_write_json(tmp_path / SWEEP / "r00" / "trial.json", {"study": "s", "trial_number": 0, "state": "COMPLETE",
-                                                                "params": {"lr": 1e-3}, "values": [20.0], "run_id": "r00", "updated": 1.7e9})
+    atomic_write_json(
+        tmp_path / SWEEP / "r00" / "trial.json",
+        {
+            "study": "s",
+            "trial_number": 0,
+            "state": "COMPLETE",
+            "params": {"lr": 1e-3},
+            "values": [20.0],
+            "run_id": "r00",
+            "updated": 1.7e9,
+        },
+    )
     first = ingest(tmp_path, batch_bytes=1)  # one metrics file per transaction
     assert first.train_rows == 3600 and first.eval_rows == 24 and first.runs == 12 and first.trials == 1
     assert first.transactions == 12
@@ -256,7 +318,7 @@ def test_resume_rewrite_replaces_the_runs_rows_and_each_step_is_stored_once(tmp_
     report = ingest(tmp_path)
     assert report.reset_files == [str(path)]
     assert scalar(tmp_path, "SELECT max(step) FROM train") == 59
-    assert query("SELECT step FROM evals", tmp_path, ingest=False)["step"].to_list() == [50]
+    assert query("SELECT step FROM evals", tmp_path, ingest_first=False)["step"].to_list() == [50]
 
     with MetricsWriter(path) as writer:  # the resumed job logs steps 60.. again (new wall times)
         for step in range(60, 160):
@@ -294,8 +356,13 @@ def test_removed_files_and_run_directories_leave_the_database_too(tmp_path):
     shutil.rmtree(tmp_path / SWEEP / "r01")
     report = ingest(tmp_path)
     assert report.runs_deleted == 1
-    assert query("SELECT run_id, count(*) n FROM train GROUP BY run_id", tmp_path, ingest=False).rows() == [("r02", 10)]
-    assert query("SELECT run_id FROM runs ORDER BY run_id", tmp_path, ingest=False)["run_id"].to_list() == ["r00", "r02"]
+    assert query("SELECT run_id, count(*) n FROM train GROUP BY run_id", tmp_path, ingest_first=False).rows() == [
+        ("r02", 10)
+    ]
+    assert query("SELECT run_id FROM runs ORDER BY run_id", tmp_path, ingest_first=False)["run_id"].to_list() == [
+        "r00",
+        "r02",
+    ]
     assert ingest(tmp_path).transactions == 0
 
 
@@ -311,7 +378,7 @@ def test_malformed_config_and_done_are_reported_with_their_paths_and_others_inge
     report = ingest(tmp_path)
     assert {problem.path for problem in report.errors} == {str(bad_config), str(bad_done)}
     assert scalar(tmp_path, "SELECT count(*) FROM train") == 30
-    runs = query("SELECT run_id, method, status FROM runs ORDER BY run_id", tmp_path, ingest=False)
+    runs = query("SELECT run_id, method, status FROM runs ORDER BY run_id", tmp_path, ingest_first=False)
     assert runs.rows() == [("r00", None, "done"), ("r01", "ect", "done"), ("r02", "ect", "done")]
     # r01's done.json is unreadable, so its status falls back to status.json's state.
 
@@ -324,7 +391,9 @@ def test_malformed_config_and_done_are_reported_with_their_paths_and_others_inge
     assert scalar(tmp_path, "SELECT method FROM runs WHERE run_id = 'r00'") == "ect"
 
 
-@pytest.mark.parametrize("statement", ["DELETE FROM train", "DROP TABLE runs", "INSERT INTO train VALUES ('s', 'x', 1, 1, 1.0, 1.0, 1.0)"])
+@pytest.mark.parametrize(
+    "statement", ["DELETE FROM train", "DROP TABLE runs", "INSERT INTO train VALUES ('s', 'x', 1, 1, 1.0, 1.0, 1.0)"]
+)
 def test_query_refuses_writes(tmp_path, statement):
     make_run(tmp_path, 0, 10)
     ingest(tmp_path)
@@ -343,27 +412,59 @@ def test_query_refuses_writes(tmp_path, statement):
 
 
 def test_views_planned_runs_trials_and_schema_version(tmp_path):
-    make_run(tmp_path, 0, 101, evals=(eval_row(50, 1, 40.0), eval_row(50, 2, 35.0), eval_row(100, 1, 25.0), eval_row(100, 2, 20.0)))
+    make_run(
+        tmp_path,
+        0,
+        101,
+        evals=(eval_row(50, 1, 40.0), eval_row(50, 2, 35.0), eval_row(100, 1, 25.0), eval_row(100, 2, 20.0)),
+    )
     with MetricsWriter(tmp_path / SWEEP / "r00" / "metrics.jsonl") as writer:
         writer.write({**train_row(0, 101), "loss": float("nan")})  # json.dumps writes NaN; still ingested
-    atomic_write_json(tmp_path / SWEEP / "sweep.json", {
-        "sweep": SWEEP, "spec_path": "sweep.toml",
-        "runs": [{"run_id": "r00", "config": config_of("r00", 0), "iterations": 100, "flops_per_step": 1e9},
-                 {"run_id": "r09", "config": {**config_of("r09", 9), "params": None}, "iterations": 100, "flops_per_step": 1e9}],
-    })
-    atomic_write_json(tmp_path / SWEEP / "r00" / "trial.json", {"study": "st", "trial_number": 3, "state": "PRUNED",
-                                                                "params": {"lr": 0.01}, "values": None, "run_id": "r00", "updated": 1.7e9})
+    atomic_write_json(
+        tmp_path / SWEEP / "sweep.json",
+        {
+            "sweep": SWEEP,
+            "spec_path": "sweep.toml",
+            "runs": [
+                {"run_id": "r00", "config": config_of("r00", 0), "iterations": 100, "flops_per_step": 1e9},
+                {
+                    "run_id": "r09",
+                    "config": {**config_of("r09", 9), "params": None},
+                    "iterations": 100,
+                    "flops_per_step": 1e9,
+                },
+            ],
+        },
+    )
+    atomic_write_json(
+        tmp_path / SWEEP / "r00" / "trial.json",
+        {
+            "study": "st",
+            "trial_number": 3,
+            "state": "PRUNED",
+            "params": {"lr": 0.01},
+            "values": None,
+            "run_id": "r00",
+            "updated": 1.7e9,
+        },
+    )
     ingest(tmp_path)
-    latest = query("SELECT sampler_steps, step, fid FROM latest_eval ORDER BY sampler_steps", tmp_path, ingest=False)
+    latest = query(
+        "SELECT sampler_steps, step, fid FROM latest_eval ORDER BY sampler_steps", tmp_path, ingest_first=False
+    )
     assert latest.rows() == [(1, 100, 25.0), (2, 100, 20.0)]
-    summary = query("SELECT * FROM run_summary ORDER BY run_id", tmp_path, ingest=False)
+    summary = query("SELECT * FROM run_summary ORDER BY run_id", tmp_path, ingest_first=False)
     assert summary["run_id"].to_list() == ["r00", "r09"]
     assert summary["status"].to_list() == ["done", "planned"]
     assert summary["fid_1step"][0] == 25.0 and summary["fid_2step"][0] == 20.0
     assert summary["last_train_step"][0] == 101 and summary["final_loss"].is_nan()[0]
     assert summary["budget_flops"].to_list() == [1e11, 1e11]  # iterations x FLOPs per step
     assert scalar(tmp_path, "SELECT n_runs FROM sweeps") == 2
-    trial = query("SELECT study, trial_number, state, params_json->>'lr' AS lr, values_json FROM trials", tmp_path, ingest=False)
+    trial = query(
+        "SELECT study, trial_number, state, params_json->>'lr' AS lr, values_json FROM trials",
+        tmp_path,
+        ingest_first=False,
+    )
     assert trial.rows() == [("st", 3, "PRUNED", "0.01", None)]
     with connect(tmp_path, read_only=False) as con:
         assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
@@ -378,6 +479,6 @@ def test_export_parquet_matches_the_query(tmp_path):
     assert result.exit_code == 0, result.output
     exported = pl.read_parquet(out).sort("run_id")
     assert exported.select("run_id", "fid_1step", "final_loss").rows() == query(
-        "SELECT run_id, fid_1step, final_loss FROM run_summary ORDER BY run_id", tmp_path, ingest=False).rows()
+        "SELECT run_id, fid_1step, final_loss FROM run_summary ORDER BY run_id", tmp_path, ingest_first=False).rows()
     bad = CliRunner().invoke(results_group, ["export", "nope", "--out", str(out), "--root", str(tmp_path)])
     assert bad.exit_code != 0 and "run_summary" in bad.output

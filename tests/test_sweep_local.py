@@ -4,35 +4,31 @@ submitting nothing. (tests/test_sweep_slurm.py checks the same on the localhost 
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from conftest import submitted_count, sweep
 
-from cmscale.rundir import read_json, read_metrics
-from cmscale.sweep.cli import sweep_group
-from cmscale.sweep.launch import read_job, read_sweep_file
-from cmscale.sweep.plan import plan_sweep
+from cmscale.rundir import read_job, read_json, read_metrics
+from cmscale.sweep.plan import plan_sweep, read_sweep_file
 from cmscale.sweep.spec import load_spec
 from cmscale.sweep.status import sweep_states
 
+pytestmark = pytest.mark.slow  # end to end: minutes of training on a busy machine
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits_tiny.toml"
 # What every finished run leaves in its directory, whichever executor ran it.
-RUN_FILES = {"config.json", "metrics.jsonl", "status.json", "heartbeat", "job.json", "done.json", "ckpt/latest.pt", "ckpt/final.pt"}
-
-
-def sweep(*args: str | Path) -> str:
-    result = CliRunner().invoke(sweep_group, [str(arg) for arg in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def submitted_count(output: str) -> int:
-    match = re.search(r"submitted (\d+) runs", output)
-    assert match, output
-    return int(match.group(1))
+RUN_FILES = {
+    "config.json",
+    "metrics.jsonl",
+    "status.json",
+    "heartbeat",
+    "job.json",
+    "done.json",
+    "ckpt/latest.pt",
+    "ckpt/final.pt",
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +64,10 @@ def test_teachers_finish_before_their_students_start(local_sweep):
     base = root / "digits_tiny"
     for student in (run for run in runs if run["stage"] == 1):
         (teacher,) = student["depends_on"]
-        assert read_json(base / teacher / "done.json")["finished"] <= read_json(base / student["run_id"] / "done.json")["started"]
+        assert (
+            read_json(base / teacher / "done.json")["finished"]
+            <= read_json(base / student["run_id"] / "done.json")["started"]
+        )
 
 
 def test_launching_again_submits_nothing(local_sweep):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from cmscale.cluster.profiles import load_profile
 from cmscale.sweep.plan import plan_sweep
-from cmscale.sweep.profiles import load_profile
 from cmscale.sweep.spec import SpecError, parse_spec
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits_tiny.toml"
@@ -76,8 +76,16 @@ def test_students_depend_on_their_teacher_and_point_at_its_checkpoint(tmp_path):
         (lambda raw: raw["defaults"].update({"batch_size": 0}), "batch_size"),
         (lambda raw: raw["executor"].update({"name": "slurm", "profile": "no_such_cluster"}), "executor.profile"),
     ],
-    ids=["unknown-method", "unknown-preset", "negative-budget", "non-numeric-budget", "missing-teacher", "unknown-field", "bad-batch",
-         "unknown-profile"],
+    ids=[
+        "unknown-method",
+        "unknown-preset",
+        "negative-budget",
+        "non-numeric-budget",
+        "missing-teacher",
+        "unknown-field",
+        "bad-batch",
+        "unknown-profile",
+    ],
 )
 def test_spec_errors_name_the_file_and_field(tmp_path, mutate, field):
     raw = copy.deepcopy(base_raw())
@@ -106,7 +114,7 @@ def test_log_spaced_budgets_and_explicit_runs(tmp_path):
 
 
 def test_dry_run_submits_one_array_per_teacher_group(tmp_path):
-    from cmscale.sweep.control import submit_runs
+    from cmscale.sweep.launch import submit_runs
 
     spec = parse_spec(base_raw(), "spec.toml")
     runs = plan_sweep(spec, tmp_path, source="spec.toml")
@@ -115,3 +123,41 @@ def test_dry_run_submits_one_array_per_teacher_group(tmp_path):
     assert report.sbatch_calls == 1 + 2
     assert sorted(report.submitted) == sorted(run.run_id for run in runs)
     assert not (tmp_path / "digits_tiny").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# run_id_for: the ids are the plan's identity across code versions
+
+
+def test_run_id_for_is_pinned_for_known_configs():
+    """Ids computed by the code before the package was restructured: a change here renames every
+    planned run on disk, so it must be deliberate."""
+    from cmscale.config import RunConfig
+    from cmscale.sweep.plan import run_id_for
+
+    student = RunConfig(method="ect", preset="xs", budget_flops=2e12, seed=1, teacher_ckpt="/a/final.pt",
+                        teacher_run_id="edm-xs-1e13F-s1-0123456789", sweep="s")
+    teacher = RunConfig(method="edm", preset="xxs", budget_iters=50)
+    assert run_id_for(student) == "ect-xs-2e12F-s1-269799d951"
+    assert run_id_for(teacher) == "edm-xxs-50it-s0-5eeb407e90"
+
+
+def test_run_id_for_follows_the_identity_and_ignores_bookkeeping_and_teacher_paths():
+    from cmscale.config import RunConfig
+    from cmscale.sweep.plan import run_id_for
+
+    base = RunConfig(method="ect", preset="xs", budget_flops=2e12, teacher_ckpt="/a/final.pt", teacher_run_id="edm-t")
+    same = [base.model_copy(update=update) for update in (
+        {"sweep": "other"}, {"run_id": "given"}, {"device": "cuda"}, {"heartbeat_s": 1.0},
+        {"teacher_ckpt": "/elsewhere/final.pt"},  # the teacher enters through its run id
+    )]
+    assert {run_id_for(config) for config in same} == {run_id_for(base)}
+    changed = [base.model_copy(update=update) for update in (
+        {"lr": 5e-4}, {"seed": 1}, {"batch_size": 32}, {"teacher_run_id": "edm-u"},
+        {"ect": base.ect.model_copy(update={"q": 4.0})},
+    )]
+    ids = [run_id_for(config) for config in changed]
+    assert len(set(ids)) == len(ids) and run_id_for(base) not in ids
+    assert run_id_for(base).startswith("ect-xs-2e12F-s0-")
+    without_run_id = base.model_copy(update={"teacher_run_id": None})
+    assert run_id_for(without_run_id) != run_id_for(without_run_id.model_copy(update={"teacher_ckpt": "/b.pt"}))

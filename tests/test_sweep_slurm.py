@@ -11,7 +11,6 @@ Two sweeps are shared across tests (module fixtures), because each costs cluster
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import threading
@@ -20,18 +19,26 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from click.testing import CliRunner
+from conftest import submitted_count, sweep
 
-from cmscale.rundir import read_json, read_metrics
-from cmscale.sweep.cli import sweep_group
-from cmscale.sweep.launch import read_job, read_sweep_file
+from cmscale.rundir import read_job, read_json, read_metrics
+from cmscale.sweep.plan import read_sweep_file
 from cmscale.sweep.status import sweep_states
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits_tiny.toml"
 # What every finished run leaves in its directory, whichever executor ran it (as in test_sweep_local.py).
-RUN_FILES = {"config.json", "metrics.jsonl", "status.json", "heartbeat", "job.json", "done.json", "ckpt/latest.pt", "ckpt/final.pt"}
+RUN_FILES = {
+    "config.json",
+    "metrics.jsonl",
+    "status.json",
+    "heartbeat",
+    "job.json",
+    "done.json",
+    "ckpt/latest.pt",
+    "ckpt/final.pt",
+}
 PREEMPT_ITERS = 80
 PREEMPT_HEARTBEAT_S = 2.0
 PREEMPT_SPEC = f"""
@@ -54,18 +61,6 @@ profile = "local"
 """ + "".join(
     f'\n[[runs]]\nmethod = "edm"\npreset = "xxs"\nbudget_iters = {PREEMPT_ITERS}\nseed = {seed}\n' for seed in range(3)
 )
-
-
-def sweep(*args: str | Path) -> str:
-    result = CliRunner().invoke(sweep_group, [str(arg) for arg in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def submitted_count(output: str) -> int:
-    match = re.search(r"submitted (\d+) runs", output)
-    assert match, output
-    return int(match.group(1))
 
 
 def wait_until(predicate, timeout_s: float, poll_s: float = 0.25, what: str = "condition"):
@@ -99,7 +94,9 @@ def sacct_states(job_ids: list[str], duplicates: bool = False) -> list[tuple[str
 
 
 def live_job_ids() -> set[str]:
-    output = subprocess.run(["squeue", "-r", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30, check=True).stdout
+    output = subprocess.run(
+        ["squeue", "-r", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
     return set(output.split())
 
 
@@ -114,10 +111,19 @@ def tiny(slurm_cluster, tmp_path_factory):
     started = time.time()
     first = sweep("launch", spec, "--root", root, "--executor", "slurm", "--profile", "local")
     # Launching again while every run is queued or running submits nothing, then follows them.
-    again = sweep("launch", spec, "--root", root, "--executor", "slurm", "--profile", "local", "--wait", "--wait-timeout", "480")
+    again = sweep(
+        "launch", spec, "--root", root, "--executor", "slurm", "--profile", "local", "--wait", "--wait-timeout", "480"
+    )
     plan = read_sweep_file(root, "digits_tiny")
-    return SimpleNamespace(root=root, spec=spec, first=first, again=again, plan=plan,
-                           base=root / "digits_tiny", wall_s=time.time() - started)
+    return SimpleNamespace(
+        root=root,
+        spec=spec,
+        first=first,
+        again=again,
+        plan=plan,
+        base=root / "digits_tiny",
+        wall_s=time.time() - started,
+    )
 
 
 def test_tiny_sweep_ends_with_every_run_done(tiny):
@@ -143,7 +149,11 @@ def test_launch_while_queued_submits_nothing_and_wait_follows_to_the_end(tiny):
     # --wait ingested the results as runs ended: the store already holds them without a new ingest.
     from cmscale.results import query
 
-    done = query("SELECT count(*) AS n FROM runs WHERE sweep = 'digits_tiny' AND status = 'done'", root=tiny.root, ingest=False)
+    done = query(
+        "SELECT count(*) AS n FROM runs WHERE sweep = 'digits_tiny' AND status = 'done'",
+        root=tiny.root,
+        ingest_first=False,
+    )
     assert done["n"][0] == 10
 
 
@@ -240,7 +250,9 @@ def preempt(slurm_cluster, tmp_path_factory):
         return (run_dir / "ckpt" / "latest.pt").is_file()
 
     # (a) and (b): signal runs 0 and 1 once each has written its first periodic checkpoint.
-    wait_until(lambda: first_checkpoint(dirs[0]) and first_checkpoint(dirs[1]), 240, what="first checkpoints of runs 0 and 1")
+    wait_until(
+        lambda: first_checkpoint(dirs[0]) and first_checkpoint(dirs[1]), 240, what="first checkpoints of runs 0 and 1"
+    )
     ckpt_before = [checkpoint_step(dirs[0]), checkpoint_step(dirs[1])]
     subprocess.run(["scancel", "--signal=USR2", jobs[0]], check=True, timeout=30)
     subprocess.run(["scontrol", "requeue", jobs[1]], check=True, timeout=30)
@@ -250,15 +262,31 @@ def preempt(slurm_cluster, tmp_path_factory):
     ckpt_before.append(checkpoint_step(dirs[2]))
     subprocess.run(["scancel", jobs[2]], check=True, timeout=30)
     cancelled_at = time.time()
-    wait_until(lambda: state_of(root, "preempt", run_ids[2]) in ("lost", "failed"), 60, poll_s=0.1, what="run 2 to show lost")
+    wait_until(
+        lambda: state_of(root, "preempt", run_ids[2]) in ("lost", "failed"), 60, poll_s=0.1, what="run 2 to show lost"
+    )
     lost_after_s = time.time() - cancelled_at
     status_output = json.loads(sweep("status", "preempt", "--root", root, "--json"))
-    return SimpleNamespace(root=root, spec=spec, run_ids=run_ids, dirs=dirs, jobs=jobs, watcher=watcher,
-                           ckpt_before=ckpt_before, lost_after_s=lost_after_s, status=status_output)
+    return SimpleNamespace(
+        root=root,
+        spec=spec,
+        run_ids=run_ids,
+        dirs=dirs,
+        jobs=jobs,
+        watcher=watcher,
+        ckpt_before=ckpt_before,
+        lost_after_s=lost_after_s,
+        status=status_output,
+    )
 
 
 def wait_done(root: Path, run_id: str, timeout_s: float = 240) -> None:
-    wait_until(lambda: state_of(root, "preempt", run_id) in ("done", "failed", "lost"), timeout_s, poll_s=1, what=f"{run_id} to end")
+    wait_until(
+        lambda: state_of(root, "preempt", run_id) in ("done", "failed", "lost"),
+        timeout_s,
+        poll_s=1,
+        what=f"{run_id} to end",
+    )
     assert state_of(root, "preempt", run_id) == "done", read_json(root / "preempt" / run_id / "status.json")
 
 
@@ -290,7 +318,9 @@ def test_cancelled_run_shows_lost_within_two_heartbeats_and_relaunch_completes_i
     listed = {run["run_id"]: run for run in preempt.status["runs"]}
     assert listed[run_id]["state"] in ("lost", "failed") and listed[run_id]["reason"]
     # Relaunch waits until the cancelled job's processes are gone (no two writers in one run).
-    wait_until(lambda: not any(state.ending for state in sweep_states(preempt.root, "preempt")), 60, what="the job to end")
+    wait_until(
+        lambda: not any(state.ending for state in sweep_states(preempt.root, "preempt")), 60, what="the job to end"
+    )
     # Runs 0 and 1 may still be queued or running; relaunch must submit run 2 only.
     output = sweep("relaunch", "preempt", "--root", preempt.root, "--failed")
     assert submitted_count(output) == 1

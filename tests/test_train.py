@@ -22,9 +22,10 @@ from click.testing import CliRunner
 
 from cmscale.cli import main
 from cmscale.config import RunConfig
+from cmscale.distributed import average_gradients
 from cmscale.methods import build_method, flops_per_step, iterations_for_budget
 from cmscale.rundir import read_json, read_metrics
-from cmscale.train import average_gradients, train
+from cmscale.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 NO_EVAL = {"at_fractions": []}  # FID evals are tested with cmscale.eval
@@ -36,7 +37,11 @@ def _one_thread(monkeypatch):
 
 
 def subprocess_env() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("CMSCALE_RESULTS", "RANK", "WORLD_SIZE", "SLURM_"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("CMSCALE_RESULTS", "RANK", "WORLD_SIZE", "SLURM_"))
+    }
     return env | {"CMSCALE_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -68,6 +73,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in read_metrics(run_dir / "metrics.jsonl", "train")]
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_and_sigkill_replays_the_uninterrupted_run(tmp_path):
     config = RunConfig(method="edm", preset="xxs", batch_size=4, budget_iters=40, dropout=0.1, ckpt_every=10,
                        log_every=1, ema_rates=[0.9], eval=NO_EVAL, seed=3)
@@ -109,11 +115,20 @@ def test_resume_after_sigterm_and_sigkill_replays_the_uninterrupted_run(tmp_path
 
 def test_non_finite_loss_fails_the_run_without_training_on(tmp_path):
     teacher = build_method(RunConfig(method="edm", preset="xxs", budget_iters=1), img_channels=1).model.net
-    state = {key: torch.full_like(value, math.nan) if value.is_floating_point() else value
-             for key, value in teacher.state_dict().items()}
+    state = {
+        key: torch.full_like(value, math.nan) if value.is_floating_point() else value
+        for key, value in teacher.state_dict().items()
+    }
     torch.save({"net": state}, tmp_path / "nan_teacher.pt")
-    config = RunConfig(method="ect", preset="xxs", batch_size=4, budget_iters=5, teacher_ckpt=str(tmp_path / "nan_teacher.pt"),
-                       log_every=1, eval=NO_EVAL)
+    config = RunConfig(
+        method="ect",
+        preset="xxs",
+        batch_size=4,
+        budget_iters=5,
+        teacher_ckpt=str(tmp_path / "nan_teacher.pt"),
+        log_every=1,
+        eval=NO_EVAL,
+    )
     run_dir = tmp_path / "run"
     done = train(config, run_dir)
     assert done["status"] == "failed" and "non-finite loss" in done["reason"] and "step 1" in done["reason"]
@@ -130,7 +145,8 @@ from pathlib import Path
 import torch
 from cmscale.config import RunConfig
 from cmscale.methods import build_method
-from cmscale.train import average_gradients, init_distributed, train
+from cmscale.distributed import average_gradients, init_distributed
+from cmscale.train import train
 
 out = Path(sys.argv[1])
 rank, world = init_distributed(torch.device("cpu"))
@@ -151,6 +167,7 @@ print(json.dumps(train(config, out / "run")))
 """
 
 
+@pytest.mark.slow
 def test_two_process_gloo_gives_the_gradient_of_the_whole_batch(tmp_path):
     config = RunConfig(method="sct", preset="xxs", batch_size=8, budget_iters=3, log_every=1, eval=NO_EVAL,
                        scm={"warmup_iters": 2})
@@ -202,19 +219,34 @@ def test_cli_reports_bad_fields_and_missing_teachers(tmp_path):
     toml = REPO / "examples" / "train_digits_ect.toml"
     result = runner.invoke(main, ["train", str(toml), "--out", str(tmp_path / "a"), "--set", "lr=-1"])
     assert result.exit_code != 0 and "lr" in result.output and str(toml) in result.output
-    result = runner.invoke(main, ["train", str(toml), "--out", str(tmp_path / "b"), "--set", "teacher_ckpt='nowhere/final.pt'"])
+    result = runner.invoke(
+        main, ["train", str(toml), "--out", str(tmp_path / "b"), "--set", "teacher_ckpt='nowhere/final.pt'"]
+    )
     assert result.exit_code != 0 and "teacher_ckpt" in result.output and "nowhere/final.pt" in result.output
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_cmscale_train_runs_the_digits_ect_example(tmp_path):
     """The example as shipped, on a fresh directory: a quick teacher first, then ECT from it."""
     cmscale = [str(Path(sys.executable).with_name("cmscale"))]
-    teacher = subprocess.run([*cmscale, "train", str(REPO / "examples" / "train_digits_edm.toml"), "--set", "budget_iters=20"],
-                             cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    teacher = subprocess.run(
+        [*cmscale, "train", str(REPO / "examples" / "train_digits_edm.toml"), "--set", "budget_iters=20"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert teacher.returncode == 0, teacher.stderr[-3000:]
-    student = subprocess.run([*cmscale, "train", str(REPO / "examples" / "train_digits_ect.toml")],
-                             cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    student = subprocess.run(
+        [*cmscale, "train", str(REPO / "examples" / "train_digits_ect.toml")],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert student.returncode == 0, student.stderr[-3000:]
     run_dir = tmp_path / "results" / "examples" / "train_digits_ect"
     for name in ("config.json", "metrics.jsonl", "ckpt/latest.pt", "ckpt/final.pt", "done.json"):

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cmscale.cli import main
+from cmscale.cluster.profiles import Profile, load_profile
 from cmscale.config import ConfigError, RunConfig, format_validation_error
 from cmscale.sweep.plan import plan_sweep
-from cmscale.sweep.profiles import Profile, load_profile
 from cmscale.sweep.spec import ExecutorSpec, LogSpace, SpecError, SweepSpec, TeacherSpec, parse_spec
-from cmscale.sweep.tune_spec import TuneSpecError, parse_tune_spec, run_setting_paths
+from cmscale.tune.spec import TuneSpecError, parse_tune_spec, run_setting_paths
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])

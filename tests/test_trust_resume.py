@@ -122,10 +122,11 @@ def test_a_bare_state_dict_of_another_preset_is_a_clear_error(tmp_path):
 
 def test_train_cli_names_the_teacher_mismatch(tmp_path, teacher_8px):
     toml = tmp_path / "ect.toml"
-    toml.write_text(tomli_w.dumps({"method": "ect", "preset": "xxs", "budget_iters": 2, "teacher_ckpt": str(teacher_8px),
-                                   "eval": NO_EVAL}))
+    toml.write_text(tomli_w.dumps({"method": "ect", "preset": "xxs", "budget_iters": 2,
+                                   "teacher_ckpt": str(teacher_8px), "eval": NO_EVAL}))
     result = CliRunner().invoke(main, ["train", str(toml), "--root", str(tmp_path / "root")])
-    assert result.exit_code == 1 and "teacher_ckpt" in result.output and "the checkpoint has 8, the run has 16" in result.output
+    assert result.exit_code == 1 and "teacher_ckpt" in result.output
+    assert "the checkpoint has 8, the run has 16" in result.output
     assert not (tmp_path / "root").exists()
 
 
@@ -161,7 +162,8 @@ def test_force_resumes_with_the_new_settings_and_records_them(tmp_path):
     assert forced.exit_code == 0, forced.output
     assert read_json(run_dir / "done.json")["final_step"] == 8
     config = read_json(run_dir / "config.json")
-    assert config["budget_iters"] == 8 and config["forced_changes"] == [{"at_step": 6, "changes": ["budget_iters: 6 -> 8"]}]
+    assert config["budget_iters"] == 8
+    assert config["forced_changes"] == [{"at_step": 6, "changes": ["budget_iters: 6 -> 8"]}]
 
 
 # -- item 7: re-running a failed run's folder ------------------------------------------------------------------

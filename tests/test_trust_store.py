@@ -15,10 +15,10 @@ from click.testing import CliRunner
 
 from cmscale.cli import main
 from cmscale.results import SCHEMA_VERSION, connect, ingest
-from cmscale.results.store import MIGRATIONS
+from cmscale.results.schema import MIGRATIONS
 from cmscale.rundir import MetricsWriter, atomic_write_json, read_json, write_status
-from cmscale.sweep.tune import claim_trial, create_study, fail_trial, trial_run_id, write_trial_file
-from cmscale.sweep.tune_spec import parse_tune_spec
+from cmscale.tune.spec import parse_tune_spec
+from cmscale.tune.study import claim_trial, create_study, fail_trial, trial_run_id, write_trial_file
 
 
 def write_run(root: Path, sweep: str, run_id: str, losses: list[float], fid: float) -> Path:
@@ -71,12 +71,15 @@ def test_a_schema_1_database_migrates_and_is_rebuilt_from_the_run_folders(tmp_pa
     with duckdb.connect(str(tmp_path / "cmscale.duckdb")) as con:  # the database as schema 1 left it: merged
         version, description, apply = MIGRATIONS[0]
         assert version == 1
-        con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMP)")
+        con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description VARCHAR, "
+                    "applied_at TIMESTAMP)")
         apply(con)
         con.execute("INSERT INTO schema_version VALUES (1, ?, now())", [description])
         con.execute("INSERT INTO runs (run_id, sweep, status) VALUES ('same', 'a', 'done')")
-        con.execute("INSERT INTO train (run_id, step, loss) VALUES ('same', 1, 2.0), ('same', 2, 1.9), ('same', 3, 1.8)")
-        con.execute("INSERT INTO ingest_files (path, run_id, size, consumed) VALUES ('b/same/metrics.jsonl', 'same', 1, 1)")
+        con.execute("INSERT INTO train (run_id, step, loss) VALUES ('same', 1, 2.0), ('same', 2, 1.9), "
+                    "('same', 3, 1.8)")
+        con.execute("INSERT INTO ingest_files (path, run_id, size, consumed) "
+                    "VALUES ('b/same/metrics.jsonl', 'same', 1, 1)")
     assert SCHEMA_VERSION >= 2
     ingest(tmp_path)
     assert rows(tmp_path, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
@@ -102,7 +105,8 @@ def test_a_badly_typed_value_skips_only_its_row_and_is_reported_with_offset_and_
     assert report["train_rows"] == 999
     [problem] = report["errors"]
     assert problem["path"] == str(run_dir / "metrics.jsonl")
-    assert f"byte {offset}" in problem["message"] and "field 'loss'" in problem["message"] and "'high'" in problem["message"]
+    for part in (f"byte {offset}", "field 'loss'", "'high'"):
+        assert part in problem["message"]
     assert rows(tmp_path, "SELECT count(*), count(*) FILTER (WHERE step = 500) FROM train") == [(999, 0)]
 
     with MetricsWriter(run_dir / "metrics.jsonl") as writer:  # the file goes on; the bad row is not re-read
@@ -112,8 +116,10 @@ def test_a_badly_typed_value_skips_only_its_row_and_is_reported_with_offset_and_
     assert rows(tmp_path, "SELECT count(*) FROM train") == [(1000,)]
 
 
-@pytest.mark.parametrize("line", ['{"kind": "train", "step": "two", "loss": 1.0}', '{"kind": "train", "step": 2, "loss": [1]}',
-                                  '{"kind": "eval", "step": 2, "sampler_steps": 1, "fid": {"x": 1}}', "not json at all"])
+@pytest.mark.parametrize("line", ['{"kind": "train", "step": "two", "loss": 1.0}',
+                                  '{"kind": "train", "step": 2, "loss": [1]}',
+                                  '{"kind": "eval", "step": 2, "sampler_steps": 1, "fid": {"x": 1}}',
+                                  "not json at all"])
 def test_each_kind_of_bad_row_is_an_error_for_strict(tmp_path, line):
     run_dir = tmp_path / "s" / "r"
     run_dir.mkdir(parents=True)
@@ -130,24 +136,26 @@ def test_each_kind_of_bad_row_is_an_error_for_strict(tmp_path, line):
 
 def test_a_retried_trial_keeps_its_failed_attempt_in_trial_json_and_in_the_trials_table(tmp_path):
     root = tmp_path / "root"
-    spec = parse_tune_spec({"name": "retry", "n_trials": 1, "base": {"method": "edm", "preset": "xxs", "budget_iters": 8},
+    spec = parse_tune_spec({"name": "retry", "n_trials": 1,
+                            "base": {"method": "edm", "preset": "xxs", "budget_iters": 8},
                             "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
                             "objective": {"metrics": ["fid"]}})
-    study = create_study(spec, root)
-    first = claim_trial(study, spec, root)
+    search = create_study(spec, root)
+    first = claim_trial(search)
     lr = first.suggest_float("lr", 1e-4, 1e-2, log=True)
-    run_id = trial_run_id(study._storage.get_trial(first._trial_id))
+    run_id = trial_run_id(search.frozen(first.number))
     run_dir = root / "retry" / run_id
     write_trial_file(run_dir, "retry", first.number, "RUNNING", {"lr": lr}, None, run_id)  # as run_trial does
-    assert fail_trial(study, study._storage.get_trial(first._trial_id), "worker died", spec, root, retry=True)
-    retry = claim_trial(study, spec, root)
+    assert fail_trial(search, search.frozen(first.number), "worker died", retry=True)
+    retry = claim_trial(search)
     assert retry.suggest_float("lr", 1e-4, 1e-2, log=True) == lr
     write_trial_file(run_dir, "retry", retry.number, "COMPLETE", {"lr": lr}, [12.5], run_id)
 
     record = read_json(run_dir / "trial.json")
     assert (record["trial_number"], record["state"], record["attempt"]) == (1, "COMPLETE", 2)
     [earlier] = record["earlier_attempts"]
-    assert (earlier["trial_number"], earlier["state"], earlier["reason"], earlier["attempt"]) == (0, "FAIL", "worker died", 1)
+    assert (earlier["trial_number"], earlier["state"], earlier["attempt"]) == (0, "FAIL", 1)
+    assert earlier["reason"] == "worker died"
     ingest(root)
     assert rows(root, "SELECT trial_number, state, attempt, reason, run_id FROM trials ORDER BY trial_number") == [
         (0, "FAIL", 1, "worker died", run_id), (1, "COMPLETE", 2, None, run_id)]

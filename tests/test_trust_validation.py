@@ -18,15 +18,15 @@ from click.testing import CliRunner
 from pydantic import ValidationError
 
 from cmscale.cli import main
+from cmscale.cluster.profiles import load_profile
 from cmscale.config import RunConfig, safe_path_component
 from cmscale.methods import BudgetError, TeacherCheckpointError, build_method, iterations_for_budget
 from cmscale.rundir import read_json
 from cmscale.sweep.plan import plan_sweep
-from cmscale.sweep.profiles import load_profile
 from cmscale.sweep.spec import SpecError, parse_spec
 from cmscale.sweep.status import run_state
-from cmscale.sweep.tune_spec import TuneSpecError, parse_tune_spec
 from cmscale.train import TrainJob
+from cmscale.tune.spec import TuneSpecError, parse_tune_spec
 
 TINY_FLOPS = 1_000_000  # a stand-in FLOP counter: planning here needs no traced step
 
@@ -82,7 +82,8 @@ def test_study_and_profile_names_are_safe_components(tmp_path):
     with pytest.raises(TuneSpecError, match=r"  - name: .*not a safe folder name"):
         parse_tune_spec({"name": "../study", "n_trials": 1, "base": base, "space": space})
     with pytest.raises(TuneSpecError, match=r"executor.profile"):
-        parse_tune_spec({"name": "t", "n_trials": 1, "base": base, "space": space, "executor": {"profile": "../../etc/x"}})
+        parse_tune_spec({"name": "t", "n_trials": 1, "base": base, "space": space,
+                         "executor": {"profile": "../../etc/x"}})
     with pytest.raises(SpecError, match=r"executor.profile"):
         parse_spec(edm_spec(executor={"profile": "../p"}))
     with pytest.raises(Exception, match="profile: '../../x' is not a safe folder name"):
@@ -119,7 +120,8 @@ def test_unknown_dataset_and_missing_data_path_are_refused_when_planning(tmp_pat
 def test_a_job_dying_at_start_up_records_the_exception_for_sweep_status(tmp_path):
     empty = tmp_path / "cifar"
     empty.mkdir()  # exists when planned, but holds no batches when the job starts
-    config = RunConfig(method="edm", preset="xxs", budget_iters=1, dataset="cifar10", data_path=str(empty), resolution=32)
+    config = RunConfig(method="edm", preset="xxs", budget_iters=1, dataset="cifar10", data_path=str(empty),
+                       resolution=32)
     run_dir = tmp_path / "root" / "s" / "r1"
     with pytest.raises(FileNotFoundError):
         TrainJob()(config.model_dump(mode="json"), str(run_dir))

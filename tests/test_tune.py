@@ -23,28 +23,29 @@ from optuna.trial import TrialState
 from cmscale.cli import main
 from cmscale.config import RunConfig, load_run_config
 from cmscale.rundir import read_json
-from cmscale.sweep.tune import claim_trial, create_study, load_study, stored_spec
-from cmscale.sweep.tune_spec import TuneSpecError, load_tune_spec, parse_tune_spec
-from cmscale.train import train
+from cmscale.tune.spec import TuneSpecError, load_tune_spec, parse_tune_spec
+from cmscale.tune.study import claim_trial, create_study, load_study, open_search, stored_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    """A tiny EDM teacher (10 iterations, no evals): ECT trials start from it."""
-    run_dir = tmp_path_factory.mktemp("teacher") / "edm_xxs"
-    config = RunConfig(method="edm", preset="xxs", budget_iters=10, batch_size=16, ckpt_every=1000,
-                       eval={"at_fractions": []})
-    assert train(config, run_dir)["status"] == "done"
-    return str(run_dir / "ckpt" / "final.pt")
-
-
 def ect_base(teacher_ckpt: str, at_fractions: list[float], cm_steps: list[int]) -> dict:
     return {
-        "method": "ect", "preset": "xxs", "budget_iters": 16, "batch_size": 16, "teacher_ckpt": teacher_ckpt,
-        "heartbeat_s": 1.0, "ckpt_every": 4, "log_every": 4,
-        "eval": {"at_fractions": at_fractions, "num_samples": 64, "batch_size": 64, "grid_images": 0, "cm_steps": cm_steps},
+        "method": "ect",
+        "preset": "xxs",
+        "budget_iters": 16,
+        "batch_size": 16,
+        "teacher_ckpt": teacher_ckpt,
+        "heartbeat_s": 1.0,
+        "ckpt_every": 4,
+        "log_every": 4,
+        "eval": {
+            "at_fractions": at_fractions,
+            "num_samples": 64,
+            "batch_size": 64,
+            "grid_images": 0,
+            "cm_steps": cm_steps,
+        },
     }
 
 
@@ -85,6 +86,7 @@ def six_trial_study(tmp_path_factory, teacher_ckpt):
     return root, result.output
 
 
+@pytest.mark.slow
 def test_six_trial_search_with_two_local_workers_has_six_complete_trials(six_trial_study):
     root, output = six_trial_study
     study = load_study(stored_spec(root, "tpe6"), root)
@@ -104,20 +106,23 @@ def test_six_trial_search_with_two_local_workers_has_six_complete_trials(six_tri
     assert "6/6 trials used" in output
 
 
+@pytest.mark.slow
 def test_ingest_fills_trials_table_joined_to_runs(six_trial_study):
     from cmscale.results import ingest, query
 
     root, _ = six_trial_study
     ingest(root)
     joined = query(
-        "SELECT t.trial_number, t.state, t.run_id, r.status, r.method FROM trials t JOIN runs r ON r.sweep = t.study AND r.run_id = t.run_id "
-        "WHERE t.study = 'tpe6' ORDER BY t.trial_number", root=root, ingest=False)
+        "SELECT t.trial_number, t.state, t.run_id, r.status, r.method FROM trials t "
+        "JOIN runs r ON r.sweep = t.study AND r.run_id = t.run_id "
+        "WHERE t.study = 'tpe6' ORDER BY t.trial_number", root=root, ingest_first=False)
     assert joined.height == 6
     assert joined["trial_number"].to_list() == list(range(6))
     assert set(joined["state"].to_list()) == {"COMPLETE"}
     assert set(joined["status"].to_list()) == {"done"} and set(joined["method"].to_list()) == {"ect"}
 
 
+@pytest.mark.slow
 def test_status_and_best_write_a_run_config_of_the_best_trial(six_trial_study, tmp_path):
     root, _ = six_trial_study
     runner = CliRunner()
@@ -144,6 +149,7 @@ def test_status_and_best_write_a_run_config_of_the_best_trial(six_trial_study, t
 # Pruning
 
 
+@pytest.mark.slow
 def test_median_pruner_stops_a_trial_in_a_bad_region_before_its_budget(tmp_path, teacher_ckpt):
     """ect.sigma_max only sets the one-step sampler's starting noise. At 0.002 the sampler returns
     (nearly) its own input, blank grey images, whose FID is far worse than at 0.5 or 1.0 for the
@@ -157,7 +163,9 @@ def test_median_pruner_stops_a_trial_in_a_bad_region_before_its_budget(tmp_path,
         "pruner": {"name": "median", "n_startup_trials": 2},
     }
     spec_path = write_spec(tmp_path / "prune.toml", spec)
-    result = CliRunner().invoke(main, ["tune", "run", str(spec_path), "--root", str(tmp_path / "r"), "--executor", "debug"])
+    result = CliRunner().invoke(
+        main, ["tune", "run", str(spec_path), "--root", str(tmp_path / "r"), "--executor", "debug"]
+    )
     assert result.exit_code == 0, result.output
     study = load_study(stored_spec(tmp_path / "r", "prune"), tmp_path / "r")
     states = {t.params["ect.sigma_max"]: t.state for t in study.get_trials()}
@@ -173,23 +181,32 @@ def test_median_pruner_stops_a_trial_in_a_bad_region_before_its_budget(tmp_path,
     assert pruned.intermediate_values[250] > max(good)
 
 
+@pytest.mark.slow
 def test_multi_objective_search_gives_fid_and_nfe_and_says_pruning_is_off(tmp_path, teacher_ckpt):
     spec = {
-        "name": "pareto", "n_trials": 2, "base": ect_base(teacher_ckpt, [0.5, 1.0], [1, 2]) | {"budget_iters": 8},
+        "name": "pareto",
+        "n_trials": 2,
+        "base": ect_base(teacher_ckpt, [0.5, 1.0], [1, 2]) | {"budget_iters": 8},
         "space": {"sampler_steps": {"type": "categorical", "choices": [1, 2]}},
-        "objective": {"metrics": ["fid", "nfe"]}, "pruner": {"name": "median"},
+        "objective": {"metrics": ["fid", "nfe"]},
+        "pruner": {"name": "median"},
         "sampler": {"name": "random", "seed": 1},
     }
     spec_path = write_spec(tmp_path / "pareto.toml", spec)
     assert not load_tune_spec(spec_path).pruning
-    result = CliRunner().invoke(main, ["tune", "run", str(spec_path), "--root", str(tmp_path / "r"), "--executor", "debug"])
+    result = CliRunner().invoke(
+        main, ["tune", "run", str(spec_path), "--root", str(tmp_path / "r"), "--executor", "debug"]
+    )
     assert result.exit_code == 0, result.output
     assert "pruning is off" in " ".join(result.output.split())
     study = load_study(stored_spec(tmp_path / "r", "pareto"), tmp_path / "r")
     for trial in study.get_trials():
         assert trial.state == TrialState.COMPLETE
         steps = trial.params["sampler_steps"]
-        rows = [json.loads(line) for line in (tmp_path / "r" / "pareto" / trial.user_attrs["run_id"] / "metrics.jsonl").open()]
+        rows = [
+            json.loads(line)
+            for line in (tmp_path / "r" / "pareto" / trial.user_attrs["run_id"] / "metrics.jsonl").open()
+        ]
         final = next(r for r in rows if r["kind"] == "eval" and r["step"] == 8 and r["sampler_steps"] == steps)
         assert trial.values == [pytest.approx(final["fid"]), steps]  # ECT: one network call per step
         assert trial.intermediate_values == {}  # nothing is reported to a study that cannot prune
@@ -214,6 +231,7 @@ def _cmscale(log: Path, *args: str, **kwargs) -> subprocess.Popen:
                                 stdout=handle, stderr=subprocess.STDOUT, **kwargs)
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_the_same_study_and_ends_with_exactly_n_trials(tmp_path, teacher_ckpt):
     root = tmp_path / "r"
     spec_path = write_spec(tmp_path / "resume.toml", search_spec("resume", teacher_ckpt, n_trials=3, workers=2))
@@ -239,9 +257,9 @@ def test_killed_search_resumes_the_same_study_and_ends_with_exactly_n_trials(tmp
     second = _cmscale(tmp_path / "second.log", *args)
     assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()
 
-    study = load_study(stored_spec(root, "resume"), root)
-    assert optuna.get_all_study_names(study._storage) == ["resume"]
-    groups = trials_by_state(study)
+    search = open_search(stored_spec(root, "resume"), root)
+    assert optuna.get_all_study_names(search.storage) == ["resume"]
+    groups = trials_by_state(search.study)
     assert len(groups["COMPLETE"]) + len(groups.get("PRUNED", [])) == 3
     assert set(groups) <= {"COMPLETE", "PRUNED", "FAIL"}  # nothing left RUNNING or WAITING
     # Trials complete before the kill were not redone; each killed one failed once and was
@@ -265,23 +283,23 @@ def test_claim_fails_a_trial_with_a_stale_heartbeat_and_retries_it_in_the_same_r
         "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
         "objective": {"metrics": ["fid"]},
     })
-    study = create_study(spec, root)
-    first = claim_trial(study, spec, root)
+    search = create_study(spec, root)
+    first = claim_trial(search)
     lr = first.suggest_float("lr", 1e-4, 1e-2, log=True)
     first.set_user_attr("worker_host", "node-elsewhere")
     run_dir = root / "zombie" / "trial0000"
     run_dir.mkdir(parents=True)
     (run_dir / "heartbeat").touch()
-    assert claim_trial(study, spec, root) is None  # alive: the study's one trial is taken
+    assert claim_trial(search) is None  # alive: the study's one trial is taken
     os.utime(run_dir / "heartbeat", (time.time() - 60, time.time() - 60))
     time.sleep(0.6)
-    retry = claim_trial(study, spec, root)
+    retry = claim_trial(search)
     assert retry is not None and retry.number == 1
-    failed = study.get_trials()[0]
+    failed = search.study.get_trials()[0]
     assert failed.state == TrialState.FAIL and failed.user_attrs["retried"]
     assert "heartbeat" in failed.user_attrs["fail_reason"]
     assert retry.suggest_float("lr", 1e-4, 1e-2, log=True) == lr
-    assert study._storage.get_trial(retry._trial_id).user_attrs["run_id"] == "trial0000"
+    assert search.frozen(retry.number).user_attrs["run_id"] == "trial0000"
     assert read_json(run_dir / "trial.json")["state"] == "FAIL"
 
 

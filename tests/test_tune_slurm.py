@@ -8,31 +8,31 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from cmscale.cli import main
-from cmscale.config import RunConfig
 from cmscale.rundir import read_json
-from cmscale.sweep.tune import load_study, read_tune_file, stored_spec
-from cmscale.train import train
+from cmscale.tune.study import load_study, read_tune_file, stored_spec
 
-pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    run_dir = tmp_path_factory.mktemp("teacher") / "edm_xxs"
-    config = RunConfig(method="edm", preset="xxs", budget_iters=10, batch_size=16, ckpt_every=1000,
-                       eval={"at_fractions": []})
-    assert train(config, run_dir)["status"] == "done"
-    return str(run_dir / "ckpt" / "final.pt")
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_two_array_workers_complete_a_four_trial_study_without_lost_or_duplicate_trials(
-        slurm_cluster, tmp_path, teacher_ckpt):
+    slurm_cluster, tmp_path, teacher_ckpt
+):
     root = tmp_path / "results"
     spec = {
-        "name": "slurm4", "n_trials": 4, "workers": 2,
-        "base": {"method": "ect", "preset": "xxs", "budget_iters": 16, "batch_size": 16, "teacher_ckpt": teacher_ckpt,
-                 "heartbeat_s": 1.0, "ckpt_every": 8, "log_every": 4,
-                 "eval": {"at_fractions": [1.0], "num_samples": 64, "batch_size": 64, "grid_images": 0, "cm_steps": [2]}},
+        "name": "slurm4",
+        "n_trials": 4,
+        "workers": 2,
+        "base": {
+            "method": "ect",
+            "preset": "xxs",
+            "budget_iters": 16,
+            "batch_size": 16,
+            "teacher_ckpt": teacher_ckpt,
+            "heartbeat_s": 1.0,
+            "ckpt_every": 8,
+            "log_every": 4,
+            "eval": {"at_fractions": [1.0], "num_samples": 64, "batch_size": 64, "grid_images": 0, "cm_steps": [2]},
+        },
         "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
         "objective": {"metrics": ["fid_2step"]},
         "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
@@ -40,7 +40,9 @@ def test_two_array_workers_complete_a_four_trial_study_without_lost_or_duplicate
     }
     spec_path = tmp_path / "slurm4.toml"
     spec_path.write_text(tomli_w.dumps(spec))
-    result = CliRunner().invoke(main, ["tune", "run", str(spec_path), "--root", str(root), "--executor", "slurm", "--wait"])
+    result = CliRunner().invoke(
+        main, ["tune", "run", str(spec_path), "--root", str(root), "--executor", "slurm", "--wait"]
+    )
     assert result.exit_code == 0, result.output
 
     jobs = read_tune_file(root, "slurm4")["jobs"]

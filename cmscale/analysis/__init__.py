@@ -7,5 +7,7 @@
 - ``data``: metric names and the SQL that reads a sweep from the DuckDB store.
 - ``plots``, ``report``: figures (PNG and PDF) and the self-contained HTML/Markdown report.
 - ``synthetic``: data from known laws for tests, coverage studies and benchmarks.
-- ``cli``: ``cmscale fit powerlaw|joint|ratio``, ``cmscale plot``, ``cmscale report``.
+
+The commands ``cmscale fit powerlaw|joint|ratio``, ``cmscale plot`` and ``cmscale report`` live in
+:mod:`cmscale.cli.analysis`.
 """

@@ -70,7 +70,8 @@ def points_sql(sweep: str, method: str, metric: Metric) -> str:
     """Every eval of ``method``'s finished runs at the metric's sampler steps (teachers: their
     largest Heun step count), ordered by size and compute."""
     if method == TEACHER_METHOD:
-        steps = "e.sampler_steps = (SELECT max(x.sampler_steps) FROM evals x WHERE x.sweep = r.sweep AND x.run_id = r.run_id)"
+        steps = ("e.sampler_steps = (SELECT max(x.sampler_steps) FROM evals x "
+                 "WHERE x.sweep = r.sweep AND x.run_id = r.run_id)")
     else:
         steps = f"e.sampler_steps = {int(metric.sampler_steps)}"
     return f"""SELECT {_POINT_COLUMNS}
@@ -126,9 +127,9 @@ ORDER BY method, params, budget_flops, seed"""
 
 def run_query(sql: str, root: Path | str) -> pd.DataFrame:
     """Run ``sql`` on the store under ``root`` (without re-ingesting) and return pandas."""
-    from cmscale.results import query
+    from cmscale.results import read_query
 
-    return query(sql, root=Path(root), ingest=False).to_pandas()
+    return read_query(sql, root=Path(root)).to_pandas()
 
 
 def sweep_methods(runs: pd.DataFrame) -> list[str]:
@@ -147,4 +148,6 @@ def pick_extractor(points: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     counts = points["extractor"].value_counts()
     keep = str(counts.index[0])
     dropped = sorted(str(x) for x in counts.index[1:])
-    return points[points["extractor"] == keep], f"evals from several feature extractors; kept {keep!r}, dropped {dropped}"
+    return points[
+        points["extractor"] == keep
+    ], f"evals from several feature extractors; kept {keep!r}, dropped {dropped}"

@@ -76,7 +76,8 @@ def holdout_validation(
         raise ValueError(f"k (values held out) must be >= 1, got {k}")
     distinct = np.sort(table[by].dropna().unique())
     if distinct.size <= k:
-        raise ValueError(f"cannot hold out the {k} largest {by!r} values: the table has only {distinct.size} distinct value(s)")
+        raise ValueError(f"cannot hold out the {k} largest {by!r} values: the table has only {distinct.size} distinct "
+                         "value(s)")
     held_values = [float(v) for v in distinct[-k:]]
     held_mask = table[by].isin(held_values).to_numpy()
     train, held = table[~held_mask], table[held_mask].copy()

@@ -143,7 +143,8 @@ def single_threaded_blas():
 class _Problem:
     """Scaled data plus the objective and its gradient; picklable for worker processes."""
 
-    def __init__(self, form: LawForm, X: Sequence[np.ndarray], y: np.ndarray, loss: str, delta: float, exponent_bounds: tuple[float, float]):
+    def __init__(self, form: LawForm, X: Sequence[np.ndarray], y: np.ndarray, loss: str, delta: float,
+                 exponent_bounds: tuple[float, float]):
         self.form = form
         self.loss = loss
         self.delta = float(delta)
@@ -237,7 +238,8 @@ class _Problem:
         return [theta for _, theta in scored[:n_starts]]
 
     # refinement ----------------------------------------------------------------------------------
-    def refine(self, theta0: np.ndarray, weights: np.ndarray | None, maxiter: int) -> tuple[np.ndarray, float, str, str]:
+    def refine(self, theta0: np.ndarray, weights: np.ndarray | None, maxiter: int) -> tuple[np.ndarray, float, str,
+                                                                                            str]:
         """L-BFGS-B from theta0; returns (theta, objective, status, message) before bound checks."""
         scale = max(self.value(theta0, weights), 1e-300)  # normalise so ftol/gtol are relative
 
@@ -250,7 +252,8 @@ class _Problem:
         theta0 = np.clip(theta0, lo, hi)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # trial steps may hit pred ~ 0
             result = minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=self.bounds,
-                              options={"maxiter": maxiter, "maxfun": 4 * maxiter, "ftol": 1e-13, "gtol": 1e-9, "maxcor": 20})
+                              options={"maxiter": maxiter, "maxfun": 4 * maxiter, "ftol": 1e-13, "gtol": 1e-9,
+                                       "maxcor": 20})
         theta = result.x
         if result.status == 0:
             status = "converged"
@@ -339,7 +342,8 @@ class FitResult:
         out["objective"] = self.objective
         if self.derived:
             out["derived"] = dict(self.derived)
-            out["derived_ci"] = {name: [float(lo), float(hi)] for name, (lo, hi) in self.ci.items() if name in self.derived}
+            out["derived_ci"] = {name: [float(lo), float(hi)] for name, (lo,
+                                                                         hi) in self.ci.items() if name in self.derived}
         if self.bootstrap is not None:
             out["bootstrap"] = {"n_draws": self.bootstrap.n_draws, "n_groups": self.bootstrap.n_groups,
                                 "seed": self.bootstrap.seed, "level": self.bootstrap.level,
@@ -400,7 +404,8 @@ class BootstrapResult:
         lo, hi = np.percentile(self.predict_draws(*X), [tail, 100.0 - tail], axis=0)
         return lo, hi
 
-    def prediction_interval(self, *X: np.ndarray, level: float | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def prediction_interval(self, *X: np.ndarray, level: float | None = None, seed: int = 0) -> tuple[np.ndarray,
+                                                                                                      np.ndarray]:
         """Pointwise interval for a *new observation*: curve draws plus a resampled full-fit residual.
 
         The residual is multiplicative (log/huber losses) or additive (linear loss), matching
@@ -439,7 +444,8 @@ def _validate(form: LawForm, X: Sequence, y, loss: str, delta: float) -> tuple[l
         raise ValueError("y must be finite and > 0")
     n_params = len(form.param_names)
     if y.size < n_params + 1:
-        raise ValueError(f"the {form.name} law has {n_params} parameters; need at least {n_params + 1} points, got {y.size}")
+        raise ValueError(f"the {form.name} law has {n_params} parameters; need at least {n_params + 1} points, got "
+                         f"{y.size}")
     return arrays, y
 
 
@@ -511,7 +517,8 @@ def fit_joint(N, D, y, **kwargs) -> FitResult:
 # --------------------------------------------------------------------------------------------
 
 
-def group_weights(groups: np.ndarray | None, n_points: int, n_draws: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def group_weights(groups: np.ndarray | None, n_points: int, n_draws: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """Row weights for ``n_draws`` cluster-bootstrap draws: each draw samples whole groups with
     replacement, and a row's weight is the number of times its group was drawn."""
     if groups is None:
@@ -527,7 +534,8 @@ def group_weights(groups: np.ndarray | None, n_points: int, n_draws: int, rng: n
     return counts[:, codes].astype(float), n_groups
 
 
-def _refit_chunk(problem: _Problem, theta0: np.ndarray, weights: np.ndarray, maxiter: int) -> tuple[np.ndarray, list[str]]:
+def _refit_chunk(problem: _Problem, theta0: np.ndarray, weights: np.ndarray, maxiter: int) -> tuple[np.ndarray,
+                                                                                                    list[str]]:
     thetas, statuses = [], []
     with single_threaded_blas():
         for w in weights:
@@ -586,7 +594,8 @@ def bootstrap_fit(
     draws = np.array([[p[name] for name in law.param_names] for p in params])
     derived = [derived_quantities(law, p) for p in params]
     derived_names = tuple(derived[0]) if derived else ()
-    derived_draws = np.array([[d[name] for name in derived_names] for d in derived]).reshape(len(params), len(derived_names))
+    derived_draws = np.array([[d[name] for name in derived_names] for d in derived]).reshape(len(params),
+                                                                                             len(derived_names))
     residuals = problem.residuals(theta0) * (problem.y_ref if problem.loss == "linear" else 1.0)
     result = BootstrapResult(
         form=law.name, names=law.param_names, draws=draws, statuses=np.array(statuses), derived_names=derived_names,
@@ -620,7 +629,8 @@ def ols_loglog(x, y, level: float = 0.95, cov_type: str = "HC3") -> dict:
         "alpha": float(-model.params[1]),
         "se_log_A": float(model.bse[0]),
         "se_alpha": float(model.bse[1]),
-        "ci": {"A": [float(np.exp(ci_const[0])), float(np.exp(ci_const[1]))], "alpha": [float(-ci_slope[1]), float(-ci_slope[0])]},
+        "ci": {"A": [float(np.exp(ci_const[0])), float(np.exp(ci_const[1]))], "alpha": [float(-ci_slope[1]),
+                                                                                        float(-ci_slope[0])]},
         "p_alpha": float(model.pvalues[1]),
         "r2": float(model.rsquared),
         "cov_type": cov_type,

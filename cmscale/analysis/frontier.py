@@ -77,7 +77,8 @@ def _curve_blocks(meta: pd.DataFrame) -> tuple[np.ndarray, list[tuple[int, np.nd
     return sizes, blocks
 
 
-def _size_matrix(meta: pd.DataFrame, log_y: np.ndarray, weights: np.ndarray | None = None, blocks=None) -> tuple[np.ndarray, np.ndarray]:
+def _size_matrix(meta: pd.DataFrame, log_y: np.ndarray, weights: np.ndarray | None = None,
+                 blocks=None) -> tuple[np.ndarray, np.ndarray]:
     """Sizes (ascending) and each size's y at each budget: the weighted mean of log y over the runs
     of a curve (seeds), then the minimum over the size's curves."""
     weights = np.ones(len(meta)) if weights is None else np.asarray(weights, float)
@@ -125,14 +126,16 @@ def _optima(sizes: np.ndarray, values: np.ndarray, budgets: np.ndarray) -> pd.Da
             continue
         n, ys = sizes[ok], values[ok, j]
         best = int(np.argmin(ys))
-        row = {"compute": float(budget), "n_opt_grid": float(n[best]), "y_opt": float(ys[best]), "n_sizes": int(len(n)), "edge": False, "reason": ""}
+        row = {"compute": float(budget), "n_opt_grid": float(n[best]), "y_opt": float(ys[best]),
+               "n_sizes": int(len(n)), "edge": False, "reason": ""}
         if len(n) < 3:
             row.update(edge=True, reason=f"only {len(n)} size(s) reach this budget")
         elif best == 0:
             row.update(edge=True, reason="best size is the smallest that reaches this budget")
         elif best == len(n) - 1:
             row.update(edge=True, reason="best size is the largest that reaches this budget")
-        row["n_opt"] = float(n[best]) if row["edge"] else _parabola_vertex(np.log(n[best - 1 : best + 2]), np.log(ys[best - 1 : best + 2]))
+        row["n_opt"] = float(n[best]) if row["edge"] else _parabola_vertex(np.log(n[best - 1 : best + 2]),
+                                                                           np.log(ys[best - 1 : best + 2]))
         rows.append(row)
     return pd.DataFrame(rows, columns=_OPTIMA_COLUMNS)
 
@@ -255,8 +258,10 @@ def fit_optimal_size(
     if len(inner) >= 3:
         # ols_loglog fits y = A x^-alpha; N_opt = k C^a has alpha = -a
         ols = ols_loglog(inner["compute"], inner["n_opt"], level=level)
-        result.ols = {"k": ols["A"], "a": -ols["alpha"], "se_a": ols["se_alpha"], "p_a": ols["p_alpha"], "r2": ols["r2"],
-                      "ci": {"k": ols["ci"]["A"], "a": [-ols["ci"]["alpha"][1], -ols["ci"]["alpha"][0]]}, "cov_type": ols["cov_type"]}
+        result.ols = {"k": ols["A"], "a": -ols["alpha"], "se_a": ols["se_alpha"], "p_a": ols["p_alpha"],
+                      "r2": ols["r2"],
+                      "ci": {"k": ols["ci"]["A"], "a": [-ols["ci"]["alpha"][1],
+                                                        -ols["ci"]["alpha"][0]]}, "cov_type": ols["cov_type"]}
     else:
         result.status = "two_points"
     if n_draws > 0:

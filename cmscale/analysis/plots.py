@@ -24,7 +24,8 @@ LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]
 
 def paper_style() -> None:
     sns.set_theme(context="paper", style="ticks", font_scale=1.1)
-    plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False})
+    plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "axes.grid": True, "grid.alpha": 0.3,
+                         "legend.frameon": False})
 
 
 def _size_styles(sizes: list[str]) -> dict[str, dict]:
@@ -76,9 +77,11 @@ def fid_vs_compute(
     if frontier is not None and len(frontier):
         axis.plot(frontier["x"], frontier["y"], color="black", linewidth=2.2, linestyle="-", label="frontier", zorder=5)
     if frontier_fit is not None and len(frontier_fit):
-        axis.plot(frontier_fit["x"], frontier_fit["y"], color="0.35", linewidth=1.2, linestyle="--", label="frontier fit")
+        axis.plot(frontier_fit["x"], frontier_fit["y"], color="0.35", linewidth=1.2, linestyle="--",
+                  label="frontier fit")
         if {"lo", "hi"} <= set(frontier_fit.columns):
-            axis.fill_between(frontier_fit["x"], frontier_fit["lo"], frontier_fit["hi"], color="0.5", alpha=0.2, linewidth=0)
+            axis.fill_between(frontier_fit["x"], frontier_fit["lo"], frontier_fit["hi"], color="0.5", alpha=0.2,
+                              linewidth=0)
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("training compute (FLOPs)")
@@ -122,10 +125,13 @@ def teacher_student(pairs: pd.DataFrame, title: str) -> plt.Figure:
     teacher = pairs.groupby("params", as_index=False)["teacher_fid"].mean().sort_values("params")
     top.plot(teacher["params"], teacher["teacher_fid"], "-o", color="black", label="teacher", markersize=6)
     for group in groups:
-        subset = pairs[pairs["group"] == group].groupby("params", as_index=False)[["student_fid", "teacher_fid"]].mean().sort_values("params")
+        subset = pairs[pairs["group"] == group].groupby("params", as_index=False)[["student_fid",
+                                                                                   "teacher_fid"]].mean().sort_values("params")
         style = styles[group]
-        top.plot(subset["params"], subset["student_fid"], marker=style["marker"], linestyle=style["linestyle"], color=style["color"], label=group)
-        bottom.plot(subset["params"], subset["student_fid"] / subset["teacher_fid"], marker=style["marker"], linestyle=style["linestyle"], color=style["color"])
+        top.plot(subset["params"], subset["student_fid"], marker=style["marker"], linestyle=style["linestyle"],
+                 color=style["color"], label=group)
+        bottom.plot(subset["params"], subset["student_fid"] / subset["teacher_fid"], marker=style["marker"],
+                    linestyle=style["linestyle"], color=style["color"])
     bottom.axhline(1.0, color="0.5", linewidth=0.8)
     for axis in (top, bottom):
         axis.set_xscale("log")
@@ -150,7 +156,8 @@ def fid_vs_sampling_compute(points: pd.DataFrame, title: str) -> plt.Figure:
     for label in labels:
         subset = points[points["label"] == label].sort_values("sampling_flops_per_image")
         style = styles[label]
-        axis.plot(subset["sampling_flops_per_image"], subset["fid"], marker=style["marker"], linestyle=style["linestyle"],
+        axis.plot(subset["sampling_flops_per_image"], subset["fid"], marker=style["marker"],
+                  linestyle=style["linestyle"],
                   color=style["color"], label=label, markeredgecolor="black", markeredgewidth=0.4)
     axis.set_xscale("log")
     axis.set_yscale("log")

@@ -96,7 +96,8 @@ def ratio_table(pairs: pd.DataFrame, *, level: float = 0.95, cov_type: str = "no
     if missing:
         raise ValueError(f"ratio pairs need columns {list(PAIR_COLUMNS)}; missing {sorted(missing)}")
     return {
-        str(group): ratio_regression(sub["params"], sub["teacher_fid"], sub["student_fid"], level=level, cov_type=cov_type)
+        str(group): ratio_regression(sub["params"], sub["teacher_fid"], sub["student_fid"], level=level,
+                                     cov_type=cov_type)
         for group, sub in pairs.groupby("group", sort=True)
     }
 

@@ -94,7 +94,8 @@ def _fit_safely(notes: list[str], what: str, call):
         return None
 
 
-def _analyse_method(method: str, metric: D.Metric, sql: str, points: pd.DataFrame, n_draws: int, seed: int) -> MethodAnalysis:
+def _analyse_method(method: str, metric: D.Metric, sql: str, points: pd.DataFrame, n_draws: int,
+                    seed: int) -> MethodAnalysis:
     result = MethodAnalysis(method, metric, sql, points)
     notes = result.notes
     for preset, sub in points.groupby("preset", sort=False):
@@ -116,11 +117,13 @@ def _analyse_method(method: str, metric: D.Metric, sql: str, points: pd.DataFram
     budgets = np.sort(points["budget_flops"].dropna().unique().astype(float))
     result.optima, result.n_opt_fit = fit_optimal_size(frontier_points, budgets, n_draws=n_draws, seed=seed)
     if result.n_opt_fit is None:
-        notes.append(f"N_opt = k C^a: not fitted ({int((~result.optima['edge']).sum())} budget(s) with an interior optimum; need >= 2)")
+        notes.append(f"N_opt = k C^a: not fitted ({int((~result.optima['edge']).sum())} budget(s) with an interior "
+                     "optimum; need >= 2)")
     joint_ok = points["params"].nunique() >= 2 and len(points) >= 7 and points["run_id"].nunique() >= MIN_RUNS_BOOTSTRAP
     if joint_ok:
         result.joint = _fit_safely(notes, "joint law", lambda: fit_with_bootstrap(
-            "joint", [points["params"].to_numpy(float), points["images_seen"].to_numpy(float)], points["fid"].to_numpy(float),
+            "joint", [points["params"].to_numpy(float),
+                      points["images_seen"].to_numpy(float)], points["fid"].to_numpy(float),
             points["run_id"].to_numpy(), n_draws=n_draws, seed=seed))
         if points["budget_flops"].nunique() >= 3:
             result.holdout = _fit_safely(notes, "extrapolation check", lambda: holdout_validation(
@@ -159,13 +162,17 @@ def _figures_for_method(result: MethodAnalysis, fig_dir: Path) -> list[FigureRec
     frontier = frontier_line(frontier_table(points))
     frontier_fit = None
     if result.frontier_fit is not None:
-        frontier_fit = _band_frame(result.frontier_fit, plots.log_grid(points["train_flops"].min(), points["train_flops"].max()))
+        frontier_fit = _band_frame(result.frontier_fit, plots.log_grid(points["train_flops"].min(),
+                                                                       points["train_flops"].max()))
     shown = points.rename(columns={"preset": "size"})
     figure = plots.fid_vs_compute(shown, f"{result.title}: FID vs training compute", curves, frontier, frontier_fit)
     records = [FigureRecord(f"{stem}_compute", f"{result.title}: FID vs training compute",
-                            "Points: evals per size (marker/line style per size). Lines: per-size saturating fits with 95% "
-                            "bootstrap bands (runs resampled). Thick black: the lower envelope; dashed grey: the saturating law "
-                            "fitted to the envelope.", [result.sql], plots.save_figure(figure, fig_dir, f"{stem}_compute"))]
+                            "Points: evals per size (marker/line style per size). Lines: per-size saturating fits with "
+                            "95% "
+                            "bootstrap bands (runs resampled). Thick black: the lower envelope; dashed grey: the "
+                            "saturating law "
+                            "fitted to the envelope.", [result.sql], plots.save_figure(figure, fig_dir,
+                                                                                       f"{stem}_compute"))]
     if result.optima is not None and len(result.optima):
         fit_frame = None
         if result.n_opt_fit is not None:
@@ -174,8 +181,10 @@ def _figures_for_method(result: MethodAnalysis, fig_dir: Path) -> list[FigureRec
             fit_frame = pd.DataFrame({"x": grid, "y": result.n_opt_fit.predict(grid), "lo": lo, "hi": hi})
         figure = plots.optimal_size_vs_compute(result.optima, fit_frame, f"{result.title}: compute-optimal size")
         records.append(FigureRecord(f"{stem}_nopt", f"{result.title}: N_opt vs C",
-                                    "Optimal size per budget from the envelope (parabola in log N through the best size and its "
-                                    "neighbours); crosses: optimum at the grid edge, excluded from the fit N_opt = k C^a.",
+                                    "Optimal size per budget from the envelope (parabola in log N through the best "
+                                    "size and its "
+                                    "neighbours); crosses: optimum at the grid edge, excluded from the fit N_opt = k "
+                                    "C^a.",
                                     [result.sql], plots.save_figure(figure, fig_dir, f"{stem}_nopt")))
     return records
 
@@ -196,7 +205,8 @@ def _analyse_sweep(root: Path | str, sweep: str, fig_dir: Path, *, n_draws: int,
     warnings: list[str] = []
     for row in runs[runs["status"] != "done"].itertuples():
         reason = f": {row.reason}" if isinstance(row.reason, str) and row.reason else ""
-        warnings.append(f"run {row.run_id} ({row.method} {row.preset}, budget {row.budget_flops:.3g}) is {row.status}{reason}; "
+        warnings.append(f"run {row.run_id} ({row.method} {row.preset}, budget {row.budget_flops:.3g}) is "
+                        f"{row.status}{reason}; "
                         "excluded from the fits")
     finals = D.run_query(D.final_evals_sql(sweep), root)
     methods: list[MethodAnalysis] = []
@@ -221,16 +231,20 @@ def _analyse_sweep(root: Path | str, sweep: str, fig_dir: Path, *, n_draws: int,
     for result in methods:
         for preset, fit in result.size_fits.items():
             if fit.status != "converged":
-                warnings.append(f"{result.title}, size {preset}: fit status {fit.status}" + (f" (at bound: {', '.join(fit.at_bound)})" if fit.at_bound else ""))
+                bound = f" (at bound: {', '.join(fit.at_bound)})" if fit.at_bound else ""
+                warnings.append(f"{result.title}, size {preset}: fit status {fit.status}" + bound)
         for label, fit in (("frontier law", result.frontier_fit), ("joint law", result.joint)):
             if fit is not None and fit.status != "converged":
-                warnings.append(f"{result.title}, {label}: fit status {fit.status}" + (f" (at bound: {', '.join(fit.at_bound)})" if fit.at_bound else ""))
+                bound = f" (at bound: {', '.join(fit.at_bound)})" if fit.at_bound else ""
+                warnings.append(f"{result.title}, {label}: fit status {fit.status}" + bound)
         if result.n_opt_fit is not None and result.n_opt_fit.n_points < 3:
-            warnings.append(f"{result.title}: N_opt = k C^a rests on {result.n_opt_fit.n_points} interior budgets (a line through "
+            warnings.append(f"{result.title}: N_opt = k C^a rests on {result.n_opt_fit.n_points} interior budgets (a "
+                            "line through "
                             "two points); its CI reflects only how often resampling moves them")
         if result.optima is not None:
             for row in result.optima[result.optima["edge"]].itertuples():
-                warnings.append(f"{result.title}: optimum at budget {row.compute:.3g} FLOPs is at the grid edge ({row.reason}); excluded from N_opt = k C^a")
+                warnings.append(f"{result.title}: optimum at budget {row.compute:.3g} FLOPs is at the grid edge "
+                                f"({row.reason}); excluded from N_opt = k C^a")
 
     from cmscale.analysis import plots
 
@@ -246,16 +260,19 @@ def _analyse_sweep(root: Path | str, sweep: str, fig_dir: Path, *, n_draws: int,
     if len(pairs):
         figure = plots.teacher_student(pairs, "teacher vs student FID")
         figures.append(FigureRecord("teacher_student", "Teacher vs student FID by size",
-                                    "Top: teacher (Heun) and student FID per size, each student run paired with the teacher of "
+                                    "Top: teacher (Heun) and student FID per size, each student run paired with the "
+                                    "teacher of "
                                     "the same preset and seed, at the student's largest budget. Bottom: the ratio.",
                                     [pair_sql], plots.save_figure(figure, fig_dir, "teacher_student")))
     sampling = _sampling_points(finals)
     if len(sampling):
         figure = plots.fid_vs_sampling_compute(sampling, "FID vs sampling compute")
         figures.append(FigureRecord("sampling", "FID vs sampling compute",
-                                    "Final evals of each method's largest-budget runs: FID against NFE x forward FLOPs per image.",
+                                    "Final evals of each method's largest-budget runs: FID against NFE x forward FLOPs "
+                                    "per image.",
                                     [D.final_evals_sql(sweep)], plots.save_figure(figure, fig_dir, "sampling")))
-    return SweepAnalysis(sweep, root, runs, methods, pairs, ratio, sampling, warnings, figures, n_draws, time.time() - started)
+    return SweepAnalysis(sweep, root, runs, methods, pairs, ratio, sampling, warnings, figures, n_draws,
+                         time.time() - started)
 
 
 def _sampling_points(finals: pd.DataFrame) -> pd.DataFrame:
@@ -264,8 +281,10 @@ def _sampling_points(finals: pd.DataFrame) -> pd.DataFrame:
         return finals
     rows = finals.dropna(subset=["sampling_flops_per_image", "fid"]).copy()
     rows = rows[rows["budget_flops"] == rows.groupby(["method", "preset"])["budget_flops"].transform("max")]
-    rows = rows.groupby(["method", "preset", "params", "sampler_steps"], as_index=False)[["sampling_flops_per_image", "fid"]].mean()
-    rows["label"] = np.where(rows["method"] == D.TEACHER_METHOD, "edm Heun " + rows["sampler_steps"].astype(str) + " steps",
+    rows = rows.groupby(["method", "preset", "params", "sampler_steps"], as_index=False)[["sampling_flops_per_image",
+                                                                                          "fid"]].mean()
+    rows["label"] = np.where(rows["method"] == D.TEACHER_METHOD,
+                             "edm Heun " + rows["sampler_steps"].astype(str) + " steps",
                              rows["method"] + " " + rows["sampler_steps"].astype(str) + "-step")
     return rows.rename(columns={"preset": "size"})
 
@@ -300,7 +319,8 @@ def _tables(analysis: SweepAnalysis) -> list[tuple[str, list[str], list[list[str
     """(title, header, rows, note) for every table of the report."""
     tables = []
     for result in analysis.methods:
-        rows = [_fit_row(f"size {p} ({result.points.loc[result.points['preset'] == p, 'params'].iloc[0] / 1e6:.3g}M)", f)
+        rows = [_fit_row(f"size {p} ({result.points.loc[result.points['preset'] == p, 'params'].iloc[0] / 1e6:.3g}M)",
+                         f)
                 for p, f in result.size_fits.items()]
         if result.frontier_fit is not None:
             rows.append(_fit_row("frontier (envelope)", result.frontier_fit))
@@ -310,34 +330,44 @@ def _tables(analysis: SweepAnalysis) -> list[tuple[str, list[str], list[list[str
         note = "; ".join(result.notes)
         if result.joint is not None and result.joint.derived:
             d = result.joint.derived
-            note = (f"joint law: N_opt ∝ C^a with a = beta/(alpha+beta) = {_with_ci(d['a'], result.joint.ci.get('a'))}. " + note)
-        tables.append((f"{result.title}: fits (95% bootstrap CIs, runs resampled, {analysis.n_draws} draws)", FIT_HEADER, rows, note))
+            note = ("joint law: N_opt ∝ C^a with a = beta/(alpha+beta) = "
+                    f"{_with_ci(d['a'], result.joint.ci.get('a'))}. " + note)
+        tables.append((f"{result.title}: fits (95% bootstrap CIs, runs resampled, {analysis.n_draws} draws)",
+                       FIT_HEADER, rows, note))
         if result.optima is not None and len(result.optima):
-            rows = [[_num(r.compute), _num(r.n_opt), _num(r.n_opt_grid), _num(r.y_opt), str(r.n_sizes), "edge" if r.edge else "", r.reason]
+            rows = [[_num(r.compute), _num(r.n_opt), _num(r.n_opt_grid), _num(r.y_opt), str(r.n_sizes),
+                     "edge" if r.edge else "", r.reason]
                     for r in result.optima.itertuples()]
             note = ""
             if result.n_opt_fit is not None:
                 f = result.n_opt_fit
                 note = (f"N_opt = k C^a: a = {_with_ci(f.a, f.ci.get('a'))}, k = {_with_ci(f.k, f.ci.get('k'))} "
-                        f"({f.n_points} budgets; {f.n_draws_used}/{f.n_draws} bootstrap draws had >= 2 interior optima)")
+                        f"({f.n_points} budgets; {f.n_draws_used}/{f.n_draws} bootstrap draws had >= 2 interior "
+                        "optima)")
                 if f.ols:
                     note += f"; OLS (HC3) a CI [{_num(f.ols['ci']['a'][0])}, {_num(f.ols['ci']['a'][1])}]"
             tables.append((f"{result.title}: compute-optimal size per budget",
-                           ["budget C", "N_opt", "best grid size", "FID at optimum", "sizes reaching C", "flag", "reason"], rows, note))
+                           ["budget C", "N_opt", "best grid size", "FID at optimum", "sizes reaching C", "flag",
+                            "reason"], rows, note))
         if result.holdout is not None:
             h = result.holdout
             rows = [[r.run_id, r.preset, _num(r.budget_flops), _num(r.fid), _num(r.pred), f"{r.log_error:+.3f}",
                      f"[{_num(r.ci_lo)}, {_num(r.ci_hi)}]", "yes" if r.inside_ci else "no",
-                     f"[{_num(r.pi_lo)}, {_num(r.pi_hi)}]", "yes" if r.inside_pi else "no"] for r in h.points.itertuples()]
+                     f"[{_num(r.pi_lo)}, {_num(r.pi_hi)}]", "yes" if r.inside_pi else "no"]
+                    for r in h.points.itertuples()]
             tables.append((f"{result.title}: extrapolation (joint law fitted without budget {_num(h.held_values[0])})",
-                           ["run", "size", "budget", "FID", "predicted", "log error", "curve CI", "in CI", "prediction interval", "in PI"],
-                           rows, f"mean |log error| {h.mean_abs_log_error:.3f}, RMS {h.rms_log_error:.3f}; fit status {h.fit.status}"))
+                           ["run", "size", "budget", "FID", "predicted", "log error", "curve CI", "in CI",
+                            "prediction interval", "in PI"],
+                           rows, f"mean |log error| {h.mean_abs_log_error:.3f}, RMS {h.rms_log_error:.3f}; fit status "
+                                 f"{h.fit.status}"))
     if analysis.ratio:
         rows = [[group, str(r["n_points"]), _with_ci(r["mean_ratio"], r["ci"]), _with_ci(r["gap"], r["gap_ci"]),
                  _with_ci(r["slope"], r["slope_ci"]), _num(r["slope_p"], 3)] for group, r in analysis.ratio.items()]
         tables.append(("Teacher-student FID ratio r = FID_student / FID_teacher",
-                       ["group", "pairs", "mean ratio [95% CI]", "absolute gap [95% CI]", "slope of log r on log N [95% CI]", "p (slope = 0)"],
-                       rows, "Pairs: student run and teacher of the same preset and seed; each student's largest budget. "
+                       ["group", "pairs", "mean ratio [95% CI]", "absolute gap [95% CI]",
+                        "slope of log r on log N [95% CI]", "p (slope = 0)"],
+                       rows, "Pairs: student run and teacher of the same preset and seed; each student's largest "
+                             "budget. "
                        "OLS of log r on log params (statsmodels)."))
     return tables
 
@@ -357,15 +387,19 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-_CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;color:#111;line-height:1.4}
+_CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;color:#111;\
+line-height:1.4}
 h1{border-bottom:2px solid #333}h2{margin-top:2em;border-bottom:1px solid #aaa}
-table{border-collapse:collapse;margin:0.6em 0;font-size:0.9em}td,th{border:1px solid #999;padding:3px 7px;text-align:right}
-th{background:#e8e8e8}td:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%;width:760px;border:1px solid #ddd}
+table{border-collapse:collapse;margin:0.6em 0;font-size:0.9em}td,th{border:1px solid #999;padding:3px 7px;\
+text-align:right}
+th{background:#e8e8e8}td:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%;width:760px;\
+border:1px solid #ddd}
 pre{background:#f4f4f4;border:1px solid #ccc;padding:8px;overflow-x:auto;font-size:0.8em}
 .warn{background:#fff3cd;border:1px solid #b38f00;padding:6px 12px}.note{color:#444;font-size:0.9em}"""
 
 
-def write_report(root: Path | str, sweep: str, out_dir: Path | str, *, n_draws: int = 1000, seed: int = 0) -> dict[str, Path]:
+def write_report(root: Path | str, sweep: str, out_dir: Path | str, *, n_draws: int = 1000, seed: int = 0) -> dict[str,
+                                                                                                                   Path]:
     """Analyse ``sweep`` from the store under ``root`` and write ``out_dir/report.html`` (standalone)
     and ``out_dir/report.md`` (figures in ``out_dir/figures``). Returns {"html": path, "md": path}."""
     out_dir = Path(out_dir)
@@ -375,9 +409,11 @@ def write_report(root: Path | str, sweep: str, out_dir: Path | str, *, n_draws: 
     counts = analysis.runs["status"].value_counts().to_dict()
     summary = (f"{len(analysis.runs)} runs ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}); "
                f"methods {', '.join(sorted(analysis.runs['method'].unique()))}; sizes "
-               f"{', '.join(analysis.runs.sort_values('params')['preset'].drop_duplicates())}. Store: {Path(root) / 'cmscale.duckdb'}. "
+               f"{', '.join(analysis.runs.sort_values('params')['preset'].drop_duplicates())}. Store: "
+               f"{Path(root) / 'cmscale.duckdb'}. "
                f"Analysis took {analysis.seconds:.1f} s with {n_draws} bootstrap draws per fit (seed {seed}).")
-    compute_note = ("Training compute is the student's own counted FLOPs (forward, backward, JVP and teacher forwards per "
+    compute_note = ("Training compute is the student's own counted FLOPs (forward, backward, JVP and teacher forwards "
+                    "per "
                     "step); the teacher's pretraining compute is not included in a student's C.")
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>cmscale report: {html.escape(sweep)}</title>"
@@ -387,18 +423,22 @@ def write_report(root: Path | str, sweep: str, out_dir: Path | str, *, n_draws: 
     parts.append("<h2>Warnings</h2>")
     md += ["## Warnings", ""]
     if analysis.warnings:
-        parts.append("<div class='warn'><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in analysis.warnings) + "</ul></div>")
+        items = "".join(f"<li>{html.escape(w)}</li>" for w in analysis.warnings)
+        parts.append("<div class='warn'><ul>" + items + "</ul></div>")
         md += [f"- {w}" for w in analysis.warnings] + [""]
     else:
-        parts.append("<p>None: every run finished, every fit converged inside its bounds, no optimum at the grid edge.</p>")
+        parts.append("<p>None: every run finished, every fit converged inside its bounds, no optimum at the grid "
+                     "edge.</p>")
         md += ["None.", ""]
     parts.append("<h2>Figures</h2>")
     md += ["## Figures", ""]
     for record in analysis.figures:
         png = base64.b64encode(record.paths["png"].read_bytes()).decode()
         parts.append(f"<figure><h3>{html.escape(record.title)}</h3><img alt='{html.escape(record.title)}' "
-                     f"src='data:image/png;base64,{png}'><figcaption class='note'>{html.escape(record.caption)}</figcaption>")
-        parts += [f"<details open><summary>SQL behind this figure</summary><pre>{html.escape(sql)}</pre></details>" for sql in record.sql]
+                     f"src='data:image/png;base64,{png}'><figcaption "
+                     f"class='note'>{html.escape(record.caption)}</figcaption>")
+        parts += [f"<details open><summary>SQL behind this figure</summary><pre>{html.escape(sql)}</pre></details>"
+                  for sql in record.sql]
         parts.append("</figure>")
         rel_png = record.paths["png"].relative_to(out_dir)
         rel_pdf = record.paths["pdf"].relative_to(out_dir)
@@ -408,7 +448,8 @@ def write_report(root: Path | str, sweep: str, out_dir: Path | str, *, n_draws: 
     parts.append("<h2>Tables</h2>")
     md += ["## Tables", ""]
     for title, header, rows, note in tables:
-        parts.append(f"<h3>{html.escape(title)}</h3>" + _html_table(header, rows) + (f"<p class='note'>{html.escape(note)}</p>" if note else ""))
+        note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
+        parts.append(f"<h3>{html.escape(title)}</h3>" + _html_table(header, rows) + note_html)
         md += [f"### {title}", "", _md_table(header, rows), ""] + ([note, ""] if note else [])
     ratio_json = json.dumps(analysis.ratio, indent=1, default=float)
     parts.append(f"<h2>Ratio statistics (JSON)</h2><pre>{html.escape(ratio_json)}</pre>")

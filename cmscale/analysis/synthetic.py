@@ -28,7 +28,8 @@ class SyntheticData:
 
 
 def saturating_data(n_runs: int = 20, evals_per_run: int = 3, noise: float = 0.03, seed: int = 0,
-                    truth: dict[str, float] | None = None, x_range: tuple[float, float] = (1e10, 1e14)) -> SyntheticData:
+                    truth: dict[str, float] | None = None, x_range: tuple[float, float] = (1e10,
+                                                                                           1e14)) -> SyntheticData:
     """``y = E + A x^-alpha`` at ``n_runs * evals_per_run`` log-spaced x; consecutive points share a run."""
     truth = dict(SATURATING_TRUTH if truth is None else truth)
     rng = np.random.default_rng(seed)
@@ -78,7 +79,8 @@ def coverage_study(form: str, n_replicates: int, *, noise: float = 0.03, n_draws
     if n_jobs > 1:
         from joblib import Parallel, delayed
 
-        results = Parallel(n_jobs=n_jobs)(delayed(_one_replicate)(form, r, noise, n_draws, data_kwargs) for r in range(n_replicates))
+        results = Parallel(n_jobs=n_jobs)(delayed(_one_replicate)(form, r, noise, n_draws,
+                                                                  data_kwargs) for r in range(n_replicates))
     else:
         results = [_one_replicate(form, r, noise, n_draws, data_kwargs) for r in range(n_replicates)]
     truth = SATURATING_TRUTH if form == "saturating" else JOINT_TRUTH

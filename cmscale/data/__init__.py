@@ -1,9 +1,11 @@
 """Datasets: embedded digits, CIFAR-10 and EDM-style image folders/zips."""
 
 from cmscale.data.datasets import (
+    DATASET_CHANNELS,
     DATASETS,
     DatasetNotFoundError,
     ImageData,
+    dataset_channels,
     load_cifar10,
     load_dataset,
     load_digits,
@@ -11,9 +13,11 @@ from cmscale.data.datasets import (
 )
 
 __all__ = [
+    "DATASET_CHANNELS",
     "DATASETS",
     "DatasetNotFoundError",
     "ImageData",
+    "dataset_channels",
     "load_cifar10",
     "load_dataset",
     "load_digits",

@@ -19,8 +19,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-DATASETS = ("digits", "cifar10", "imagefolder")
+# Image channels per dataset: the one place that knows digits are grayscale (counting FLOPs and
+# sizing networks needs it before any data is read).
+DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "imagefolder": 3}
+DATASETS = tuple(DATASET_CHANNELS)
 DIGITS_DEFAULT_RESOLUTION = 16
+
+
+def dataset_channels(name: str) -> int:
+    """Image channels of dataset ``name`` (3 for names this table does not know)."""
+    return DATASET_CHANNELS.get(name, 3)
 
 HOW_TO_GET = {
     "cifar10": (
@@ -87,7 +95,9 @@ class ImageData:
 def _resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
     if images.shape[-1] == resolution and images.shape[-2] == resolution:
         return images
-    resized = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(
+        images.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+    )
     return resized.round().clamp(0, 255).to(torch.uint8)
 
 
@@ -180,7 +190,9 @@ def load_imagefolder(path: Path | str, resolution: int | None = None) -> ImageDa
     arrays = [_decode_png(payload) for payload in files.values()]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"{source}: images have different shapes {sorted(shapes)}; resize them to one resolution first")
+        raise ValueError(
+            f"{source}: images have different shapes {sorted(shapes)}; resize them to one resolution first"
+        )
     images = torch.from_numpy(np.stack(arrays))
     if resolution is not None:
         images = _resize_uint8(images, resolution)
@@ -188,7 +200,9 @@ def load_imagefolder(path: Path | str, resolution: int | None = None) -> ImageDa
     return ImageData("imagefolder", images, labels)
 
 
-def load_dataset(name: str, path: Path | str | None = None, resolution: int | None = None, split: str = "train") -> ImageData:
+def load_dataset(
+    name: str, path: Path | str | None = None, resolution: int | None = None, split: str = "train"
+) -> ImageData:
     """Load a dataset by name. ``digits`` needs no path; the others read from ``path``."""
     if name == "digits":
         return load_digits(resolution or DIGITS_DEFAULT_RESOLUTION)

@@ -5,7 +5,10 @@
 - :mod:`cmscale.eval.fid`: reference statistics cached per (dataset, resolution, extractor) and
   FID by ``torch_fidelity.calculate_metrics``.
 - :mod:`cmscale.eval.run`: ``evaluate_model`` (what the trainer calls) and the eval rows.
-- :mod:`cmscale.eval.cli`: ``cmscale eval RUN_DIR``.
+- :mod:`cmscale.eval.cache`: the cache folder and its file locks.
+
+The command ``cmscale eval RUN_DIR`` lives in :mod:`cmscale.cli.eval`. Nothing here imports
+:mod:`cmscale.train`: the trainer calls evaluation, never the other way round.
 """
 
 from importlib import import_module
@@ -25,7 +28,6 @@ _EXPORTS = {
     "EVAL_ROW_KEYS": "run",
     "eval_num_samples": "run",
     "evaluate_model": "run",
-    "prepare_eval": "run",
 }
 
 
@@ -46,7 +48,6 @@ __all__ = [
     "feature_space",
     "fid_between",
     "fid_to_reference",
-    "prepare_eval",
     "reference_statistics",
     "resolve_inception_weights",
 ]

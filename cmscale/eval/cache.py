@@ -12,19 +12,13 @@ where ``flock`` is not honoured (some network file systems).
 from __future__ import annotations
 
 import fcntl
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-CACHE_ENV = "CMSCALE_CACHE_DIR"
+from cmscale.config import CACHE_ENV, cache_root
 
-
-def cache_root() -> Path:
-    """``$CMSCALE_CACHE_DIR`` or ``~/.cache/cmscale`` (created on first use)."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cmscale").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+__all__ = ["CACHE_ENV", "cache_root", "locked"]
 
 
 @contextmanager

@@ -129,7 +129,8 @@ def train_digits_cnn(config: DigitsCNNConfig) -> tuple[dict[str, torch.Tensor], 
                 loss.backward()
                 optimizer.step()
         with torch.no_grad():
-            accuracy = (model(x_all[holdout]).argmax(1) == y_all[holdout]).float().mean().item() if n_holdout else float("nan")
+            correct = (model(x_all[holdout]).argmax(1) == y_all[holdout]).float()
+            accuracy = correct.mean().item() if n_holdout else float("nan")
     finally:
         torch.set_num_threads(threads)
     return model.state_dict(), {"holdout_accuracy": accuracy, "train_seconds": time.time() - started}
@@ -161,7 +162,8 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
-            raise ValueError(f"{name}: feature_extractor_weights_path is required (see cmscale.eval.features.digits_cnn_weights)")
+            raise ValueError(f"{name}: feature_extractor_weights_path is required (see "
+                             "cmscale.eval.features.digits_cnn_weights)")
         payload = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
         config = DigitsCNNConfig(**payload["config"])
         self.cnn = DigitsCNN(config.resolution, config.width, config.feature_dim)

@@ -30,11 +30,18 @@ from torch import nn
 
 from cmscale.config import RunConfig
 from cmscale.data import load_dataset
+from cmscale.distributed import pick_device
 from cmscale.eval.features import feature_space
 from cmscale.eval.fid import fid_to_reference, reference_statistics, to_uint8
-from cmscale.methods import sample, sampler_steps, unet_of
+from cmscale.methods import model_from_checkpoint, sample, sampler_steps, unet_of
 from cmscale.models.flops import forward_flops
-from cmscale.rundir import SAMPLES_DIR, atomic_write_bytes
+from cmscale.rundir import (
+    METRICS_FILE,
+    SAMPLES_DIR,
+    MetricsWriter,
+    atomic_write_bytes,
+    final_checkpoint,
+)
 
 DIGITS_DEFAULT_SAMPLES = 1_000
 REAL_DATA_DEFAULT_SAMPLES = 50_000  # the FID-50k convention of published numbers
@@ -78,15 +85,6 @@ def save_grid(images: torch.Tensor, path: Path, max_images: int = 64) -> Path | 
     return path
 
 
-def prepare_eval(config: RunConfig):
-    """Resolve the run's FID feature space now (train and cache the digits CNN, find the Inception
-    weights), so that a run without what its evals need fails at its start, not at its first eval.
-    Returns the FeatureSpace, or None when the run has no evals."""
-    if not config.eval.at_fractions:
-        return None
-    return feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
-
-
 def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: float, images_seen: int,
                    run_dir: Path | str, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """FID of ``model`` (the EMA network) at each sampler step count; saves a grid per eval.
@@ -111,24 +109,30 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for steps in sampler_steps(config):
                 started = time.time()
-                images, nfe = generate(config, model, num_samples, steps, net.img_channels, device, batch_size, config.eval.seed)
+                images, nfe = generate(
+                    config, model, num_samples, steps, net.img_channels, device, batch_size, config.eval.seed
+                )
                 fid = fid_to_reference(images, reference, device, batch_size)
                 if config.eval.grid_images:
-                    save_grid(images, run_dir / SAMPLES_DIR / f"step{step:08d}-{steps}steps.png", config.eval.grid_images)
-                rows.append({
-                    "kind": "eval",
-                    "step": int(step),
-                    "train_flops": float(train_flops),
-                    "images_seen": int(images_seen),
-                    "sampler_steps": int(steps),
-                    "nfe": int(nfe),
-                    "fid": float(fid),
-                    "num_samples": int(num_samples),
-                    "extractor": space.extractor,
-                    "reference": reference.id,
-                    "sampling_flops_per_image": float(nfe * flops_forward),
-                    "wall_s": time.time() - started,
-                })
+                    save_grid(
+                        images, run_dir / SAMPLES_DIR / f"step{step:08d}-{steps}steps.png", config.eval.grid_images
+                    )
+                rows.append(
+                    {
+                        "kind": "eval",
+                        "step": int(step),
+                        "train_flops": float(train_flops),
+                        "images_seen": int(images_seen),
+                        "sampler_steps": int(steps),
+                        "nfe": int(nfe),
+                        "fid": float(fid),
+                        "num_samples": int(num_samples),
+                        "extractor": space.extractor,
+                        "reference": reference.id,
+                        "sampling_flops_per_image": float(nfe * flops_forward),
+                        "wall_s": time.time() - started,
+                    }
+                )
     finally:
         model.train(was_training)
     return rows
@@ -161,34 +165,20 @@ def load_run_config_json(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
         raise RunDirError(format_validation_error(str(path), error)) from None
 
 
-def model_from_final_checkpoint(config: RunConfig, path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def model_from_final_checkpoint(
+    config: RunConfig, path: Path, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
     """The EMA network of ``ckpt/final.pt`` in the method's wrapper (as build_method makes it)."""
-    from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond
-    from cmscale.models.presets import build_unet
-
     if not path.is_file():
         raise RunDirError(f"{path} not found: the run has not finished; train it to the end (or resume it) first")
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    net = build_unet(payload.get("preset", config.preset), payload.get("resolution", config.resolution), payload["img_channels"])
-    net.load_state_dict(payload["net"])
-    if config.method == "edm":
-        model: nn.Module = EDMPrecond(net, config.edm.sigma_data)
-    elif config.method == "ect":
-        model = EDMPrecond(net, config.ect.sigma_data, sigma_min=config.ect.sigma_min)
-    elif config.teacher_ckpt:  # sCM initialised from an EDM teacher keeps the EDM parametrisation
-        model = EDMAsTrigFlow(EDMPrecond(net, config.scm.sigma_data))
-    else:
-        model = TrigFlowPrecond(net, config.scm.sigma_data)
-    return model.to(device).eval().requires_grad_(False), payload
+    return model_from_checkpoint(config, payload, device), payload
 
 
 def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_samples: int | None = None,
                      inception_weights: str | None = None, batch_size: int | None = None,
                      device: str = "auto") -> list[dict[str, Any]]:
     """Evaluate ``run_dir/ckpt/final.pt`` and append the rows to its ``metrics.jsonl``."""
-    from cmscale.rundir import CKPT_DIR, METRICS_FILE, MetricsWriter
-    from cmscale.train import FINAL_CHECKPOINT, pick_device
-
     run_dir = Path(run_dir)
     config, extras = load_run_config_json(run_dir)
     eval_update: dict[str, Any] = {}
@@ -207,7 +197,7 @@ def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_sa
     torch_device = pick_device(device)
     # Resolve the feature space first: a missing Inception file fails before the checkpoint loads.
     feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
-    model, payload = model_from_final_checkpoint(config, run_dir / CKPT_DIR / FINAL_CHECKPOINT, torch_device)
+    model, payload = model_from_final_checkpoint(config, final_checkpoint(run_dir), torch_device)
     step = int(payload["step"])
     rows = evaluate_model(config, model, step=step, train_flops=step * float(extras.get("flops_per_step", 0.0)),
                           images_seen=step * config.batch_size, run_dir=run_dir, device=torch_device)

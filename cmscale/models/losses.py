@@ -52,7 +52,8 @@ class EDMLoss:
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
-    def __call__(self, model: EDMPrecond, x0: torch.Tensor, sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, model: EDMPrecond, x0: torch.Tensor, sigma: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
         sigma = self.sample_sigma(x0.shape[0], x0.device) if sigma is None else sigma
         noise = torch.randn_like(x0) if noise is None else noise
         denoised = model(x0 + _per_sample(sigma, x0) * noise, sigma)
@@ -76,8 +77,10 @@ class ECTLoss:
     With the sigmoid mapping, stage 0 and q = 2, r = 0 for every t <= ln(k - 1) (about 1.95).
     """
 
-    def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5, q: float = 2.0, k: float = 8.0,
-                 b: float = 1.0, c: float = 0.0, mapping: str = "sigmoid", weighting: str = "inv_dt", iters_per_stage: int = 1000):
+    def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5, q: float = 2.0,
+                 k: float = 8.0,
+                 b: float = 1.0, c: float = 0.0, mapping: str = "sigmoid", weighting: str = "inv_dt",
+                 iters_per_stage: int = 1000):
         self.P_mean = P_mean
         self.P_std = P_std
         self.sigma_data = sigma_data
@@ -117,7 +120,8 @@ class ECTLoss:
         """The ECT loss at r = 0 from the EDM loss on the same draw: w(t, 0) phi(EDMLoss / lambda(t))."""
         return self.distance(edm_loss / lam) * self.weight(t, torch.zeros_like(t))
 
-    def __call__(self, model: EDMPrecond, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, model: EDMPrecond, x0: torch.Tensor, t: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
         t = (torch.randn(x0.shape[0], device=x0.device) * self.P_std + self.P_mean).exp() if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         r = self.t_to_r(t)
@@ -185,7 +189,8 @@ class SCMLoss:
         tau = torch.randn(batch, device=device) * self.P_std + self.P_mean
         return torch.atan(tau.exp() / self.sigma_data).clamp(self.t_min, self.t_max)
 
-    def tangent(self, model, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tangent(self, model, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
         """(F-, sd cos t sin t dF-/dt) by forward-mode AD, in fp32 (or fp64 if given) and without a graph.
 
         d/dt F(x_t/sd, t) = J_x (dx_t/dt / sd) + J_t; scaling both tangents by sd cos t sin t keeps

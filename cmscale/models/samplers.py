@@ -24,7 +24,8 @@ def ect_times(steps: int, sigma_max: float = ECT_SIGMA_MAX, sigma_mid: float = E
     return [sigma_max, *tail]
 
 
-def scm_times(steps: int, sigma_data: float = 0.5, sigma_max: float = ECT_SIGMA_MAX, t_mid: float = SCM_T_MID) -> list[float]:
+def scm_times(steps: int, sigma_data: float = 0.5, sigma_max: float = ECT_SIGMA_MAX,
+              t_mid: float = SCM_T_MID) -> list[float]:
     """TrigFlow times of an n-step sCM sampler: arctan(sigma_max/sd), then t_mid, then evenly down."""
     t_max = math.atan(sigma_max / sigma_data)
     if steps == 1:
@@ -33,7 +34,8 @@ def scm_times(steps: int, sigma_data: float = 0.5, sigma_max: float = ECT_SIGMA_
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    return torch.randn(tuple(shape), generator=generator, device=generator.device if generator is not None else device).to(device)
+    return torch.randn(tuple(shape), generator=generator,
+                       device=generator.device if generator is not None else device).to(device)
 
 
 @torch.no_grad()
@@ -50,7 +52,8 @@ def cm_sample_edm(model, shape: Sequence[int], sigmas: Sequence[float], generato
 
 @torch.no_grad()
 def cm_sample_trigflow(model, shape: Sequence[int], times: Sequence[float], sigma_data: float = 0.5,
-                       generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+                       generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
     """x = f(sd z, t_0); then x = f(cos t x + sin t sd z', t) for each later t."""
     device = torch.device(device)
     x = model(sigma_data * _randn(shape, generator, device), torch.full((shape[0],), times[0], device=device))
@@ -68,7 +71,8 @@ def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
 
 @torch.no_grad()
 def heun_sample(denoiser, shape: Sequence[int], steps: int = 18, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu", sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> tuple[torch.Tensor, int]:
+                device: torch.device | str = "cpu", sigma_min: float = 0.002, sigma_max: float = 80.0,
+                rho: float = 7.0) -> tuple[torch.Tensor, int]:
     """EDM's deterministic 2nd-order Heun sampler on the PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma. NFE = 2N - 1."""
     device = torch.device(device)
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho).tolist()

@@ -1,6 +1,6 @@
 """``python -m cmscale.results``: the ``cmscale results`` commands without loading the other areas' CLIs."""
 
-from cmscale.results.cli import results_group
+from cmscale.cli.results import results_group
 
 if __name__ == "__main__":
     results_group(prog_name="cmscale results")

@@ -23,7 +23,7 @@ Example (``examples/sweep_digits_tiny.toml``)::
 
     [executor]
     name = "local"                        # local | slurm | debug
-    profile = "local"                     # slurm/profiles/<profile>.toml
+    profile = "local"                     # slurm/profiles/<profile>.toml (see cmscale.cluster.profiles)
 
     [[runs]]                              # optional explicit runs, zipped, besides the grid
     method = "sct"
@@ -35,15 +35,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from cmscale.cluster.executors import ExecutorKind
 from cmscale.config import (
     DATASETS_WITH_FILES,
+    METHODS,
     STUDENT_METHODS,
     ConfigError,
     Dataset,
+    MethodName,
     ProfileRef,
     RunConfig,
     SafeName,
@@ -52,8 +55,6 @@ from cmscale.config import (
     format_validation_error,
     read_toml,
 )
-
-METHODS = ("edm", "ect", "sct", "scd")
 
 
 class LogSpace(StrictModel):
@@ -85,7 +86,7 @@ class TeacherSpec(StrictModel):
 
 
 class ExecutorSpec(StrictModel):
-    name: Literal["local", "slurm", "debug"] = "local"
+    name: ExecutorKind = "local"
     profile: ProfileRef = "local"
     max_parallel: int = Field(2, ge=1, description="local executor: runs at once")
     timeout_min: int = Field(60, ge=1)
@@ -93,7 +94,7 @@ class ExecutorSpec(StrictModel):
 
 class ExplicitRun(StrictModel):
     model_config = StrictModel.model_config | {"extra": "allow"}
-    method: Literal["edm", "ect", "sct", "scd"]
+    method: MethodName
     preset: str
     budget_flops: float | None = Field(None, gt=0)
     budget_iters: int | None = Field(None, gt=0)
@@ -169,15 +170,17 @@ class SweepSpec(StrictModel):
             if not self.budget_values():
                 empty.append("budgets_flops (or budgets)")
             if empty:
-                raise ValueError(f"{', '.join(empty)} empty: the grid of methods x presets x budgets x seeds would plan "
-                                 f"no runs; give at least one value each")
+                raise ValueError(f"{', '.join(empty)} empty: the grid of methods x presets x budgets x seeds "
+                                 "would plan no runs; give at least one value each")
             for preset in self.presets:
                 check_resolution(self.dataset, self.resolution, preset)
         return self
 
     @model_validator(mode="after")
     def _teacher_for_students(self) -> SweepSpec:
-        students = {m for m in self.methods if m in STUDENT_METHODS} | {r.method for r in self.runs if r.method in STUDENT_METHODS}
+        students = {m for m in self.methods if m in STUDENT_METHODS} | {
+            r.method for r in self.runs if r.method in STUDENT_METHODS
+        }
         if students and not self.teacher.train:
             needed = set(self.presets) | {r.preset for r in self.runs if r.method in STUDENT_METHODS}
             missing = sorted(needed - set(self.teacher.checkpoints))
@@ -199,15 +202,11 @@ class SpecError(ConfigError):
     """A sweep spec failed validation; the message names the file and each field path."""
 
 
-def _error_with_field_paths(source: str, error: ValidationError) -> SpecError:
-    return SpecError(format_validation_error(source, error))
-
-
 def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as error:
-        raise _error_with_field_paths(source, error) from None
+        raise SpecError(format_validation_error(source, error)) from None
     _check_run_fields(spec, source)
     if spec.executor.name == "slurm":
         check_profile(spec.executor.profile, f"{source}: invalid configuration\n  - executor.profile")
@@ -216,7 +215,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> SweepSpec:
 
 def check_profile(name: str, where: str) -> None:
     """Raise a SpecError naming ``where`` when profile ``name`` does not exist or is invalid."""
-    from cmscale.sweep.profiles import load_profile
+    from cmscale.cluster.profiles import load_profile
 
     try:
         load_profile(name)

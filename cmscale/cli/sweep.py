@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from cmscale.cli.options import ROOT_OPTION, console, json_option
+from cmscale.cluster.executors import EXECUTORS, detaches
 from cmscale.config import ConfigError
-
-console = Console()
-
-ROOT_OPTION = click.option(
-    "--root",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("CMSCALE_RESULTS", "results"),
-    show_default="results (or $CMSCALE_RESULTS)",
-    help="Results root.",
-)
+from cmscale.rundir import RunState
 
 
-def _plan(spec_path: Path, root: Path):
+def _load_and_plan(spec_path: Path, root: Path):
     from cmscale.sweep.plan import plan_sweep
     from cmscale.sweep.spec import load_spec
 
@@ -39,6 +30,7 @@ def _plan(spec_path: Path, root: Path):
 
 
 def _plan_table(runs, title: str) -> Table:
+    from cmscale.data.datasets import dataset_channels
     from cmscale.models.flops import meta_copy
     from cmscale.models.presets import build_unet
     from cmscale.models.unet import count_parameters
@@ -51,12 +43,20 @@ def _plan_table(runs, title: str) -> Table:
         config = run.config
         key = (config.preset, config.resolution)
         if key not in params:
-            channels = 3 if config.dataset != "digits" else 1
-            params[key] = count_parameters(meta_copy(lambda c=config, ch=channels: build_unet(c.preset, c.resolution, ch)))
+            channels = dataset_channels(config.dataset)
+            params[key] = count_parameters(
+                meta_copy(lambda c=config, ch=channels: build_unet(c.preset, c.resolution, ch))
+            )
         budget = config.budget_flops if config.budget_flops else run.iterations * run.flops_per_step
         table.add_row(
-            run.run_id, config.method, config.preset, f"{params[key]:,}", f"{budget:.3g}",
-            f"{run.iterations:,}", f"{run.images_seen:,}", ", ".join(run.depends_on) or "-",
+            run.run_id,
+            config.method,
+            config.preset,
+            f"{params[key]:,}",
+            f"{budget:.3g}",
+            f"{run.iterations:,}",
+            f"{run.images_seen:,}",
+            ", ".join(run.depends_on) or "-",
         )
     return table
 
@@ -69,30 +69,50 @@ def sweep_group() -> None:
 @sweep_group.command("plan")
 @click.argument("spec_path", type=click.Path(path_type=Path))
 @ROOT_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print the planned runs as JSON.")
+@json_option("Print the planned runs as JSON.")
 def plan_command(spec_path: Path, root: Path, as_json: bool) -> None:
     """Expand SPEC into runs (iso-FLOP iterations, deterministic run ids, teacher dependencies)."""
-    spec, runs = _plan(spec_path, root)
+    spec, runs = _load_and_plan(spec_path, root)
     if as_json:
-        click.echo(json.dumps([
-            {"run_id": r.run_id, "method": r.config.method, "preset": r.config.preset, "seed": r.config.seed,
-             "budget_flops": r.config.budget_flops, "iterations": r.iterations, "flops_per_step": r.flops_per_step,
-             "images_seen": r.images_seen, "stage": r.stage, "depends_on": r.depends_on}
-            for r in runs
-        ], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "run_id": r.run_id,
+                        "method": r.config.method,
+                        "preset": r.config.preset,
+                        "seed": r.config.seed,
+                        "budget_flops": r.config.budget_flops,
+                        "iterations": r.iterations,
+                        "flops_per_step": r.flops_per_step,
+                        "images_seen": r.images_seen,
+                        "stage": r.stage,
+                        "depends_on": r.depends_on,
+                    }
+                    for r in runs
+                ],
+                indent=2,
+            )
+        )
         return
     console.print(_plan_table(runs, f"sweep {spec.name}: {len(runs)} runs"))
 
 
 def _print_report(report, dry_run: bool) -> None:
     verb = "would submit" if dry_run else "submitted"
-    console.print(f"{verb} {len(report.submitted)} runs in {report.sbatch_calls} array submission(s); skipped {len(report.skipped)}")
+    console.print(
+        f"{verb} {len(report.submitted)} runs in {report.sbatch_calls} array submission(s); skipped "
+        f"{len(report.skipped)}"
+    )
     for array in report.arrays:
-        console.print(f"  array {array['array_job_id']}: {array['tasks']} tasks" + (f", {array['dependency']}" if array["dependency"] else ""))
+        console.print(
+            f"  array {array['array_job_id']}: {array['tasks']} tasks"
+            + (f", {array['dependency']}" if array["dependency"] else "")
+        )
 
 
 def _follow(root: Path, sweep: str, ingest: bool, timeout_s: float | None = None) -> None:
-    from cmscale.sweep.control import wait_for_sweep
+    from cmscale.sweep.launch import wait_for_sweep
     from cmscale.sweep.status import count_states
 
     last: dict[str, int] = {}
@@ -101,7 +121,9 @@ def _follow(root: Path, sweep: str, ingest: bool, timeout_s: float | None = None
     def on_poll(states):
         counts = count_states(states)
         if counts != last:  # one line per change, with the time since following began
-            console.print(f"  [{time.time() - started:6.0f}s] " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+            console.print(
+                f"  [{time.time() - started:6.0f}s] " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+            )
             last.clear()
             last.update(counts)
             if ingest:  # results land when runs end, which is when the counts change
@@ -109,7 +131,7 @@ def _follow(root: Path, sweep: str, ingest: bool, timeout_s: float | None = None
 
     states = wait_for_sweep(root, sweep, poll_s=5.0, timeout_s=timeout_s, on_poll=on_poll)
     ingest_results(root)
-    bad = [s for s in states if s.state != "done"]
+    bad = [s for s in states if s.state != RunState.DONE]
     if bad:
         console.print(f"[red]{len(bad)} runs did not finish[/red]; see `cmscale sweep status {sweep}`")
         raise click.exceptions.Exit(1)
@@ -117,7 +139,7 @@ def _follow(root: Path, sweep: str, ingest: bool, timeout_s: float | None = None
 
 def ingest_results(root: Path) -> None:
     """Copy new run metrics into the root's DuckDB store (imported late: the store pulls in duckdb)."""
-    from cmscale.results.store import ingest
+    from cmscale.results import ingest
 
     ingest(root)
 
@@ -125,7 +147,7 @@ def ingest_results(root: Path) -> None:
 @sweep_group.command("launch")
 @click.argument("spec_path", type=click.Path(path_type=Path))
 @ROOT_OPTION
-@click.option("--executor", type=click.Choice(["local", "slurm", "debug"]), default=None, help="Default: the spec's executor.name.")
+@click.option("--executor", type=click.Choice(EXECUTORS), default=None, help="Default: the spec's executor.name.")
 @click.option("--profile", default=None, help="SLURM profile name (slurm/profiles/NAME.toml) or path.")
 @click.option("--dry-run", is_flag=True, help="Plan and build the submissions without submitting.")
 @click.option("--wait", is_flag=True, help="Follow the runs until they finish, ingesting results as they land.")
@@ -136,13 +158,13 @@ def launch_command(spec_path: Path, root: Path, executor: str | None, profile: s
     """Submit SPEC's runs: teachers first, students after them. Runs already done or queued are skipped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cmscale.sweep.control import submit_runs
+    from cmscale.sweep.launch import submit_runs
 
-    spec, runs = _plan(spec_path, root)
+    spec, runs = _load_and_plan(spec_path, root)
     executor = executor or spec.executor.name
     # A progress bar over the SLURM submissions; local runs print a line as each one finishes.
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=executor != "slurm") as progress:
+                  console=console, transient=True, disable=not detaches(executor)) as progress:
         task = progress.add_task("submitting arrays", total=None)
 
         def on_progress(done: int, total: int) -> None:
@@ -156,7 +178,7 @@ def launch_command(spec_path: Path, root: Path, executor: str | None, profile: s
             raise click.ClickException(str(error)) from None
     _print_report(report, dry_run)
     if not dry_run:
-        if executor != "slurm":
+        if not detaches(executor):  # local runs have ended by now; SLURM ones may be queued
             ingest_results(root)
         elif wait:
             _follow(root, spec.name, ingest=True, timeout_s=wait_timeout)
@@ -165,7 +187,7 @@ def launch_command(spec_path: Path, root: Path, executor: str | None, profile: s
 @sweep_group.command("status")
 @click.argument("name")
 @ROOT_OPTION
-@click.option("--json", "as_json", is_flag=True)
+@json_option(None)
 def status_command(name: str, root: Path, as_json: bool) -> None:
     """Count runs per state (from run directories and the scheduler) and list failures."""
     from cmscale.sweep.status import count_states, sweep_states
@@ -179,7 +201,7 @@ def status_command(name: str, root: Path, as_json: bool) -> None:
         click.echo(json.dumps({"sweep": name, "counts": counts, "runs": [s.as_dict() for s in states]}, indent=2))
         return
     console.print(f"sweep {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    problems = [s for s in states if s.state in ("failed", "lost")]
+    problems = [s for s in states if s.state in (RunState.FAILED, RunState.LOST)]
     if problems:
         table = Table(title="failed and lost runs")
         for column in ("run", "state", "job", "reason"):
@@ -194,7 +216,7 @@ def status_command(name: str, root: Path, as_json: bool) -> None:
 @ROOT_OPTION
 def cancel_command(name: str, root: Path) -> None:
     """scancel only this sweep's jobs."""
-    from cmscale.sweep.control import cancel_sweep
+    from cmscale.sweep.launch import cancel_sweep
 
     try:
         cancelled = cancel_sweep(root, name)
@@ -207,14 +229,13 @@ def cancel_command(name: str, root: Path) -> None:
 @click.argument("name")
 @ROOT_OPTION
 @click.option("--failed", "include_failed", is_flag=True, required=True, help="Resubmit failed and lost runs.")
-@click.option("--executor", type=click.Choice(["local", "slurm", "debug"]), default=None)
+@click.option("--executor", type=click.Choice(EXECUTORS), default=None)
 @click.option("--profile", default=None)
 def relaunch_command(name: str, root: Path, include_failed: bool, executor: str | None, profile: str | None) -> None:
     """Resubmit the failed and lost runs of sweep NAME; they resume from their newest checkpoint."""
-    from cmscale.sweep.control import submit_runs
-    from cmscale.sweep.launch import read_sweep_file
-    from cmscale.sweep.plan import plan_sweep
-    from cmscale.sweep.spec import parse_spec
+    from cmscale.sweep.launch import submit_runs
+    from cmscale.sweep.plan import plan_sweep, read_sweep_file
+    from cmscale.sweep.spec import load_spec
 
     try:
         stored = read_sweep_file(root, name)
@@ -222,18 +243,25 @@ def relaunch_command(name: str, root: Path, include_failed: bool, executor: str 
         raise click.ClickException(str(error)) from None
     spec_path = Path(stored.get("spec_path", ""))
     if not spec_path.is_file():
-        raise click.ClickException(f"the spec of sweep {name!r} is not at {spec_path}; relaunch with `cmscale sweep launch SPEC`")
-    import tomllib
-
+        raise click.ClickException(
+            f"the spec of sweep {name!r} is not at {spec_path}; relaunch with `cmscale sweep launch SPEC`"
+        )
     # Default to how the sweep was launched, not to the spec's executor (often "local").
     executor = executor or stored.get("executor")
     profile = profile or stored.get("profile")
     try:
-        spec = parse_spec(tomllib.loads(spec_path.read_text()), str(spec_path))
+        spec = load_spec(spec_path)
         runs = plan_sweep(spec, root, source=str(spec_path))
-        report = submit_runs(runs, spec, root, executor or spec.executor.name, profile,
-                             wanted=frozenset({"planned", "failed", "lost"}), spec_path=spec_path)
-    except (ConfigError, tomllib.TOMLDecodeError) as error:
+        report = submit_runs(
+            runs,
+            spec,
+            root,
+            executor or spec.executor.name,
+            profile,
+            wanted=frozenset({RunState.PLANNED, RunState.FAILED, RunState.LOST}),
+            spec_path=spec_path,
+        )
+    except ConfigError as error:
         raise click.ClickException(str(error)) from None
     _print_report(report, dry_run=False)
 

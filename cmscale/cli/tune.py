@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from cmscale.cli.options import JSON_OPTION, ROOT_OPTION, console
+from cmscale.cli.sweep import ingest_results
+from cmscale.cluster.executors import EXECUTORS, detaches, in_process
 from cmscale.config import ConfigError
-from cmscale.sweep.cli import ROOT_OPTION, ingest_results
-
-console = Console()
+from cmscale.rundir import JOURNAL_FILE
 
 
 @click.group("tune")
@@ -31,7 +31,7 @@ def _counts_line(counts: dict[str, int], used: int, n_trials: int) -> str:
 
 def _follow(spec, root: Path, jobs: list, poll_s: float) -> None:
     """Print the state counts whenever they change, until every worker has ended."""
-    from cmscale.sweep.tune import budget_used, load_study, state_counts
+    from cmscale.tune.study import budget_used, load_study, state_counts
 
     study = load_study(spec, root)
     last = None
@@ -48,36 +48,58 @@ def _follow(spec, root: Path, jobs: list, poll_s: float) -> None:
     except KeyboardInterrupt:
         for job in jobs:
             job.cancel(check=False)
-        console.print("[yellow]stopped; the workers were cancelled. Run the same command again to continue the study.[/yellow]")
+        console.print(
+            "[yellow]stopped; the workers were cancelled. Run the same command again to continue the study.[/yellow]"
+        )
         raise SystemExit(130) from None
     for job in jobs:
         try:
             job.result()
         except Exception as error:  # noqa: BLE001 - report each dead worker, keep the others' results
-            console.print(f"[red]worker {job.job_id} failed:[/red] {str(error).strip().splitlines()[-1] if str(error).strip() else error}")
+            console.print(
+                f"[red]worker {job.job_id} failed:[/red] "
+                f"{str(error).strip().splitlines()[-1] if str(error).strip() else error}"
+            )
 
 
 @tune_group.command("run")
 @click.argument("spec_path", type=click.Path(path_type=Path))
 @ROOT_OPTION
-@click.option("--executor", type=click.Choice(["local", "slurm", "debug"]), default=None,
-              help="local: processes on this machine; slurm: a job array; debug: in this process. Default: the spec's executor.name.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers pulling trials. Default: the spec's workers.")
-@click.option("--trials", "n_trials", type=click.IntRange(min=1), default=None, help="Trials in the study in all. Default: the spec's n_trials.")
+@click.option(
+    "--executor",
+    type=click.Choice(EXECUTORS),
+    default=None,
+    help="local: processes on this machine; slurm: a job array; debug: in this process. Default: the spec's "
+         "executor.name.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Workers pulling trials. Default: the spec's workers."
+)
+@click.option(
+    "--trials",
+    "n_trials",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Trials in the study in all. Default: the spec's n_trials.",
+)
 @click.option("--profile", default=None, help="SLURM profile name (slurm/profiles/NAME.toml) or path.")
-@click.option("--wait/--no-wait", default=None, help="SLURM: follow the workers until they end (local and debug always wait).")
-def run_command(spec_path: Path, root: Path, executor: str | None, workers: int | None, n_trials: int | None,
-                profile: str | None, wait: bool | None) -> None:
+@click.option(
+    "--wait/--no-wait", default=None, help="SLURM: follow the workers until they end (local and debug always wait)."
+)
+def run_command(
+    spec_path: Path,
+    root: Path,
+    executor: str | None,
+    workers: int | None,
+    n_trials: int | None,
+    profile: str | None,
+    wait: bool | None,
+) -> None:
     """Start or continue the study of SPEC: workers pull trials until it has N trials (COMPLETE,
     PRUNED, RUNNING, or FAIL not retried). Re-running continues it; finished trials are never redone."""
-    from cmscale.sweep.tune import (
-        TuneError,
-        create_study,
-        launch_workers,
-        pruning_note,
-        study_summary,
-    )
-    from cmscale.sweep.tune_spec import load_tune_spec
+    from cmscale.tune.spec import load_tune_spec
+    from cmscale.tune.study import TuneError, create_study, pruning_note, study_summary
+    from cmscale.tune.worker import launch_workers
 
     try:
         spec = load_tune_spec(spec_path)
@@ -90,15 +112,15 @@ def run_command(spec_path: Path, root: Path, executor: str | None, workers: int 
         jobs = launch_workers(spec, root, executor, spec.workers, profile)
     except (ConfigError, TuneError) as error:
         raise click.ClickException(str(error)) from None
-    storage = spec.storage or f"{Path(root).resolve() / spec.name / 'optuna.journal'}"
+    storage = spec.storage or f"{Path(root).resolve() / spec.name / JOURNAL_FILE}"
     console.print(f"study {spec.name}: {spec.n_trials} trials, {spec.workers} {executor} worker(s); storage {storage}")
-    if executor == "slurm":
+    if detaches(executor):
         console.print(f"  submitted array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks)")
         if not wait:
             console.print(f"  follow with `cmscale tune status {spec.name}`")
             return
-    if executor != "debug":
-        _follow(spec, root, jobs, poll_s=5.0 if executor == "slurm" else 2.0)
+    if not in_process(executor):
+        _follow(spec, root, jobs, poll_s=5.0 if detaches(executor) else 2.0)
         # Drop the finished jobs now: submitit's LocalJob.__del__ fails noisily at interpreter exit.
         jobs.clear()
         gc.collect()
@@ -107,7 +129,9 @@ def run_command(spec_path: Path, root: Path, executor: str | None, workers: int 
 
 
 def _print_summary(summary: dict) -> None:
-    console.print(f"study {summary['study']}: " + _counts_line(summary["counts"], summary["budget_used"], summary["n_trials"]))
+    console.print(
+        f"study {summary['study']}: " + _counts_line(summary["counts"], summary["budget_used"], summary["n_trials"])
+    )
     if not summary["best"]:
         console.print("  no complete trial yet")
         return
@@ -125,10 +149,10 @@ def _print_summary(summary: dict) -> None:
 @tune_group.command("status")
 @click.argument("name")
 @ROOT_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@JSON_OPTION
 def status_command(name: str, root: Path, as_json: bool) -> None:
     """Counts of trials per state and the best trial (or the Pareto front) of study NAME."""
-    from cmscale.sweep.tune import TuneError, study_summary
+    from cmscale.tune.study import TuneError, study_summary
 
     try:
         summary = study_summary(root, name)
@@ -143,21 +167,29 @@ def status_command(name: str, root: Path, as_json: bool) -> None:
 @tune_group.command("best")
 @click.argument("name")
 @ROOT_OPTION
-@click.option("--write", "write_path", type=click.Path(path_type=Path), default=None, help="Write the run config as TOML here.")
-@click.option("--trial", "trial_number", type=int, default=None,
-              help="This trial instead of the best (for a Pareto front: pick one from `tune status`).")
+@click.option(
+    "--write", "write_path", type=click.Path(path_type=Path), default=None, help="Write the run config as TOML here."
+)
+@click.option(
+    "--trial",
+    "trial_number",
+    type=int,
+    default=None,
+    help="This trial instead of the best (for a Pareto front: pick one from `tune status`).",
+)
 def best_command(name: str, root: Path, write_path: Path | None, trial_number: int | None) -> None:
     """The best trial's run config (TOML for `cmscale train`). Multi-objective: the Pareto-front
     trial with the best first metric unless --trial is given."""
     import tomli_w
 
-    from cmscale.sweep.tune import TuneError, best_run_config
+    from cmscale.tune.study import TuneError, best_run_config
 
     try:
         config, trial = best_run_config(root, name, trial_number)
     except TuneError as error:
         raise click.ClickException(str(error)) from None
-    header = f"# best config of study {name}: trial {trial.number}, values {trial.values}, params {json.dumps(trial.params)}\n"
+    header = (f"# best config of study {name}: trial {trial.number}, values {trial.values}, "
+              f"params {json.dumps(trial.params)}\n")
     text = header + tomli_w.dumps(config)
     if write_path is None:
         click.echo(text)

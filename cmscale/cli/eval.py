@@ -6,12 +6,9 @@ import json
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from cmscale.sweep.cli import ROOT_OPTION
-
-console = Console()
+from cmscale.cli.options import ROOT_OPTION, console, json_option
 
 
 def _parse_steps(ctx, param, value: str | None) -> list[int] | None:  # noqa: ARG001
@@ -28,15 +25,28 @@ def _parse_steps(ctx, param, value: str | None) -> list[int] | None:  # noqa: AR
 
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--steps", callback=_parse_steps, default=None,
-              help="Sampler step counts, comma-separated (default: the run's eval.cm_steps, or edm.heun_steps for a teacher).")
-@click.option("--num-samples", type=click.IntRange(min=2), default=None,
-              help="Generated images per FID (default: the run's eval.num_samples; 50,000 real data, 1,000 digits).")
+@click.option(
+    "--steps",
+    callback=_parse_steps,
+    default=None,
+    help="Sampler step counts, comma-separated (default: the run's eval.cm_steps, or edm.heun_steps for a teacher).",
+)
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Generated images per FID (default: the run's eval.num_samples; 50,000 real data, 1,000 digits).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sampling and feature batch size.")
-@click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
-              help="Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth, torch-fidelity's release), for offline nodes.")
+@click.option(
+    "--inception-weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth, torch-fidelity's release), for offline "
+         "nodes.",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@json_option("Print the rows as JSON.")
 @ROOT_OPTION
 def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weights, device, as_json, root: Path) -> None:
     """Evaluate RUN_DIR's ckpt/final.pt (EMA weights) and append eval rows to its metrics.jsonl.
@@ -53,18 +63,42 @@ def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weight
         raise click.ClickException(f"run directory {run_dir} not found (nor {root / run_dir})")
     try:
         with console.status(f"evaluating {run_dir}"):
-            rows = evaluate_run_dir(run_dir, steps=steps, num_samples=num_samples, inception_weights=inception_weights,
-                                    batch_size=batch_size, device=device)
+            rows = evaluate_run_dir(
+                run_dir,
+                steps=steps,
+                num_samples=num_samples,
+                inception_weights=inception_weights,
+                batch_size=batch_size,
+                device=device,
+            )
     except (InceptionWeightsNotFoundError, DatasetNotFoundError, RunDirError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table(title=f"eval of {run_dir} (appended to metrics.jsonl)")
-    for column in ("step", "sampler steps", "NFE", "FID", "samples", "sampling FLOPs/image", "extractor", "reference", "s"):
+    for column in (
+        "step",
+        "sampler steps",
+        "NFE",
+        "FID",
+        "samples",
+        "sampling FLOPs/image",
+        "extractor",
+        "reference",
+        "s",
+    ):
         table.add_column(column, justify="left" if column in ("extractor", "reference") else "right")
     for row in rows:
-        table.add_row(str(row["step"]), str(row["sampler_steps"]), str(row["nfe"]), f"{row['fid']:.4g}",
-                      str(row["num_samples"]), f"{row['sampling_flops_per_image']:.3g}", row["extractor"],
-                      row["reference"], f"{row['wall_s']:.1f}")
+        table.add_row(
+            str(row["step"]),
+            str(row["sampler_steps"]),
+            str(row["nfe"]),
+            f"{row['fid']:.4g}",
+            str(row["num_samples"]),
+            f"{row['sampling_flops_per_image']:.3g}",
+            row["extractor"],
+            row["reference"],
+            f"{row['wall_s']:.1f}",
+        )
     console.print(table)

@@ -9,28 +9,26 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from cmscale.sweep.cli import ROOT_OPTION
-
-console = Console()
-err_console = Console(stderr=True)
+from cmscale.cli.options import ROOT_OPTION, console, err_console, json_option
 
 FORMATS = ("table", "csv", "json", "parquet")
 
 
 def _quiet_store_logger() -> None:
     # The commands print the report themselves; the logger would say everything twice.
-    logging.getLogger("cmscale.results.store").setLevel(logging.ERROR)
+    logging.getLogger("cmscale.results").setLevel(logging.ERROR)
 
 
 def _run_ingest(root: Path, quiet: bool = False):
-    from cmscale.results.store import StoreError, ingest
+    from cmscale.results import StoreError, ingest
 
     _quiet_store_logger()
     if quiet and Path(root).is_dir() and not os.access(root, os.W_OK):
-        err_console.print(f"[yellow]warning[/yellow]: {root} is not writable; using the database as it is", highlight=False)
+        err_console.print(
+            f"[yellow]warning[/yellow]: {root} is not writable; using the database as it is", highlight=False
+        )
         return None
     try:
         report = ingest(root)
@@ -57,7 +55,7 @@ def results_group() -> None:
 
 @results_group.command("ingest")
 @ROOT_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print the ingest report as JSON on stdout.")
+@json_option("Print the ingest report as JSON on stdout.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when a file was malformed.")
 def ingest_command(root: Path, as_json: bool, strict: bool) -> None:
     """Copy new rows from every <root>/<sweep>/<run_id>/ into <root>/cmscale.duckdb.
@@ -78,7 +76,9 @@ def _print_table(frame, max_rows: int) -> None:
     for name, dtype in frame.schema.items():
         table.add_column(name, justify="right" if dtype.is_numeric() else "left")
     for row in frame.head(max_rows).iter_rows():
-        table.add_row(*("" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value) for value in row))
+        table.add_row(
+            *("" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value) for value in row)
+        )
     console.print(table)
     if frame.height > max_rows:
         console.print(f"{max_rows} of {frame.height:,} rows shown; use --max-rows or --format csv", highlight=False)
@@ -88,9 +88,16 @@ def _print_table(frame, max_rows: int) -> None:
 @click.argument("sql")
 @ROOT_OPTION
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format.")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write to this file (needed for parquet).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write to this file (needed for parquet).",
+)
 @click.option("--no-ingest", is_flag=True, help="Query the database as it is, without ingesting new rows first.")
-@click.option("--max-rows", type=click.IntRange(min=1), default=100, show_default=True, help="Rows shown by --format table.")
+@click.option(
+    "--max-rows", type=click.IntRange(min=1), default=100, show_default=True, help="Rows shown by --format table."
+)
 def query_command(sql: str, root: Path, fmt: str, out: Path | None, no_ingest: bool, max_rows: int) -> None:
     """Run SQL on a read-only connection (after an incremental ingest).
 
@@ -101,7 +108,7 @@ def query_command(sql: str, root: Path, fmt: str, out: Path | None, no_ingest: b
     """
     import duckdb
 
-    from cmscale.results.store import StoreError, query, refuse_writes
+    from cmscale.results import StoreError, read_query, refuse_writes
 
     if fmt == "parquet" and out is None:
         raise click.UsageError("--format parquet writes a file: give --out FILE.parquet")
@@ -109,7 +116,7 @@ def query_command(sql: str, root: Path, fmt: str, out: Path | None, no_ingest: b
         refuse_writes(sql)
         if not no_ingest:
             _run_ingest(root, quiet=True)
-        frame = query(sql, root=root, ingest=False)
+        frame = read_query(sql, root=root)
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     except duckdb.Error as error:
@@ -136,7 +143,7 @@ def frame_as_csv(frame) -> str:
     nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
     if nested:
         frame = frame.with_columns(
-            pl.Series(name, [None if value is None else json.dumps(value, default=_json_scalar) for value in frame[name].to_list()],
+            pl.Series(name, [None if v is None else json.dumps(v, default=_json_scalar) for v in frame[name].to_list()],
                       dtype=pl.String)
             for name in nested
         )
@@ -161,13 +168,18 @@ def _emit(text: str, out: Path | None, rows: int) -> None:
 @results_group.command("export")
 @click.argument("name")
 @ROOT_OPTION
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Output file (.parquet; .csv and .json also work).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Output file (.parquet; .csv and .json also work).",
+)
 @click.option("--no-ingest", is_flag=True, help="Export the database as it is, without ingesting new rows first.")
 def export_command(name: str, root: Path, out: Path, no_ingest: bool) -> None:
     """Export a table or view (runs, train, evals, sweeps, trials, latest_eval, run_summary) to a file."""
     import duckdb
 
-    from cmscale.results.store import StoreError, connect
+    from cmscale.results import StoreError, connect
 
     fmt = {".parquet": "parquet", ".csv": "csv", ".json": "json"}.get(out.suffix.lower())
     if fmt is None:
@@ -176,15 +188,22 @@ def export_command(name: str, root: Path, out: Path, no_ingest: bool) -> None:
         if not no_ingest:
             _run_ingest(root, quiet=True)
         with connect(root, read_only=True) as con:
-            names = {row[0] for row in con.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
-            ).fetchall()}
+            names = {
+                row[0]
+                for row in con.execute(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+                ).fetchall()
+            }
             if name not in names:
                 raise click.BadParameter(
                     f"no table or view {name!r}; choose one of {', '.join(sorted(names))}", param_hint="NAME"
                 )
             out.parent.mkdir(parents=True, exist_ok=True)
-            options = {"parquet": "FORMAT parquet", "csv": "FORMAT csv, HEADER true", "json": "FORMAT json, ARRAY true"}[fmt]
+            options = {
+                "parquet": "FORMAT parquet",
+                "csv": "FORMAT csv, HEADER true",
+                "json": "FORMAT json, ARRAY true",
+            }[fmt]
             con.execute(f"COPY (SELECT * FROM \"{name}\") TO '{_sql_string(str(out))}' ({options})")
             rows = con.execute(f'SELECT count(*) FROM "{name}"').fetchall()[0][0]
     except StoreError as error:

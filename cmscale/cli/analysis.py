@@ -1,4 +1,5 @@
-"""``cmscale fit powerlaw|joint|ratio``, ``cmscale plot`` and ``cmscale report``.
+"""``cmscale fit powerlaw|joint|ratio``, ``cmscale plot`` and ``cmscale report`` (the analysis itself
+lives in :mod:`cmscale.analysis`).
 
 JSON output of a fit uses the keys ``E, A, B, alpha, beta`` (those of the law), ``ci`` (the same
 keys -> [lo, hi]), ``status`` and ``n_points``; ``fit ratio`` gives per group ``mean_ratio``,
@@ -15,7 +16,8 @@ import click
 import numpy as np
 import pandas as pd
 
-from cmscale.sweep.cli import ROOT_OPTION
+from cmscale.cli.options import JSON_OPTION, ROOT_OPTION
+from cmscale.rundir import DB_FILE
 
 LOSS_OPTION = click.option("--loss", type=click.Choice(["log", "linear", "huber"]), default="log", show_default=True,
                            help="Error model: squares of log residuals, of residuals, or Huber on log residuals.")
@@ -24,7 +26,6 @@ DELTA_OPTION = click.option("--delta", type=click.FloatRange(min=0, min_open=Tru
 DRAWS_OPTION = click.option("--n-draws", type=click.IntRange(min=0), default=1000, show_default=True,
                             help="Bootstrap draws (0: no CIs).")
 SEED_OPTION = click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 def _clean(obj):
@@ -70,12 +71,16 @@ def _positive(table: pd.DataFrame, source: str, *columns: str) -> None:
         bad = ~np.isfinite(values) | (values <= 0)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise click.ClickException(f"{source}: column {column!r} must hold numbers > 0; row {row} has {table[column].iloc[row]!r}")
+            raise click.ClickException(
+                f"{source}: column {column!r} must hold numbers > 0; row {row} has {table[column].iloc[row]!r}"
+            )
 
 
 def _fit_line(label: str, fit) -> str:
-    values = ", ".join(f"{name}={value:.4g}" + (f" [{fit.ci[name][0]:.4g}, {fit.ci[name][1]:.4g}]" if name in fit.ci else "")
-                       for name, value in fit.params.items())
+    values = ", ".join(
+        f"{name}={value:.4g}" + (f" [{fit.ci[name][0]:.4g}, {fit.ci[name][1]:.4g}]" if name in fit.ci else "")
+        for name, value in fit.params.items()
+    )
     flag = f" at bound: {', '.join(fit.at_bound)}" if fit.at_bound else ""
     return f"{label}: {values}  status={fit.status}{flag}  n={fit.n_points}"
 
@@ -87,22 +92,41 @@ def fit_group() -> None:
 
 @fit_group.command("powerlaw")
 @click.option("--sweep", default=None, help="Sweep name in the store.")
-@click.option("--metric", default="fid_2step", show_default=True, help="fid_<k>step: FID at k sampler steps (teachers: their Heun eval).")
+@click.option(
+    "--metric",
+    default="fid_2step",
+    show_default=True,
+    help="fid_<k>step: FID at k sampler steps (teachers: their Heun eval).",
+)
 @click.option("--method", default=None, help="Only this method (default: all).")
-@click.option("--csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Fit a table instead of a sweep.")
-@click.option("--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Fit a Parquet table.")
+@click.option(
+    "--csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Fit a table instead of a sweep.",
+)
+@click.option(
+    "--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Fit a Parquet table."
+)
 @click.option("--x-col", default=None, help="Table column with x (e.g. compute).")
 @click.option("--y-col", default=None, help="Table column with y (e.g. FID).")
 @click.option("--group-col", default=None, help="Table column naming the bootstrap unit (run); default: each row.")
-@click.option("--form", type=click.Choice(["saturating", "pure"]), default="saturating", show_default=True,
-              help="y = E + A x^-alpha (saturating) or y = A x^-alpha (pure; adds HC3 log-log OLS).")
+@click.option(
+    "--form",
+    type=click.Choice(["saturating", "pure"]),
+    default="saturating",
+    show_default=True,
+    help="y = E + A x^-alpha (saturating) or y = A x^-alpha (pure; adds HC3 log-log OLS).",
+)
 @LOSS_OPTION
 @DELTA_OPTION
 @DRAWS_OPTION
 @SEED_OPTION
 @ROOT_OPTION
 @JSON_OPTION
-def powerlaw_command(sweep, metric, method, csv, parquet, x_col, y_col, group_col, form, loss, delta, n_draws, seed, root, as_json) -> None:
+def powerlaw_command(
+    sweep, metric, method, csv, parquet, x_col, y_col, group_col, form, loss, delta, n_draws, seed, root, as_json
+) -> None:
     """Power law of FID in training compute: per size and on the frontier of a sweep, or on a table."""
     from cmscale.analysis.fit import fit_with_bootstrap
 
@@ -115,8 +139,16 @@ def powerlaw_command(sweep, metric, method, csv, parquet, x_col, y_col, group_co
         _columns(table, source, x_col=x_col, y_col=y_col, group_col=group_col)
         _positive(table, source, x_col, y_col)
         try:
-            fit = fit_with_bootstrap(form, [table[x_col].to_numpy(float)], table[y_col].to_numpy(float),
-                                     table[group_col].to_numpy() if group_col else None, n_draws=n_draws, seed=seed, loss=loss, delta=delta)
+            fit = fit_with_bootstrap(
+                form,
+                [table[x_col].to_numpy(float)],
+                table[y_col].to_numpy(float),
+                table[group_col].to_numpy() if group_col else None,
+                n_draws=n_draws,
+                seed=seed,
+                loss=loss,
+                delta=delta,
+            )
         except ValueError as error:
             raise click.ClickException(f"{source}: {error}") from None
         if as_json:
@@ -146,15 +178,23 @@ def _sweep_powerlaws(root, sweep, metric_name, only_method, form, loss, delta, n
         raise click.BadParameter(str(error), param_hint="--metric") from None
     runs = _query(D.runs_sql(sweep), root)
     if runs.empty:
-        raise click.ClickException(f"sweep {sweep!r} has no runs in {Path(root) / 'cmscale.duckdb'}")
+        raise click.ClickException(f"sweep {sweep!r} has no runs in {Path(root) / DB_FILE}")
     methods = [only_method] if only_method else D.sweep_methods(runs)
     out = []
     for method in methods:
         points, _ = D.pick_extractor(_query(D.points_sql(sweep, method, metric), root))
         if points.empty:
             continue
-        jobs = [(f"size {preset}", sub["train_flops"].to_numpy(float), sub["fid"].to_numpy(float), sub["run_id"].to_numpy(),
-                 float(sub["params"].iloc[0])) for preset, sub in points.groupby("preset", sort=False)]
+        jobs = [
+            (
+                f"size {preset}",
+                sub["train_flops"].to_numpy(float),
+                sub["fid"].to_numpy(float),
+                sub["run_id"].to_numpy(),
+                float(sub["params"].iloc[0]),
+            )
+            for preset, sub in points.groupby("preset", sort=False)
+        ]
         env = envelope(frontier_table(points), np.sort(points["train_flops"].unique().astype(float)))
         jobs.append(("frontier", env["compute"].to_numpy(), env["y"].to_numpy(), None, None))
         for label, x, y, groups, params in jobs:
@@ -172,28 +212,39 @@ def _sweep_powerlaws(root, sweep, metric_name, only_method, form, loss, delta, n
 def _query(sql: str, root: Path) -> pd.DataFrame:
     from cmscale.analysis.data import run_query
 
-    db = Path(root) / "cmscale.duckdb"
+    db = Path(root) / DB_FILE
     if not db.exists():
         raise click.ClickException(f"{db}: no results store; run `cmscale results ingest --root {root}` first")
     return run_query(sql, root)
 
 
 @fit_group.command("joint")
-@click.option("--csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Input CSV table.")
-@click.option("--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Input Parquet table.")
+@click.option(
+    "--csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Input CSV table."
+)
+@click.option(
+    "--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Input Parquet table."
+)
 @click.option("--n-col", required=True, help="Column with N (parameters).")
 @click.option("--d-col", default=None, help="Column with D (training images or tokens).")
 @click.option("--c-col", default=None, help="Column with compute C instead of D; then D = C / (6 N).")
 @click.option("--y-col", required=True, help="Column with the loss or FID.")
 @click.option("--group-col", default=None, help="Column naming the bootstrap unit (run); default: each row.")
-@click.option("--drop-top", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Hold out the K largest compute values (C, or 6ND), fit the rest and report the held-out error.")
+@click.option(
+    "--drop-top",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Hold out the K largest compute values (C, or 6ND), fit the rest and report the held-out error.",
+)
 @LOSS_OPTION
 @DELTA_OPTION
 @DRAWS_OPTION
 @SEED_OPTION
 @JSON_OPTION
-def joint_command(csv, parquet, n_col, d_col, c_col, y_col, group_col, drop_top, loss, delta, n_draws, seed, as_json) -> None:
+def joint_command(
+    csv, parquet, n_col, d_col, c_col, y_col, group_col, drop_top, loss, delta, n_draws, seed, as_json
+) -> None:
     """Fit y = E + A N^-alpha + B D^-beta (Chinchilla form) to any table."""
     from cmscale.analysis.extrapolation import holdout_validation
     from cmscale.analysis.fit import fit_with_bootstrap
@@ -214,49 +265,108 @@ def joint_command(csv, parquet, n_col, d_col, c_col, y_col, group_col, drop_top,
     kwargs = {"loss": loss, "delta": delta}
     try:
         if drop_top:
-            held = holdout_validation(table, form="joint", x_cols=["_N", "_D"], y_col=y_col, by="_C", k=drop_top,
-                                      group_col=group_col, n_draws=n_draws, seed=seed, **kwargs)
+            held = holdout_validation(
+                table,
+                form="joint",
+                x_cols=["_N", "_D"],
+                y_col=y_col,
+                by="_C",
+                k=drop_top,
+                group_col=group_col,
+                n_draws=n_draws,
+                seed=seed,
+                **kwargs,
+            )
             fit = held.fit
         else:
             held = None
-            fit = fit_with_bootstrap("joint", [table["_N"].to_numpy(float), table["_D"].to_numpy(float)], table[y_col].to_numpy(float),
-                                     table[group_col].to_numpy() if group_col else None, n_draws=n_draws, seed=seed, **kwargs)
+            fit = fit_with_bootstrap(
+                "joint",
+                [table["_N"].to_numpy(float), table["_D"].to_numpy(float)],
+                table[y_col].to_numpy(float),
+                table[group_col].to_numpy() if group_col else None,
+                n_draws=n_draws,
+                seed=seed,
+                **kwargs,
+            )
     except ValueError as error:
         raise click.ClickException(f"{source}: {error}") from None
     out = fit.to_json()
     if held is not None:
         summary = held.to_json()
         summary.pop("fit")
-        summary["points"] = [{"N": p["_N"], "D": p["_D"], "C": p["_C"], "y": p[y_col], "pred": p["pred"], "log_error": p["log_error"],
-                              "ci": [p["ci_lo"], p["ci_hi"]], "inside_ci": p["inside_ci"], "pi": [p["pi_lo"], p["pi_hi"]],
-                              "inside_pi": p["inside_pi"]} for p in summary["points"]]
+        summary["points"] = [
+            {
+                "N": p["_N"],
+                "D": p["_D"],
+                "C": p["_C"],
+                "y": p[y_col],
+                "pred": p["pred"],
+                "log_error": p["log_error"],
+                "ci": [p["ci_lo"], p["ci_hi"]],
+                "inside_ci": p["inside_ci"],
+                "pi": [p["pi_lo"], p["pi_hi"]],
+                "inside_pi": p["inside_pi"],
+            }
+            for p in summary["points"]
+        ]
         out["holdout"] = summary
     if as_json:
         _echo_json(out)
         return
     click.echo(_fit_line(f"{y_col} = E + A N^-alpha + B D^-beta", fit))
     if fit.derived:
-        click.echo("N_opt ∝ C^a, D_opt ∝ C^b: " + ", ".join(
-            f"{k}={v:.4g}" + (f" [{fit.ci[k][0]:.4g}, {fit.ci[k][1]:.4g}]" if k in fit.ci else "") for k, v in fit.derived.items()))
+        click.echo(
+            "N_opt ∝ C^a, D_opt ∝ C^b: "
+            + ", ".join(
+                f"{k}={v:.4g}" + (f" [{fit.ci[k][0]:.4g}, {fit.ci[k][1]:.4g}]" if k in fit.ci else "")
+                for k, v in fit.derived.items()
+            )
+        )
     if held is not None:
-        click.echo(f"held out {len(held.points)} rows (top {drop_top} compute values): mean |log error| {held.mean_abs_log_error:.4f}, "
-                   f"inside CI {int(held.points['inside_ci'].sum())}/{len(held.points)}, inside PI {int(held.points['inside_pi'].sum())}/{len(held.points)}")
+        click.echo(
+            f"held out {len(held.points)} rows (top {drop_top} compute values): mean |log error| "
+            f"{held.mean_abs_log_error:.4f}, "
+            f"inside CI {int(held.points['inside_ci'].sum())}/{len(held.points)}, inside PI "
+            f"{int(held.points['inside_pi'].sum())}/{len(held.points)}"
+        )
 
 
 @fit_group.command("ratio")
-@click.option("--sweep", default=None, help="Sweep name in the store (students paired with teachers by preset and seed).")
-@click.option("--csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Any table instead of a sweep.")
-@click.option("--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Parquet table instead of a sweep.")
+@click.option(
+    "--sweep", default=None, help="Sweep name in the store (students paired with teachers by preset and seed)."
+)
+@click.option(
+    "--csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Any table instead of a sweep.",
+)
+@click.option(
+    "--parquet",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Parquet table instead of a sweep.",
+)
 @click.option("--size-col", default=None, help="Table column with the model size (parameters).")
 @click.option("--teacher-col", default=None, help="Table column with the teacher FID.")
 @click.option("--student-col", default=None, help="Table column with the student FID.")
-@click.option("--group-col", default=None, help="Table column naming the group (e.g. method and steps); default: one group.")
-@click.option("--budget", type=click.Choice(["max", "all"]), default="max", show_default=True,
-              help="Sweep: each student's largest budget only, or every budget (one group per budget).")
+@click.option(
+    "--group-col", default=None, help="Table column naming the group (e.g. method and steps); default: one group."
+)
+@click.option(
+    "--budget",
+    type=click.Choice(["max", "all"]),
+    default="max",
+    show_default=True,
+    help="Sweep: each student's largest budget only, or every budget (one group per budget).",
+)
 @click.option("--level", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True, help="Confidence level.")
 @ROOT_OPTION
 @JSON_OPTION
-def ratio_command(sweep, csv, parquet, size_col, teacher_col, student_col, group_col, budget, level, root, as_json) -> None:
+def ratio_command(
+    sweep, csv, parquet, size_col, teacher_col, student_col, group_col, budget, level, root, as_json
+) -> None:
     """Teacher-student FID ratio per group: mean ratio, gap, and the slope of log ratio on log size."""
     from cmscale.analysis.ratio import ratio_table, sweep_pairs
 
@@ -265,27 +375,46 @@ def ratio_command(sweep, csv, parquet, size_col, teacher_col, student_col, group
 
         pairs = sweep_pairs(D.pick_extractor(_query(D.ratio_pairs_sql(sweep), root))[0], budget=budget)
         if pairs.empty:
-            raise click.ClickException(f"sweep {sweep!r}: no finished student run has a finished teacher of the same preset and seed")
+            raise click.ClickException(
+                f"sweep {sweep!r}: no finished student run has a finished teacher of the same preset and seed"
+            )
     else:
         table, source = _read_table(csv, parquet)
         if not (size_col and teacher_col and student_col):
             raise click.UsageError("a table needs --size-col, --teacher-col and --student-col")
-        _columns(table, source, size_col=size_col, teacher_col=teacher_col, student_col=student_col, group_col=group_col)
+        _columns(
+            table, source, size_col=size_col, teacher_col=teacher_col, student_col=student_col, group_col=group_col
+        )
         _positive(table, source, size_col, teacher_col, student_col)
-        pairs = pd.DataFrame({"group": table[group_col].astype(str) if group_col else "all", "params": table[size_col].astype(float),
-                              "teacher_fid": table[teacher_col].astype(float), "student_fid": table[student_col].astype(float)})
+        pairs = pd.DataFrame(
+            {
+                "group": table[group_col].astype(str) if group_col else "all",
+                "params": table[size_col].astype(float),
+                "teacher_fid": table[teacher_col].astype(float),
+                "student_fid": table[student_col].astype(float),
+            }
+        )
     result = ratio_table(pairs, level=level)
     if as_json:
         _echo_json(result)
         return
     for group, r in result.items():
-        click.echo(f"{group}: mean ratio {r['mean_ratio']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}], gap {r['gap']:.4g}, "
-                   f"slope {r['slope']:.4f} [{r['slope_ci'][0]:.4f}, {r['slope_ci'][1]:.4f}] p={r['slope_p']:.3g}, n={r['n_points']}")
+        click.echo(
+            f"{group}: mean ratio {r['mean_ratio']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}], gap {r['gap']:.4g}, "
+            f"slope {r['slope']:.4f} [{r['slope_ci'][0]:.4f}, {r['slope_ci'][1]:.4f}] p={r['slope_p']:.3g}, "
+            f"n={r['n_points']}"
+        )
 
 
 @click.command("plot")
 @click.option("--sweep", required=True, help="Sweep name in the store.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the PNG and PDF figures.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the PNG and PDF figures.",
+)
 @DRAWS_OPTION
 @SEED_OPTION
 @ROOT_OPTION
@@ -305,8 +434,16 @@ def plot_command(sweep, out_dir, n_draws, seed, root) -> None:
 
 @click.command("report")
 @click.argument("sweep")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for report.html, report.md and figures/.")
-@click.option("--ingest/--no-ingest", default=True, show_default=True, help="Ingest the run directories into the store first.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for report.html, report.md and figures/.",
+)
+@click.option(
+    "--ingest/--no-ingest", default=True, show_default=True, help="Ingest the run directories into the store first."
+)
 @DRAWS_OPTION
 @SEED_OPTION
 @ROOT_OPTION
@@ -329,9 +466,3 @@ def report_command(sweep, out_dir, ingest, n_draws, seed, root) -> None:
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"report: {paths['html']}\n        {paths['md']}")
-
-
-def register(main: click.Group) -> None:
-    """Attach the analysis commands to the top-level ``cmscale`` group."""
-    for command in (fit_group, plot_command, report_command):
-        main.add_command(command)

@@ -3,60 +3,32 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
-from typing import Any
 
 import click
-from pydantic import ValidationError
 
+from cmscale.cli.options import ROOT_OPTION
 from cmscale.config import (
     ConfigError,
     RunConfig,
-    format_validation_error,
-    read_toml,
+    load_run_config,
+    parse_override,
+    resolve_path,
     safe_path_component,
 )
 from cmscale.rundir import DONE_FILE, read_json
-from cmscale.sweep.cli import ROOT_OPTION
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=VALUE`` -> (["a", "b"], value); VALUE is read as a TOML value, else kept as a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise click.BadParameter(f"{text!r} is not KEY=VALUE (e.g. budget_iters=50 or ect.num_stages=2)", param_hint="--set")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def load_with_overrides(path: Path, overrides: tuple[str, ...]) -> RunConfig:
-    """Read RUN_TOML, apply ``--set`` overrides, validate once; errors name the file and the field."""
-    raw = read_toml(path, "run config")
-    for override in overrides:
-        keys, value = parse_override(override)
-        section = raw
-        for key in keys[:-1]:
-            section = section.setdefault(key, {})
-        section[keys[-1]] = value
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as error:
-        source = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
-        raise ConfigError(format_validation_error(source, error)) from None
-
-
-def resolve_teacher_path(config: RunConfig, toml_path: Path) -> RunConfig:
-    """A relative ``teacher_ckpt`` is looked up in the working directory, then beside the TOML file."""
-    if not config.teacher_ckpt or Path(config.teacher_ckpt).is_absolute() or Path(config.teacher_ckpt).is_file():
-        return config
-    beside = (toml_path.parent / config.teacher_ckpt).resolve()
-    if beside.is_file():
-        return config.model_copy(update={"teacher_ckpt": str(beside)})
-    return config
+def _overrides(texts: tuple[str, ...]) -> dict:
+    """``--set KEY=VALUE`` options as {dotted key: value}."""
+    overrides = {}
+    for text in texts:
+        try:
+            key, value = parse_override(text)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--set") from None
+        overrides[key] = value
+    return overrides
 
 
 def default_run_dir(config: RunConfig, toml_path: Path, root: Path) -> Path:
@@ -105,10 +77,11 @@ def train_command(run_toml: Path, out: Path | None, root: Path, overrides: tuple
     from cmscale.train import ResumeConfigError, train
 
     try:
-        config = load_with_overrides(run_toml, overrides)
+        config = load_run_config(run_toml, _overrides(overrides))
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    config = resolve_teacher_path(config, run_toml)
+    if config.teacher_ckpt:  # a relative path: from the working directory, else beside RUN_TOML
+        config = config.model_copy(update={"teacher_ckpt": resolve_path(config.teacher_ckpt, run_toml.parent)})
     run_dir = out if out is not None else default_run_dir(config, run_toml, root)
     finished = finished_run_message(run_dir)
     if finished:

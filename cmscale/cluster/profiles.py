@@ -9,7 +9,6 @@ may also be a path to a ``.toml`` file.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from cmscale.config import (
     SafeName,
     StrictModel,
     format_validation_error,
+    read_toml,
     safe_path_component,
 )
 
@@ -40,8 +40,12 @@ class Profile(StrictModel):
     array_parallelism: int = Field(256, ge=1)
     signal_delay_s: int = Field(90, ge=0, description="seconds before the time limit that USR2 arrives")
     max_num_timeout: int = Field(3, ge=0, description="requeues on timeout or preemption before submitit gives up")
-    max_array_size: int | None = Field(None, ge=1, description="cap on tasks per array; default: the cluster's MaxArraySize")
-    setup: list[str] = Field(default_factory=list, description="shell lines run before the job (module load, source env)")
+    max_array_size: int | None = Field(
+        None, ge=1, description="cap on tasks per array; default: the cluster's MaxArraySize"
+    )
+    setup: list[str] = Field(
+        default_factory=list, description="shell lines run before the job (module load, source env)"
+    )
     sbatch_extra: dict[str, Any] = Field(default_factory=dict, description="extra #SBATCH parameters")
 
     def submitit_parameters(self) -> dict[str, Any]:
@@ -70,7 +74,7 @@ def profile_dirs() -> list[Path]:
     if os.environ.get("CMSCALE_PROFILE_DIR"):
         dirs.append(Path(os.environ["CMSCALE_PROFILE_DIR"]))
     dirs.append(Path.cwd() / "slurm" / "profiles")
-    dirs.append(Path(__file__).resolve().parents[2] / "slurm" / "profiles")
+    dirs.append(Path(__file__).resolve().parents[2] / "slurm" / "profiles")  # the checkout's slurm/
     return list(dict.fromkeys(path.resolve() for path in dirs))
 
 
@@ -91,16 +95,20 @@ def load_profile(name_or_path: str) -> Profile:
             safe_path_component(name_or_path)
         except ValueError as error:
             raise ConfigError(f"profile: {error} (or give a path to a .toml file)") from None
-        path = next((folder / f"{name_or_path}.toml" for folder in profile_dirs() if (folder / f"{name_or_path}.toml").is_file()), None)
+        path = next(
+            (
+                folder / f"{name_or_path}.toml"
+                for folder in profile_dirs()
+                if (folder / f"{name_or_path}.toml").is_file()
+            ),
+            None,
+        )
         if path is None:
             raise ConfigError(
                 f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles()) or '(none)'} "
                 f"(looked in {', '.join(str(d) for d in profile_dirs())})"
             )
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    raw = read_toml(path, "cluster profile")
     raw.setdefault("name", path.stem if SAFE_NAME_PATTERN.match(path.stem) else "custom")
     try:
         return Profile.model_validate(raw)

@@ -55,15 +55,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from cmscale.cluster.executors import ExecutorKind
 from cmscale.config import (
     DATASETS_WITH_FILES,
     ConfigError,
-    Method,
+    MethodName,
     ProfileRef,
     RunConfig,
     SafeName,
     StrictModel,
     read_toml,
+    resolve_path,
+    set_dotted,
 )
 
 SAMPLER_STEPS_PARAM = "sampler_steps"
@@ -81,7 +84,7 @@ class FloatParam(StrictModel):
     high: float
     log: bool = False
     step: float | None = Field(None, gt=0)
-    methods: list[Method] | None = Field(None, description="suggest only for trials of these methods")
+    methods: list[MethodName] | None = Field(None, description="suggest only for trials of these methods")
     grid: list[float] | None = Field(None, min_length=1, description="values for the grid sampler")
 
 
@@ -91,14 +94,14 @@ class IntParam(StrictModel):
     high: int
     log: bool = False
     step: int = Field(1, ge=1)
-    methods: list[Method] | None = None
+    methods: list[MethodName] | None = None
     grid: list[int] | None = Field(None, min_length=1)
 
 
 class CategoricalParam(StrictModel):
     type: Literal["categorical"]
     choices: list[str | int | float | bool] = Field(min_length=1)
-    methods: list[Method] | None = None
+    methods: list[MethodName] | None = None
 
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
@@ -134,7 +137,7 @@ class PrunerSpec(StrictModel):
 
 
 class TuneExecutorSpec(StrictModel):
-    name: Literal["local", "slurm", "debug"] = "local"
+    name: ExecutorKind = "local"
     profile: ProfileRef = "local"
     timeout_min: int = Field(120, ge=1, description="wall-clock limit of one worker")
 
@@ -144,7 +147,9 @@ class TuneSpec(StrictModel):
     n_trials: int = Field(ge=1)
     workers: int = Field(1, ge=1)
     storage: str | None = Field(None, description="Optuna storage URL; default: a journal file under the results root")
-    zombie_after_s: float = Field(300.0, gt=0, description="a RUNNING trial whose run heartbeat is older than this is failed and retried")
+    zombie_after_s: float = Field(
+        300.0, gt=0, description="a RUNNING trial whose run heartbeat is older than this is failed and retried"
+    )
     max_retry: int = Field(2, ge=0, description="retries of a trial whose worker died")
     base: dict[str, Any]
     space: dict[str, Param] = Field(min_length=1)
@@ -179,14 +184,10 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
     for name, value in params.items():
         if name == SAMPLER_STEPS_PARAM:
             # EDM teachers are evaluated with Heun steps, consistency models with CM steps.
-            section, key = ("edm", "heun_steps") if merged.get("method") == "edm" else ("eval", "cm_steps")
-            merged.setdefault(section, {})[key] = [int(value)]
-            continue
-        node = merged
-        *parents, leaf = name.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+            dotted = "edm.heun_steps" if merged.get("method") == "edm" else "eval.cm_steps"
+            set_dotted(merged, dotted, [int(value)])
+        else:
+            set_dotted(merged, name, value)
     return merged
 
 
@@ -208,7 +209,12 @@ def _flatten_space(space: Any, prefix: str = "") -> dict[str, Any]:
         return space
     flat: dict[str, Any] = {}
     for key, value in space.items():
-        if isinstance(value, dict) and "type" not in value and value and all(isinstance(v, dict) for v in value.values()):
+        if (
+            isinstance(value, dict)
+            and "type" not in value
+            and value
+            and all(isinstance(v, dict) for v in value.values())
+        ):
             flat |= _flatten_space(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
@@ -261,26 +267,25 @@ def load_tune_spec(path: Path | str) -> TuneSpec:
     if isinstance(base, dict):
         for key in ("teacher_ckpt", "data_path"):
             if isinstance(base.get(key), str):
-                base[key] = _absolute(base[key], path.parent)
+                base[key] = resolve_path(base[key], path.parent, absolute=True)
     spec = parse_tune_spec(raw, str(path))
     data_path = spec.base.get("data_path")
     if spec.base.get("dataset") in DATASETS_WITH_FILES and data_path and not Path(data_path).exists():
-        raise _errors(str(path), [("base.data_path", f"{data_path} does not exist; give the folder (or file) that holds "
-                                                      f"the {spec.base['dataset']} data")])
+        message = f"{data_path} does not exist; give the folder (or file) that holds the {spec.base['dataset']} data"
+        raise _errors(str(path), [("base.data_path", message)])
     teacher = spec.base.get("teacher_ckpt")
     if teacher and not Path(teacher).is_file():
-        raise _errors(str(path), [("base.teacher_ckpt", f"{teacher} not found; train the EDM teacher first (its run "
-                                                         "writes ckpt/final.pt), e.g. `cmscale train examples/train_digits_edm.toml`")])
+        raise _errors(
+            str(path),
+            [
+                (
+                    "base.teacher_ckpt",
+                    f"{teacher} not found; train the EDM teacher first (its run "
+                    "writes ckpt/final.pt), e.g. `cmscale train examples/train_digits_edm.toml`",
+                )
+            ],
+        )
     return spec
-
-
-def _absolute(value: str, spec_dir: Path) -> str:
-    candidate = Path(value).expanduser()
-    if candidate.is_absolute():
-        return str(candidate)
-    if not candidate.exists() and (spec_dir / candidate).exists():
-        return str((spec_dir / candidate).resolve())
-    return str(candidate.resolve())
 
 
 def _base_for(spec: TuneSpec, method: str | None = None) -> dict[str, Any]:
@@ -295,9 +300,13 @@ def _check_base(spec: TuneSpec) -> list[tuple[str, str]]:
         except ValidationError as error:
             suffix = f" (with method = {method!r} from space.method)" if method else ""
             problems += [(path, message + suffix) for path, message in _pydantic_items(error, "base.")]
-    at_fractions = RunConfig.model_validate(_base_for(spec, spec.methods_searched()[0])).eval.at_fractions if not problems else []
+    at_fractions = (
+        RunConfig.model_validate(_base_for(spec, spec.methods_searched()[0])).eval.at_fractions if not problems else []
+    )
     if not problems and 1.0 not in at_fractions:
-        problems.append(("base.eval.at_fractions", "must include 1.0: the objective is measured at the end of the budget"))
+        problems.append(
+            ("base.eval.at_fractions", "must include 1.0: the objective is measured at the end of the budget")
+        )
     return problems
 
 
@@ -309,7 +318,11 @@ def _check_space(spec: TuneSpec) -> list[tuple[str, str]]:
         where = f"space.{name}"
         if name not in known and name != SAMPLER_STEPS_PARAM:
             close = difflib.get_close_matches(name, sorted(known | {SAMPLER_STEPS_PARAM}), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; parameters are dotted run settings such as lr, ect.q, scm.P_mean, or {SAMPLER_STEPS_PARAM}"
+            hint = (
+                f"; did you mean {', '.join(close)}?"
+                if close
+                else f"; parameters are dotted run settings such as lr, ect.q, scm.P_mean, or {SAMPLER_STEPS_PARAM}"
+            )
             problems.append((where, f"unknown parameter {name!r}: not a run setting{hint}"))
             continue
         if name == "method" and not isinstance(param, CategoricalParam):
@@ -367,9 +380,20 @@ def _check_objective(spec: TuneSpec) -> list[tuple[str, str]]:
     for i, metric in enumerate(objective.metrics):
         match = METRIC_PATTERN.match(metric)
         if not match:
-            problems.append((f"objective.metrics.{i}", f"unknown metric {metric!r}; use fid_<k>step, fid, nfe, train_flops, params or wall_s"))
+            problems.append(
+                (
+                    f"objective.metrics.{i}",
+                    f"unknown metric {metric!r}; use fid_<k>step, fid, nfe, train_flops, params or wall_s",
+                )
+            )
         elif match.group("steps") and not steps_searched and int(match.group("steps")) not in base_steps:
-            problems.append((f"objective.metrics.{i}", f"{metric} needs {match.group('steps')} among the evaluated sampler steps (base.eval.cm_steps, or edm.heun_steps for EDM; now {base_steps})"))
+            problems.append(
+                (
+                    f"objective.metrics.{i}",
+                    f"{metric} needs {match.group('steps')} among the evaluated sampler steps (base.eval.cm_steps, or "
+                    f"edm.heun_steps for EDM; now {base_steps})",
+                )
+            )
     if objective.multi and all(not FID_METRICS.match(m) for m in objective.metrics):
         problems.append(("objective.metrics", "a search needs at least one FID metric"))
     return problems

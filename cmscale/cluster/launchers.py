@@ -1,0 +1,300 @@
+"""Launchers: submit planned runs through submitit and record each submission in the run's job.json.
+
+One interface for every executor: ``launcher.launch(runs, report, live_job_ids, done)``, where
+``live_job_ids`` maps runs already queued or running to their job ids (their dependants wait for
+them) and ``done`` holds the ids of finished runs. :func:`make_launcher` picks the class.
+
+- :class:`SlurmLauncher`: stage 0 (teachers) goes as one array; students go as one array per
+  teacher group with an ``afterok`` dependency on the teachers' array tasks, so the launcher need
+  not stay alive. Arrays are cut at the cluster's MaxArraySize.
+- :class:`LocalLauncher`: the same jobs as local processes (or, for ``debug``, in this process),
+  stage by stage, ``max_parallel`` at once. It waits for a process to end on a pidfd (no polling)
+  where the OS has them.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from cmscale.cluster.executors import THREADS_ENV, cores_per_job, make_executor
+from cmscale.cluster.profiles import Profile, load_profile
+from cmscale.cluster.slurm import cluster_max_array_size
+from cmscale.config import ConfigError, RunConfig
+from cmscale.rundir import (
+    DONE_FILE,
+    DONE_STATE_KEY,
+    JOB_FILE,
+    SUBMITIT_DIR,
+    RunState,
+    atomic_write_json,
+    read_job,
+    read_json,
+)
+
+SLURM_DEFAULT_MAX_ARRAY_SIZE = 1001
+POLL_FALLBACK_S = 0.2  # only where pidfds are missing (not Linux)
+
+
+class LaunchableRun(Protocol):
+    """What a launcher needs of a run (cmscale.sweep.plan.PlannedRun is one)."""
+
+    run_id: str
+    config: RunConfig
+    stage: int
+    iterations: int
+    depends_on: list[str]
+
+    def run_dir(self, root: Path) -> Path: ...
+
+
+@dataclass
+class LaunchReport:
+    submitted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # run_id -> why
+    sbatch_calls: int = 0
+    arrays: list[dict[str, Any]] = field(default_factory=list)
+
+
+def record_job(run_dir: Path, executor: str, job_id: str, array_job_id: str | None, task: int | None) -> None:
+    """Write the run's job.json (the attempt count goes up by one per submission)."""
+    previous = read_job(run_dir) or {}
+    atomic_write_json(
+        Path(run_dir) / JOB_FILE,
+        {
+            "executor": executor,
+            "job_id": job_id,
+            "array_job_id": array_job_id,
+            "array_task": task,
+            "submitted": time.time(),
+            "attempt": int(previous.get("attempt", 0)) + 1,
+        },
+    )
+
+
+def _job_args(run: LaunchableRun, root: Path) -> tuple[dict[str, Any], str, int]:
+    """TrainJob's arguments: the config, the run directory and the plan's iteration count."""
+    return run.config.model_dump(mode="json"), str(run.run_dir(root)), run.iterations
+
+
+def _job_callable():
+    from cmscale.train import TrainJob
+
+    return TrainJob()
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Launcher(Protocol):
+    uses_profile: ClassVar[bool]
+
+    def launch(self, runs: list[LaunchableRun], report: LaunchReport, live_job_ids: Mapping[str, str],
+               done: set[str]) -> None: ...
+
+
+class SlurmLauncher:
+    """Submits arrays with submitit's SLURM executor. ``dry_run`` builds the sbatch files only."""
+
+    uses_profile: ClassVar[bool] = True
+
+    def __init__(self, root: Path, sweep: str, profile: Profile, dry_run: bool = False,
+                 on_progress: Callable[[int, int], None] | None = None):
+        self.root = Path(root)
+        self.sweep = sweep
+        self.profile = profile
+        self.dry_run = dry_run
+        self.on_progress = on_progress  # (runs submitted so far, runs to submit)
+        self._total = 0
+        # Array task indices run 0..MaxArraySize-1, so an array holds at most MaxArraySize tasks.
+        # A dry run asks the cluster too when one answers; otherwise SLURM's default (1001) holds.
+        limits = [limit for limit in (profile.max_array_size, cluster_max_array_size()) if limit]
+        self.max_array = min(limits) if limits else SLURM_DEFAULT_MAX_ARRAY_SIZE
+
+    def submit_array(self, runs: list[LaunchableRun], dependency: str | None, report: LaunchReport) -> list[str]:
+        """Submit ``runs`` as arrays of at most MaxArraySize tasks; returns one job id per run."""
+        job_ids: list[str] = []
+        for chunk in _chunks(runs, self.max_array):
+            report.sbatch_calls += 1
+            if self.dry_run:
+                fake = f"dryrun{report.sbatch_calls}"
+                job_ids += [f"{fake}_{i}" for i in range(len(chunk))]
+                report.arrays.append({"array_job_id": fake, "tasks": len(chunk), "dependency": dependency})
+                continue
+            executor = make_executor("slurm", Path(self.root) / self.sweep / SUBMITIT_DIR / "%j",
+                                     name=f"cmscale-{self.sweep}", profile=self.profile)
+            extra = dict(self.profile.sbatch_extra)
+            if dependency:
+                extra |= {"dependency": dependency, "kill-on-invalid-dep": "yes"}
+            executor.update_parameters(slurm_additional_parameters=extra)
+            job_callable = _job_callable()
+            with executor.batch():
+                jobs = [executor.submit(job_callable, *_job_args(run, self.root)) for run in chunk]
+            array_job_id = jobs[0].job_id.split("_")[0]
+            report.arrays.append({"array_job_id": array_job_id, "tasks": len(chunk), "dependency": dependency})
+            for task, (run, job) in enumerate(zip(chunk, jobs)):
+                record_job(run.run_dir(self.root), "slurm", job.job_id, array_job_id, task)
+                job_ids.append(job.job_id)
+            if self.on_progress:
+                self.on_progress(len(report.submitted) + len(job_ids), self._total)
+        report.submitted += [run.run_id for run in runs]
+        return job_ids
+
+    def launch(self, runs: list[LaunchableRun], report: LaunchReport, live_job_ids: Mapping[str, str],
+               done: set[str]) -> None:
+        """Teachers first as arrays; students grouped by their live teachers, each group one array.
+
+        A student whose teachers are all ``done`` goes without a dependency."""
+        self._total = len(runs)
+        teacher_job: dict[str, str] = dict(live_job_ids)
+        teachers = [run for run in runs if run.stage == 0]
+        if teachers:
+            for run, job_id in zip(teachers, self.submit_array(teachers, None, report)):
+                teacher_job[run.run_id] = job_id
+        groups: dict[tuple[str, ...], list[LaunchableRun]] = {}
+        for run in runs:
+            if run.stage > 0:
+                pending = tuple(dep for dep in run.depends_on if dep in teacher_job)
+                groups.setdefault(pending, []).append(run)
+        for deps, group in groups.items():
+            dependency = "afterok:" + ":".join(teacher_job[dep] for dep in deps) if deps else None
+            self.submit_array(group, dependency, report)
+
+
+class LocalLauncher:
+    """Runs jobs as local processes through submitit's LocalExecutor, stage by stage.
+
+    Local runs live as long as the launcher does; use the SLURM executor for fire-and-forget.
+    Each job gets ``cores // max_parallel`` torch threads so parallel runs do not oversubscribe.
+    ``debug`` runs each job in this process (submitit's DebugExecutor), one at a time; ``dry_run``
+    only lists the runs.
+    """
+
+    uses_profile: ClassVar[bool] = False
+
+    def __init__(self, root: Path, sweep: str, max_parallel: int, timeout_min: int, debug: bool = False,
+                 dry_run: bool = False, on_finish: Callable[[LaunchableRun, str], None] | None = None):
+        self.root = Path(root)
+        self.sweep = sweep
+        self.max_parallel = 1 if debug else max_parallel
+        self.timeout_min = timeout_min
+        self.kind = "debug" if debug else "local"
+        self.dry_run = dry_run
+        self.on_finish = on_finish
+
+    def launch(self, runs: list[LaunchableRun], report: LaunchReport, live_job_ids: Mapping[str, str],
+               done: set[str]) -> None:
+        """Run ``runs`` to their end; a student whose teacher did not finish is skipped.
+
+        ``live_job_ids`` are not waited for: runs of other launchers are not this one's children."""
+        if self.dry_run:
+            report.submitted += [run.run_id for run in runs]
+            return
+        os.environ[THREADS_ENV] = str(cores_per_job(self.max_parallel))
+        executor = make_executor(self.kind, self.root / self.sweep / SUBMITIT_DIR / "%j", name=f"cmscale-{self.sweep}",
+                                 timeout_min=self.timeout_min)
+        job_callable = _job_callable()
+        for stage in sorted({run.stage for run in runs}):
+            queue = [run for run in runs if run.stage == stage]
+            active: dict[str, _LocalJob] = {}
+            while queue or active:
+                while queue and len(active) < self.max_parallel:
+                    run = queue.pop(0)
+                    failed_deps = [dep for dep in run.depends_on if dep not in done]
+                    if failed_deps:
+                        report.skipped[run.run_id] = f"teacher {failed_deps[0]} did not finish"
+                        continue
+                    job = executor.submit(job_callable, *_job_args(run, self.root))
+                    record_job(run.run_dir(self.root), self.kind, str(job.job_id), None, None)
+                    report.submitted.append(run.run_id)
+                    if self.kind == "debug":
+                        job.result()
+                    active[run.run_id] = _LocalJob(run, job)
+                finished = [run_id for run_id, local in active.items() if local.job.done()]
+                if not finished and active:
+                    _wait_for_any(list(active.values()))
+                for run_id in finished:
+                    local = active.pop(run_id)
+                    local.close()
+                    state = _local_outcome(local.run.run_dir(self.root), local.job)
+                    if state == RunState.DONE:
+                        done.add(run_id)
+                    if self.on_finish:
+                        self.on_finish(local.run, state)
+
+
+class _LocalJob:
+    """A submitted local job and, where the OS has them, a pidfd that turns readable when it ends."""
+
+    def __init__(self, run: LaunchableRun, job: Any):
+        self.run, self.job = run, job
+        self.pidfd: int | None = None
+        try:  # a child not yet reaped keeps its pid, so the pidfd cannot name another process
+            self.pidfd = os.pidfd_open(int(job.job_id))
+        except (AttributeError, ValueError, OSError):
+            pass
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _wait_for_any(jobs: list[_LocalJob]) -> None:
+    """Block until one of ``jobs`` may have ended."""
+    fds = [job.pidfd for job in jobs]
+    if all(fd is not None for fd in fds):
+        select.select(fds, [], [])
+    else:
+        time.sleep(POLL_FALLBACK_S)
+
+
+def _local_outcome(run_dir: Path, job: Any) -> str:
+    done_path = Path(run_dir) / DONE_FILE
+    if done_path.is_file():
+        try:
+            return read_json(done_path).get(DONE_STATE_KEY, RunState.FAILED)
+        except ValueError:
+            return RunState.FAILED
+    try:
+        job.result()
+    except Exception:  # noqa: BLE001 - the job's own failure is recorded by status, not raised here
+        return RunState.FAILED
+    return RunState.FAILED
+
+
+LAUNCHERS: dict[str, type] = {"slurm": SlurmLauncher, "local": LocalLauncher, "debug": LocalLauncher}
+
+
+def make_launcher(
+    kind: str,
+    root: Path,
+    sweep: str,
+    *,
+    profile_name: str | None = None,
+    profile_where: str = "--profile",
+    max_parallel: int = 2,
+    timeout_min: int = 60,
+    dry_run: bool = False,
+    on_finish: Callable[[LaunchableRun, str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Launcher:
+    """The launcher for executor ``kind``. A SLURM launcher loads profile ``profile_name``; a bad
+    profile raises ConfigError prefixed with ``profile_where`` (the option or spec field that named it)."""
+    if kind == "slurm":
+        try:
+            profile = load_profile(profile_name or "local")
+        except ConfigError as error:
+            raise ConfigError(f"{profile_where}: {error}") from None
+        return SlurmLauncher(root, sweep, profile, dry_run=dry_run, on_progress=on_progress)
+    if kind in LAUNCHERS:
+        return LocalLauncher(root, sweep, max_parallel, timeout_min, debug=kind == "debug", dry_run=dry_run,
+                             on_finish=on_finish)
+    raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(LAUNCHERS)}")
