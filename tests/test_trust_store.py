@@ -92,28 +92,29 @@ def test_a_schema_1_database_migrates_and_is_rebuilt_from_the_run_folders(tmp_pa
 
 def test_a_badly_typed_value_skips_only_its_row_and_is_reported_with_offset_and_field(tmp_path):
     run_dir = tmp_path / "s" / "r"
-    lines = [{"kind": "train", "step": step, "loss": 1.0 / step, "wall_s": 0.0} for step in range(1, 1001)]
-    lines[499]["loss"] = "high"
+    # 5,000 rows: the fallback parses blocks of 2,048 lines, and the bad row sits in the second block.
+    lines = [{"kind": "train", "step": step, "loss": 1.0 / step, "wall_s": 0.0} for step in range(1, 5001)]
+    lines[2999]["loss"] = "high"
     text = "".join(json.dumps(line) + "\n" for line in lines)
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text(text)
-    offset = len("".join(json.dumps(line) + "\n" for line in lines[:499]).encode())
+    offset = len("".join(json.dumps(line) + "\n" for line in lines[:2999]).encode())
 
     result = CliRunner().invoke(main, ["results", "ingest", "--root", str(tmp_path), "--strict", "--json"])
     assert result.exit_code == 1
     report = json.loads(result.stdout)
-    assert report["train_rows"] == 999
+    assert report["train_rows"] == 4999
     [problem] = report["errors"]
     assert problem["path"] == str(run_dir / "metrics.jsonl")
     for part in (f"byte {offset}", "field 'loss'", "'high'"):
         assert part in problem["message"]
-    assert rows(tmp_path, "SELECT count(*), count(*) FILTER (WHERE step = 500) FROM train") == [(999, 0)]
+    assert rows(tmp_path, "SELECT count(*), count(*) FILTER (WHERE step = 3000) FROM train") == [(4999, 0)]
 
     with MetricsWriter(run_dir / "metrics.jsonl") as writer:  # the file goes on; the bad row is not re-read
-        writer.write({"kind": "train", "step": 1001, "loss": 0.5, "wall_s": 0.0})
+        writer.write({"kind": "train", "step": 5001, "loss": 0.5, "wall_s": 0.0})
     again = CliRunner().invoke(main, ["results", "ingest", "--root", str(tmp_path), "--strict", "--json"])
     assert again.exit_code == 0 and json.loads(again.stdout)["train_rows"] == 1
-    assert rows(tmp_path, "SELECT count(*) FROM train") == [(1000,)]
+    assert rows(tmp_path, "SELECT count(*) FROM train") == [(5000,)]
 
 
 @pytest.mark.parametrize("line", ['{"kind": "train", "step": "two", "loss": 1.0}',

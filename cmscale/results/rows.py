@@ -242,12 +242,16 @@ def _convert_value(value: Any, dtype: pl.DataType) -> Any:
         raise ValueError("too large for a 64-bit float") from None
 
 
-def _parse_lines_slowly(chunk: MetricsChunk, report: IngestReport) -> pl.DataFrame:
-    """Row by row, for a chunk the fast reader rejected: a line that is not a JSON object, or a value
-    of the wrong type, skips that row alone, reported as an error with its byte offset and field."""
+BLOCK_LINES = 2048  # a chunk the fast reader rejects is retried in blocks of this many lines
+
+
+def _parse_lines_slowly(path: str, data: bytes, start: int, report: IngestReport) -> pl.DataFrame:
+    """Row by row, for lines the fast reader rejected: a line that is not a JSON object, or a value
+    of the wrong type, skips that row alone, reported as an error with its byte offset and field.
+    ``data`` holds complete lines starting at byte ``start`` of the file at ``path``."""
     rows = []
-    position = chunk.start
-    for line in bytes(chunk.view).split(b"\n")[:-1]:
+    position = start
+    for line in data.split(b"\n")[:-1]:
         offset = position
         position += len(line) + 1
         if not line.strip():
@@ -255,11 +259,11 @@ def _parse_lines_slowly(chunk: MetricsChunk, report: IngestReport) -> pl.DataFra
         try:
             row = json.loads(line)  # accepts NaN and Infinity, which json.dumps writes
         except ValueError as error:
-            report.error(chunk.seen.path, f"byte {offset}: not a JSON line ({error}); row skipped")
+            report.error(path, f"byte {offset}: not a JSON line ({error}); row skipped")
             continue
         if not isinstance(row, dict):
             kind = type(row).__name__
-            report.error(chunk.seen.path, f"byte {offset}: expected a JSON object, got {kind}; row skipped")
+            report.error(path, f"byte {offset}: expected a JSON object, got {kind}; row skipped")
             continue
         converted = {}
         for key, dtype in METRIC_SCHEMA.items():
@@ -267,13 +271,38 @@ def _parse_lines_slowly(chunk: MetricsChunk, report: IngestReport) -> pl.DataFra
                 converted[key] = _convert_value(row.get(key), dtype)
             except ValueError as reason:
                 shown = repr(row.get(key))
-                report.error(chunk.seen.path, f"byte {offset}: field {key!r} is {shown[:80]}, {reason}; row skipped")
+                report.error(path, f"byte {offset}: field {key!r} is {shown[:80]}, {reason}; row skipped")
                 break
         else:
             rows.append(converted)
     if not rows:
         return pl.DataFrame(schema=METRIC_SCHEMA)
     return pl.from_dicts(rows, schema=METRIC_SCHEMA)
+
+
+def _parse_in_blocks(chunk: MetricsChunk, report: IngestReport) -> pl.DataFrame:
+    """A chunk the fast reader rejected, retried in blocks of BLOCK_LINES lines: only the blocks that
+    hold a bad line (or NaN, which polars rejects) are parsed row by row, so one bad value costs the
+    Python parse of one block, not of the whole file."""
+    data = bytes(chunk.view)
+    frames, block_start, offset = [], 0, chunk.start
+    while block_start < len(data):
+        block_end = block_start
+        for _ in range(BLOCK_LINES):
+            block_end = data.index(b"\n", block_end) + 1
+            if block_end == len(data):
+                break
+        block = data[block_start:block_end]
+        try:
+            frame = pl.read_ndjson(io.BytesIO(block), schema=METRIC_SCHEMA)
+            if frame.height != block.count(b"\n"):
+                raise ValueError("blank lines")
+        except Exception:  # noqa: BLE001 - polars rejects NaN/Infinity, malformed lines and wrong types
+            frame = _parse_lines_slowly(str(chunk.seen.path), block, offset, report)
+        frames.append(frame)
+        offset += len(block)
+        block_start = block_end
+    return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=METRIC_SCHEMA)
 
 
 def _with_identity(frame: pl.DataFrame, chunk: MetricsChunk) -> pl.DataFrame:
@@ -300,9 +329,9 @@ def parse_chunks(chunks: list[MetricsChunk], report: IngestReport) -> pl.DataFra
         try:
             frame = pl.read_ndjson(io.BytesIO(bytes(chunk.view)), schema=METRIC_SCHEMA)
             if frame.height != chunk.count_lines():
-                frame = _parse_lines_slowly(chunk, report)
+                frame = _parse_in_blocks(chunk, report)
         except Exception:  # noqa: BLE001
-            frame = _parse_lines_slowly(chunk, report)
+            frame = _parse_in_blocks(chunk, report)
         frames.append(_with_identity(frame, chunk))
     return pl.concat(frames, how="vertical")
 
