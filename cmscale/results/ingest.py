@@ -261,7 +261,7 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
         if unchanged(seen):
             continue
         data = plans.load(sweep)
-        final.json_files.append((seen, None, problem_of(seen)))
+        final.json_files.append((seen, sweep, None, problem_of(seen)))
         if data is None:
             continue
         planned = plans.planned(sweep)
