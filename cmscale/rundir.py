@@ -16,8 +16,11 @@ Every file name lives here. A results root holds::
         heartbeat        its mtime is refreshed every few seconds while the run is alive
         done.json        {"status": "done"|"failed"|"pruned", "reason", "finished", ...} written once
         job.json         how and when the run was last submitted (executor, job id, attempt)
-        trial.json       the Optuna trial behind the run (searches only)
-        ckpt/            latest.pt (resume state) and final.pt (EMA network), written atomically
+        trial.json       the Optuna trial behind the run (searches only); a retry keeps the failed
+                         attempts under ``earlier_attempts``
+        ckpt/            latest.pt (resume state), previous.pt (the one before, kept until latest.pt
+                         is complete) and final.pt (EMA network), written atomically; every one
+                         carries preset, resolution, img_channels, sigma_data and method
         samples/         PNG sample grids from evals
 
 ``done.json`` names its state ``status`` and ``status.json`` names it ``state``: both keys are kept

@@ -10,6 +10,11 @@ Jobs never open the database. They write only into ``<root>/<sweep>/<run_id>/`` 
   backoff while someone else holds the file (:mod:`cmscale.results.db`).
 * An unchanged (size, mtime, inode) means a file is not even opened, so a no-op ingest costs one
   ``stat`` per tracked file.
+* A run is (sweep, run_id), its folder: every bookkeeping row, reset and deletion names both, so
+  the same run id in two sweeps stays two runs.
+* A metrics row that cannot be converted is skipped alone and reported as an error with its file,
+  byte offset and field (``cmscale results ingest --strict`` then exits 1); its neighbours are
+  ingested and the offset moves past it, so it is reported once.
 """
 
 from __future__ import annotations
