@@ -15,15 +15,58 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MethodName = Literal["edm", "ect", "sct", "scd"]
 METHODS: tuple[str, ...] = get_args(MethodName)  # the method list; everything else derives from it
 STUDENT_METHODS = ("ect", "scd")  # methods that need a pretrained teacher checkpoint
+Dataset = Literal["digits", "cifar10", "imagefolder"]
+DATASETS_WITH_FILES = ("cifar10", "imagefolder")  # read from data_path; digits ships with scikit-learn
+# Upsampling beyond these only costs memory: digits are 8x8 and CIFAR-10 32x32 at the source, and
+# the whole data set is held in memory at the run's resolution (digits at 1024 needed 21 GB).
+MAX_RESOLUTION = {"digits": 64, "cifar10": 128, "imagefolder": 512}
+
+SAFE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+SAFE_NAME_RULE = "letters, digits, '_', '.' and '-' only, not starting with '.', at most 128 characters"
+
+
+def safe_path_component(value: str) -> str:
+    """``value`` if it can be one folder name under the results root, else a ValueError saying why.
+
+    Sweep names, run ids, study and profile names become folders: a '/' or '..' in one would
+    write outside the root, so only one plain component is accepted (never '.' or '..')."""
+    if not isinstance(value, str) or not SAFE_NAME_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not a safe folder name: use {SAFE_NAME_RULE}")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(safe_path_component)]
+
+
+def profile_name_or_file(value: str) -> str:
+    """A profile is a safe name (looked up in the profile folders) or a path to a ``.toml`` file."""
+    if value.endswith(".toml"):
+        return value
+    return safe_path_component(value)
+
+
+ProfileRef = Annotated[str, AfterValidator(profile_name_or_file)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # EMA rates, Adam betas: in [0, 1)
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 RESULTS_ENV = "CMSCALE_RESULTS"
 DEFAULT_RESULTS_ROOT = "results"
@@ -44,7 +87,8 @@ def cache_root(create: bool = True) -> Path:
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and inf are refused on every float field: a budget or a rate of inf is never meant.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class EDMOptions(StrictModel):
@@ -130,26 +174,26 @@ class RunConfig(StrictModel):
 
     method: MethodName
     preset: str
-    dataset: str = "digits"
-    data_path: str | None = None
+    dataset: Dataset = "digits"
+    data_path: str | None = Field(None, validate_default=True)
     resolution: int = Field(16, ge=4)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "radam"] = "adam"
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     lr_warmup_iters: int = Field(0, ge=0)
-    ema_rates: list[float] = Field(default_factory=lambda: [0.999])
+    ema_rates: list[Fraction] = Field(default_factory=lambda: [0.999], description="each in [0, 1)")
     dropout: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
-    device: str = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, mps, cuda or cuda:N")
     # How the run executes (memory layout, compiler, CUDA matmul precision), kept out of the config hash
     # like `device`, so a run keeps its identity on another machine:
     compile: bool = Field(False, description="wrap the network in torch.compile (pays off on long GPU runs)")
     channels_last: bool = Field(False, description="NHWC memory layout for the network (faster convolutions on CUDA)")
     tf32: bool = Field(True, description="on CUDA, fp32 matmuls and convolutions use TF32 tensor cores")
     teacher_ckpt: str | None = None
-    teacher_run_id: str | None = None
+    teacher_run_id: SafeName | None = None
     budget_iters: int | None = Field(None, gt=0)
     budget_flops: float | None = Field(None, gt=0)
     ckpt_every: int = Field(200, ge=1, description="iterations between periodic checkpoints")
@@ -160,8 +204,8 @@ class RunConfig(StrictModel):
     scm: SCMOptions = Field(default_factory=SCMOptions)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     # Filled by the sweep planner; free-form for hand-written runs.
-    sweep: str = "adhoc"
-    run_id: str | None = None
+    sweep: SafeName = "adhoc"
+    run_id: SafeName | None = None
 
     @model_validator(mode="after")
     def _check_budget_and_teacher(self) -> RunConfig:
@@ -175,12 +219,42 @@ class RunConfig(StrictModel):
             raise ValueError(f"method {self.method!r} needs teacher_ckpt (a pretrained EDM checkpoint)")
         return self
 
+    @field_validator("data_path")
+    @classmethod
+    def _data_path_for_files(cls, data_path: str | None, info: ValidationInfo) -> str | None:
+        dataset = info.data.get("dataset")
+        if dataset in DATASETS_WITH_FILES and not data_path:
+            raise ValueError(f"dataset {dataset!r} is read from disk; set data_path to its folder or file")
+        return data_path
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_fits(cls, resolution: int, info: ValidationInfo) -> int:
+        check_resolution(info.data.get("dataset"), resolution, info.data.get("preset"))
+        return resolution
+
     def identity(self) -> dict:
         """The fields that define the run (everything but bookkeeping), for hashing."""
         return self.model_dump(mode="json", exclude={"run_id", "sweep", *EXECUTION_FIELDS})
 
 
 EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32"}
+
+
+def check_resolution(dataset: str | None, resolution: int, preset: str | None) -> None:
+    """Refuse resolutions above the dataset's bound, or not divisible by the preset's downsampling."""
+    from cmscale.models.presets import PRESETS
+
+    bound = MAX_RESOLUTION.get(dataset)
+    if bound is not None and resolution > bound:
+        raise ValueError(f"resolution {resolution} is above the bound for dataset {dataset!r} ({bound}); "
+                         "the data set is "
+                         f"held in memory at this resolution. Use resolution <= {bound}")
+    if preset in PRESETS:
+        factor = 2 ** (len(PRESETS[preset].channel_mult) - 1)
+        if resolution % factor:
+            raise ValueError(f"resolution {resolution} is not divisible by {factor}, the downsampling of preset "
+                             f"{preset!r} ({len(PRESETS[preset].channel_mult)} levels); use a multiple of {factor}")
 
 
 class ConfigError(ValueError):
@@ -191,7 +265,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  - {path}: {item['msg']}")
+        lines.append(f"  - {path}: {item['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

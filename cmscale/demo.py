@@ -26,7 +26,7 @@ EXAMPLE_QUERIES = [
     (
         "FID at 2 steps per method and size, at the largest budget",
         """SELECT r.method, r.preset, r.params, round(e.fid, 2) AS fid_2step, e.train_flops
-FROM latest_eval e JOIN runs r USING (run_id)
+FROM latest_eval e JOIN runs r USING (sweep, run_id)
 WHERE r.sweep = '{sweep}' AND e.sampler_steps = 2
   AND r.budget_flops = (SELECT max(budget_flops) FROM runs WHERE sweep = '{sweep}' AND method = r.method)
 ORDER BY r.method, r.params""",
@@ -35,7 +35,7 @@ ORDER BY r.method, r.params""",
         "Teacher FID and KID (Heun sampler) per size, all trained for the same number of iterations",
         """SELECT r.preset, r.params, r.final_step AS iters, e.nfe, round(e.fid, 2) AS fid, round(e.kid, 1) AS kid,
        e.num_samples
-FROM latest_eval e JOIN runs r USING (run_id)
+FROM latest_eval e JOIN runs r USING (sweep, run_id)
 WHERE r.sweep = '{sweep}' AND r.method = 'edm'
 ORDER BY r.params""",
     ),

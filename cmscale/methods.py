@@ -39,7 +39,38 @@ FLOPS_CACHE_FILE = "flops_per_step.json"
 
 
 class TeacherCheckpointError(FileNotFoundError):
-    pass
+    """A teacher checkpoint is missing, unreadable, or made for another network; names the file and fix."""
+
+
+class BudgetError(ValueError):
+    """A compute budget below one training step."""
+
+
+# Checkpoint metadata: the plain keys every cmscale checkpoint (run state, final, imported teacher) carries.
+CHECKPOINT_META_KEYS = ("preset", "resolution", "img_channels", "sigma_data", "method")
+
+
+def sigma_data_of(config: RunConfig) -> float:
+    """The data standard deviation the run's preconditioner uses."""
+    if config.method == "edm":
+        return config.edm.sigma_data
+    if config.method == "ect":
+        return config.ect.sigma_data
+    return config.scm.sigma_data
+
+
+def checkpoint_meta(config: RunConfig, img_channels: int) -> dict:
+    return {"preset": config.preset, "resolution": config.resolution, "img_channels": img_channels,
+            "sigma_data": sigma_data_of(config), "method": config.method}
+
+
+def metadata_mismatches(stored: dict, expected: dict) -> list[str]:
+    """``key: checkpoint has A, the run has B`` for each metadata key present in both that differs."""
+    problems = []
+    for key, wanted in expected.items():
+        if key in stored and stored[key] != wanted:
+            problems.append(f"{key}: the checkpoint has {stored[key]!r}, the run has {wanted!r}")
+    return problems
 
 
 @dataclass
@@ -91,15 +122,41 @@ def wrap_network(config: RunConfig, net: UNet) -> nn.Module:
     return TrigFlowPrecond(net, config.scm.sigma_data)
 
 
-def load_unet_weights(net: UNet, path: str | Path) -> None:
+def load_unet_weights(net: UNet, path: str | Path, expected: dict | None = None) -> None:
+    """Load a teacher's UNet weights, after checking its metadata against ``expected``.
+
+    ``expected`` holds the run's values of CHECKPOINT_META_KEYS (the teacher's method must be edm);
+    a checkpoint without metadata (a bare state dict) is checked by its tensor shapes alone."""
     path = Path(path)
     if not path.is_file():
         raise TeacherCheckpointError(
             f"teacher checkpoint {path} not found; train the EDM teacher first (method = 'edm'; its run writes "
             "ckpt/final.pt) or set teacher_ckpt to an existing file"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(state["net"] if "net" in state else state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file (empty, truncated, pickle, garbage) is reported alike
+        raise TeacherCheckpointError(
+            f"teacher checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "it is not a complete cmscale checkpoint: point teacher_ckpt at an EDM run's ckpt/final.pt"
+        ) from None
+    if not isinstance(state, dict):
+        raise TeacherCheckpointError(f"teacher checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
+    if expected is not None:
+        problems = metadata_mismatches(state, expected)
+        if problems:
+            raise TeacherCheckpointError(f"teacher checkpoint {path} does not fit this run: {'; '.join(problems)}; "
+                                         "use a teacher trained with the same preset, resolution and data")
+    weights = state["net"] if "net" in state else state
+    try:
+        net.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:400]
+        raise TeacherCheckpointError(
+            f"teacher checkpoint {path} does not fit this run's network ({detail}); use a teacher trained with the "
+            "same preset, resolution and channels"
+        ) from None
 
 
 def build_method(
@@ -114,9 +171,12 @@ def build_method(
     def unet(dropout: float = config.dropout) -> UNet:
         return build_unet(config.preset, config.resolution, img_channels, dropout=dropout)
 
+    # A teacher is an EDM model of this run's preset, resolution, channels and sigma_data.
+    teacher_meta = checkpoint_meta(config, img_channels) | {"method": "edm"}
+
     def from_teacher(net: UNet) -> UNet:
         if load_weights:
-            load_unet_weights(net, config.teacher_ckpt)
+            load_unet_weights(net, config.teacher_ckpt, teacher_meta)
         return net
 
     method = config.method
@@ -331,8 +391,13 @@ def iterations_for_budget(config: RunConfig, flops: Callable[[RunConfig], int] =
     if config.budget_iters is not None:
         return config.budget_iters
     if config.method == "ect":
-        return ect_iterations(config, _cache_of(flops).ect_parts(config))
-    return max(1, round(config.budget_flops / flops(config)))
+        parts = _cache_of(flops).ect_parts(config)
+        # the cheapest step (stage 0: online pass and the fewest target rows) must fit in the budget
+        check_budget_covers_a_step(config.budget_flops, round(ect_train_flops(config, 1, 1, parts)), "budget_flops")
+        return ect_iterations(config, parts)
+    step_flops = flops(config)
+    check_budget_covers_a_step(config.budget_flops, step_flops, "budget_flops")
+    return max(1, round(config.budget_flops / step_flops))
 
 
 def train_flops_at(config: RunConfig, step: int) -> int:
@@ -413,3 +478,10 @@ def ect_average_step_flops(config: RunConfig, parts: tuple[int, int]) -> int:
     """ECT's run-average FLOPs per step: the run's expected FLOPs over its iterations."""
     iterations = ect_iterations(config, parts)
     return max(1, round(ect_train_flops(config, iterations, iterations, parts) / iterations))
+
+
+def check_budget_covers_a_step(budget_flops: float, step_flops: int, field: str) -> None:
+    """A budget below one step would be clamped to one step, training on more compute than asked."""
+    if budget_flops < step_flops:
+        raise BudgetError(f"{field} = {budget_flops:.4g} is below one training step ({step_flops:.4g} FLOPs per step "
+                          f"at this preset, resolution and batch size); give at least {step_flops:.4g}")

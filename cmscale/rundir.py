@@ -16,8 +16,11 @@ Every file name lives here. A results root holds::
         heartbeat        its mtime is refreshed every few seconds while the run is alive
         done.json        {"status": "done"|"failed"|"pruned", "reason", "finished", ...} written once
         job.json         how and when the run was last submitted (executor, job id, attempt)
-        trial.json       the Optuna trial behind the run (searches only)
-        ckpt/            latest.pt (resume state) and final.pt (EMA network), written atomically
+        trial.json       the Optuna trial behind the run (searches only); a retry keeps the failed
+                         attempts under ``earlier_attempts``
+        ckpt/            latest.pt (resume state), previous.pt (the one before, kept until latest.pt
+                         is complete) and final.pt (EMA network), written atomically; every one
+                         carries preset, resolution, img_channels, sigma_data and method
         samples/         PNG sample grids from evals
 
 ``done.json`` names its state ``status`` and ``status.json`` names it ``state``: both keys are kept
@@ -60,6 +63,7 @@ JOB_FILE = "job.json"
 TRIAL_FILE = "trial.json"
 CKPT_DIR = "ckpt"
 LATEST_CHECKPOINT = "latest.pt"
+PREVIOUS_CHECKPOINT = "previous.pt"  # the last good one, kept until the next is complete on disk
 FINAL_CHECKPOINT = "final.pt"
 SAMPLES_DIR = "samples"
 # keys whose names the files keep for compatibility (see the module docstring)
@@ -100,6 +104,11 @@ def final_checkpoint(run_dir: Path) -> Path:
 def latest_checkpoint(run_dir: Path) -> Path:
     """Where a run keeps the state it resumes from."""
     return Path(run_dir) / CKPT_DIR / LATEST_CHECKPOINT
+
+
+def previous_checkpoint(run_dir: Path) -> Path:
+    """The state before the latest, kept until the latest is complete (a resume falls back to it)."""
+    return Path(run_dir) / CKPT_DIR / PREVIOUS_CHECKPOINT
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

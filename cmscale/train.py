@@ -31,6 +31,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -38,8 +39,9 @@ from typing import Any
 
 import submitit
 import torch
+from pydantic import ValidationError
 
-from cmscale.config import RunConfig
+from cmscale.config import RunConfig, format_validation_error
 from cmscale.data import load_dataset
 from cmscale.data.loader import StepBatches, step_seed
 from cmscale.distributed import (
@@ -50,7 +52,16 @@ from cmscale.distributed import (
     mean_over_ranks,
     pick_device,
 )
-from cmscale.methods import Method, build_method, flops_per_step, iterations_for_budget, train_flops_at, unet_of
+from cmscale.methods import (
+    Method,
+    build_method,
+    checkpoint_meta,
+    flops_per_step,
+    iterations_for_budget,
+    metadata_mismatches,
+    train_flops_at,
+    unet_of,
+)
 from cmscale.models.execution import compile_network, to_channels_last
 from cmscale.models.flops import forward_flops
 from cmscale.models.unet import count_parameters
@@ -66,14 +77,20 @@ from cmscale.rundir import (
     atomic_write_json,
     final_checkpoint,
     latest_checkpoint,
+    previous_checkpoint,
     read_json,
     truncate_metrics_after,
     write_status,
 )
 
 DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
+# Settings that cannot change a run's result: a resume may change them freely.
+RESUME_MAY_CHANGE = frozenset({"log_every", "ckpt_every", "heartbeat_s", "device", "run_id", "sweep"})
 
-__all__ = ["IterationMismatchError", "TrainJob", "Trainer", "active_trainer", "save_active_run", "train"]
+__all__ = [
+    "CheckpointError", "IterationMismatchError", "ResumeConfigError", "TrainJob", "Trainer", "active_trainer",
+    "save_active_run", "train",
+]
 
 
 
@@ -106,18 +123,50 @@ def signals_deferred():
 # Checkpoints
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file, then rename: a reader never sees a half-written checkpoint."""
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run could be loaded; the message names each file and what was wrong."""
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any], previous: Path | None = None) -> None:
+    """Write to a temporary file, sync it, then rename: a reader never sees a half-written checkpoint.
+
+    With ``previous``, the checkpoint being replaced is first renamed there, so a good one stays
+    on disk until the new one is complete (a crash between the two renames leaves only ``previous``,
+    which a resume finds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp_path)
+    with open(tmp_path, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if previous is not None and path.is_file():
+        os.replace(path, previous)
     os.replace(tmp_path, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (None if absent); an unreadable file raises CheckpointError naming it."""
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - empty, truncated or foreign files all mean "unreadable"
+        raise CheckpointError(f"{path} cannot be read ({type(error).__name__}: {_first_line(error)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint")
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a bad file out of the way (kept for inspection, never read again)."""
+    target = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(path, target)
+    return target
 
 
 def git_commit() -> str | None:
@@ -186,11 +235,14 @@ class Trainer:
         self.wall_offset_s = 0.0
         self.started = time.time()
         self.first_started = self.started  # kept across resumes, for done.json
+        self.forced_changes: list[str] = []
+        self.resume_notes: list[str] = []
+        self.saved_step: int | None = None  # the step latest.pt holds
         self.eval_steps = sorted({max(1, round(fraction * self.iterations)) for fraction in config.eval.at_fractions})
 
     # -- state ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {
+        return checkpoint_meta(self.config, self.data.channels) | {
             "step": self.step,
             "model": self.method.model.state_dict(),
             "extra": [module.state_dict() for module in self.method.extra_modules],
@@ -201,6 +253,9 @@ class Trainer:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
+        problems = metadata_mismatches(state, checkpoint_meta(self.config, self.data.channels))
+        if problems:
+            raise CheckpointError(f"made for another run: {'; '.join(problems)}")
         self.step = int(state["step"])
         self.method.model.load_state_dict(state["model"])
         for module, module_state in zip(self.method.extra_modules, state["extra"]):
@@ -219,19 +274,48 @@ class Trainer:
         return self.wall_offset_s + time.time() - self.started
 
     def save(self) -> None:
-        if self.is_writer:
-            save_checkpoint(latest_checkpoint(self.run_dir), self.state())
+        # Saving twice at one step (the periodic save, then the end of the run) would make the
+        # previous checkpoint a copy of the latest instead of an older good one.
+        if self.is_writer and self.saved_step != self.step:
+            self.saved_step = self.step
+            save_checkpoint(latest_checkpoint(self.run_dir), self.state(), previous=previous_checkpoint(self.run_dir))
+
+    def resume(self) -> tuple[bool, list[str]]:
+        """Load the newest good checkpoint: ``latest.pt``, else ``previous.pt``.
+
+        A file that cannot be loaded is moved aside and named in the returned notes. Returns
+        (resumed, notes); raises CheckpointError when checkpoints exist but none loads."""
+        notes: list[str] = []
+        for path in (latest_checkpoint(self.run_dir), previous_checkpoint(self.run_dir)):
+            try:
+                state = load_checkpoint(path)
+                if state is None:
+                    continue
+                self.load_state(state)
+                if path == latest_checkpoint(self.run_dir):
+                    self.saved_step = self.step
+                return True, notes
+            except Exception as error:  # noqa: BLE001 - a bad checkpoint of any kind is set aside, not fatal yet
+                if isinstance(error, CheckpointError):
+                    detail = str(error)
+                else:
+                    detail = f"{type(error).__name__}: {_first_line(error)}"
+                if str(path) not in detail:
+                    detail = f"{path}: {detail}"
+                if self.is_writer and path.is_file():
+                    detail += f"; moved to {move_aside(path).name}"
+                notes.append(detail)
+        if notes:
+            raise CheckpointError("; ".join(notes) + f". No good checkpoint is left; to start the run fresh, remove "
+                                  f"{self.run_dir} (or train into another folder)")
+        return False, notes
 
     def save_final(self) -> None:
         if self.is_writer:
             ema = self.emas[0] if self.emas else self.method.model
-            save_checkpoint(final_checkpoint(self.run_dir), {
+            save_checkpoint(final_checkpoint(self.run_dir), checkpoint_meta(self.config, self.data.channels) | {
                 "net": unet_of(ema).state_dict(),
                 "step": self.step,
-                "method": self.config.method,
-                "preset": self.config.preset,
-                "resolution": self.config.resolution,
-                "img_channels": self.data.channels,
             })
 
     # -- one step ---------------------------------------------------------------------------
@@ -312,8 +396,80 @@ def _write_config(trainer: Trainer) -> None:
         "git_commit": git_commit(),
         "conventions": methods.method_conventions(config, trainer.data.channels),
     }
-    if not path.is_file():
+    if trainer.forced_changes:
+        # --force: config.json tells what the rest of the run used, and keeps the history of changes.
+        previous = read_json(path) if path.is_file() else {}
+        history = list(previous.get("forced_changes", []))
+        resolved["forced_changes"] = history + [{"at_step": trainer.step, "changes": trainer.forced_changes}]
         atomic_write_json(path, resolved)
+    elif not path.is_file():
+        atomic_write_json(path, resolved)
+
+
+class ResumeConfigError(ValueError):
+    """A resume asked for settings that change the run's result; the message names each field."""
+
+
+def resume_differences(config: RunConfig, stored: dict[str, Any]) -> list[str]:
+    """``field: stored -> new`` for each setting that differs from config.json and may change the result.
+
+    Settings missing from an older config.json are not compared; RESUME_MAY_CHANGE never is."""
+    new = config.model_dump(mode="json")
+    may_change = set(RESUME_MAY_CHANGE)
+    if config.teacher_run_id and stored.get("teacher_run_id") == config.teacher_run_id:
+        may_change.add("teacher_ckpt")  # the same planned teacher, found under a moved results root
+    differences = []
+    for key in RunConfig.model_fields:
+        if key in may_change or key not in stored:
+            continue
+        old_value, new_value = stored[key], new[key]
+        if isinstance(old_value, dict) and isinstance(new_value, dict):
+            differences += [f"{key}.{sub}: {old_value.get(sub)!r} -> {new_value.get(sub)!r}"
+                            for sub in sorted(set(old_value) | set(new_value))
+                            if old_value.get(sub) != new_value.get(sub)]
+        elif old_value != new_value:
+            differences.append(f"{key}: {old_value!r} -> {new_value!r}")
+    return differences
+
+
+def check_resume_config(config: RunConfig, run_dir: Path, force: bool) -> list[str]:
+    """Compare ``config`` with the run's config.json; refuse differences unless ``force``. Returns them."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return []
+    try:
+        stored = read_json(path)
+    except ValueError as error:
+        raise ResumeConfigError(
+            f"{path} is not valid JSON ({error}); remove {run_dir} to start the run fresh"
+        ) from None
+    differences = resume_differences(config, stored)
+    if differences and not force:
+        raise ResumeConfigError(
+            f"{run_dir} holds a run started with other settings; resuming with these would change its result:\n  "
+            + "\n  ".join(differences)
+            + f"\nResume with the settings of {path}, train into another folder, or pass --force to continue "
+            "with the new settings (recorded in config.json as forced_changes). Only "
+            + ", ".join(sorted(RESUME_MAY_CHANGE - {"run_id", "sweep"})) + " may change freely."
+        )
+    return differences
+
+
+def _is_writer_process() -> bool:
+    """Whether this process is the writer (rank 0), before the process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def record_failure(run_dir: Path, reason: str, phase: str) -> None:
+    """done.json and status.json say ``failed`` with the reason, so `sweep status` shows it."""
+    if not _is_writer_process():
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    atomic_write_json(run_dir / DONE_FILE, {DONE_STATE_KEY: RunState.FAILED, "reason": reason, "phase": phase,
+                                            "finished": now, "started": now, "final_step": None})
+    write_status(run_dir, RunState.FAILED)
 
 
 def _finish(run_dir: Path, status: RunState, reason: str | None, trainer: Trainer, started: float) -> dict[str, Any]:
@@ -327,18 +483,23 @@ def _finish(run_dir: Path, status: RunState, reason: str | None, trainer: Traine
         "started": started,
         "finished": time.time(),
     }
+    if trainer.resume_notes:
+        done["resume_notes"] = trainer.resume_notes  # checkpoints set aside on the way
     if trainer.is_writer:
         atomic_write_json(run_dir / DONE_FILE, done)
         write_status(run_dir, status)
     return done
 
 
-def train(config: RunConfig, run_dir: Path | str, on_eval=None, iterations: int | None = None) -> dict[str, Any]:
+def train(config: RunConfig, run_dir: Path | str, on_eval=None, iterations: int | None = None,
+          force: bool = False, record_failures: bool = False) -> dict[str, Any]:
     """Train (or resume) one run in ``run_dir``; returns the content of ``done.json``.
 
     ``on_eval(rows) -> bool`` is called with each eval point's rows; returning True stops the run
     early with status ``pruned`` (used by the Optuna search). ``iterations``: the plan's count,
-    checked against the trainer's own (see :class:`Trainer`).
+    checked against the trainer's own (see :class:`Trainer`). A resume must use the settings in
+    ``config.json`` (ResumeConfigError names the fields that differ) unless ``force``. With
+    ``record_failures`` (jobs), an exception is recorded in ``done.json`` before it propagates.
     """
     global _ACTIVE
     run_dir = Path(run_dir)
@@ -346,30 +507,43 @@ def train(config: RunConfig, run_dir: Path | str, on_eval=None, iterations: int 
         return read_json(run_dir / DONE_FILE)
     if os.environ.get("CMSCALE_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["CMSCALE_NUM_THREADS"]))
-    trainer = Trainer(
-        config, run_dir, iterations
-    )  # before creating the directory: a bad teacher path leaves nothing behind
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _ACTIVE = trainer
-    stop = StopFlag()
-    previous_handlers = {signum: signal.signal(signum, stop.handler) for signum in (signal.SIGTERM,)}
+    phase = "start-up"
     try:
-        return _run(trainer, stop, on_eval)
-    finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
-        _ACTIVE = None
+        forced_changes = check_resume_config(config, run_dir, force)
+        # Built before the directory is created: a bad teacher path leaves nothing behind.
+        trainer = Trainer(config, run_dir, iterations)
+        trainer.forced_changes = forced_changes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _ACTIVE = trainer
+        stop = StopFlag()
+        previous_handlers = {signum: signal.signal(signum, stop.handler) for signum in (signal.SIGTERM,)}
+        phase = "training"
+        try:
+            return _run(trainer, stop, on_eval)
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            _ACTIVE = None
+    except Exception as error:
+        if record_failures and not (run_dir / DONE_FILE).is_file():
+            record_failure(run_dir, f"{phase} failed: {type(error).__name__}: {error}", phase)
+        raise
 
 
 def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
     config, run_dir = trainer.config, trainer.run_dir
-    resumed = load_checkpoint(latest_checkpoint(run_dir))
-    if resumed is not None:
-        trainer.load_state(resumed)
+    try:
+        resumed, notes = trainer.resume()
+    except CheckpointError as error:
+        return _finish(run_dir, RunState.FAILED, f"cannot resume: {error}", trainer, trainer.first_started)
+    trainer.resume_notes = notes
+    for note in notes:
+        print(f"warning: {note}; resumed from the previous checkpoint (step {trainer.step})", file=sys.stderr)
     if trainer.is_writer:
         truncate_metrics_after(run_dir / METRICS_FILE, trainer.step)
         _write_config(trainer)
-        write_status(run_dir, RunState.RUNNING, step=trainer.step, resumed_from=trainer.step if resumed else None)
+        write_status(run_dir, RunState.RUNNING, step=trainer.step, resumed_from=trainer.step if resumed else None,
+                     **({"resume_notes": notes} if notes else {}))
     started = trainer.first_started
     metrics = MetricsWriter(run_dir / METRICS_FILE) if trainer.is_writer else None
     try:
@@ -454,8 +628,13 @@ class TrainJob(submitit.helpers.Checkpointable):
     """
 
     def __call__(self, config_dict: dict[str, Any], run_dir: str, iterations: int | None = None) -> dict[str, Any]:
-        config = RunConfig.model_validate(config_dict)
-        return train(config, Path(run_dir), iterations=iterations)
+        try:
+            config = RunConfig.model_validate(config_dict)
+        except ValidationError as error:
+            reason = format_validation_error("start-up failed: the run's config", error)
+            record_failure(Path(run_dir), reason, "start-up")
+            raise
+        return train(config, Path(run_dir), iterations=iterations, record_failures=True)
 
     def checkpoint(self, config_dict: dict[str, Any], run_dir: str,
                    iterations: int | None = None) -> submitit.helpers.DelayedSubmission:

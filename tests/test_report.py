@@ -206,7 +206,7 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
     assert "src='http" not in html and "src='figures" not in html
     # the exact SQL behind the figures, the failed run, fit tables with CIs and the ratio table
-    assert "FROM evals e JOIN runs r USING (run_id)" in html and "```sql" in md
+    assert "FROM evals e JOIN runs r USING (sweep, run_id)" in html and "```sql" in md
     assert "ect-m-6e13-s0" in html and "is failed: loss is NaN at step 12" in html
     assert "compute-optimal size per budget" in md and "extrapolation" in md
     # findings first: the summary precedes the warnings, which are grouped with counts and collapsed

@@ -392,7 +392,7 @@ def test_malformed_config_and_done_are_reported_with_their_paths_and_others_inge
 
 
 @pytest.mark.parametrize(
-    "statement", ["DELETE FROM train", "DROP TABLE runs", "INSERT INTO train VALUES ('x', 1, 1, 1.0, 1.0, 1.0)"]
+    "statement", ["DELETE FROM train", "DROP TABLE runs", "INSERT INTO train VALUES ('s', 'x', 1, 1, 1.0, 1.0, 1.0)"]
 )
 def test_query_refuses_writes(tmp_path, statement):
     make_run(tmp_path, 0, 10)

@@ -113,7 +113,8 @@ def test_ingest_fills_trials_table_joined_to_runs(six_trial_study):
     root, _ = six_trial_study
     ingest(root)
     joined = query(
-        "SELECT t.trial_number, t.state, t.run_id, r.status, r.method FROM trials t JOIN runs r USING (run_id) "
+        "SELECT t.trial_number, t.state, t.run_id, r.status, r.method FROM trials t "
+        "JOIN runs r ON r.sweep = t.study AND r.run_id = t.run_id "
         "WHERE t.study = 'tpe6' ORDER BY t.trial_number", root=root, ingest_first=False)
     assert joined.height == 6
     assert joined["trial_number"].to_list() == list(range(6))

@@ -72,11 +72,12 @@ def points_sql(sweep: str, method: str, metric: Metric) -> str:
     """Every eval of ``method``'s finished runs at the metric's sampler steps (teachers: their
     largest Heun step count), ordered by size and compute."""
     if method == TEACHER_METHOD:
-        steps = "e.sampler_steps = (SELECT max(x.sampler_steps) FROM evals x WHERE x.run_id = r.run_id)"
+        steps = ("e.sampler_steps = (SELECT max(x.sampler_steps) FROM evals x "
+                 "WHERE x.sweep = r.sweep AND x.run_id = r.run_id)")
     else:
         steps = f"e.sampler_steps = {int(metric.sampler_steps)}"
     return f"""SELECT {_POINT_COLUMNS}
-FROM evals e JOIN runs r USING (run_id)
+FROM evals e JOIN runs r USING (sweep, run_id)
 WHERE r.sweep = {sql_literal(sweep)} AND r.method = {sql_literal(method)} AND r.status = 'done'
   AND {steps}
 ORDER BY r.params, r.run_id, e.train_flops"""
@@ -85,9 +86,9 @@ ORDER BY r.params, r.run_id, e.train_flops"""
 def final_evals_sql(sweep: str) -> str:
     """The final eval (largest step) of every finished run, for every sampler step count."""
     return f"""SELECT {_POINT_COLUMNS}
-FROM evals e JOIN runs r USING (run_id)
+FROM evals e JOIN runs r USING (sweep, run_id)
 WHERE r.sweep = {sql_literal(sweep)} AND r.status = 'done'
-QUALIFY e.step = max(e.step) OVER (PARTITION BY e.run_id, e.sampler_steps, e.extractor)
+QUALIFY e.step = max(e.step) OVER (PARTITION BY e.sweep, e.run_id, e.sampler_steps, e.extractor)
 ORDER BY r.method, r.params, r.run_id, e.sampler_steps"""
 
 
@@ -97,9 +98,9 @@ def ratio_pairs_sql(sweep: str) -> str:
     s = sql_literal(sweep)
     return f"""WITH final AS (
   SELECT r.run_id, r.method, r.preset, r.params, r.seed, r.budget_flops, e.step, e.sampler_steps, e.fid, e.extractor
-  FROM evals e JOIN runs r USING (run_id)
+  FROM evals e JOIN runs r USING (sweep, run_id)
   WHERE r.sweep = {s} AND r.status = 'done'
-  QUALIFY e.step = max(e.step) OVER (PARTITION BY e.run_id, e.sampler_steps, e.extractor)
+  QUALIFY e.step = max(e.step) OVER (PARTITION BY e.sweep, e.run_id, e.sampler_steps, e.extractor)
 ),
 teacher AS (
   SELECT run_id AS teacher_run_id, preset, seed, extractor, fid AS teacher_fid, sampler_steps AS teacher_steps,

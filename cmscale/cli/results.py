@@ -129,11 +129,32 @@ def query_command(sql: str, root: Path, fmt: str, out: Path | None, no_ingest: b
         frame.write_parquet(out)
         err_console.print(f"wrote {frame.height:,} rows to {out}", highlight=False)
     elif fmt == "csv":
-        text = frame.write_csv()
+        text = frame_as_csv(frame)
         _emit(text, out, frame.height)
     else:
         text = json.dumps(frame.to_dicts(), default=str, indent=1)
         _emit(text + "\n", out, frame.height)
+
+
+def frame_as_csv(frame) -> str:
+    """CSV of ``frame``; list and struct columns (CSV has no nesting) are written as JSON text."""
+    import polars as pl
+
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    if nested:
+        frame = frame.with_columns(
+            pl.Series(name, [None if v is None else json.dumps(v, default=_json_scalar) for v in frame[name].to_list()],
+                      dtype=pl.String)
+            for name in nested
+        )
+    return frame.write_csv()
+
+
+def _json_scalar(value):
+    """JSON for what json cannot encode: DuckDB decimals as numbers, dates and the rest as text."""
+    from decimal import Decimal
+
+    return float(value) if isinstance(value, Decimal) else str(value)
 
 
 def _emit(text: str, out: Path | None, rows: int) -> None:

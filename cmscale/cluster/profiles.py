@@ -14,11 +14,19 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from cmscale.config import ConfigError, StrictModel, format_validation_error, read_toml
+from cmscale.config import (
+    SAFE_NAME_PATTERN,
+    ConfigError,
+    SafeName,
+    StrictModel,
+    format_validation_error,
+    read_toml,
+    safe_path_component,
+)
 
 
 class Profile(StrictModel):
-    name: str = "local"
+    name: SafeName = "local"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -83,6 +91,10 @@ def load_profile(name_or_path: str) -> Profile:
     if candidate.suffix == ".toml" and candidate.is_file():
         path = candidate
     else:
+        try:
+            safe_path_component(name_or_path)
+        except ValueError as error:
+            raise ConfigError(f"profile: {error} (or give a path to a .toml file)") from None
         path = next(
             (
                 folder / f"{name_or_path}.toml"
@@ -97,7 +109,7 @@ def load_profile(name_or_path: str) -> Profile:
                 f"(looked in {', '.join(str(d) for d in profile_dirs())})"
             )
     raw = read_toml(path, "cluster profile")
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", path.stem if SAFE_NAME_PATTERN.match(path.stem) else "custom")
     try:
         return Profile.model_validate(raw)
     except ValidationError as error:

@@ -10,6 +10,11 @@ Jobs never open the database. They write only into ``<root>/<sweep>/<run_id>/`` 
   backoff while someone else holds the file (:mod:`cmscale.results.db`).
 * An unchanged (size, mtime, inode) means a file is not even opened, so a no-op ingest costs one
   ``stat`` per tracked file.
+* A run is (sweep, run_id), its folder: every bookkeeping row, reset and deletion names both, so
+  the same run id in two sweeps stays two runs.
+* A metrics row that cannot be converted is skipped alone and reported as an error with its file,
+  byte offset and field (``cmscale results ingest --strict`` then exits 1); its neighbours are
+  ingested and the offset moves past it, so it is reported once.
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ from cmscale.results.rows import (
     run_row,
     split_rows,
     text,
-    trial_row,
+    trial_rows,
 )
 from cmscale.results.schema import (
     FILE_SCHEMA,
+    RUN_KEY,
     RUN_SCHEMA,
     SCHEMA_VERSION,
     SWEEP_SCHEMA,
@@ -175,14 +181,16 @@ def _read_known(path: Path, timeout_s: float, report: IngestReport) -> dict[str,
 class _Batch:
     """One write transaction: metrics files to read, and rows from the small JSON files."""
 
-    metrics: list[tuple[str, Seen, Known | None]] = field(default_factory=list)  # (run_id, file, bookkeeping)
+    # (sweep, run_id, file, bookkeeping)
+    metrics: list[tuple[str, str, Seen, Known | None]] = field(default_factory=list)
     run_rows: list[dict[str, Any]] = field(default_factory=list)
     sweep_rows: list[dict[str, Any]] = field(default_factory=list)
     trial_rows: list[dict[str, Any]] = field(default_factory=list)
-    json_files: list[tuple[Seen, str | None, str | None]] = field(default_factory=list)  # (file, run_id, problem)
+    # (file, sweep, run_id, problem)
+    json_files: list[tuple[Seen, str | None, str | None, str | None]] = field(default_factory=list)
     vanished: list[str] = field(default_factory=list)  # bookkeeping paths whose files are gone
-    vanished_metrics_runs: list[str] = field(default_factory=list)
-    delete_runs: list[str] = field(default_factory=list)
+    vanished_metrics_runs: list[tuple[str, str]] = field(default_factory=list)  # (sweep, run_id)
+    delete_runs: list[tuple[str, str]] = field(default_factory=list)  # (sweep, run_id)
 
     def has_json_work(self) -> bool:
         return any([self.run_rows, self.sweep_rows, self.trial_rows, self.json_files, self.vanished, self.delete_runs])
@@ -240,7 +248,6 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
     batch_size = 0
     present: set[str] = set()
     run_dirs = {(run.sweep, run.run_id): run for run in runs}
-    owners: dict[str, str] = {}
     changed_runs: set[tuple[str, str]] = set()
 
     def unchanged(seen: Seen) -> bool:
@@ -255,17 +262,11 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
     def problem_of(seen: Seen) -> str | None:
         return next((p.message for p in report.errors if p.path == str(seen.path)), None)
 
-    for run in runs:
-        if owners.setdefault(run.run_id, run.sweep) != run.sweep:
-            report.warn(
-                f"run id {run.run_id} appears in sweeps {owners[run.run_id]} and {run.sweep}; their rows are merged"
-            )
-
     for sweep, seen in sweep_files.items():
         if unchanged(seen):
             continue
         data = plans.load(sweep)
-        final.json_files.append((seen, None, problem_of(seen)))
+        final.json_files.append((seen, sweep, None, problem_of(seen)))
         if data is None:
             continue
         planned = plans.planned(sweep)
@@ -283,15 +284,13 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
                 if batch_size >= batch_bytes:
                     batches.append(_Batch())
                     batch_size = 0
-                batches[-1].metrics.append((run.run_id, seen, entry))
+                batches[-1].metrics.append((run.sweep, run.run_id, seen, entry))
                 batch_size += seen.size - (entry.consumed if entry is not None and seen.size >= entry.consumed else 0)
             elif name in RUN_JSON_FILES:
                 changed_runs.add((run.sweep, run.run_id))
             elif name == TRIAL_FILE:
-                row = trial_row(seen.path, run.run_id, report)
-                if row is not None:
-                    final.trial_rows.append(row)
-                final.json_files.append((seen, run.run_id, problem_of(seen)))
+                final.trial_rows.extend(trial_rows(seen.path, run.run_id, report))
+                final.json_files.append((seen, run.sweep, run.run_id, problem_of(seen)))
 
     for rel in known:
         if rel in present:
@@ -299,7 +298,7 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
         final.vanished.append(rel)
         parts = rel.split("/")
         if len(parts) == 3 and parts[2] == METRICS_FILE:
-            final.vanished_metrics_runs.append(parts[1])  # metrics.jsonl deleted: so are its rows
+            final.vanished_metrics_runs.append((parts[0], parts[1]))  # metrics.jsonl deleted: so are its rows
         elif len(parts) == 3 and parts[2] in RUN_JSON_FILES:
             changed_runs.add((parts[0], parts[1]))
 
@@ -307,13 +306,13 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
         run = run_dirs.get((sweep, run_id))
         planned = plans.planned(sweep).get(run_id)
         if run is None and planned is None:
-            final.delete_runs.append(run_id)  # run directory removed and not in the sweep's plan
+            final.delete_runs.append((sweep, run_id))  # run directory removed and not in the sweep's plan
             continue
         final.run_rows.append(run_row(sweep, run_id, run, planned, report))
         for name in RUN_JSON_FILES:
             if run is not None and name in run.files:
                 seen = run.files[name]
-                final.json_files.append((seen, run_id, problem_of(seen)))
+                final.json_files.append((seen, sweep, run_id, problem_of(seen)))
 
     batches = [b for b in batches if b.metrics]
     if final.has_json_work():
@@ -349,8 +348,8 @@ def _upsert(
 
 def _read_batch(batch: _Batch, report: IngestReport) -> list[MetricsChunk]:
     chunks = []
-    for run_id, seen, entry in batch.metrics:
-        chunk = read_new_lines(run_id, seen, entry)
+    for sweep, run_id, seen, entry in batch.metrics:
+        chunk = read_new_lines(sweep, run_id, seen, entry)
         if chunk is None:
             continue
         if chunk.torn:
@@ -365,21 +364,26 @@ def _read_batch(batch: _Batch, report: IngestReport) -> list[MetricsChunk]:
     return chunks
 
 
+def _runs_frame(runs: list[tuple[str, str]]) -> pl.DataFrame:
+    return pl.DataFrame({"sweep": [r[0] for r in runs], "run_id": [r[1] for r in runs]},
+                        schema={"sweep": pl.String, "run_id": pl.String})
+
+
 def _write_batch(path: Path, batch: _Batch, known: dict[str, Known], report: IngestReport, timeout_s: float) -> None:
     chunks = _read_batch(batch, report)
     train, evals = split_rows(parse_chunks(chunks, report), report)
     stamp = now()
     file_rows = [
-        {"path": c.seen.rel, "run_id": c.run_id, "size": c.seen.size, "mtime_ns": c.seen.mtime_ns,
+        {"path": c.seen.rel, "sweep": c.sweep, "run_id": c.run_id, "size": c.seen.size, "mtime_ns": c.seen.mtime_ns,
          "inode": c.seen.inode, "consumed": c.consumed, "fingerprint": c.fingerprint, "problem": None,
          "ingested_at": stamp}
         for c in chunks
     ] + [
-        {"path": s.rel, "run_id": run_id, "size": s.size, "mtime_ns": s.mtime_ns, "inode": s.inode,
+        {"path": s.rel, "sweep": sweep, "run_id": run_id, "size": s.size, "mtime_ns": s.mtime_ns, "inode": s.inode,
          "consumed": s.size, "fingerprint": None, "problem": problem, "ingested_at": stamp}
-        for s, run_id, problem in batch.json_files
+        for s, sweep, run_id, problem in batch.json_files
     ]
-    reset_runs = sorted({c.run_id for c in chunks if c.reset} | set(batch.vanished_metrics_runs))
+    reset_runs = sorted({(c.sweep, c.run_id) for c in chunks if c.reset} | set(batch.vanished_metrics_runs))
 
     con = open_db(path, read_only=False, timeout_s=timeout_s, on_wait=report.add_lock_wait)
     try:
@@ -402,16 +406,17 @@ def _write_batch(path: Path, batch: _Batch, known: dict[str, Known], report: Ing
                     report.warn(
                         f"{len(moved)} files were ingested meanwhile by another process; left to the next ingest"
                     )
-                    skip = list({c.run_id for c in chunks if c.seen.rel in moved})
-                    train = train.filter(~pl.col("run_id").is_in(skip))
-                    evals = evals.filter(~pl.col("run_id").is_in(skip))
+                    skip = {(c.sweep, c.run_id) for c in chunks if c.seen.rel in moved}
+                    skipped = _runs_frame(sorted(skip))
+                    train = train.join(skipped, on=RUN_KEY, how="anti", maintain_order="left")
+                    evals = evals.join(skipped, on=RUN_KEY, how="anti", maintain_order="left")
                     file_rows = [row for row in file_rows if row["path"] not in moved]
                     reset_runs = [r for r in reset_runs if r not in skip]
             if reset_runs:
                 # The file was rewritten (resume) or removed: the run's rows become exactly the file's.
-                con.register("_reset", pl.DataFrame({"run_id": reset_runs}, schema={"run_id": pl.String}))
-                con.execute("DELETE FROM train WHERE run_id IN (SELECT run_id FROM _reset)")
-                con.execute("DELETE FROM evals WHERE run_id IN (SELECT run_id FROM _reset)")
+                con.register("_reset", _runs_frame(reset_runs))
+                con.execute("DELETE FROM train WHERE (sweep, run_id) IN (SELECT sweep, run_id FROM _reset)")
+                con.execute("DELETE FROM evals WHERE (sweep, run_id) IN (SELECT sweep, run_id FROM _reset)")
                 con.unregister("_reset")
             _upsert(con, "train", train, key=TRAIN_KEY)
             _upsert(con, "evals", evals)
@@ -419,7 +424,7 @@ def _write_batch(path: Path, batch: _Batch, known: dict[str, Known], report: Ing
             _upsert(con, "sweeps", batch.sweep_rows, SWEEP_SCHEMA)
             _upsert(con, "trials", batch.trial_rows, TRIAL_SCHEMA)
             if batch.delete_runs:
-                con.executemany("DELETE FROM runs WHERE run_id = ?", [[r] for r in batch.delete_runs])
+                con.executemany("DELETE FROM runs WHERE sweep = ? AND run_id = ?", [list(r) for r in batch.delete_runs])
             if batch.vanished:
                 con.executemany("DELETE FROM ingest_files WHERE path = ?", [[p] for p in batch.vanished])
             _upsert(con, "ingest_files", file_rows, FILE_SCHEMA)

@@ -107,7 +107,7 @@ class IngestReport:
         log.warning(message)
 
     def error(self, path: Path | str, message: str) -> None:
-        if any(p.path == str(path) for p in self.errors):
+        if any(p.path == str(path) and p.message == message for p in self.errors):
             return
         problem = FileProblem(str(path), message)
         self.errors.append(problem)
@@ -165,6 +165,7 @@ def digest_of(data: bytes) -> str:
 class MetricsChunk:
     """New complete lines of one metrics.jsonl and the bookkeeping to store once they are written."""
 
+    sweep: str
     run_id: str
     seen: Seen
     blob: bytes  # what was read; the new complete lines are blob[lo:hi] (kept unsliced: no copies)
@@ -188,7 +189,7 @@ class MetricsChunk:
         return self.blob.count(b"\n", self.lo, self.hi)
 
 
-def read_new_lines(run_id: str, seen: Seen, known: Known | None) -> MetricsChunk | None:
+def read_new_lines(sweep: str, run_id: str, seen: Seen, known: Known | None) -> MetricsChunk | None:
     try:
         handle = open(seen.path, "rb")
     except FileNotFoundError:
@@ -215,45 +216,112 @@ def read_new_lines(run_id: str, seen: Seen, known: Known | None) -> MetricsChunk
     hi = blob.rfind(b"\n", lo) + 1 or lo  # end of the last complete line
     consumed = start + hi - lo
     fingerprint = digest_of(blob[max(0, consumed - FINGERPRINT_BYTES) - blob_start : consumed - blob_start])
-    return MetricsChunk(run_id, seen, blob, lo, hi, start, consumed, fingerprint, reset, len(blob) - hi)
+    return MetricsChunk(sweep, run_id, seen, blob, lo, hi, start, consumed, fingerprint, reset, len(blob) - hi)
 
 
-def _parse_lines_slowly(chunk: MetricsChunk, report: IngestReport) -> pl.DataFrame:
-    """Line-by-line parse for a chunk the fast reader rejected (NaN, blank or malformed lines)."""
+def _convert_value(value: Any, dtype: pl.DataType) -> Any:
+    """``value`` as the column's type, or raise ValueError saying what was expected."""
+    if value is None:
+        return None
+    if dtype == pl.String:
+        if isinstance(value, str):
+            return value
+        raise ValueError("not a string")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("not a number")
+    if dtype == pl.Int64:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")
+        value = int(value)
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("out of the 64-bit range")
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError("too large for a 64-bit float") from None
+
+
+BLOCK_LINES = 2048  # a chunk the fast reader rejects is retried in blocks of this many lines
+
+
+def _parse_lines_slowly(path: str, data: bytes, start: int, report: IngestReport) -> pl.DataFrame:
+    """Row by row, for lines the fast reader rejected: a line that is not a JSON object, or a value
+    of the wrong type, skips that row alone, reported as an error with its byte offset and field.
+    ``data`` holds complete lines starting at byte ``start`` of the file at ``path``."""
     rows = []
-    position = chunk.start
-    for line in bytes(chunk.view).split(b"\n")[:-1]:
+    position = start
+    for line in data.split(b"\n")[:-1]:
         offset = position
         position += len(line) + 1
         if not line.strip():
             continue
         try:
             row = json.loads(line)  # accepts NaN and Infinity, which json.dumps writes
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            rows.append({key: row.get(key) for key in METRIC_SCHEMA})
         except ValueError as error:
-            report.warn(f"{chunk.seen.path}: malformed line at byte {offset} skipped ({error})")
+            report.error(path, f"byte {offset}: not a JSON line ({error}); row skipped")
+            continue
+        if not isinstance(row, dict):
+            kind = type(row).__name__
+            report.error(path, f"byte {offset}: expected a JSON object, got {kind}; row skipped")
+            continue
+        converted = {}
+        for key, dtype in METRIC_SCHEMA.items():
+            try:
+                converted[key] = _convert_value(row.get(key), dtype)
+            except ValueError as reason:
+                shown = repr(row.get(key))
+                report.error(path, f"byte {offset}: field {key!r} is {shown[:80]}, {reason}; row skipped")
+                break
+        else:
+            rows.append(converted)
     if not rows:
         return pl.DataFrame(schema=METRIC_SCHEMA)
-    try:
-        return pl.from_dicts(rows, schema=METRIC_SCHEMA, strict=False)
-    except Exception as error:  # noqa: BLE001 - a value of the wrong type; report and keep going
-        report.warn(f"{chunk.seen.path}: rows with unparseable values skipped ({error})")
-        return pl.DataFrame(schema=METRIC_SCHEMA)
+    return pl.from_dicts(rows, schema=METRIC_SCHEMA)
+
+
+def _parse_in_blocks(chunk: MetricsChunk, report: IngestReport) -> pl.DataFrame:
+    """A chunk the fast reader rejected, retried in blocks of BLOCK_LINES lines: only the blocks that
+    hold a bad line (or NaN, which polars rejects) are parsed row by row, so one bad value costs the
+    Python parse of one block, not of the whole file."""
+    data = bytes(chunk.view)
+    frames, block_start, offset = [], 0, chunk.start
+    while block_start < len(data):
+        block_end = block_start
+        for _ in range(BLOCK_LINES):
+            block_end = data.index(b"\n", block_end) + 1
+            if block_end == len(data):
+                break
+        block = data[block_start:block_end]
+        try:
+            frame = pl.read_ndjson(io.BytesIO(block), schema=METRIC_SCHEMA)
+            if frame.height != block.count(b"\n"):
+                raise ValueError("blank lines")
+        except Exception:  # noqa: BLE001 - polars rejects NaN/Infinity, malformed lines and wrong types
+            frame = _parse_lines_slowly(str(chunk.seen.path), block, offset, report)
+        frames.append(frame)
+        offset += len(block)
+        block_start = block_end
+    return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=METRIC_SCHEMA)
+
+
+def _with_identity(frame: pl.DataFrame, chunk: MetricsChunk) -> pl.DataFrame:
+    return frame.insert_column(0, pl.Series("run_id", [chunk.run_id] * frame.height, pl.String)).insert_column(
+        0, pl.Series("sweep", [chunk.sweep] * frame.height, pl.String))
 
 
 def parse_chunks(chunks: list[MetricsChunk], report: IngestReport) -> pl.DataFrame:
-    """All chunks' rows with a ``run_id`` column, in file order (one fast parse when possible)."""
+    """All chunks' rows with ``sweep`` and ``run_id`` columns, in file order (one fast parse when possible)."""
     chunks = [c for c in chunks if c.nbytes]
     if not chunks:
-        return pl.DataFrame(schema={"run_id": pl.String, **METRIC_SCHEMA})
+        return pl.DataFrame(schema={"sweep": pl.String, "run_id": pl.String, **METRIC_SCHEMA})
     counts = [c.count_lines() for c in chunks]
     try:
         frame = pl.read_ndjson(io.BytesIO(b"".join(c.view for c in chunks)), schema=METRIC_SCHEMA)
         if frame.height == sum(counts):  # blank lines would misalign run ids; then go file by file
             index = pl.Series(np.repeat(np.arange(len(chunks), dtype=np.uint32), counts))
-            return frame.insert_column(0, pl.Series("run_id", [c.run_id for c in chunks], pl.String).gather(index))
+            frame = frame.insert_column(0, pl.Series("run_id", [c.run_id for c in chunks], pl.String).gather(index))
+            return frame.insert_column(0, pl.Series("sweep", [c.sweep for c in chunks], pl.String).gather(index))
     except Exception:  # noqa: BLE001 - polars rejects NaN/Infinity and malformed lines; go file by file
         pass
     frames = []
@@ -261,10 +329,10 @@ def parse_chunks(chunks: list[MetricsChunk], report: IngestReport) -> pl.DataFra
         try:
             frame = pl.read_ndjson(io.BytesIO(bytes(chunk.view)), schema=METRIC_SCHEMA)
             if frame.height != chunk.count_lines():
-                frame = _parse_lines_slowly(chunk, report)
+                frame = _parse_in_blocks(chunk, report)
         except Exception:  # noqa: BLE001
-            frame = _parse_lines_slowly(chunk, report)
-        frames.append(frame.insert_column(0, pl.Series("run_id", [chunk.run_id] * frame.height, pl.String)))
+            frame = _parse_in_blocks(chunk, report)
+        frames.append(_with_identity(frame, chunk))
     return pl.concat(frames, how="vertical")
 
 
@@ -279,7 +347,8 @@ def split_rows(frame: pl.DataFrame, report: IngestReport) -> tuple[pl.DataFrame,
     train = frame.lazy().filter(is_train & has_step).select(TRAIN_COLUMNS).collect()
     # Each run's rows are contiguous and its steps only grow, so a step that does not exceed the
     # previous one of the same run is the cheap sign of a duplicate; only then pay for unique().
-    regress = (pl.col("run_id") == pl.col("run_id").shift(1)) & (pl.col("step") <= pl.col("step").shift(1))
+    same_run = (pl.col("sweep") == pl.col("sweep").shift(1)) & (pl.col("run_id") == pl.col("run_id").shift(1))
+    regress = same_run & (pl.col("step") <= pl.col("step").shift(1))
     if train.height and train.select(regress.any()).item():
         train = train.unique(subset=TRAIN_KEY, keep="last", maintain_order=True)
     evals = frame.lazy().filter(is_eval & has_step).collect()
@@ -402,21 +471,29 @@ def run_row(
     }
 
 
-def trial_row(path: Path, run_id: str, report: IngestReport) -> dict[str, Any] | None:
+def trial_rows(path: Path, run_id: str, report: IngestReport) -> list[dict[str, Any]]:
+    """One row per attempt in a trial.json: the current trial and each earlier (failed) attempt."""
     trial = load_object(path, report, TRIAL_FILE)
     if trial is None:
-        return None
-    study, number = trial.get("study"), _number(trial.get("trial_number"), int)
-    if study is None or number is None:
-        report.error(path, "trial.json needs 'study' and 'trial_number'")
-        return None
-    values = trial.get("values")
-    return {
-        "study": str(study),
-        "trial_number": number,
-        "state": text(trial.get("state")),
-        "params_json": json.dumps(trial.get("params") or {}, sort_keys=True),
-        "values_json": None if values is None else json.dumps(values),
-        "run_id": text(trial.get("run_id") or run_id),
-        "updated": _timestamp(trial.get("updated")),
-    }
+        return []
+    records = [trial] + [r for r in trial.get("earlier_attempts") or [] if isinstance(r, dict)]
+    rows = []
+    for record in records:
+        study = record.get("study") or trial.get("study")
+        number = _number(record.get("trial_number"), int)
+        if study is None or number is None:
+            report.error(path, "trial.json needs 'study' and 'trial_number' (in each earlier attempt too)")
+            return []
+        values = record.get("values")
+        rows.append({
+            "study": str(study),
+            "trial_number": number,
+            "state": text(record.get("state")),
+            "params_json": json.dumps(record.get("params") or {}, sort_keys=True),
+            "values_json": None if values is None else json.dumps(values),
+            "run_id": text(record.get("run_id") or run_id),
+            "updated": _timestamp(record.get("updated")),
+            "attempt": _number(record.get("attempt"), int),
+            "reason": text(record.get("reason")),
+        })
+    return rows

@@ -1,9 +1,11 @@
 """The store's schema: the tables and views of ``<root>/cmscale.duckdb``, their column types, and
 the migrations that build them.
 
-Keys: train (run_id, step), evals (run_id, step, sampler_steps, extractor), runs (run_id),
-sweeps (sweep), trials (study, trial_number). Rows are upserted, latest wins. All but train
-declare a PRIMARY KEY; train's is kept by ingestion alone (see the migration for why).
+A run's identity is (sweep, run_id), its folder ``<root>/<sweep>/<run_id>``: the same run id in two
+sweeps (identical configs plan identical ids) names two runs. Keys: train (sweep, run_id, step),
+evals (sweep, run_id, step, sampler_steps, extractor), runs (sweep, run_id), sweeps (sweep), trials
+(study, trial_number; one row per attempt of a retried trial). Rows are upserted, latest wins. All
+but train declare a PRIMARY KEY; train's is kept by ingestion alone (see migration 1 for why).
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ METRIC_SCHEMA: dict[str, pl.DataType] = {
     "reference": pl.String,
     "sampling_flops_per_image": pl.Float64,
 }
-TRAIN_COLUMNS = ["run_id", "step", "images_seen", "train_flops", "loss", "wall_s"]
+TRAIN_COLUMNS = ["sweep", "run_id", "step", "images_seen", "train_flops", "loss", "wall_s"]
 EVAL_COLUMNS = [
-    "run_id", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "num_samples",
+    "sweep", "run_id", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "num_samples",
     "extractor", "reference", "sampling_flops_per_image", "wall_s", "kid", "kid_std",
 ]
-TRAIN_KEY = ["run_id", "step"]
-EVAL_KEY = ["run_id", "step", "sampler_steps", "extractor"]
+RUN_KEY = ["sweep", "run_id"]  # a run's identity, in every table and view
+TRAIN_KEY = [*RUN_KEY, "step"]
+EVAL_KEY = [*RUN_KEY, "step", "sampler_steps", "extractor"]
 
 RUN_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String,
@@ -78,11 +81,13 @@ SWEEP_SCHEMA: dict[str, pl.DataType] = {
 }
 TRIAL_SCHEMA: dict[str, pl.DataType] = {
     "study": pl.String, "trial_number": pl.Int32, "state": pl.String, "params_json": pl.String,
-    "values_json": pl.String, "run_id": pl.String, "updated": pl.Datetime("us"),
+    "values_json": pl.String, "run_id": pl.String, "updated": pl.Datetime("us"), "attempt": pl.Int32,
+    "reason": pl.String,
 }
 FILE_SCHEMA: dict[str, pl.DataType] = {
-    "path": pl.String, "run_id": pl.String, "size": pl.Int64, "mtime_ns": pl.Int64, "inode": pl.Int64,
-    "consumed": pl.Int64, "fingerprint": pl.String, "problem": pl.String, "ingested_at": pl.Datetime("us"),
+    "path": pl.String, "sweep": pl.String, "run_id": pl.String, "size": pl.Int64,
+    "mtime_ns": pl.Int64, "inode": pl.Int64, "consumed": pl.Int64, "fingerprint": pl.String,
+    "problem": pl.String, "ingested_at": pl.Datetime("us"),
 }
 
 
@@ -167,15 +172,80 @@ def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
-    # KID beside FID (rows written before it have NULL); the views select evals.* and pick them up.
-    con.execute("ALTER TABLE evals ADD COLUMN kid DOUBLE")
-    con.execute("ALTER TABLE evals ADD COLUMN kid_std DOUBLE")
+    """Run identity (sweep, run_id) in every table, view and join; every attempt of a trial.
+
+    Schema 1 keyed runs on run_id alone, so runs of two sweeps with the same id were merged and
+    cannot be told apart any more. Everything in the store mirrors the run folders, so the tables
+    are created anew and emptied, with the ingest bookkeeping: the ingest that follows every
+    migration re-reads each file and rebuilds the rows from the folders, each under its sweep."""
+    for view in ("run_summary", "latest_eval"):
+        con.execute(f"DROP VIEW IF EXISTS {view}")
+    for table in ("runs", "train", "evals", "trials", "ingest_files"):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+    con.execute("""
+        CREATE TABLE runs (
+            sweep VARCHAR NOT NULL, run_id VARCHAR NOT NULL, method VARCHAR, preset VARCHAR, params BIGINT,
+            dataset VARCHAR, resolution INTEGER, batch_size INTEGER, budget_flops DOUBLE,
+            budget_iters BIGINT, flops_per_step DOUBLE, flops_per_image_forward DOUBLE, seed INTEGER,
+            teacher_run_id VARCHAR, status VARCHAR, reason VARCHAR, host VARCHAR, slurm_job_id VARCHAR,
+            git_commit VARCHAR, config_json JSON, started TIMESTAMP, finished TIMESTAMP,
+            final_step BIGINT, train_flops DOUBLE, wall_s DOUBLE,
+            img_channels INTEGER, world_size INTEGER, executor VARCHAR, attempt INTEGER,
+            status_updated TIMESTAMP, run_dir VARCHAR, ingested_at TIMESTAMP, PRIMARY KEY (sweep, run_id))""")
+    # train's key (sweep, run_id, step) is kept by ingestion, not declared (see migration 1 for why).
+    con.execute("""
+        CREATE TABLE train (
+            sweep VARCHAR NOT NULL, run_id VARCHAR NOT NULL, step BIGINT NOT NULL, images_seen BIGINT,
+            train_flops DOUBLE, loss DOUBLE, wall_s DOUBLE)""")
+    con.execute("""
+        CREATE TABLE evals (
+            sweep VARCHAR NOT NULL, run_id VARCHAR NOT NULL, step BIGINT NOT NULL, train_flops DOUBLE,
+            images_seen BIGINT, sampler_steps INTEGER NOT NULL, nfe INTEGER, fid DOUBLE, num_samples INTEGER,
+            extractor VARCHAR NOT NULL, reference VARCHAR, sampling_flops_per_image DOUBLE,
+            wall_s DOUBLE, kid DOUBLE, kid_std DOUBLE,
+            PRIMARY KEY (sweep, run_id, step, sampler_steps, extractor))""")
+    # One row per attempt: a retried trial has a new trial number and keeps the failed one.
+    con.execute("""
+        CREATE TABLE trials (
+            study VARCHAR NOT NULL, trial_number INTEGER NOT NULL, state VARCHAR, params_json JSON,
+            values_json JSON, run_id VARCHAR, updated TIMESTAMP, attempt INTEGER, reason VARCHAR,
+            PRIMARY KEY (study, trial_number))""")
+    con.execute("""
+        CREATE TABLE ingest_files (
+            path VARCHAR PRIMARY KEY, sweep VARCHAR, run_id VARCHAR, size BIGINT, mtime_ns BIGINT, inode BIGINT,
+            consumed BIGINT, fingerprint VARCHAR, problem VARCHAR, ingested_at TIMESTAMP)""")
+    con.execute("DELETE FROM sweeps")
+    con.execute("""
+        CREATE VIEW latest_eval AS
+        SELECT * FROM evals
+        QUALIFY step = max(step) OVER (PARTITION BY sweep, run_id, sampler_steps)""")
+    con.execute("""
+        CREATE VIEW run_summary AS
+        WITH last_train AS (
+            SELECT sweep, run_id, arg_max(loss, step) AS final_loss, max(step) AS last_train_step,
+                   count(*) AS n_train_rows
+            FROM train GROUP BY sweep, run_id),
+        last_fid AS (
+            SELECT sweep, run_id,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 1) AS fid_1step,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 2) AS fid_2step,
+                   min(extractor) AS fid_extractor,
+                   max(step) AS last_eval_step,
+                   max(train_flops) AS eval_train_flops
+            FROM latest_eval GROUP BY sweep, run_id)
+        SELECT runs.*, last_train.final_loss, last_train.last_train_step, last_train.n_train_rows,
+               last_fid.fid_1step, last_fid.fid_2step, last_fid.fid_extractor,
+               last_fid.last_eval_step, last_fid.eval_train_flops
+        FROM runs
+        LEFT JOIN last_train USING (sweep, run_id)
+        LEFT JOIN last_fid USING (sweep, run_id)""")
 
 
 # (version, description, apply). Append new entries for schema changes; never edit old ones.
 MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
     (1, "tables sweeps, runs, train, evals, trials, ingest_files; views latest_eval, run_summary", _migration_1),
-    (2, "evals: kid, kid_std (KID mean and std over subsets)", _migration_2),
+    (2, "run identity (sweep, run_id) in every table and view; trials keep every attempt; evals gain kid, "
+        "kid_std; rebuilt from the run folders by the next ingest", _migration_2),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cmscale.config import STUDENT_METHODS, RunConfig, format_validation_error, merge_settings
-from cmscale.methods import FlopsCache, flops_per_step, iterations_for_budget
+from cmscale.methods import BudgetError, FlopsCache, flops_per_step, iterations_for_budget
 from cmscale.rundir import SWEEP_FILE, atomic_write_json, final_checkpoint, read_json
 from cmscale.sweep.spec import SpecError, SweepSpec
 
@@ -91,7 +91,10 @@ class Planner:
 
     def _planned(self, fields: dict[str, Any], stage: int, where: str, depends_on: list[str]) -> PlannedRun:
         config = self._config(fields, where)
-        iterations = iterations_for_budget(config, self._flops)
+        try:
+            iterations = iterations_for_budget(config, self._flops)
+        except BudgetError as error:
+            raise SpecError(f"{self.source} ({where}): invalid configuration\n  - {error}") from None
         run_id = run_id_for(config)
         config = config.model_copy(update={"run_id": run_id})
         return PlannedRun(run_id, config, stage, self._flops(config), iterations, depends_on)

@@ -37,16 +37,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cmscale.cluster.executors import ExecutorKind
 from cmscale.config import (
+    DATASETS_WITH_FILES,
     METHODS,
     STUDENT_METHODS,
     ConfigError,
+    Dataset,
     MethodName,
+    ProfileRef,
     RunConfig,
+    SafeName,
     StrictModel,
+    check_resolution,
     format_validation_error,
     read_toml,
 )
@@ -82,7 +87,7 @@ class TeacherSpec(StrictModel):
 
 class ExecutorSpec(StrictModel):
     name: ExecutorKind = "local"
-    profile: str = "local"
+    profile: ProfileRef = "local"
     max_parallel: int = Field(2, ge=1, description="local executor: runs at once")
     timeout_min: int = Field(60, ge=1)
 
@@ -97,9 +102,9 @@ class ExplicitRun(StrictModel):
 
 
 class SweepSpec(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    dataset: str = "digits"
-    data_path: str | None = None
+    name: SafeName
+    dataset: Dataset = "digits"
+    data_path: str | None = Field(None, validate_default=True)
     resolution: int = Field(16, ge=4)
     presets: list[str] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0])
@@ -129,6 +134,24 @@ class SweepSpec(StrictModel):
             raise ValueError(f"unknown preset {unknown[0]!r}; allowed: {', '.join(PRESETS)}")
         return presets
 
+    @field_validator("data_path")
+    @classmethod
+    def _data_path_exists(cls, data_path: str | None, info: ValidationInfo) -> str | None:
+        """Checked when planning, so a sweep never launches runs that die reading their data."""
+        dataset = info.data.get("dataset")
+        if dataset in DATASETS_WITH_FILES:
+            if not data_path:
+                raise ValueError(f"dataset {dataset!r} is read from disk; set data_path to its folder or file")
+            if not Path(data_path).expanduser().exists():
+                raise ValueError(f"{data_path} does not exist; give the folder (or file) that holds the {dataset} data")
+        return data_path
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_fits_dataset(cls, resolution: int, info: ValidationInfo) -> int:
+        check_resolution(info.data.get("dataset"), resolution, None)
+        return resolution
+
     @field_validator("budgets_flops")
     @classmethod
     def _positive_budgets(cls, budgets: list[float]) -> list[float]:
@@ -136,6 +159,22 @@ class SweepSpec(StrictModel):
         if bad:
             raise ValueError(f"budgets must be positive FLOP counts; got {bad[0]!r}")
         return budgets
+
+    @model_validator(mode="after")
+    def _grid_not_empty(self) -> SweepSpec:
+        """A grid with an empty axis plans nothing (or teachers only): refuse it, naming the axis."""
+        if not self.methods and not self.runs:
+            raise ValueError("methods: no methods and no [[runs]]; the sweep would plan nothing")
+        if self.methods:
+            empty = [name for name, values in (("presets", self.presets), ("seeds", self.seeds)) if not values]
+            if not self.budget_values():
+                empty.append("budgets_flops (or budgets)")
+            if empty:
+                raise ValueError(f"{', '.join(empty)} empty: the grid of methods x presets x budgets x seeds "
+                                 "would plan no runs; give at least one value each")
+            for preset in self.presets:
+                check_resolution(self.dataset, self.resolution, preset)
+        return self
 
     @model_validator(mode="after")
     def _teacher_for_students(self) -> SweepSpec:

@@ -57,9 +57,12 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cmscale.cluster.executors import ExecutorKind
 from cmscale.config import (
+    DATASETS_WITH_FILES,
     ConfigError,
     MethodName,
+    ProfileRef,
     RunConfig,
+    SafeName,
     StrictModel,
     read_toml,
     resolve_path,
@@ -135,12 +138,12 @@ class PrunerSpec(StrictModel):
 
 class TuneExecutorSpec(StrictModel):
     name: ExecutorKind = "local"
-    profile: str = "local"
+    profile: ProfileRef = "local"
     timeout_min: int = Field(120, ge=1, description="wall-clock limit of one worker")
 
 
 class TuneSpec(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeName
     n_trials: int = Field(ge=1)
     workers: int = Field(1, ge=1)
     storage: str | None = Field(None, description="Optuna storage URL; default: a journal file under the results root")
@@ -232,7 +235,7 @@ def _errors(source: str, items: list[tuple[str, str]]) -> TuneSpecError:
 
 
 def _pydantic_items(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
-    return [(prefix + _loc(item["loc"]), item["msg"]) for item in error.errors()]
+    return [(prefix + _loc(item["loc"]), item["msg"].removeprefix("Value error, ")) for item in error.errors()]
 
 
 def parse_tune_spec(raw: dict[str, Any], source: str = "<tune spec>") -> TuneSpec:
@@ -266,6 +269,10 @@ def load_tune_spec(path: Path | str) -> TuneSpec:
             if isinstance(base.get(key), str):
                 base[key] = resolve_path(base[key], path.parent, absolute=True)
     spec = parse_tune_spec(raw, str(path))
+    data_path = spec.base.get("data_path")
+    if spec.base.get("dataset") in DATASETS_WITH_FILES and data_path and not Path(data_path).exists():
+        message = f"{data_path} does not exist; give the folder (or file) that holds the {spec.base['dataset']} data"
+        raise _errors(str(path), [("base.data_path", message)])
     teacher = spec.base.get("teacher_ckpt")
     if teacher and not Path(teacher).is_file():
         raise _errors(

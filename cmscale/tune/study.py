@@ -257,11 +257,21 @@ def trial_run_id(trial: FrozenTrial) -> str:
 
 def write_trial_file(run_dir: Path, study: str, number: int, state: str, params: dict[str, Any],
                      values: list[float] | None, run_id: str, reason: str | None = None) -> None:
+    """The trial's record in its run folder. A retry is a new trial in the same folder: the records
+    of earlier trials (the failed attempts) move to ``earlier_attempts``, never overwritten."""
+    path = Path(run_dir) / TRIAL_FILE
+    try:
+        previous = read_json(path)
+    except (FileNotFoundError, ValueError):
+        previous = None
+    earlier = list(previous.get("earlier_attempts") or []) if isinstance(previous, dict) else []
+    if isinstance(previous, dict) and previous.get("trial_number") != number:
+        earlier.append({key: value for key, value in previous.items() if key != "earlier_attempts"})
     record = {"study": study, "trial_number": number, "state": state, "params": params, "values": values,
-              "run_id": run_id, "updated": time.time()}
+              "run_id": run_id, "updated": time.time(), "attempt": len(earlier) + 1, "earlier_attempts": earlier}
     if reason:
         record["reason"] = reason
-    atomic_write_json(Path(run_dir) / TRIAL_FILE, record)
+    atomic_write_json(path, record)
 
 
 def zombie_reason(trial: FrozenTrial, root: Path | str, spec: TuneSpec, now: float | None = None) -> str | None:
