@@ -19,6 +19,7 @@ its own job.json, so status, cancel and relaunch keep working per run.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import time
@@ -102,6 +103,21 @@ def _submit(executor: Any, pack: list[LaunchableRun], root: Path) -> Any:
 def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _spread(runs: list, runs_per_job: int, parallel: int) -> list[list]:
+    """Packs of at most ``runs_per_job`` runs, but never fewer packs than ``parallel`` slots can
+    run at once (while runs last), sizes differing by one at most: packing must not idle a slot."""
+    if not runs:
+        return []
+    count = max(math.ceil(len(runs) / runs_per_job), min(len(runs), parallel))
+    size, extra = divmod(len(runs), count)
+    packs, start = [], 0
+    for index in range(count):
+        end = start + size + (index < extra)
+        packs.append(runs[start:end])
+        start = end
+    return packs
 
 
 class Launcher(Protocol):
@@ -226,7 +242,7 @@ class LocalLauncher:
                     report.skipped[run.run_id] = f"teacher {failed_deps[0]} did not finish"
                 else:
                     ready.append(run)
-            queue = list(_chunks(ready, self.runs_per_job))
+            queue = _spread(ready, self.runs_per_job, self.max_parallel)
             active: list[_LocalJob] = []
             while queue or active:
                 while queue and len(active) < self.max_parallel:
