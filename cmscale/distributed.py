@@ -77,6 +77,21 @@ def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def max_over_ranks(value: int, world: int, device: torch.device) -> int:
+    """The largest of an integer over ranks, on every rank (the same answer everywhere)."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([float(value)], device=device)  # NCCL needs a device tensor
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op for a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def broadcast_parameters(modules: list[torch.nn.Module]) -> None:
     """Make every rank start from rank 0's weights (fresh inits could differ across hosts)."""
     for module in modules:

@@ -83,10 +83,22 @@ class Method:
     teacher: nn.Module | None = None
     extra_modules: list[nn.Module] = field(default_factory=list)  # trained alongside (sCM's adaptive weight)
 
-    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, **draws: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses; ``draws`` (from :meth:`sample_draws`) fix the times and noise, else the loss draws."""
         if self.name in ("sct", "scd"):
-            return self.loss_fn(self.model, x0, teacher=self.teacher)
-        return self.loss_fn(self.model, x0)
+            return self.loss_fn(self.model, x0, teacher=self.teacher, **draws)
+        return self.loss_fn(self.model, x0, **draws)
+
+    def sample_draws(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+        """The per-sample randomness of one loss on a batch of ``shape`` (times, then noise), from the global RNG.
+
+        Drawn for a whole batch and split by rows, it gives each rank of a data-parallel run exactly
+        the times and noise a single process would give the same images."""
+        if self.name == "edm":
+            times = {"sigma": self.loss_fn.sample_sigma(shape[0], device)}
+        else:
+            times = {"t": self.loss_fn.sample_t(shape[0], device)}
+        return times | {"noise": torch.randn(shape, device=device)}
 
     def set_iteration(self, iteration: int) -> None:
         if hasattr(self.loss_fn, "set_iteration"):

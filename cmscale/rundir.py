@@ -15,7 +15,8 @@ Every file name lives here. A results root holds::
         status.json      {"state": RunState, "host", "pid", "slurm_job_id", "updated", ...}
         heartbeat        its mtime is refreshed every few seconds while the run is alive
         done.json        {"status": "done"|"failed"|"pruned", "reason", "finished", ...} written once
-        job.json         how and when the run was last submitted (executor, job id, attempt)
+        job.json         how and when the run was last submitted (executor, job id, attempt; ``pack``:
+                         the run ids of its job, in order, when several runs share one job)
         trial.json       the Optuna trial behind the run (searches only); a retry keeps the failed
                          attempts under ``earlier_attempts``
         ckpt/            latest.pt (resume state), previous.pt (the one before, kept until latest.pt
@@ -70,6 +71,7 @@ SAMPLES_DIR = "samples"
 DONE_STATE_KEY = "status"
 STATUS_STATE_KEY = "state"
 ITERATIONS_KEY = "budget_iters_resolved"  # config.json's name for the run's iteration count
+PACK_KEY = "pack"  # job.json: the run ids sharing the run's job (packed runs only), in training order
 
 
 class RunState(StrEnum):

@@ -13,11 +13,20 @@ computes its share of the batch, gradients are averaged with ``all_reduce``, and
 
 Search workers stop and checkpoint the run in progress through :func:`save_active_run`.
 
-Randomness is a function of (seed, step, rank): the images of a step are drawn from a generator
-seeded by (seed, step) and split across ranks, and the noise, times and dropout masks come from the
-global RNG reseeded by (seed, step, rank) before each step. A resumed run therefore replays exactly
-the steps an uninterrupted run would take, and a data-parallel run sees the same images as one
-process with the whole batch.
+Randomness is a function of (seed, step, rank): the images, times and noise of a step are drawn
+for the whole batch from seeds of (seed, step) and split across ranks by rows; the dropout masks
+come from the global RNG reseeded by (seed, step, rank). A resumed run therefore replays exactly
+the steps an uninterrupted run would take, and a data-parallel run (without dropout) takes the same
+steps, with the same loss, as one process with the whole batch.
+
+Stopping a data-parallel run: every rank catches SIGTERM and USR2, and at each step boundary the
+ranks agree (all-reduce) whether any was signalled, so all stop after the same step. Rank 0 saves
+the checkpoint, the ranks wait for it (barrier), and only then does rank 0 hand a USR2 to
+submitit's handler, which requeues the job. Left to submitit, only rank 0 would stop on USR2 and
+the other ranks would run on into a collective with no partner.
+
+Packed runs: :class:`PackJob` trains several runs one after the other in one process (one array
+task), each in its own folder; on a requeue it skips the runs that are done and resumes the others.
 
 A non-finite loss (averaged over ranks) ends the run before the optimiser step, with status
 ``failed`` and the reason in ``done.json``. Times in ``done.json`` are Unix seconds; ``started`` is
@@ -33,6 +42,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -47,8 +57,10 @@ from cmscale.data.loader import StepBatches, step_seed
 from cmscale.distributed import (
     any_rank,
     average_gradients,
+    barrier,
     broadcast_parameters,
     init_distributed,
+    max_over_ranks,
     mean_over_ranks,
     pick_device,
 )
@@ -87,9 +99,12 @@ DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
 # Settings that cannot change a run's result: a resume may change them freely.
 RESUME_MAY_CHANGE = frozenset({"log_every", "ckpt_every", "heartbeat_s", "device", "run_id", "sweep"})
 
+SHARED_DRAWS = 4095  # the rank slot of step_seed that seeds the draws of the whole batch (times, noise)
+STOP_CODES = {None: 0, "SIGTERM": 1, "SIGUSR2": 2}  # ranks agree on the strongest request (USR2: requeue)
+
 __all__ = [
-    "CheckpointError", "IterationMismatchError", "ResumeConfigError", "TrainJob", "Trainer", "active_trainer",
-    "save_active_run", "train",
+    "CheckpointError", "IterationMismatchError", "PackJob", "ResumeConfigError", "TrainJob", "Trainer",
+    "active_trainer", "save_active_run", "train",
 ]
 
 
@@ -104,6 +119,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.requeue_handler = None  # submitit's USR2 handler, called by rank 0 once every rank stopped
 
     def handler(self, signum, frame) -> None:  # noqa: ARG002
         self.requested = signal.Signals(signum).name
@@ -323,6 +339,13 @@ class Trainer:
         """This rank's share of the step's batch; the whole batch depends only on (seed, step)."""
         return self.batches(self.step)
 
+    def draws(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This rank's rows of the step's times and noise, drawn for the whole batch from (seed, step)."""
+        torch.manual_seed(step_seed(self.config.seed, self.step, SHARED_DRAWS))
+        whole = self.method.sample_draws((self.config.batch_size, *x0.shape[1:]), self.device)
+        rows = slice(self.rank * x0.shape[0], (self.rank + 1) * x0.shape[0])
+        return {name: value[rows] for name, value in whole.items()}
+
     def learning_rate(self) -> float:
         warmup = self.config.lr_warmup_iters
         return self.config.lr * (min(1.0, (self.step + 1) / warmup) if warmup else 1.0)
@@ -334,13 +357,14 @@ class Trainer:
         weights never absorb it.
         """
         self.method.set_iteration(self.step)
-        torch.manual_seed(step_seed(self.config.seed, self.step, self.rank))
         x0 = self.batch()
+        draws = self.draws(x0)
+        torch.manual_seed(step_seed(self.config.seed, self.step, self.rank))
         autocast = torch.autocast(
             device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"
         )
         with autocast:
-            loss = self.method.loss(x0).mean()
+            loss = self.method.loss(x0, **draws).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.params, self.world)
@@ -516,7 +540,11 @@ def train(config: RunConfig, run_dir: Path | str, on_eval=None, iterations: int 
         run_dir.mkdir(parents=True, exist_ok=True)
         _ACTIVE = trainer
         stop = StopFlag()
-        previous_handlers = {signum: signal.signal(signum, stop.handler) for signum in (signal.SIGTERM,)}
+        # One process lets submitit's USR2 handler act between steps; several ranks must first agree on
+        # the step to stop at, so each catches USR2 too and _run hands it on (see the module docstring).
+        caught = (signal.SIGTERM, signal.SIGUSR2) if trainer.world > 1 else (signal.SIGTERM,)
+        previous_handlers = {signum: signal.signal(signum, stop.handler) for signum in caught}
+        stop.requeue_handler = previous_handlers.get(signal.SIGUSR2)
         phase = "training"
         try:
             return _run(trainer, stop, on_eval)
@@ -583,14 +611,22 @@ def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
                             )
                     if step % config.ckpt_every == 0:
                         trainer.save()
-                if any_rank(stop.requested is not None, trainer.world, trainer.device):
+                code = max_over_ranks(STOP_CODES[stop.requested], trainer.world, trainer.device)
+                if code:
                     # every rank stops at the same step if any rank got the signal
+                    signal_name = next(name for name, value in STOP_CODES.items() if value == code)
                     trainer.save()
                     if trainer.is_writer:
-                        write_status(run_dir, RunState.INTERRUPTED, step=trainer.step, signal=stop.requested)
+                        write_status(run_dir, RunState.INTERRUPTED, step=trainer.step, signal=signal_name)
+                    if trainer.world > 1:
+                        barrier()  # the checkpoint is complete before any rank leaves
+                        print(f"cmscale: rank {trainer.rank}/{trainer.world} stopped at step {trainer.step} "
+                              f"on {signal_name}", file=sys.stderr, flush=True)
+                        if signal_name == "SIGUSR2" and trainer.is_writer and callable(stop.requeue_handler):
+                            stop.requeue_handler(signal.SIGUSR2, None)  # submitit: checkpoint, requeue, exit
                     return {
                         DONE_STATE_KEY: RunState.INTERRUPTED,
-                        "reason": f"signal {stop.requested}",
+                        "reason": f"signal {signal_name}",
                         "final_step": trainer.step,
                     }
             trainer.save()
@@ -642,3 +678,47 @@ class TrainJob(submitit.helpers.Checkpointable):
         if trainer is not None and trainer.is_writer:
             write_status(Path(run_dir), RunState.REQUEUED, step=trainer.step)
         return submitit.helpers.DelayedSubmission(TrainJob(), config_dict, run_dir, iterations)
+
+
+class PackJob(submitit.helpers.Checkpointable):
+    """Several runs in one job, one after the other in one process: ``PackJob()(runs)`` with
+    ``runs`` a list of ``(config_dict, run_dir, iterations)``, as :class:`TrainJob` takes them.
+
+    Short runs then share one interpreter start (torch alone takes seconds to import) and one array
+    task. Each run keeps its own folder, heartbeat, checkpoints and status. A run that is done is
+    skipped (``train`` returns its done.json), so a requeued pack resumes where it stopped. A run
+    that raises is recorded as failed in its done.json and the pack goes on; a run stopped by a
+    signal ends the pack (its job is being requeued or cancelled).
+    """
+
+    def __call__(self, runs: list[tuple[dict[str, Any], str, int | None]]) -> list[dict[str, Any]]:
+        results = []
+        for config_dict, run_dir, iterations in runs:
+            try:
+                result = TrainJob()(config_dict, run_dir, iterations)
+            except Exception as error:  # noqa: BLE001 - one bad run must not take its pack down
+                result = _record_failure(Path(run_dir), error)
+            results.append(result)
+            if result.get(DONE_STATE_KEY) == RunState.INTERRUPTED:
+                break
+        return results
+
+    def checkpoint(self, runs: list[tuple[dict[str, Any], str, int | None]]) -> submitit.helpers.DelayedSubmission:
+        trainer = save_active_run()
+        if trainer is not None and trainer.is_writer:
+            write_status(trainer.run_dir, RunState.REQUEUED, step=trainer.step)
+        return submitit.helpers.DelayedSubmission(PackJob(), runs)
+
+
+def _record_failure(run_dir: Path, error: Exception) -> dict[str, Any]:
+    """done.json for a packed run that raised (a lone run's job fails instead, and status says so)."""
+    done = {
+        DONE_STATE_KEY: RunState.FAILED,
+        "reason": f"{type(error).__name__}: {error}",
+        "traceback": traceback.format_exc(limit=20),
+        "finished": time.time(),
+    }
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_json(run_dir / DONE_FILE, done)
+        write_status(run_dir, RunState.FAILED)
+    return done

@@ -10,10 +10,16 @@ them) and ``done`` holds the ids of finished runs. :func:`make_launcher` picks t
 - :class:`LocalLauncher`: the same jobs as local processes (or, for ``debug``, in this process),
   stage by stage, ``max_parallel`` at once. It waits for a process to end on a pidfd (no polling)
   where the OS has them.
+
+Packing: with ``runs_per_job = k > 1`` both launchers put up to k runs of one array (one stage and
+one set of dependencies) into one job, which trains them one after the other in one process
+(:class:`cmscale.train.PackJob`). Every run of a pack records the pack's job id and its run ids in
+its own job.json, so status, cancel and relaunch keep working per run.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import time
@@ -30,6 +36,7 @@ from cmscale.rundir import (
     DONE_FILE,
     DONE_STATE_KEY,
     JOB_FILE,
+    PACK_KEY,
     SUBMITIT_DIR,
     RunState,
     atomic_write_json,
@@ -61,20 +68,22 @@ class LaunchReport:
     arrays: list[dict[str, Any]] = field(default_factory=list)
 
 
-def record_job(run_dir: Path, executor: str, job_id: str, array_job_id: str | None, task: int | None) -> None:
-    """Write the run's job.json (the attempt count goes up by one per submission)."""
+def record_job(run_dir: Path, executor: str, job_id: str, array_job_id: str | None, task: int | None,
+               pack: list[str] | None = None) -> None:
+    """Write the run's job.json (the attempt count goes up by one per submission). ``pack``: the
+    run ids that share the job, in the order it trains them (absent for a job of one run)."""
     previous = read_job(run_dir) or {}
-    atomic_write_json(
-        Path(run_dir) / JOB_FILE,
-        {
-            "executor": executor,
-            "job_id": job_id,
-            "array_job_id": array_job_id,
-            "array_task": task,
-            "submitted": time.time(),
-            "attempt": int(previous.get("attempt", 0)) + 1,
-        },
-    )
+    job = {
+        "executor": executor,
+        "job_id": job_id,
+        "array_job_id": array_job_id,
+        "array_task": task,
+        "submitted": time.time(),
+        "attempt": int(previous.get("attempt", 0)) + 1,
+    }
+    if pack and len(pack) > 1:
+        job[PACK_KEY] = list(pack)
+    atomic_write_json(Path(run_dir) / JOB_FILE, job)
 
 
 def _job_args(run: LaunchableRun, root: Path) -> tuple[dict[str, Any], str, int]:
@@ -82,15 +91,33 @@ def _job_args(run: LaunchableRun, root: Path) -> tuple[dict[str, Any], str, int]
     return run.config.model_dump(mode="json"), str(run.run_dir(root)), run.iterations
 
 
-def _job_callable():
-    from cmscale.train import TrainJob
+def _submit(executor: Any, pack: list[LaunchableRun], root: Path) -> Any:
+    """Submit one job: TrainJob for a lone run, PackJob for several."""
+    from cmscale.train import PackJob, TrainJob
 
-    return TrainJob()
+    if len(pack) == 1:
+        return executor.submit(TrainJob(), *_job_args(pack[0], root))
+    return executor.submit(PackJob(), [_job_args(run, root) for run in pack])
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _spread(runs: list, runs_per_job: int, parallel: int) -> list[list]:
+    """Packs of at most ``runs_per_job`` runs, but never fewer packs than ``parallel`` slots can
+    run at once (while runs last), sizes differing by one at most: packing must not idle a slot."""
+    if not runs:
+        return []
+    count = max(math.ceil(len(runs) / runs_per_job), min(len(runs), parallel))
+    size, extra = divmod(len(runs), count)
+    packs, start = [], 0
+    for index in range(count):
+        end = start + size + (index < extra)
+        packs.append(runs[start:end])
+        start = end
+    return packs
 
 
 class Launcher(Protocol):
@@ -106,8 +133,9 @@ class SlurmLauncher:
     uses_profile: ClassVar[bool] = True
 
     def __init__(self, root: Path, sweep: str, profile: Profile, dry_run: bool = False,
-                 on_progress: Callable[[int, int], None] | None = None):
+                 on_progress: Callable[[int, int], None] | None = None, runs_per_job: int = 1):
         self.root = Path(root)
+        self.runs_per_job = runs_per_job
         self.sweep = sweep
         self.profile = profile
         self.dry_run = dry_run
@@ -119,13 +147,14 @@ class SlurmLauncher:
         self.max_array = min(limits) if limits else SLURM_DEFAULT_MAX_ARRAY_SIZE
 
     def submit_array(self, runs: list[LaunchableRun], dependency: str | None, report: LaunchReport) -> list[str]:
-        """Submit ``runs`` as arrays of at most MaxArraySize tasks; returns one job id per run."""
+        """Submit ``runs``, ``runs_per_job`` to a task, as arrays of at most MaxArraySize tasks;
+        returns one job id per run (the id of its pack's task)."""
         job_ids: list[str] = []
-        for chunk in _chunks(runs, self.max_array):
+        for chunk in _chunks(list(_chunks(runs, self.runs_per_job)), self.max_array):
             report.sbatch_calls += 1
             if self.dry_run:
                 fake = f"dryrun{report.sbatch_calls}"
-                job_ids += [f"{fake}_{i}" for i in range(len(chunk))]
+                job_ids += [f"{fake}_{i}" for i, pack in enumerate(chunk) for _ in pack]
                 report.arrays.append({"array_job_id": fake, "tasks": len(chunk), "dependency": dependency})
                 continue
             executor = make_executor("slurm", Path(self.root) / self.sweep / SUBMITIT_DIR / "%j",
@@ -134,14 +163,15 @@ class SlurmLauncher:
             if dependency:
                 extra |= {"dependency": dependency, "kill-on-invalid-dep": "yes"}
             executor.update_parameters(slurm_additional_parameters=extra)
-            job_callable = _job_callable()
             with executor.batch():
-                jobs = [executor.submit(job_callable, *_job_args(run, self.root)) for run in chunk]
+                jobs = [_submit(executor, pack, self.root) for pack in chunk]
             array_job_id = jobs[0].job_id.split("_")[0]
             report.arrays.append({"array_job_id": array_job_id, "tasks": len(chunk), "dependency": dependency})
-            for task, (run, job) in enumerate(zip(chunk, jobs)):
-                record_job(run.run_dir(self.root), "slurm", job.job_id, array_job_id, task)
-                job_ids.append(job.job_id)
+            for task, (pack, job) in enumerate(zip(chunk, jobs)):
+                for run in pack:
+                    record_job(run.run_dir(self.root), "slurm", job.job_id, array_job_id, task,
+                               pack=[member.run_id for member in pack])
+                    job_ids.append(job.job_id)
             if self.on_progress:
                 self.on_progress(len(report.submitted) + len(job_ids), self._total)
         report.submitted += [run.run_id for run in runs]
@@ -180,8 +210,10 @@ class LocalLauncher:
     uses_profile: ClassVar[bool] = False
 
     def __init__(self, root: Path, sweep: str, max_parallel: int, timeout_min: int, debug: bool = False,
-                 dry_run: bool = False, on_finish: Callable[[LaunchableRun, str], None] | None = None):
+                 dry_run: bool = False, on_finish: Callable[[LaunchableRun, str], None] | None = None,
+                 runs_per_job: int = 1):
         self.root = Path(root)
+        self.runs_per_job = runs_per_job
         self.sweep = sweep
         self.max_parallel = 1 if debug else max_parallel
         self.timeout_min = timeout_min
@@ -200,41 +232,48 @@ class LocalLauncher:
         os.environ[THREADS_ENV] = str(cores_per_job(self.max_parallel))
         executor = make_executor(self.kind, self.root / self.sweep / SUBMITIT_DIR / "%j", name=f"cmscale-{self.sweep}",
                                  timeout_min=self.timeout_min)
-        job_callable = _job_callable()
         for stage in sorted({run.stage for run in runs}):
-            queue = [run for run in runs if run.stage == stage]
-            active: dict[str, _LocalJob] = {}
+            ready = []
+            for run in runs:  # a stage starts once the one before has ended, so its teachers are known
+                failed_deps = [dep for dep in run.depends_on if dep not in done]
+                if run.stage != stage:
+                    continue
+                if failed_deps:
+                    report.skipped[run.run_id] = f"teacher {failed_deps[0]} did not finish"
+                else:
+                    ready.append(run)
+            queue = _spread(ready, self.runs_per_job, self.max_parallel)
+            active: list[_LocalJob] = []
             while queue or active:
                 while queue and len(active) < self.max_parallel:
-                    run = queue.pop(0)
-                    failed_deps = [dep for dep in run.depends_on if dep not in done]
-                    if failed_deps:
-                        report.skipped[run.run_id] = f"teacher {failed_deps[0]} did not finish"
-                        continue
-                    job = executor.submit(job_callable, *_job_args(run, self.root))
-                    record_job(run.run_dir(self.root), self.kind, str(job.job_id), None, None)
-                    report.submitted.append(run.run_id)
+                    pack = queue.pop(0)
+                    job = _submit(executor, pack, self.root)
+                    for run in pack:
+                        record_job(run.run_dir(self.root), self.kind, str(job.job_id), None, None,
+                                   pack=[member.run_id for member in pack])
+                        report.submitted.append(run.run_id)
                     if self.kind == "debug":
                         job.result()
-                    active[run.run_id] = _LocalJob(run, job)
-                finished = [run_id for run_id, local in active.items() if local.job.done()]
+                    active.append(_LocalJob(pack, job))
+                finished = [local for local in active if local.job.done()]
                 if not finished and active:
-                    _wait_for_any(list(active.values()))
-                for run_id in finished:
-                    local = active.pop(run_id)
+                    _wait_for_any(active)
+                for local in finished:
+                    active.remove(local)
                     local.close()
-                    state = _local_outcome(local.run.run_dir(self.root), local.job)
-                    if state == RunState.DONE:
-                        done.add(run_id)
-                    if self.on_finish:
-                        self.on_finish(local.run, state)
+                    for run in local.runs:
+                        state = _local_outcome(run.run_dir(self.root), local.job)
+                        if state == RunState.DONE:
+                            done.add(run.run_id)
+                        if self.on_finish:
+                            self.on_finish(run, state)
 
 
 class _LocalJob:
-    """A submitted local job and, where the OS has them, a pidfd that turns readable when it ends."""
+    """A submitted local job (its runs) and, where the OS has them, a pidfd that turns readable when it ends."""
 
-    def __init__(self, run: LaunchableRun, job: Any):
-        self.run, self.job = run, job
+    def __init__(self, runs: list[LaunchableRun], job: Any):
+        self.runs, self.job = runs, job
         self.pidfd: int | None = None
         try:  # a child not yet reaped keeps its pid, so the pidfd cannot name another process
             self.pidfd = os.pidfd_open(int(job.job_id))
@@ -285,6 +324,7 @@ def make_launcher(
     dry_run: bool = False,
     on_finish: Callable[[LaunchableRun, str], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    runs_per_job: int = 1,
 ) -> Launcher:
     """The launcher for executor ``kind``. A SLURM launcher loads profile ``profile_name``; a bad
     profile raises ConfigError prefixed with ``profile_where`` (the option or spec field that named it)."""
@@ -293,8 +333,9 @@ def make_launcher(
             profile = load_profile(profile_name or "local")
         except ConfigError as error:
             raise ConfigError(f"{profile_where}: {error}") from None
-        return SlurmLauncher(root, sweep, profile, dry_run=dry_run, on_progress=on_progress)
+        return SlurmLauncher(root, sweep, profile, dry_run=dry_run, on_progress=on_progress,
+                             runs_per_job=runs_per_job)
     if kind in LAUNCHERS:
         return LocalLauncher(root, sweep, max_parallel, timeout_min, debug=kind == "debug", dry_run=dry_run,
-                             on_finish=on_finish)
+                             on_finish=on_finish, runs_per_job=runs_per_job)
     raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(LAUNCHERS)}")

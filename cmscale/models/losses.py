@@ -104,6 +104,10 @@ class ECTLoss:
     def set_iteration(self, iteration: int) -> None:
         self.stage = iteration // self.iters_per_stage
 
+    def sample_t(self, batch: int, device: torch.device) -> torch.Tensor:
+        """ln t ~ N(P_mean, P_std^2)."""
+        return (torch.randn(batch, device=device) * self.P_std + self.P_mean).exp()
+
     # Floor of the decay q^-(s+1): beyond about 20 halvings (t - r)/t drops under fp32's resolution,
     # r rounds to t and the 1/(t - r) weight divides by zero. ECT's own runs stop well before that.
     MIN_DECAY = 2.0**-20
@@ -148,7 +152,7 @@ class ECTLoss:
 
     def __call__(self, model: EDMPrecond, x0: torch.Tensor, t: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
-        t = (torch.randn(x0.shape[0], device=x0.device) * self.P_std + self.P_mean).exp() if t is None else t
+        t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         r = self.t_to_r(t)
         with record_masks(model):

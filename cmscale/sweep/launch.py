@@ -99,7 +99,8 @@ def submit_runs(
     where = "--profile" if profile_name else f"{spec_path or '<spec>'}: invalid configuration\n  - executor.profile"
     launcher = make_launcher(executor, root, spec.name, profile_name=profile, profile_where=where,
                              max_parallel=spec.executor.max_parallel, timeout_min=spec.executor.timeout_min,
-                             dry_run=dry_run, on_finish=on_finish, on_progress=on_progress)
+                             dry_run=dry_run, on_finish=on_finish, on_progress=on_progress,
+                             runs_per_job=spec.executor.runs_per_job)
     launcher.launch(ready, report, live_jobs, done)
     return report
 
@@ -114,7 +115,7 @@ def cancel_sweep(root: Path, sweep: str) -> list[str]:
             continue  # nothing live behind it
         if job.get("executor") == "slurm":
             slurm_ids.add(str(job["job_id"]))
-        elif job.get("executor") == "local":
+        elif job.get("executor") == "local" and int(job["job_id"]) not in local_pids:  # packs share a pid
             local_pids.append(int(job["job_id"]))
     if slurm_ids:
         subprocess.run(["scancel", *sorted(slurm_ids)], check=False, capture_output=True, text=True, timeout=60)

@@ -24,6 +24,7 @@ Example (``examples/sweep_digits_tiny.toml``)::
     [executor]
     name = "local"                        # local | slurm | debug
     profile = "local"                     # slurm/profiles/<profile>.toml (see cmscale.cluster.profiles)
+    runs_per_job = 1                      # > 1 packs that many short runs into one job
 
     [[runs]]                              # optional explicit runs, zipped, besides the grid
     method = "sct"
@@ -90,6 +91,9 @@ class ExecutorSpec(StrictModel):
     profile: ProfileRef = "local"
     max_parallel: int = Field(2, ge=1, description="local executor: runs at once")
     timeout_min: int = Field(60, ge=1)
+    runs_per_job: int = Field(
+        1, ge=1, description="runs trained one after the other in one job (one array task, one process): "
+        "packing short runs saves the interpreter start of each and cuts the number of array tasks")
 
 
 class ExplicitRun(StrictModel):

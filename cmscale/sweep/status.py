@@ -1,7 +1,9 @@
 """Run states from the run directories, checked against the scheduler when a job looks stuck.
 
 States: ``planned`` (never submitted), ``queued``, ``running``, ``done``, ``failed`` and ``lost``
-(the run said it was running, its heartbeat went stale and no live job stands behind it).
+(the run said it was running, its heartbeat went stale and no live job stands behind it). A run
+packed with others into one job (``runs_per_job``) is ``queued`` until it starts, even while its
+pack's job runs the runs before it; each run is reported, never the pack.
 The run directory is the source of truth; ``squeue`` and ``sacct`` only decide whether a job
 is still alive. Nothing here waits on a job: a job that died without a result is reported, never
 awaited, and status works (with less detail) when ``sacct`` is unavailable.
@@ -16,6 +18,7 @@ from cmscale.cluster.slurm import ENDING_SUFFIX, LIVE_SLURM_STATES, slurm_job_st
 from cmscale.rundir import (
     DONE_FILE,
     DONE_STATE_KEY,
+    PACK_KEY,
     STATUS_FILE,
     RunState,
     heartbeat_age_s,
@@ -90,6 +93,9 @@ def run_state(run_id: str, run_dir: Path, config: dict, slurm_states: dict[str, 
         if scheduler_state:
             reason += f" (scheduler: {scheduler_state})"
         return RunStatus(run_id, RunState.LOST, method, preset, job_id, reason, ending=_ending(scheduler_state))
+    if alive and job.get(PACK_KEY):
+        # Its pack's job runs (or waits); this run has not started: it waits for its turn in the pack.
+        return RunStatus(run_id, RunState.QUEUED, method, preset, job_id, _pack_reason(run_id, job, scheduler_state))
     if alive:
         return RunStatus(run_id, _live_state(scheduler_state), method, preset, job_id, scheduler_state)
     if job.get("executor") == "slurm" and scheduler_state and scheduler_state not in LIVE_SLURM_STATES:
@@ -105,6 +111,12 @@ def run_state(run_id: str, run_dir: Path, config: dict, slurm_states: dict[str, 
     return RunStatus(
         run_id, RunState.LOST, method, preset, job_id, "the submitted job is gone and the run never started"
     )
+
+
+def _pack_reason(run_id: str, job: dict, scheduler_state: str | None) -> str:
+    pack = job[PACK_KEY]
+    place = f"run {pack.index(run_id) + 1} of {len(pack)}" if run_id in pack else f"one of {len(pack)} runs"
+    return f"{place} in pack job {job.get('job_id')}" + (f" ({scheduler_state})" if scheduler_state else "")
 
 
 def _ending(scheduler_state: str | None) -> bool:

@@ -1,0 +1,78 @@
+"""Packed runs (``runs_per_job``) without a scheduler: one process trains several runs, each in its
+own folder; done runs are skipped, a failing run does not take its pack down, and the local
+launcher packs (one process, one pid, per pack)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import sweep
+
+from cmscale.config import RunConfig
+from cmscale.rundir import read_job, read_json, read_metrics
+from cmscale.train import PackJob, train
+
+NO_EVAL = {"at_fractions": []}
+
+
+def tiny(seed: int, method: str = "edm", **fields) -> RunConfig:
+    return RunConfig(method=method, preset="xxs", batch_size=8, budget_iters=3, log_every=1, eval=NO_EVAL,
+                     seed=seed, **fields)
+
+
+def test_pack_trains_each_run_in_its_folder_skips_done_ones_and_survives_a_failing_run(tmp_path):
+    first, broken, last = tiny(0), tiny(1, method="ect", teacher_ckpt=str(tmp_path / "missing.pt")), tiny(2)
+    train(first, tmp_path / "first")  # done before the pack starts: the pack must not train it again
+    done_before = read_json(tmp_path / "first" / "done.json")
+    metrics_before = (tmp_path / "first" / "metrics.jsonl").read_bytes()
+
+    runs = [(config.model_dump(mode="json"), str(tmp_path / name), None)
+            for config, name in ((first, "first"), (broken, "broken"), (last, "last"))]
+    results = PackJob()(runs)
+
+    assert [result["status"] for result in results] == ["done", "failed", "done"]
+    assert read_json(tmp_path / "first" / "done.json") == done_before
+    assert (tmp_path / "first" / "metrics.jsonl").read_bytes() == metrics_before
+    failed = read_json(tmp_path / "broken" / "done.json")
+    assert failed["status"] == "failed" and "missing.pt" in failed["reason"]
+    assert read_json(tmp_path / "broken" / "status.json")["state"] == "failed"
+    last_dir = tmp_path / "last"
+    assert [row["step"] for row in read_metrics(last_dir / "metrics.jsonl", kind="train")] == [1, 2, 3]
+    assert {"config.json", "status.json", "heartbeat", "done.json"} <= {p.name for p in last_dir.iterdir()}
+    assert (last_dir / "ckpt" / "latest.pt").is_file() and (last_dir / "ckpt" / "final.pt").is_file()
+
+
+PACKED_SPEC = """
+name = "packed"
+dataset = "digits"
+resolution = 16
+
+[defaults]
+batch_size = 8
+log_every = 1
+
+[defaults.eval]
+at_fractions = []
+
+[executor]
+name = "local"
+max_parallel = 2
+runs_per_job = 2
+""" + "".join(f'\n[[runs]]\nmethod = "edm"\npreset = "xxs"\nbudget_iters = 2\nseed = {seed}\n' for seed in range(3))
+
+
+@pytest.mark.slow
+def test_local_executor_packs_runs_into_fewer_processes(tmp_path):
+    spec = tmp_path / "packed.toml"
+    spec.write_text(PACKED_SPEC)
+    sweep("launch", spec, "--root", tmp_path)
+    plan = read_json(tmp_path / "packed" / "sweep.json")
+    jobs = {run["run_id"]: read_job(tmp_path / "packed" / run["run_id"]) for run in plan["runs"]}
+    pids = [job["job_id"] for job in jobs.values()]
+    assert len(set(pids)) == 2  # 3 runs, 2 to a job: two processes
+    for run_id, job in jobs.items():
+        assert run_id in job.get("pack", [run_id])
+    status = json.loads(sweep("status", "packed", "--root", tmp_path, "--json"))
+    assert sorted(run["run_id"] for run in status["runs"]) == sorted(jobs)  # runs, not packs
+    assert status["counts"] == {"done": 3}
