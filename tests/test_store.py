@@ -471,7 +471,7 @@ def test_views_planned_runs_trials_and_schema_version(tmp_path):
         assert migrate(con) == []  # already current
 
 
-def test_a_version_1_store_gains_kid_columns_and_old_eval_rows_keep_null(tmp_path):
+def test_a_version_1_store_is_rebuilt_from_the_folders_and_evals_before_kid_keep_null(tmp_path):
     from cmscale.results.schema import MIGRATIONS
 
     make_run(tmp_path, 0, 10, evals=(eval_row(9, 1, 30.0),))
@@ -487,8 +487,9 @@ def test_a_version_1_store_gains_kid_columns_and_old_eval_rows_keep_null(tmp_pat
     ingest(tmp_path)
     sql = "SELECT run_id, step, fid, kid, kid_std, num_samples FROM evals ORDER BY run_id, step"
     rows = query(sql, tmp_path, ingest_first=False).rows()
-    assert rows == [("old", 5, 50.0, None, None, 300), ("r00", 9, 30.0, None, None, 500),
-                    ("r00", 10, 20.0, 0.25, 0.5, 500)]
+    # Schema 2 rebuilds from the run folders (schema 1 could merge runs of two sweeps), so the row
+    # with no folder behind it is gone; the eval written before KID existed keeps NULL there.
+    assert rows == [("r00", 9, 30.0, None, None, 500), ("r00", 10, 20.0, 0.25, 0.5, 500)]
     assert query("SELECT kid FROM latest_eval WHERE run_id = 'r00'", tmp_path, ingest_first=False).rows() == [(0.25,)]
     assert scalar(tmp_path, "SELECT max(version) FROM schema_version") == SCHEMA_VERSION == 2
 
