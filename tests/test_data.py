@@ -94,8 +94,12 @@ def test_cli_models_list_and_data_info_json():
     assert listed.exit_code == 0, listed.output
     rows = json.loads(listed.output)
     assert {"name", "params", "flops_per_image_forward"} <= set(rows[0])
+    # every preset of the one table, in table order (each ladder's growth is checked in test_models)
+    from cmscale.models.presets import PRESETS
+
+    assert [row["name"] for row in rows] == list(PRESETS)
     params = [row["params"] for row in rows]
-    assert params == sorted(params) and len(set(params)) == len(params)
+    assert all(p > 0 for p in params) and len(set(params)) == len(params)
     info = runner.invoke(main, ["data", "info", "digits", "--json"])
     assert info.exit_code == 0 and json.loads(info.output)["num_images"] == 1797
     missing = runner.invoke(main, ["data", "info", "cifar10", "--path", "/definitely/missing"])
