@@ -15,7 +15,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from cmscale.cli.options import JSON_OPTION, ROOT_OPTION
+from cmscale.cli.options import CSV_OPTION, JSON_OPTION, PARQUET_OPTION, ROOT_OPTION
 from cmscale.rundir import DB_FILE
 
 LOSS_OPTION = click.option(
@@ -97,15 +97,8 @@ def fit_group() -> None:
     help="fid_<k>step: FID at k sampler steps (teachers: their Heun eval).",
 )
 @click.option("--method", default=None, help="Only this method (default: all).")
-@click.option(
-    "--csv",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Fit a table instead of a sweep.",
-)
-@click.option(
-    "--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Fit a Parquet table."
-)
+@CSV_OPTION
+@PARQUET_OPTION
 @click.option("--x-col", default=None, help="Table column with x (e.g. compute).")
 @click.option("--y-col", default=None, help="Table column with y (e.g. FID).")
 @click.option("--group-col", default=None, help="Table column naming the bootstrap unit (run); default: each row.")
@@ -222,12 +215,8 @@ def _query(sql: str, root: Path) -> pd.DataFrame:
 
 
 @fit_group.command("joint")
-@click.option(
-    "--csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Input CSV table."
-)
-@click.option(
-    "--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Input Parquet table."
-)
+@CSV_OPTION
+@PARQUET_OPTION
 @click.option("--n-col", required=True, help="Column with N (parameters).")
 @click.option("--d-col", default=None, help="Column with D (training images or tokens).")
 @click.option("--c-col", default=None, help="Column with compute C instead of D; then D = C / (6 N).")
@@ -346,18 +335,8 @@ def joint_command(
     show_default=True,
     help="fid_<k>step: FID at k sampler steps (teachers: their Heun eval).",
 )
-@click.option(
-    "--csv",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Any table instead of a sweep.",
-)
-@click.option(
-    "--parquet",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Parquet table instead of a sweep.",
-)
+@CSV_OPTION
+@PARQUET_OPTION
 @click.option("--size-col", default=None, help="Table column with the model size N (parameters).")
 @click.option("--compute-col", default=None, help="Table column with the training compute C at the eval.")
 @click.option("--y-col", default=None, help="Table column with the loss or FID.")
@@ -455,18 +434,8 @@ def _sweep_frontier_points(root, sweep, only_method, metric_name) -> list[tuple[
 @click.option(
     "--sweep", default=None, help="Sweep name in the store (students paired with teachers by preset and seed)."
 )
-@click.option(
-    "--csv",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Any table instead of a sweep.",
-)
-@click.option(
-    "--parquet",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Parquet table instead of a sweep.",
-)
+@CSV_OPTION
+@PARQUET_OPTION
 @click.option("--size-col", default=None, help="Table column with the model size (parameters).")
 @click.option("--teacher-col", default=None, help="Table column with the teacher FID.")
 @click.option("--student-col", default=None, help="Table column with the student FID.")

@@ -31,6 +31,16 @@ def json_option(help: str | None = "Print JSON."):
 
 JSON_OPTION = json_option()
 
+# A table to analyse instead of a sweep in the store (the fit commands).
+CSV_OPTION = click.option(
+    "--csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="A CSV table to analyse instead of a sweep.",
+)
+PARQUET_OPTION = click.option(
+    "--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="A Parquet table to analyse instead of a sweep.",
+)
+
 
 @contextmanager
 def clear_errors(*errors: type[BaseException]) -> Iterator[None]:
