@@ -36,7 +36,7 @@ from cmscale.data import load_dataset
 from cmscale.distributed import pick_device
 from cmscale.eval.features import feature_space
 from cmscale.eval.fid import reference_statistics, scores_to_reference, to_uint8
-from cmscale.methods import model_from_checkpoint, sample, sampler_steps, unet_of
+from cmscale.methods import model_from_checkpoint, sample, sampler_steps, train_flops_at, unet_of
 from cmscale.models.flops import forward_flops
 from cmscale.rundir import (
     METRICS_FILE,
@@ -204,7 +204,8 @@ def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_sa
     feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
     model, payload = model_from_final_checkpoint(config, final_checkpoint(run_dir), torch_device)
     step = int(payload["step"])
-    rows = evaluate_model(config, model, step=step, train_flops=step * float(extras.get("flops_per_step", 0.0)),
+    # the trainer's own count (ECT's step cost depends on its stage, so not step x the average)
+    rows = evaluate_model(config, model, step=step, train_flops=train_flops_at(config, step),
                           images_seen=step * config.batch_size, run_dir=run_dir, device=torch_device)
     with MetricsWriter(run_dir / METRICS_FILE) as writer:
         for row in rows:
