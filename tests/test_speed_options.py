@@ -174,8 +174,8 @@ def test_gpu_check_dry_run_on_cpu_with_only_torch_and_numpy(tmp_path):
     assert all(row["img_per_s"] > 0 for row in report["train"])
     # Its FLOPs per step are the trainer's count (built without cmscale.methods, which needs pydantic).
     for row in report["train"]:
-        config = RunConfig(method=row["method"], preset="xxs", dataset="cifar10", resolution=32, batch_size=4,
-                           budget_iters=1)
+        config = RunConfig(method=row["method"], preset="xxs", dataset="cifar10", data_path=str(tmp_path),
+                           resolution=32, batch_size=4, budget_iters=1)  # counting reads no data
         assert row["flops_per_step"] == flops_per_step(config)
     sampled = {(row["steps"], row["sampler"]) for row in report["sampling"]}
     assert sampled == {(1, "edm"), (2, "edm"), (1, "trigflow"), (2, "trigflow")}
