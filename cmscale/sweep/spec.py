@@ -126,6 +126,11 @@ class SweepSpec(StrictModel):
         unknown = [name for name in methods if name not in METHODS]
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r}; allowed: {', '.join(METHODS)}")
+        # The overrides are validated as RunConfig fields when the plan builds each run; NaN and inf
+        # are refused here already, as in every typed float, so no spec carrying one is accepted.
+        for path, value in _leaves(methods):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"methods.{path} = {value} is not a finite number; give a finite value")
         return methods
 
     @field_validator("presets")
@@ -243,3 +248,16 @@ def _check_run_fields(spec: SweepSpec, source: str) -> None:
 
 def load_spec(path: Path | str) -> SweepSpec:
     return parse_spec(read_toml(path, "sweep spec", SpecError), str(path))
+
+
+def _leaves(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, value) of every leaf of a nested table (lists are walked by index)."""
+    leaves: list[tuple[str, Any]] = []
+    items = table.items() if isinstance(table, dict) else enumerate(table)
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, (dict, list, tuple)):
+            leaves += _leaves(value, path)
+        else:
+            leaves.append((path, value))
+    return leaves
