@@ -22,16 +22,19 @@ import math
 import numpy as np
 import pandas as pd
 
+from cmscale.analysis.fit import MIN_CI_GROUPS
+
 PAIR_COLUMNS = ("group", "params", "teacher_fid", "student_fid")
 
 
 def _t_interval(values: np.ndarray, level: float) -> tuple[float, float, float]:
-    """Mean and its t-interval (statsmodels DescrStatsW)."""
+    """Mean and its t-interval (statsmodels DescrStatsW); no interval from fewer than MIN_CI_GROUPS
+    values (with two, a t-interval spans the sign and says nothing)."""
     from statsmodels.stats.weightstats import DescrStatsW
 
     values = np.asarray(values, float)
     mean = float(values.mean())
-    if values.size < 2:
+    if values.size < MIN_CI_GROUPS:
         return mean, math.nan, math.nan
     lo, hi = DescrStatsW(values).tconfint_mean(alpha=1 - level)
     return mean, float(lo), float(hi)
