@@ -243,7 +243,9 @@ def test_killed_search_resumes_the_same_study_and_ends_with_exactly_n_trials(tmp
         while time.time() < deadline:  # kill once a trial has finished and another is running
             if journal.exists():
                 groups = trials_by_state(load_study(stored_spec(root, "resume"), root))
-                if groups.get("COMPLETE") and groups.get("RUNNING"):
+                running = groups.get("RUNNING", [])
+                # a trial is asked for before its worker records its run_id: wait until each claim is whole
+                if groups.get("COMPLETE") and running and all("run_id" in t.user_attrs for t in running):
                     break
             time.sleep(0.5)
         else:
