@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from cmscale.config import RunConfig
 from cmscale.methods import count_flops_per_step
+from cmscale.models.attention import matmul_attention
 from cmscale.models.flops import count_flops
 from cmscale.models.jvp import lean_jvp
 
@@ -129,3 +130,76 @@ def test_the_mode_leaves_ops_that_autograd_records_alone():
         model(x).square().sum().backward()
     for got, want in zip((p.grad for p in model.parameters()), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _unet_and_inputs(dropout: float = 0.0):
+    """A small UNet with attention (random non-zero weights everywhere) and an fp64 input with its tangent."""
+    from cmscale.models.presets import build_unet
+
+    torch.manual_seed(0)
+    net = build_unet("xxs", 8, 1, dropout=dropout).double()
+    with torch.no_grad():  # the UNet zero-initialises its output layers, which would hide their tangents
+        for parameter in net.parameters():
+            parameter.normal_(0, 1 / max(parameter[0].numel(), 1) ** 0.5)
+    generator = torch.Generator().manual_seed(3)
+    x, dx = (torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    c, dc = torch.rand(4, generator=generator, dtype=torch.float64), torch.randn(4, generator=generator,
+                                                                                 dtype=torch.float64)
+    return net, (x, c), (dx, dc)
+
+
+def _unet_lean_jvp(net, primals, tangents):
+    with torch.no_grad(), lean_jvp(), forward_ad.dual_level():
+        duals = [forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        out = forward_ad.unpack_dual(net(*duals))
+    return out.primal, out.tangent
+
+
+def test_unet_explicit_tangent_path_equals_pytorchs_forward_mode_ad():
+    """The UNet's forward_with_tangent (taken inside lean_jvp) gives torch.func.jvp's tangent to 1e-10."""
+    net, primals, tangents = _unet_and_inputs()
+    with torch.no_grad():
+        reference_out, reference_tangent = torch.func.jvp(net, primals, tangents)
+        plain = net(*primals)
+    out, tangent = _unet_lean_jvp(net, primals, tangents)
+    assert reference_tangent.abs().max() > 1e-2
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, reference_tangent, rtol=1e-10, atol=1e-10)
+
+
+def test_unet_explicit_tangent_matches_a_central_finite_difference():
+    net, primals, tangents = _unet_and_inputs()
+    _, tangent = _unet_lean_jvp(net, primals, tangents)
+    step = 1e-6
+    with torch.no_grad():
+        ahead = net(*(p + step * t for p, t in zip(primals, tangents)))
+        behind = net(*(p - step * t for p, t in zip(primals, tangents)))
+    torch.testing.assert_close(tangent, (ahead - behind) / (2 * step), rtol=1e-6, atol=1e-7)
+
+
+def test_unet_explicit_tangent_uses_the_dropout_mask_of_the_primal():
+    """In training mode with dropout, primal and tangent share one mask, drawn as the plain forward draws it."""
+    net, primals, tangents = _unet_and_inputs(dropout=0.3)
+    net.train()
+    torch.manual_seed(7)
+    plain = net(*primals).detach()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        _, reference_tangent = torch.func.jvp(net, primals, tangents)
+    torch.manual_seed(7)
+    out, tangent = _unet_lean_jvp(net, primals, tangents)
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, reference_tangent, rtol=1e-10, atol=1e-10)
+
+
+def test_unet_explicit_tangent_costs_two_forwards_plus_attentions_third_product():
+    """Counted FLOPs: every conv and linear twice (primal, input tangent), attention's products three times."""
+    net, primals, tangents = _unet_and_inputs()
+    net = net.float()
+    primals, tangents = [p.float() for p in primals], [t.float() for t in tangents]
+    with torch.no_grad(), matmul_attention():
+        forward = count_flops(lambda: net(*primals))
+        pytorch_rule = count_flops(lambda: torch.func.jvp(net, tuple(primals), tuple(tangents)))
+    lean = count_flops(lambda: _unet_lean_jvp(net, primals, tangents))
+    assert 2 * forward <= lean <= 2.05 * forward
+    assert lean < 0.7 * pytorch_rule

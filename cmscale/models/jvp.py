@@ -18,6 +18,10 @@ tangent against finite differences in fp64 and against PyTorch's rule), the prim
 and FlopCounterMode sees exactly the products that run (two per conv/linear layer). Every other op
 keeps PyTorch's rule.
 
+Networks can go further: a module that defines ``forward_with_tangent`` (cmscale's UNet does) is
+called through :func:`dual_inputs` / :func:`dual_output` and computes primal and tangent together in
+plain tensors, with no dual-number bookkeeping per op (see :mod:`cmscale.models.tangents`).
+
 The custom functions have no backward: they serve forward-mode AD under ``no_grad`` (sCM's tangent).
 Where autograd must record a graph (grad enabled and an input requires grad) the mode leaves the op
 alone, so wrapping a training forward in it changes nothing.
@@ -26,8 +30,10 @@ alone, so wrapping a training forward in it changes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
+from torch.autograd import forward_ad
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -83,14 +89,14 @@ def _layer_function(op: Callable, name: str) -> type[torch.autograd.Function]:
 
 
 class GroupNormTangent(torch.autograd.Function):
-    """``F.group_norm`` with a fused forward rule (PyTorch's is a long chain of elementwise ops).
+    """``F.group_norm`` with a one-kernel forward rule (PyTorch's is a long chain of elementwise ops).
 
-    Per group of K values, with xhat = (x - mu) rstd, a = mean(dx) and b = mean(dx xhat):
-        d xhat = rstd (dx - a - xhat b) = alpha dx + beta x + gamma,
-        alpha = rstd,  beta = -rstd^2 b,  gamma = rstd (mu rstd b - a),
-    so with gamma_c folded in, d(gamma_c xhat + beta_c) = A dx + B x + C with per-(sample, channel)
-    scalars: two reductions and two fused multiply-adds over the activation. Tangents of the affine
-    weight and bias add xhat d gamma_c and d beta_c where they exist.
+    Per group of K values, with xhat = (x - mu) rstd, the normalisation's Jacobian is
+        J = rstd (I - 1 1^T / K - xhat xhat^T / K),
+    which is symmetric, so the tangent J dx equals the vector-Jacobian product with dx: exactly what
+    ``native_group_norm_backward`` computes in one fused pass (with no affine weight). The affine
+    output gamma_c xhat + beta_c then has tangent gamma_c (J dx), plus xhat d gamma_c and d beta_c
+    where the parameters carry tangents.
     """
 
     @staticmethod
@@ -114,21 +120,12 @@ class GroupNormTangent(torch.autograd.Function):
         batch, channels = x.shape[:2]
         groups = ctx.num_groups
         grouped = (batch, groups, -1)
-        per_channel = (batch, channels, *([1] * (x.ndim - 2)))  # one scalar per (sample, channel)
-
-        def to_channels(per_group: torch.Tensor) -> torch.Tensor:  # (N, G) -> (N, C, 1, ...)
-            return per_group[:, :, None].expand(batch, groups, channels // groups).reshape(per_channel)
-
         tangent = None
         if x_tangent is not None:
-            dx, xg = x_tangent.reshape(grouped), x.reshape(grouped)
-            a = dx.mean(dim=-1)
-            dot = torch.einsum("ngk,ngk->ng", dx, xg) / dx.shape[-1]  # mean(dx x)
-            b = rstd * (dot - mean * a)  # mean(dx xhat)
-            alpha, beta, gamma = rstd, -rstd * rstd * b, rstd * (mean * rstd * b - a)
-            scale = 1 if weight is None else weight.reshape(1, channels, *([1] * (x.ndim - 2)))
-            tangent = torch.addcmul(to_channels(gamma) * scale, x, to_channels(beta) * scale)
-            tangent = tangent.addcmul_(x_tangent, to_channels(alpha) * scale)
+            tangent = torch.ops.aten.native_group_norm_backward(
+                x_tangent, x, mean, rstd, None, batch, channels, x[0, 0].numel(), groups, [True, False, False])[0]
+            if weight is not None:
+                tangent = tangent.mul_(weight.reshape(1, channels, *([1] * (x.ndim - 2))))
         if weight_tangent is not None or bias_tangent is not None:
             xhat = ((x.reshape(grouped) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
             shape = (1, channels, *([1] * (x.ndim - 2)))
@@ -220,14 +217,66 @@ def _records_graph(tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+_lean_depth = 0  # how many lean_jvp blocks are open: explicit tangent paths run only inside one
+
+
+def dual_inputs(module: torch.nn.Module, *inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """``[(primal, tangent), ...]`` of ``inputs`` when ``module`` may compute its tangent explicitly, else None.
+
+    That is: inside :class:`lean_jvp`, with no graph to record, at least one input carrying a
+    forward-mode tangent, and no parameter carrying one (a JVP in parameter space keeps the generic
+    rules). Inputs without a tangent get zeros.
+    """
+    if _lean_depth == 0 or torch.is_grad_enabled():
+        return None
+    unpacked = [forward_ad.unpack_dual(tensor) for tensor in inputs]
+    if all(part.tangent is None for part in unpacked):
+        return None
+    if any(forward_ad.unpack_dual(parameter).tangent is not None for parameter in module.parameters()):
+        return None
+    return [(part.primal, torch.zeros_like(part.primal) if part.tangent is None else part.tangent)
+            for part in unpacked]
+
+
+def dual_output(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """The dual tensor of an explicit tangent path's result, at the current dual level."""
+    return forward_ad.make_dual(primal, tangent)
+
+
+_plain_depth = 0  # inside an explicit tangent path: plain tensors only, so the mode passes every op through
+
+
+@contextmanager
+def plain_ops():
+    """Let every op through :class:`lean_jvp` untouched (an explicit tangent path has no dual tensors)."""
+    global _plain_depth
+    _plain_depth += 1
+    try:
+        yield
+    finally:
+        _plain_depth -= 1
+
+
 class lean_jvp(TorchFunctionMode):  # noqa: N801  (used like a function: ``with lean_jvp():``)
     """Inside this block, conv, linear, group-norm and scalar-scaling ops use the lean forward rules.
 
     Wrap a ``torch.autograd.forward_ad`` dual-level block (or a ``torch.func.jvp`` call) in it.
     """
 
+    def __enter__(self):
+        global _lean_depth
+        _lean_depth += 1
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        global _lean_depth
+        _lean_depth -= 1
+        return super().__exit__(exc_type, exc_value, traceback)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _plain_depth:
+            return func(*args, **kwargs)
         route = _ROUTES.get(func)
         if route is None:
             scaled = _scalar_scale(func, args, kwargs)

@@ -6,6 +6,11 @@ TrigFlow) wraps it (see ``precond.py``). The noise label ``c_noise`` is a float 
 
 Attention goes through :func:`cmscale.models.attention.attention`: fused SDPA on every pass, and
 plain matmuls inside a JVP (sCM's tangent), since the fused kernels have no forward-mode AD.
+
+Inside :class:`cmscale.models.jvp.lean_jvp`, a call with dual inputs (sCM's tangent) goes through
+``forward_with_tangent``: every block computes its output and the output's tangent together in plain
+tensors (:mod:`cmscale.models.tangents`), which costs about two forwards where dual-number AD costs
+nearly three.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cmscale.models import tangents
 from cmscale.models.attention import attention
 from cmscale.models.dropout import ReplayableDropout
+from cmscale.models.jvp import dual_inputs, dual_output, plain_ops
 
 
 def _group_count(channels: int) -> int:
@@ -36,14 +43,21 @@ class PositionalEmbedding(nn.Module):
         self.num_channels = num_channels
         self.max_positions = max_positions
 
-    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+    def frequencies(self, c_noise: torch.Tensor) -> torch.Tensor:
         half = self.num_channels // 2
         # fp32 at least, even under autocast; fp64 passes through for finite-difference checks.
         dtype = torch.float64 if c_noise.dtype == torch.float64 else torch.float32
         freqs = torch.arange(half, dtype=dtype, device=c_noise.device) / max(half - 1, 1)
-        freqs = (1.0 / self.max_positions) ** freqs
-        angles = c_noise.to(dtype)[:, None] * freqs[None, :]
+        return (1.0 / self.max_positions) ** freqs
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        freqs = self.frequencies(c_noise)
+        angles = c_noise.to(freqs.dtype)[:, None] * freqs[None, :]
         return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+    def forward_with_tangent(self, c_noise: torch.Tensor, dc_noise: torch.Tensor) -> tangents.Pair:
+        freqs = self.frequencies(c_noise)
+        return tangents.positional_embedding(c_noise.to(freqs.dtype), dc_noise.to(freqs.dtype), freqs)
 
 
 class ResBlock(nn.Module):
@@ -70,6 +84,26 @@ class ResBlock(nn.Module):
         residual = x if self.skip is None else self.skip(x)
         return (h + residual) / math.sqrt(2)
 
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, emb: torch.Tensor,
+                             demb: torch.Tensor) -> tangents.Pair:
+        h, dh = tangents.conv(self.conv_in, *tangents.silu(*tangents.group_norm(self.norm_in, x, dx)))
+        scale_shift, dscale_shift = tangents.linear(self.emb_proj, emb, demb)
+        scale, shift = scale_shift[:, :, None, None].chunk(2, dim=1)
+        dscale, dshift = dscale_shift[:, :, None, None].chunk(2, dim=1)
+        # gamma of norm_out folds into the per-channel factor of its tangent: d(normed) = gamma J dh.
+        normed, dnormed = tangents.group_norm(self.norm_out, h, dh, affine_tangent=False)
+        scale = scale + 1
+        gamma = 1 if self.norm_out.weight is None else self.norm_out.weight[:, None, None]
+        h = torch.addcmul(shift, normed, scale)
+        dh = torch.addcmul(dshift, dnormed, scale * gamma).addcmul_(normed, dscale)
+        h, dh = tangents.silu(h, dh)
+        mask = self.dropout(torch.ones_like(h)) if self.training and self.dropout.p > 0 else None
+        if mask is not None:  # the same mask on primal and tangent, drawn as the plain forward draws it
+            h, dh = h * mask, dh * mask
+        h, dh = tangents.conv(self.conv_out, h, dh)
+        residual, dresidual = (x, dx) if self.skip is None else tangents.conv(self.skip, x, dx)
+        return tangents.scaled_sum(h, residual, 1 / math.sqrt(2)), tangents.scaled_sum(dh, dresidual, 1 / math.sqrt(2))
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over pixels (SDPA, or matmuls under forward-mode AD; see ``attention``)."""
@@ -93,6 +127,18 @@ class SelfAttention(nn.Module):
         attended = attention(q, k, v).transpose(-2, -1).reshape(batch, channels, height, width)
         return (x + self.proj(attended)) / math.sqrt(2)
 
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor) -> tangents.Pair:
+        batch, channels, height, width = x.shape
+        head_channels = channels // self.num_heads
+        heads = (batch, self.num_heads, 3, head_channels, height * width)
+        qkv, dqkv = tangents.conv(self.qkv, *tangents.group_norm(self.norm, x, dx))
+        q, k, v = qkv.reshape(heads).transpose(-2, -1).unbind(2)
+        dq, dk, dv = dqkv.reshape(heads).transpose(-2, -1).unbind(2)
+        attended, dattended = tangents.attention(q, k, v, dq, dk, dv)
+        out, dout = tangents.conv(self.proj, attended.transpose(-2, -1).reshape(x.shape),
+                                  dattended.transpose(-2, -1).reshape(x.shape))
+        return tangents.scaled_sum(x, out, 1 / math.sqrt(2)), tangents.scaled_sum(dx, dout, 1 / math.sqrt(2))
+
 
 class Downsample(nn.Module):
     def __init__(self, channels: int):
@@ -102,6 +148,9 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor) -> tangents.Pair:
+        return tangents.conv(self.conv, x, dx)
+
 
 class Upsample(nn.Module):
     def __init__(self, channels: int):
@@ -110,6 +159,10 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor) -> tangents.Pair:
+        return tangents.conv(self.conv, F.interpolate(x, scale_factor=2, mode="nearest"),
+                             F.interpolate(dx, scale_factor=2, mode="nearest"))
 
 
 class UNet(nn.Module):
@@ -194,6 +247,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        dual = dual_inputs(self, x, c_noise)
+        if dual is not None:  # sCM's tangent inside lean_jvp: the explicit path
+            with plain_ops():
+                primal, tangent = self.forward_with_tangent(*dual[0], *dual[1])
+            return dual_output(primal, tangent)
         emb = self.emb_mlp(self.noise_embedding(c_noise.reshape(-1).expand(x.shape[0])))
         h = self.conv_in(x)
         skips = [h]
@@ -211,6 +269,35 @@ class UNet(nn.Module):
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, c_noise: torch.Tensor,
+                             dc_noise: torch.Tensor) -> tangents.Pair:
+        """(F, dF) for an input tangent (dx, dc_noise): the same layers as :meth:`forward`, each with its rule."""
+        batch = x.shape[0]
+        emb, demb = self.noise_embedding.forward_with_tangent(c_noise.reshape(-1).expand(batch),
+                                                              dc_noise.reshape(-1).expand(batch))
+        first, _, second = self.emb_mlp  # Linear, SiLU, Linear
+        emb, demb = tangents.linear(second, *tangents.silu(*tangents.linear(first, emb, demb)))
+        h, dh = tangents.conv(self.conv_in, x, dx)
+        skips = [(h, dh)]
+        for layer in self.encoder:
+            h, dh = layer.forward_with_tangent(h, dh, emb, demb) if isinstance(layer, ResBlock) \
+                else layer.forward_with_tangent(h, dh)
+            if not isinstance(layer, SelfAttention):
+                skips.append((h, dh))
+            else:
+                skips[-1] = (h, dh)
+        for layer in self.middle:
+            h, dh = layer.forward_with_tangent(h, dh, emb, demb) if isinstance(layer, ResBlock) \
+                else layer.forward_with_tangent(h, dh)
+        for layer in self.decoder:
+            if isinstance(layer, ResBlock):
+                skip, dskip = skips.pop()
+                h, dh = layer.forward_with_tangent(torch.cat([h, skip], dim=1), torch.cat([dh, dskip], dim=1),
+                                                   emb, demb)
+            else:
+                h, dh = layer.forward_with_tangent(h, dh)
+        return tangents.conv(self.conv_out, *tangents.silu(*tangents.group_norm(self.norm_out, h, dh)))
 
 
 def count_parameters(module: nn.Module) -> int:
