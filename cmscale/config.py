@@ -182,6 +182,11 @@ class RunConfig(StrictModel):
     optimizer: Literal["adam", "radam"] = "adam"
     adam_betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     lr_warmup_iters: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after the warm-up: constant, or a cosine decay over the run's iterations to "
+        "lr * lr_final_ratio at its last step (each budget of an iso-FLOP sweep then ends annealed, as in "
+        "Chinchilla's runs)")
+    lr_final_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule: the last step's lr over lr")
     ema_rates: list[Fraction] = Field(default_factory=lambda: [0.999], description="each in [0, 1)")
     dropout: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
@@ -234,11 +239,20 @@ class RunConfig(StrictModel):
         return resolution
 
     def identity(self) -> dict:
-        """The fields that define the run (everything but bookkeeping), for hashing."""
-        return self.model_dump(mode="json", exclude={"run_id", "sweep", *EXECUTION_FIELDS})
+        """The fields that define the run (everything but bookkeeping), for hashing.
+
+        Fields added after run ids were first published are left out while they hold their
+        defaults, so adding an option never renames the runs that do not use it."""
+        identity = self.model_dump(mode="json", exclude={"run_id", "sweep", *EXECUTION_FIELDS})
+        for name, default in LATER_FIELDS.items():
+            if identity.get(name) == default:
+                identity.pop(name)
+        return identity
 
 
 EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32"}
+# Options added after the run ids of issue 14, with the default that keeps an id unchanged.
+LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1}
 
 
 def check_resolution(dataset: str | None, resolution: int, preset: str | None) -> None:

@@ -160,5 +160,10 @@ def test_run_id_for_follows_the_identity_and_ignores_bookkeeping_and_teacher_pat
     ids = [run_id_for(config) for config in changed]
     assert len(set(ids)) == len(ids) and run_id_for(base) not in ids
     assert run_id_for(base).startswith("ect-xs-2e12F-s0-")
+    # Options added later rename only the runs that set them: at their defaults the id is unchanged.
+    assert run_id_for(base.model_copy(update={"lr_schedule": "constant", "lr_final_ratio": 0.1})) == run_id_for(base)
+    decayed = {run_id_for(base.model_copy(update=update)) for update in (
+        {"lr_schedule": "cosine"}, {"lr_schedule": "cosine", "lr_final_ratio": 0.0})}
+    assert len(decayed) == 2 and run_id_for(base) not in decayed
     without_run_id = base.model_copy(update={"teacher_run_id": None})
     assert run_id_for(without_run_id) != run_id_for(without_run_id.model_copy(update={"teacher_ckpt": "/b.pt"}))
