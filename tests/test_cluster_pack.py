@@ -76,3 +76,21 @@ def test_local_executor_packs_runs_into_fewer_processes(tmp_path):
     status = json.loads(sweep("status", "packed", "--root", tmp_path, "--json"))
     assert sorted(run["run_id"] for run in status["runs"]) == sorted(jobs)  # runs, not packs
     assert status["counts"] == {"done": 3}
+
+
+def test_spread_deals_runs_to_packs_in_turn_with_sizes_within_one():
+    """Every run in exactly one pack, no more than runs_per_job per pack, never fewer packs than slots,
+    and each size's runs (listed together by the plan) spread over the packs, not chunked into one."""
+    from cmscale.cluster.launchers import _spread
+
+    runs = [f"{size}-{budget}" for size in ("t6", "t8", "t12", "t16") for budget in range(5)]
+    packs = _spread(runs, runs_per_job=5, parallel=2)
+    assert sorted(run for pack in packs for run in pack) == sorted(runs)
+    assert len(packs) == 4 and {len(pack) for pack in packs} == {5}
+    assert all(len({run.split("-")[0] for run in pack}) >= 3 for pack in packs)
+    assert [len(pack) for pack in _spread(runs[:3], runs_per_job=5, parallel=2)] == [2, 1]
+    assert _spread([], 5, 2) == []
+    # With a cost, the costliest runs are dealt first, so two packs get equal shares of each budget.
+    budgets = {run: 2.0 ** int(run.split("-")[1]) for run in runs}
+    halves = _spread(runs, runs_per_job=10, parallel=2, cost=budgets.get)
+    assert [sum(budgets[run] for run in pack) for pack in halves] == [sum(budgets.values()) / 2] * 2

@@ -46,6 +46,7 @@ from cmscale.rundir import (
 
 SLURM_DEFAULT_MAX_ARRAY_SIZE = 1001
 POLL_FALLBACK_S = 0.2  # only where pidfds are missing (not Linux)
+PACK_POLL_S = 2.0  # how often the run folders of running packs are read for per-run progress
 
 
 class LaunchableRun(Protocol):
@@ -105,19 +106,23 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[start : start + size]
 
 
-def _spread(runs: list, runs_per_job: int, parallel: int) -> list[list]:
+def _spread(runs: list, runs_per_job: int, parallel: int, cost: Callable[[Any], float] | None = None) -> list[list]:
     """Packs of at most ``runs_per_job`` runs, but never fewer packs than ``parallel`` slots can
-    run at once (while runs last), sizes differing by one at most: packing must not idle a slot."""
+    run at once (while runs last), sizes differing by one at most: packing must not idle a slot.
+
+    Runs are dealt to the packs in turn, the costliest first when ``cost`` is given: a sweep lists
+    each size's budgets together, so consecutive chunks would put all of the slowest size in one
+    pack, and dealing the list as it comes would give one pack every largest budget."""
     if not runs:
         return []
     count = max(math.ceil(len(runs) / runs_per_job), min(len(runs), parallel))
-    size, extra = divmod(len(runs), count)
-    packs, start = [], 0
-    for index in range(count):
-        end = start + size + (index < extra)
-        packs.append(runs[start:end])
-        start = end
-    return packs
+    ordered = sorted(runs, key=cost, reverse=True) if cost else runs
+    return [ordered[index::count] for index in range(count)]
+
+
+def _budget_cost(run: LaunchableRun) -> float:
+    """A run's cost for balancing packs: its FLOP budget, or its iterations where it has none (teachers)."""
+    return run.config.budget_flops or float(run.iterations)
 
 
 class Launcher(Protocol):
@@ -242,7 +247,7 @@ class LocalLauncher:
                     report.skipped[run.run_id] = f"teacher {failed_deps[0]} did not finish"
                 else:
                     ready.append(run)
-            queue = _spread(ready, self.runs_per_job, self.max_parallel)
+            queue = _spread(ready, self.runs_per_job, self.max_parallel, cost=_budget_cost)
             active: list[_LocalJob] = []
             while queue or active:
                 while queue and len(active) < self.max_parallel:
@@ -255,18 +260,31 @@ class LocalLauncher:
                     if self.kind == "debug":
                         job.result()
                     active.append(_LocalJob(pack, job))
-                finished = [local for local in active if local.job.done()]
-                if not finished and active:
-                    _wait_for_any(active)
-                for local in finished:
+                if active and not any(local.job.done() for local in active):
+                    # A pack's runs end one by one: look at their folders every few seconds
+                    # so progress is reported per run, not only when the whole pack ends.
+                    packed = any(len(local.runs) > 1 for local in active)
+                    _wait_for_any(active, timeout_s=PACK_POLL_S if packed else None)
+                ended = [local for local in active if local.job.done()]
+                for local in active:
+                    self._report(local, ended=local in ended, done=done)
+                for local in ended:
                     active.remove(local)
                     local.close()
-                    for run in local.runs:
-                        state = _local_outcome(run.run_dir(self.root), local.job)
-                        if state == RunState.DONE:
-                            done.add(run.run_id)
-                        if self.on_finish:
-                            self.on_finish(run, state)
+
+    def _report(self, local: _LocalJob, ended: bool, done: set[str]) -> None:
+        """Hand each run of ``local`` that has ended (its done.json written, or its job over) to on_finish, once."""
+        for run in local.runs:
+            if run.run_id in local.reported:
+                continue
+            if not ended and not local.wrote_done(run.run_dir(self.root)):
+                continue
+            local.reported.add(run.run_id)
+            state = _local_outcome(run.run_dir(self.root), local.job)
+            if state == RunState.DONE:
+                done.add(run.run_id)
+            if self.on_finish:
+                self.on_finish(run, state)
 
 
 class _LocalJob:
@@ -274,11 +292,20 @@ class _LocalJob:
 
     def __init__(self, runs: list[LaunchableRun], job: Any):
         self.runs, self.job = runs, job
+        self.reported: set[str] = set()  # runs whose outcome went to on_finish
+        self.submitted = time.time()
         self.pidfd: int | None = None
         try:  # a child not yet reaped keeps its pid, so the pidfd cannot name another process
             self.pidfd = os.pidfd_open(int(job.job_id))
         except (AttributeError, ValueError, OSError):
             pass
+
+    def wrote_done(self, run_dir: Path) -> bool:
+        """Whether this job wrote the run's done.json (one left by an earlier attempt is older than the job)."""
+        try:
+            return (run_dir / DONE_FILE).stat().st_mtime >= self.submitted - 1
+        except OSError:
+            return False
 
     def close(self) -> None:
         if self.pidfd is not None:
@@ -286,13 +313,13 @@ class _LocalJob:
             self.pidfd = None
 
 
-def _wait_for_any(jobs: list[_LocalJob]) -> None:
-    """Block until one of ``jobs`` may have ended."""
+def _wait_for_any(jobs: list[_LocalJob], timeout_s: float | None = None) -> None:
+    """Block until one of ``jobs`` may have ended, or ``timeout_s`` has passed."""
     fds = [job.pidfd for job in jobs]
     if all(fd is not None for fd in fds):
-        select.select(fds, [], [])
+        select.select(fds, [], [], timeout_s)
     else:
-        time.sleep(POLL_FALLBACK_S)
+        time.sleep(POLL_FALLBACK_S if timeout_s is None else min(timeout_s, POLL_FALLBACK_S))
 
 
 def _local_outcome(run_dir: Path, job: Any) -> str:
