@@ -1,6 +1,6 @@
 """``cmscale demo``: the whole study on the embedded digits data, through the real code paths.
 
-Teachers trained to a common iteration budget, ECT and sCD students at five sizes and four
+Teachers trained to a common iteration budget, ECT and sCD students at four sizes and three
 iso-FLOP budgets, FID and KID evals at several fractions of each budget, ingestion into DuckDB,
 fits and the HTML report: the same sweep planner, executors, store and analysis that a cluster
 study uses, at a size that runs on a 2-core laptop. It ends with the eval noise floor (FID and KID

@@ -18,7 +18,7 @@ Architectures:
 ``ddpmpp`` presets carry EDM's 9-dimensional augmentation-label layer (``map_augment``) so that
 EDM's CIFAR-10 checkpoints load strictly; it is unused unless augmentation labels are passed.
 
-The ``t<width>`` presets are a finer ladder below ``xxs`` (about 12k to 400k parameters on 8x8
+The ``t<width>`` presets are a finer ladder below ``xxs`` (about 3k to 400k parameters on 8x8
 grey digits): two resolution levels, no attention outside the middle block, named by their base
 width. At these sizes a CPU can train every size of a scaling study to comparable convergence in
 minutes, which is what the demo study (``cmscale demo``) needs.
@@ -54,6 +54,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in [
+        Preset("t2", model_channels=2, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
         Preset("t4", model_channels=4, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
         Preset("t6", model_channels=6, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
         Preset("t8", model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
