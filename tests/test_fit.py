@@ -209,4 +209,5 @@ def test_a_ci_needs_three_runs_and_wide_intervals_read_unbounded():
     assert ci_problem("A", 10.0, (0.5, 5e3)) == "the interval spans 4 decades (> 3)"
     assert ci_problem("A", 10.0, (0.0, 20.0)).startswith("the interval reaches 0")
     assert ci_problem("alpha", 0.3, (1e-4, 0.5)) == "the interval reaches the exponent's bound"
+    assert ci_problem("slope", 0.16, (-0.33, 0.64)) == ""  # a signed drift: an interval across 0 is a finding
     assert ci_problem("E", 1.0, (0.0, 2.0)) == "" and ci_problem("A", 10.0, (5.0, 20.0)) == ""

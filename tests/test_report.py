@@ -283,3 +283,18 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     # the summary box (top and bottom border) lies within the first 1,400 px of the page
     rows = summary_box_rows(tmp_path / "shot.png")
     assert len(rows) >= 2 and rows[0] < 200 and rows[-1] < 1400 and rows[-1] - rows[0] > 100, rows
+
+
+def test_the_finding_claims_growth_of_the_compute_optimal_size_only_when_the_ci_of_a_is_above_0():
+    """The one-sentence finding: an exponent whose CI includes 0 is stated with its CI, not as growth."""
+    from types import SimpleNamespace
+
+    from cmscale.analysis.render import _finding
+
+    def finding(a_ci):
+        optimal = SimpleNamespace(isoflop=SimpleNamespace(a=0.31, ci={"a": a_ci} if a_ci else {}), optima=None)
+        return _finding(SimpleNamespace(size_fits={}, optimal=optimal), None)
+
+    assert finding((0.05, 0.6)) == "compute-optimal size grows as C^0.31 (CI above 0)."
+    assert "includes 0: no detectable growth" in finding((-0.21, 0.68)) and "grows" not in finding((-0.21, 0.68))
+    assert finding(None) == "N_opt ∝ C^0.31 (no CI: too few runs)."

@@ -67,8 +67,14 @@ def _finding(result: MethodAnalysis, ratio: dict | None) -> str:
     optimal = result.optimal
     if optimal is not None:
         iso = optimal.isoflop
-        if iso.a is not None:
-            parts.append(f"compute-optimal size grows as C^{_num(iso.a, 2)}")
+        a_ci = iso.ci.get("a")
+        if iso.a is not None and a_ci and a_ci[0] > 0:
+            parts.append(f"compute-optimal size grows as C^{_num(iso.a, 2)} (CI above 0)")
+        elif iso.a is not None and a_ci:
+            parts.append(f"N_opt ∝ C^{_num(iso.a, 2)}, but its CI [{_num(a_ci[0], 2)}, {_num(a_ci[1], 2)}] "
+                         "includes 0: no detectable growth of the compute-optimal size")
+        elif iso.a is not None:
+            parts.append(f"N_opt ∝ C^{_num(iso.a, 2)} (no CI: too few runs)")
         else:
             interior = int(optimal.optima["interior"].sum())
             parts.append(

@@ -37,6 +37,9 @@ from cmscale.analysis.fit import (
 
 MAX_CI_DECADES = 3.0
 EXPONENTS = ("alpha", "beta", "a", "b")
+# Quantities that may take either sign (the ratio's drift on log N): an interval across 0 is
+# informative for them (no detectable drift), not a vanishing term.
+SIGNED = ("slope",)
 
 # (sub-law form, inputs it uses, its parameter names -> the requested law's names)
 _D_TERM = {"A": "B", "alpha": "beta"}
@@ -83,7 +86,7 @@ def ci_problem(
         if lo - exponent_bounds[0] <= 1e-6 or exponent_bounds[1] - hi <= 1e-6:
             return "the interval reaches the exponent's bound"
         return ""
-    if name in EXPONENTS:
+    if name in EXPONENTS or name in SIGNED:
         return ""
     if name == "E" and lo <= 1e-9 * max(hi, 1e-300):
         return ""  # E >= 0 is the law's own bound: [0, hi] is a one-sided interval, not a failure
