@@ -28,7 +28,8 @@ from cmscale.config import DEFAULT_RESULTS_ROOT, RESULTS_ENV, ConfigError, defau
     help="local: processes on this machine; slurm: the cluster behind SLURM_CONF.",
 )
 @click.option("--profile", default=None, help="SLURM profile (slurm/profiles/NAME.toml) for --executor slurm.")
-@click.option("--quick", is_flag=True, help="Two sizes, three budgets, 500 eval samples: under 3 minutes on 2 cores.")
+@click.option("--quick", is_flag=True,
+              help="Two sizes, three smaller budgets, shorter teachers: under 3 minutes on 2 cores.")
 def demo_command(out: str, executor: str, profile: str | None, quick: bool) -> None:
     """Run the whole study on the embedded digits data: teachers, ECT and sCD, FID/KID, DuckDB, fits, report."""
     from cmscale.demo import run_demo

@@ -56,7 +56,8 @@ def run_id_for(config: RunConfig) -> str:
     if config.teacher_run_id:
         identity.pop("teacher_ckpt", None)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
-    budget = f"{config.budget_flops:.0e}F" if config.budget_flops else f"{config.budget_iters}it"
+    # Three significant digits: 1.2e11 reads "1.2e11F", not "1e11F" (the digest tells runs apart anyway).
+    budget = f"{config.budget_flops:.3g}F" if config.budget_flops else f"{config.budget_iters}it"
     return f"{config.method}-{config.preset}-{budget.replace('+', '')}-s{config.seed}-{digest}"
 
 
