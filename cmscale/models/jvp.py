@@ -37,6 +37,8 @@ from torch.autograd import forward_ad
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from cmscale.models.tangents import normalized_tangent
+
 
 def _linear_args(input, weight, bias=None):  # noqa: A002  (F.linear's own argument names)
     return input, weight, bias, ()
@@ -122,10 +124,7 @@ class GroupNormTangent(torch.autograd.Function):
         grouped = (batch, groups, -1)
         tangent = None
         if x_tangent is not None:
-            tangent = torch.ops.aten.native_group_norm_backward(
-                x_tangent, x, mean, rstd, None, batch, channels, x[0, 0].numel(), groups, [True, False, False])[0]
-            if weight is not None:
-                tangent = tangent.mul_(weight.reshape(1, channels, *([1] * (x.ndim - 2))))
+            tangent = normalized_tangent(x, x_tangent, mean, rstd, groups, weight)
         if weight_tangent is not None or bias_tangent is not None:
             xhat = ((x.reshape(grouped) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
             shape = (1, channels, *([1] * (x.ndim - 2)))

@@ -42,14 +42,20 @@ def group_norm(layer: nn.GroupNorm, x: torch.Tensor, dx: torch.Tensor, affine_ta
     product (one pass over the activation fewer).
     """
     batch, channels = x.shape[:2]
-    spatial = x[0, 0].numel()
-    y, mean, rstd = torch.native_group_norm(x, layer.weight, layer.bias, batch, channels, spatial,
+    y, mean, rstd = torch.native_group_norm(x, layer.weight, layer.bias, batch, channels, x[0, 0].numel(),
                                             layer.num_groups, layer.eps)
-    dy = torch.ops.aten.native_group_norm_backward(dx, x, mean, rstd, None, batch, channels, spatial,
-                                                   layer.num_groups, [True, False, False])[0]
-    if affine_tangent and layer.weight is not None:
-        dy = dy.mul_(layer.weight.reshape(1, channels, *([1] * (x.ndim - 2))))
-    return y, dy
+    return y, normalized_tangent(x, dx, mean, rstd, layer.num_groups, layer.weight if affine_tangent else None)
+
+
+def normalized_tangent(x: torch.Tensor, dx: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """gamma J dx (J dx without ``weight``), J the group normalisation's Jacobian at x (see :func:`group_norm`)."""
+    batch, channels = x.shape[:2]
+    dy = torch.ops.aten.native_group_norm_backward(dx, x, mean, rstd, None, batch, channels, x[0, 0].numel(),
+                                                   num_groups, [True, False, False])[0]
+    if weight is not None:
+        dy = dy.mul_(weight.reshape(1, channels, *([1] * (x.ndim - 2))))
+    return dy
 
 
 def positional_embedding(c: torch.Tensor, dc: torch.Tensor, freqs: torch.Tensor) -> Pair:
