@@ -94,3 +94,64 @@ def test_spread_deals_runs_to_packs_in_turn_with_sizes_within_one():
     budgets = {run: 2.0 ** int(run.split("-")[1]) for run in runs}
     halves = _spread(runs, runs_per_job=10, parallel=2, cost=budgets.get)
     assert [sum(budgets[run] for run in pack) for pack in halves] == [sum(budgets.values()) / 2] * 2
+
+
+REPORT_SPEC = """
+name = "reported"
+dataset = "digits"
+resolution = 16
+
+[defaults]
+batch_size = 8
+log_every = 50
+
+[defaults.eval]
+at_fractions = []
+
+[executor]
+name = "local"
+max_parallel = 1
+runs_per_job = 2
+""" + "".join(f'\n[[runs]]\nmethod = "edm"\npreset = "xxs"\nbudget_iters = 150\nseed = {seed}\n' for seed in range(2))
+
+
+@pytest.mark.slow
+def test_local_launcher_reports_each_packed_run_when_it_ends_not_when_its_pack_ends(tmp_path):
+    """One pack of two equal runs (trained in list order): the first is handed to on_finish while the
+    second is still training, and each run is reported exactly once, as done."""
+    from cmscale.sweep.launch import submit_runs
+    from cmscale.sweep.plan import plan_sweep
+    from cmscale.sweep.spec import load_spec
+
+    (tmp_path / "spec.toml").write_text(REPORT_SPEC)
+    spec = load_spec(tmp_path / "spec.toml")
+    runs = plan_sweep(spec, tmp_path, source="spec.toml")
+    reported = []
+
+    def on_finish(run, state):
+        others_done = [(other.run_dir(tmp_path) / "done.json").is_file() for other in runs if other is not run]
+        reported.append((run.run_id, state, others_done))
+
+    submit_runs(runs, spec, tmp_path, "local", None, on_finish=on_finish)
+    assert sorted(run_id for run_id, _, _ in reported) == sorted(run.run_id for run in runs)
+    assert all(state == "done" for _, state, _ in reported)
+    first_id, _, others_done_then = reported[0]
+    assert first_id == runs[0].run_id and others_done_then == [False]
+
+
+def test_a_done_json_left_by_an_earlier_attempt_does_not_count_as_this_packs_outcome(tmp_path):
+    """A pack reports a run early only from a done.json its own job wrote, not one older than the job."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from cmscale.cluster.launchers import _LocalJob
+
+    local = _LocalJob([], SimpleNamespace(job_id="not-a-pid"))  # only the submission time matters here
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    for run_dir in (stale, fresh):
+        run_dir.mkdir()
+        (run_dir / "done.json").write_text("{}")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale / "done.json", (an_hour_ago, an_hour_ago))
+    assert not local.wrote_done(stale) and local.wrote_done(fresh) and not local.wrote_done(tmp_path / "absent")
