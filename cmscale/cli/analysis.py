@@ -36,6 +36,24 @@ DRAWS_OPTION = click.option(
     "--n-draws", type=click.IntRange(min=0), default=1000, show_default=True, help="Bootstrap draws (0: no CIs)."
 )
 SEED_OPTION = click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+METRIC_OPTION = click.option(
+    "--metric", default="fid_2step", show_default=True,
+    help="fid_<k>step: FID at k sampler steps (teachers: their Heun eval).",
+)
+
+
+def _sweep_runs(root, sweep: str, metric_name: str):
+    """(the parsed metric, the sweep's runs table), refusing an unknown metric or an empty sweep."""
+    from cmscale.analysis import data as D
+
+    try:
+        metric = D.parse_metric(metric_name)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--metric") from None
+    runs = _query(D.runs_sql(sweep), root)
+    if runs.empty:
+        raise click.ClickException(f"sweep {sweep!r} has no runs in {Path(root) / DB_FILE}")
+    return metric, runs
 
 
 def _echo_json(obj) -> None:
@@ -90,12 +108,7 @@ def fit_group() -> None:
 
 @fit_group.command("powerlaw")
 @click.option("--sweep", default=None, help="Sweep name in the store.")
-@click.option(
-    "--metric",
-    default="fid_2step",
-    show_default=True,
-    help="fid_<k>step: FID at k sampler steps (teachers: their Heun eval).",
-)
+@METRIC_OPTION
 @click.option("--method", default=None, help="Only this method (default: all).")
 @CSV_OPTION
 @PARQUET_OPTION
@@ -168,13 +181,7 @@ def _sweep_powerlaws(root, sweep, metric_name, only_method, form, loss, delta, n
     from cmscale.analysis.fit import fit_with_bootstrap
     from cmscale.analysis.frontier import envelope
 
-    try:
-        metric = D.parse_metric(metric_name)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--metric") from None
-    runs = _query(D.runs_sql(sweep), root)
-    if runs.empty:
-        raise click.ClickException(f"sweep {sweep!r} has no runs in {Path(root) / DB_FILE}")
+    metric, runs = _sweep_runs(root, sweep, metric_name)
     methods = [only_method] if only_method else D.sweep_methods(runs)
     out = []
     for method in methods:
@@ -329,12 +336,7 @@ def joint_command(
 @fit_group.command("frontier")
 @click.option("--sweep", default=None, help="Sweep name in the store.")
 @click.option("--method", default=None, help="Only this method (default: all).")
-@click.option(
-    "--metric",
-    default="fid_2step",
-    show_default=True,
-    help="fid_<k>step: FID at k sampler steps (teachers: their Heun eval).",
-)
+@METRIC_OPTION
 @CSV_OPTION
 @PARQUET_OPTION
 @click.option("--size-col", default=None, help="Table column with the model size N (parameters).")
@@ -408,13 +410,7 @@ def frontier_command(
 def _sweep_frontier_points(root, sweep, only_method, metric_name) -> list[tuple[str, np.ndarray, pd.DataFrame]]:
     from cmscale.analysis import data as D
 
-    try:
-        metric = D.parse_metric(metric_name)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--metric") from None
-    runs = _query(D.runs_sql(sweep), root)
-    if runs.empty:
-        raise click.ClickException(f"sweep {sweep!r} has no runs in {Path(root) / 'cmscale.duckdb'}")
+    metric, runs = _sweep_runs(root, sweep, metric_name)
     jobs = []
     for method in [only_method] if only_method else D.sweep_methods(runs):
         rows, _ = D.pick_extractor(_query(D.points_sql(sweep, method, metric), root))
