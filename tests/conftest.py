@@ -13,6 +13,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits_tiny.toml"
+# What every finished run leaves in its directory, whichever executor ran it.
+RUN_FILES = {
+    "config.json",
+    "metrics.jsonl",
+    "status.json",
+    "heartbeat",
+    "job.json",
+    "done.json",
+    "ckpt/latest.pt",
+    "ckpt/final.pt",
+}
+
+
 # Tests use tiny networks: one thread is as fast and keeps results bitwise reproducible.
 torch.set_num_threads(1)
 os.environ.setdefault("CMSCALE_NUM_THREADS", "1")

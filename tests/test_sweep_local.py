@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import submitted_count, sweep
+from conftest import EXAMPLE, RUN_FILES, submitted_count, sweep
 
 from cmscale.rundir import read_job, read_json, read_metrics
 from cmscale.sweep.plan import plan_sweep, read_sweep_file
@@ -17,18 +17,6 @@ from cmscale.sweep.status import sweep_states
 
 pytestmark = pytest.mark.slow  # end to end: minutes of training on a busy machine
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits_tiny.toml"
-# What every finished run leaves in its directory, whichever executor ran it.
-RUN_FILES = {
-    "config.json",
-    "metrics.jsonl",
-    "status.json",
-    "heartbeat",
-    "job.json",
-    "done.json",
-    "ckpt/latest.pt",
-    "ckpt/final.pt",
-}
 
 
 @pytest.fixture(scope="module")

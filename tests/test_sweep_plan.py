@@ -2,15 +2,13 @@
 
 import copy
 import tomllib
-from pathlib import Path
 
 import pytest
+from conftest import EXAMPLE
 
 from cmscale.cluster.profiles import load_profile
 from cmscale.sweep.plan import plan_sweep
 from cmscale.sweep.spec import SpecError, parse_spec
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits_tiny.toml"
 
 
 def base_raw() -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import submitted_count, sweep
+from conftest import EXAMPLE, RUN_FILES, submitted_count, sweep
 
 from cmscale.rundir import read_job, read_json, read_metrics
 from cmscale.sweep.plan import read_sweep_file
@@ -27,18 +27,6 @@ from cmscale.sweep.status import sweep_states
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits_tiny.toml"
-# What every finished run leaves in its directory, whichever executor ran it (as in test_sweep_local.py).
-RUN_FILES = {
-    "config.json",
-    "metrics.jsonl",
-    "status.json",
-    "heartbeat",
-    "job.json",
-    "done.json",
-    "ckpt/latest.pt",
-    "ckpt/final.pt",
-}
 PREEMPT_ITERS = 80
 PREEMPT_HEARTBEAT_S = 2.0
 PREEMPT_SPEC = f"""
