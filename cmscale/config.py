@@ -188,6 +188,10 @@ class RunConfig(StrictModel):
         "Chinchilla's runs)")
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule: the last step's lr over lr")
     ema_rates: list[Fraction] = Field(default_factory=lambda: [0.999], description="each in [0, 1)")
+    ema_sigma_rels: list[Annotated[float, Field(gt=0, lt=0.2886)]] = Field(
+        default_factory=list, description="power-function EMAs (EDM2), each of this width relative to the run's "
+        "length, in (0, 0.2886): one setting fits a 20-step and a 2,000-step run alike. They come before the "
+        "ema_rates averages; the first average of all is the one evaluated and exported")
     dropout: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -252,7 +256,7 @@ class RunConfig(StrictModel):
 
 EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32"}
 # Options added after the run ids of issue 14, with the default that keeps an id unchanged.
-LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1}
+LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": []}
 
 
 def check_resolution(dataset: str | None, resolution: int, preset: str | None) -> None:

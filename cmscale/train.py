@@ -74,6 +74,7 @@ from cmscale.methods import (
     train_flops_at,
     unet_of,
 )
+from cmscale.models.ema import power_ema_decay, power_ema_gamma
 from cmscale.models.execution import compile_network, to_channels_last
 from cmscale.models.flops import forward_flops
 from cmscale.models.unet import count_parameters
@@ -231,7 +232,10 @@ class Trainer:
             broadcast_parameters([self.method.model, *self.method.extra_modules])
         if config.channels_last:
             to_channels_last(self.method.model, self.method.teacher)
-        self.emas = [copy.deepcopy(self.method.model).eval().requires_grad_(False) for _ in config.ema_rates]
+        # Power EMAs first (decay set per step by their gamma), then the fixed rates; emas[0] is evaluated.
+        self.ema_gammas = [power_ema_gamma(sigma_rel) for sigma_rel in config.ema_sigma_rels]
+        self.emas = [copy.deepcopy(self.method.model).eval().requires_grad_(False)
+                     for _ in [*self.ema_gammas, *config.ema_rates]]
         if config.compile:
             compile_network(unet_of(self.method.model))  # after the EMA copies (see compile_network)
         self.params = self.method.trainable_parameters()
@@ -381,7 +385,9 @@ class Trainer:
     @torch.no_grad()
     def update_emas(self) -> None:
         params = [param.detach() for param in self.method.model.parameters()]
-        for rate, ema in zip(self.config.ema_rates, self.emas):
+        updates = self.step + 1  # this update's 1-based count, as the power EMA's decay needs
+        rates = [power_ema_decay(updates, gamma) for gamma in self.ema_gammas] + list(self.config.ema_rates)
+        for rate, ema in zip(rates, self.emas):
             torch._foreach_lerp_(list(ema.parameters()), params, 1 - rate)
             for ema_buffer, buffer in zip(ema.buffers(), self.method.model.buffers()):
                 ema_buffer.copy_(buffer)

@@ -285,3 +285,52 @@ def test_a_cosine_run_takes_its_last_step_at_the_final_lr(tmp_path):
     state = torch.load(tmp_path / "run" / "ckpt" / "latest.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 12
     assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [pytest.approx(2.5e-4)]
+
+
+def test_power_ema_gamma_matches_edm2_and_its_width_equation():
+    from cmscale.models.ema import power_ema_gamma
+
+    # EDM2 (Karras et al. 2024), Sec. 3.1: sigma_rel 0.10 <-> gamma 6.94, sigma_rel 0.05 <-> gamma 16.97.
+    assert power_ema_gamma(0.10) == pytest.approx(6.94, abs=5e-3)
+    assert power_ema_gamma(0.05) == pytest.approx(16.97, abs=5e-3)
+    for sigma_rel in (0.02, 0.1, 0.25):
+        gamma = power_ema_gamma(sigma_rel)
+        assert math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) == pytest.approx(sigma_rel, rel=1e-9)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        power_ema_gamma(0.3)
+
+
+def test_a_runs_power_ema_is_the_closed_form_weighted_average_of_its_weights(tmp_path):
+    """After T steps the power EMA is sum_t w_t theta_t, w_t = (t^(g+1) - (t-1)^(g+1)) / T^(g+1); the
+    fixed-rate EMA beside it keeps its own rule, and the power EMA (listed first) is the exported one."""
+    from cmscale.models.ema import power_ema_gamma
+    from cmscale.train import Trainer
+
+    steps, sigma_rel = 9, 0.15
+    config = RunConfig(method="edm", preset="xxs", batch_size=4, budget_iters=steps, ema_rates=[0.5],
+                       ema_sigma_rels=[sigma_rel], eval=NO_EVAL, log_every=100, ckpt_every=100)
+    trainer = Trainer(config, tmp_path / "run")
+    initial = next(trainer.method.model.parameters()).detach().clone().double()
+    trajectory = []
+    for _ in range(steps):
+        trainer.train_step()
+        trajectory.append([p.detach().clone().double() for p in trainer.method.model.parameters()])
+    gamma = power_ema_gamma(sigma_rel)
+    weights = [(t ** (gamma + 1) - (t - 1) ** (gamma + 1)) / steps ** (gamma + 1) for t in range(1, steps + 1)]
+    assert sum(weights) == pytest.approx(1.0)
+    power_ema, fixed_ema = trainer.emas
+    for index, ema_param in enumerate(power_ema.parameters()):
+        expected = sum(w * theta[index] for w, theta in zip(weights, trajectory))
+        torch.testing.assert_close(ema_param.double(), expected, rtol=1e-5, atol=1e-6)
+    # The fixed rate 0.5 starts from the initial weights and gives its last step a weight of 1/2.
+    assert weights[-1] != pytest.approx(0.5)
+    first = next(fixed_ema.parameters()).double()
+    expected_fixed = 0.5**steps * initial + sum(0.5 ** (steps - t + 1) * theta[0] for t, theta in
+                                                 zip(range(1, steps + 1), trajectory))
+    torch.testing.assert_close(first, expected_fixed, rtol=1e-5, atol=1e-6)
+
+
+def test_power_emas_leave_the_run_ids_of_runs_without_them_unchanged():
+    config = RunConfig(method="edm", preset="xxs", budget_iters=10)
+    assert "ema_sigma_rels" not in config.identity()
+    assert "ema_sigma_rels" in config.model_copy(update={"ema_sigma_rels": [0.1]}).identity()
