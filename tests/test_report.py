@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -230,6 +231,13 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     assert (n_opt["a"] is None) == (n_opt["reason"] is not None)  # an exponent, or the reason why not
     assert ect2["ratio"]["group"] == "ect 2-step" and len(ect2["ratio"]["slope_ci"]) == 2
     assert ect2["frontier"]["n_groups"] == 12 and ect2["finding"].endswith(".")
+    # one teacher per size: a size ladder (FID by size), with no compute-optimal size fitted to it
+    teacher = by_title["teacher (edm, Heun)"]
+    assert teacher["compute_optimal"] is None and teacher["per_size"] == {}
+    ladder = teacher["ladder"]
+    assert [row["preset"] for row in ladder["sizes"]] == list(SIZES) and ladder["falls_with_size"] is True
+    assert teacher["finding"].startswith("Teacher FID at ") and "falls with size: xxs" in teacher["finding"]
+    assert not any(w["text"].startswith("teacher") for w in summary["warnings"]), summary["warnings"]
     # the extrapolation table tells a run's evals apart by step and compute
     assert "| step | train FLOPs |" in md
     assert "Teacher-student FID ratio" in md and "scd 2-step" in md
@@ -293,8 +301,20 @@ def test_the_finding_claims_growth_of_the_compute_optimal_size_only_when_the_ci_
 
     def finding(a_ci):
         optimal = SimpleNamespace(isoflop=SimpleNamespace(a=0.31, ci={"a": a_ci} if a_ci else {}), optima=None)
-        return _finding(SimpleNamespace(size_fits={}, optimal=optimal), None)
+        return _finding(SimpleNamespace(size_fits={}, optimal=optimal, ladder=None), None)
 
     assert finding((0.05, 0.6)) == "compute-optimal size grows as C^0.31 (CI above 0)."
     assert "includes 0: no detectable growth" in finding((-0.21, 0.68)) and "grows" not in finding((-0.21, 0.68))
     assert finding(None) == "N_opt ∝ C^0.31 (no CI: too few runs)."
+
+
+def test_a_teacher_ladder_is_said_to_fall_with_size_only_when_every_larger_size_scores_lower():
+    from cmscale.analysis.render import _ladder_finding
+
+    def ladder(fids):
+        return pd.DataFrame({"preset": ["t6", "t8", "t12"], "params": [2.6e4, 4.5e4, 1.0e5],
+                             "step": [1200] * 3, "train_flops": [1e11, 2e11, 4e11], "fid": fids})
+
+    assert _ladder_finding(ladder([12.7, 9.0, 8.8])) == (
+        "Teacher FID at 1,200 iterations falls with size: t6 12.7, t8 9, t12 8.8 (one teacher per size: no CI).")
+    assert "does not fall at every larger size" in _ladder_finding(ladder([12.7, 8.8, 9.0]))

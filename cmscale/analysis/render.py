@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from cmscale.analysis import data as D
-from cmscale.analysis.report import MethodAnalysis, SweepAnalysis, analyse_sweep
+from cmscale.analysis.report import MethodAnalysis, SweepAnalysis, analyse_sweep, ladder_falls_with_size
 from cmscale.analysis.selection import LawChoice, ci_problem
 
 SUMMARY_ID = "summary"
@@ -54,7 +54,17 @@ def _n_opt_text(fit) -> str:
     return f"a = {_num(fit.a)}{ci}, {fit.n_budgets} interior"
 
 
+def _ladder_finding(ladder) -> str:
+    steps = sorted({int(step) for step in ladder["step"]})
+    at = f"{steps[0]:,} iterations" if len(steps) == 1 else "their own budgets"
+    by_size = ", ".join(f"{row.preset} {_num(row.fid)}" for row in ladder.itertuples())
+    verdict = "falls with size" if ladder_falls_with_size(ladder) else "does not fall at every larger size"
+    return f"Teacher FID at {at} {verdict}: {by_size} (one teacher per size: no CI)."
+
+
 def _finding(result: MethodAnalysis, ratio: dict | None) -> str:
+    if result.ladder is not None:
+        return _ladder_finding(result.ladder)
     parts = []
     fits = [c for c in result.size_fits.values() if c.kept is not None and "alpha" in c.params]
     falling = [c for c in fits if c.ci.get("alpha") and c.ci["alpha"][0] > 0]
@@ -103,11 +113,15 @@ SUMMARY_HEADER = [
 def summary_rows(analysis: SweepAnalysis) -> list[list[str]]:
     rows = []
     for result in analysis.methods:
-        per_size = "; ".join(f"{p}: {_choice_param(c, 'alpha')}" for p, c in result.size_fits.items()) or "not fitted"
+        per_size = "; ".join(f"{p}: {_choice_param(c, 'alpha')}" for p, c in result.size_fits.items()) or (
+            "-" if result.ladder is not None else "not fitted")
         optimal = result.optimal
-        n_opt = (
-            "-" if optimal is None else f"{_n_opt_text(optimal.isoflop)}; envelope: {_n_opt_text(optimal.envelope_fit)}"
-        )
+        if result.ladder is not None:
+            n_opt = "- (one teacher per size, each to a fixed budget: a size ladder, not a compute sweep)"
+        elif optimal is None:
+            n_opt = "-"
+        else:
+            n_opt = f"{_n_opt_text(optimal.isoflop)}; envelope: {_n_opt_text(optimal.envelope_fit)}"
         ratio = analysis.ratio.get(result.ratio_group)
         ratio_text = (
             "-"
@@ -121,7 +135,7 @@ def summary_rows(analysis: SweepAnalysis) -> list[list[str]]:
             [
                 result.title,
                 per_size,
-                _choice_param(result.frontier, "alpha"),
+                "-" if result.ladder is not None else _choice_param(result.frontier, "alpha"),
                 n_opt,
                 ratio_text,
                 _finding(result, ratio),
@@ -146,6 +160,14 @@ def report_json(analysis: SweepAnalysis) -> dict:
                 "frontier": result.frontier.to_json() if result.frontier else None,
                 "compute_optimal": result.optimal.to_json() if result.optimal else None,
                 "joint": result.joint.to_json() if result.joint else None,
+                "ladder": (
+                    {
+                        "sizes": result.ladder.to_dict(orient="records"),
+                        "falls_with_size": ladder_falls_with_size(result.ladder),
+                    }
+                    if result.ladder is not None
+                    else None
+                ),
                 "ratio": (
                     {
                         "group": result.ratio_group,
@@ -194,6 +216,12 @@ def _tables(analysis: SweepAnalysis) -> list[tuple[str, list[str], list[list[str
     """(title, header, rows, note) for every table below the summary."""
     tables = []
     for result in analysis.methods:
+        if result.ladder is not None:
+            rows = [[r.preset, _num(r.params), str(int(r.step)), _num(r.train_flops), _num(r.fid)]
+                    for r in result.ladder.itertuples()]
+            tables.append((f"{result.title}: FID by size", ["size", "params", "iterations", "training FLOPs", "FID"],
+                           rows, _ladder_finding(result.ladder)))
+            continue
         rows = [_fit_row(f"size {p} ({result.params_of(p) / 1e6:.3g}M)", c) for p, c in result.size_fits.items()]
         notes = []
         if result.frontier is not None:

@@ -68,6 +68,7 @@ class MethodAnalysis:
     optimal: ComputeOptimal | None = None
     joint: LawChoice | None = None
     holdout: HoldoutResult | None = None
+    ladder: pd.DataFrame | None = None  # teachers, one run per size: each size's final eval
     notes: list[Warning_] = field(default_factory=list)
 
     @property
@@ -122,6 +123,11 @@ def _analyse_method(
     method: str, metric: D.Metric, sql: str, points: pd.DataFrame, n_draws: int, seed: int
 ) -> MethodAnalysis:
     result = MethodAnalysis(method, metric, sql, points)
+    if method == D.TEACHER_METHOD and points.groupby("preset")["run_id"].nunique().max() == 1:
+        # One teacher per size, each trained to one fixed budget: a size ladder, not a compute sweep,
+        # so there are no per-size laws, iso-FLOP profiles or N_opt to fit, only FID by size.
+        result.ladder = size_ladder(points)
+        return result
     notes = result.notes
     for preset, sub in points.groupby("preset", sort=False):
         if len(sub) < MIN_POINTS_PER_SIZE:
@@ -194,6 +200,18 @@ def _analyse_method(
     else:
         notes.append(Warning_("not fitted", "joint law: needs >= 2 sizes and >= 7 evals"))
     return result
+
+
+def size_ladder(points: pd.DataFrame) -> pd.DataFrame:
+    """Each size's final eval (largest step), ascending in parameters."""
+    finals = points.sort_values("step").groupby("preset", sort=False).tail(1)
+    return finals.sort_values("params")[["preset", "params", "step", "train_flops", "fid"]].reset_index(drop=True)
+
+
+def ladder_falls_with_size(ladder: pd.DataFrame) -> bool:
+    """FID strictly lower at every larger size of the ladder (at least 2 sizes)."""
+    fids = ladder["fid"].to_numpy(float)
+    return len(fids) >= 2 and bool(np.all(np.diff(fids) < 0))
 
 
 def _band_frame(choice: LawChoice, x: np.ndarray) -> pd.DataFrame:
