@@ -4,7 +4,10 @@ Measures, in a fresh cache directory:
 - training the digits feature CNN (cold cache) and its held-out accuracy;
 - reference statistics of the digits training set, cold (features of 1,797 images) and warm (cache);
 - one ``evaluate_model`` of an xxs ECT network at 1 and 2 sampler steps: seconds per row and
-  generated images per second (sampling plus features), at ``--num-samples``.
+  generated images per second (sampling plus features), at ``--num-samples``;
+- the scores alone on those samples (features, FID, KID): FID only, and FID with KID over 5 and over
+  20 subsets (torch-fidelity's KID: three polynomial-kernel matrices per subset, so its cost grows with
+  the subset count and dominates the eval at small resolutions).
 
     python benchmarks/bench_eval.py            # 1,000 samples per FID (the digits default)
     python benchmarks/bench_eval.py --quick    # 200 samples
@@ -40,6 +43,7 @@ def main() -> None:
         from cmscale.config import RunConfig
         from cmscale.data import load_digits
         from cmscale.eval import evaluate_model, feature_space, reference_statistics
+        from cmscale.eval.fid import scores_to_reference
         from cmscale.models.precond import EDMPrecond
         from cmscale.models.presets import build_unet
 
@@ -62,6 +66,15 @@ def main() -> None:
         torch.manual_seed(0)
         model = EDMPrecond(build_unet("xxs", 16, 1), sigma_min=config.ect.sigma_min).eval()
         rows = evaluate_model(config, model, step=0, train_flops=0.0, images_seen=0, run_dir=Path(tmp) / "run")
+        reference, _ = reference_statistics(data, space)
+        samples = data.images[torch.randint(0, len(data.images), (num_samples,),
+                                            generator=torch.Generator().manual_seed(0))]
+        scores_to_reference(samples, reference, kid_subsets=5)  # reference features cached first
+        score_s = {}
+        for subsets in (0, 5, 20):
+            started = time.perf_counter()
+            scores_to_reference(samples, reference, kid_subsets=subsets)
+            score_s[subsets] = time.perf_counter() - started
 
     table = Table(title=f"evaluation cost ({torch.get_num_threads()} torch threads)")
     table.add_column("what")
@@ -73,6 +86,9 @@ def main() -> None:
     for row in rows:
         table.add_row(f"eval xxs ECT, {row['sampler_steps']} step(s), {num_samples} samples",
                       f"{row['wall_s']:.2f} s ({num_samples / row['wall_s']:.0f} img/s)")
+    for subsets, seconds in score_s.items():
+        what = "FID only" if subsets == 0 else f"FID + KID ({subsets} subsets)"
+        table.add_row(f"scores of {num_samples} images: {what}", f"{seconds:.3f} s")
     Console().print(table)
     result = {
         "num_samples": num_samples,
@@ -87,6 +103,7 @@ def main() -> None:
             "reference_cold_s": round(ref_cold_s, 3),
             "reference_warm_s": round(ref_warm_s, 4),
             **{f"eval_{row['sampler_steps']}step_s": round(row["wall_s"], 2) for row in rows},
+            **{f"scores_kid{subsets}_s": round(seconds, 3) for subsets, seconds in score_s.items()},
         },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

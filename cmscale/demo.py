@@ -20,7 +20,7 @@ DEMO_SPEC = "demo_digits.toml"
 QUICK_SPEC = "demo_digits_quick.toml"
 # Bootstrap draws per fit: the full demo uses the CLI default; the quick one fewer, since its
 # report fits a few dozen laws in a run meant to take minutes.
-DEMO_BOOTSTRAP_DRAWS = {"full": 1000, "quick": 100}
+DEMO_BOOTSTRAP_DRAWS = {"full": 500, "quick": 100}
 
 EXAMPLE_QUERIES = [
     (
