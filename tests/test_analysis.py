@@ -83,14 +83,19 @@ def test_envelope_is_the_lower_envelope_over_crossing_runs():
 def test_isoflop_optimum_is_the_vertex_of_the_log_parabola():
     sizes = np.array([1e6, 3e6, 1e7, 3e7])
     vertex = 5e6
-    rows = [
+    rows = [  # runs trained to 1e13, with an earlier eval at 1e12
         {"run": str(n), "params": n, "compute": c, "y": math.exp(0.2 * (math.log(n) - math.log(vertex)) ** 2 + 1.0)}
         for n in sizes
-        for c in (1e12, 1e14)
+        for c in (1e12, 1e13)
     ]
+    # A longer run of the largest size passes 1e13 mid-run far lower than any run trained to 1e13; a
+    # mid-run eval is not a run of that budget (its schedule is another's), so the profile ignores it.
+    rows += [{"run": "long", "params": 3e7, "compute": c, "y": 0.1} for c in (1e12, 1e14)]
     optima = isoflop_optima(pd.DataFrame(rows), np.array([1e13]))
     assert optima["interior"].iloc[0] and optima["n_opt"].iloc[0] == pytest.approx(vertex, rel=1e-9)
     assert optima["n_best"].iloc[0] == 3e6
+    # Read at 1e14 only the long run is trained to that budget: one size, an edge.
+    assert isoflop_optima(pd.DataFrame(rows), np.array([1e14]))["n_sizes"].tolist() == [1]
 
 
 def test_fit_frontier_cli_recovers_the_compute_optimal_exponent(tmp_path):

@@ -300,7 +300,8 @@ def test_the_finding_claims_growth_of_the_compute_optimal_size_only_when_the_ci_
     from cmscale.analysis.render import _finding
 
     def finding(a_ci):
-        optimal = SimpleNamespace(isoflop=SimpleNamespace(a=0.31, ci={"a": a_ci} if a_ci else {}), optima=None)
+        optimal = SimpleNamespace(isoflop=SimpleNamespace(a=0.31, ci={"a": a_ci} if a_ci else {}, ci_reason=""),
+                                  optima=None)
         return _finding(SimpleNamespace(size_fits={}, optimal=optimal, ladder=None), None)
 
     assert finding((0.05, 0.6)) == "compute-optimal size grows as C^0.31 (CI above 0)."

@@ -20,7 +20,10 @@ least 3 do); ``log N = log k + a log C`` is fitted on the interior points.
 
 Iso-FLOP profiles (Chinchilla approach 2)
 -----------------------------------------
-At each budget C every size's value is its best run read at C. N_opt(C) is the vertex of the
+At each budget C every size's value is its best run *trained to* C: the run's final eval, when
+that lies within ``BUDGET_TOL`` of C. A longer run's mid-run eval is not a run of budget C when
+the schedule depends on the run's length (ECT's stages, a cosine lr): it is read by the envelope
+(approach 1) only. N_opt(C) is the vertex of the
 parabola in (log N, log y) through the best size and its two neighbours. When the best size is
 the smallest or the largest reaching C (or fewer than 3 sizes reach C) the optimum may lie off
 the grid: the budget is flagged as an edge and excluded. The vertex carries a bias of a fraction
@@ -49,6 +52,9 @@ from cmscale.analysis.fit import MIN_CI_GROUPS, ols_loglog
 # A run stops at floor(budget / FLOPs per step) steps, so its last eval sits up to one step short
 # of its nominal budget; a budget this close (relative) past a run's end reads the end value.
 END_TOL = 0.02
+# A run of few steps ends up to one step away from its nominal budget (ECT t16 at 3e10 FLOPs: 17
+# steps, 2.3% over); budgets of one sweep lie much further apart than this.
+BUDGET_TOL = 0.1
 GRID_POINTS_PER_DECADE = 6
 MIN_INTERIOR_BUDGETS = 3
 MIN_CI_RUNS = MIN_CI_GROUPS
@@ -89,15 +95,13 @@ def compute_grid(points: pd.DataFrame, per_decade: int = GRID_POINTS_PER_DECADE)
     return np.logspace(math.log10(lo), math.log10(hi), num)
 
 
-def default_budgets(points: pd.DataFrame, per_decade: int = GRID_POINTS_PER_DECADE) -> np.ndarray:
-    """Budgets for the iso-FLOP profiles: with one eval per run (an iso-FLOP table) the distinct
-    compute values, merged when within ``END_TOL``; with trajectories, the common grid."""
-    if points.groupby("run").size().max() > 1:
-        return compute_grid(points, per_decade)
-    values = np.sort(np.log(points["compute"].to_numpy(float)))
+def default_budgets(points: pd.DataFrame) -> np.ndarray:
+    """Budgets for the iso-FLOP profiles: the runs' final computes, merged when within ``BUDGET_TOL``."""
+    final = points.groupby("run")["compute"].max().to_numpy(float)
+    values = np.sort(np.log(final))
     clusters, current = [], [values[0]]
     for value in values[1:]:
-        if value - current[0] > math.log1p(END_TOL):
+        if value - current[0] > math.log1p(BUDGET_TOL):
             clusters.append(current)
             current = []
         current.append(value)
@@ -125,9 +129,13 @@ class Trajectories:
         return self.runs["params"].to_numpy(float)
 
 
-def read_runs(points: pd.DataFrame, grid: np.ndarray, end_tol: float = END_TOL) -> Trajectories:
+def read_runs(
+    points: pd.DataFrame, grid: np.ndarray, end_tol: float = END_TOL, ends_only: bool = False
+) -> Trajectories:
     """Interpolate each run in (log C, log y) at ``grid``, within its own compute range only;
-    repeated compute values within a run are averaged in log y."""
+    repeated compute values within a run are averaged in log y. With ``ends_only`` a run is read
+    only at the grid points within ``BUDGET_TOL`` of its final compute, as its final value (the
+    budgets it was trained to)."""
     points = check_points(points)
     log_grid = np.log(np.asarray(grid, float))
     slack = math.log1p(end_tol)
@@ -143,6 +151,9 @@ def read_runs(points: pd.DataFrame, grid: np.ndarray, end_tol: float = END_TOL) 
         if np.any(np.diff(lc) == 0):  # repeated compute values within a run: mean of log y
             lc, inverse = np.unique(lc, return_inverse=True)
             ly = np.bincount(inverse, weights=ly) / np.bincount(inverse)
+        if ends_only:
+            rows[i, np.abs(log_grid - lc[-1]) <= math.log1p(BUDGET_TOL)] = ly[-1]
+            continue
         inside = (log_grid >= lc[0] - slack) & (log_grid <= lc[-1] + slack)
         rows[i, inside] = np.interp(log_grid[inside], lc, ly)
     runs = pd.DataFrame({"run": np.asarray(names, dtype=object), "params": params, "size": size_labels})
@@ -274,7 +285,7 @@ def isoflop_optima(points: pd.DataFrame, budgets: np.ndarray | None = None) -> p
     points = check_points(points)
     budgets = default_budgets(points) if budgets is None else np.asarray(budgets, float)
     return pd.DataFrame(
-        _isoflop_rows(read_runs(points, budgets)),
+        _isoflop_rows(read_runs(points, budgets, ends_only=True)),
         columns=["compute", "n_opt", "n_best", "y_best", "n_sizes", "interior", "reason"],
     )
 
@@ -466,7 +477,7 @@ def compute_optimal(
     points = check_points(points)
     budgets = default_budgets(points) if budgets is None else np.asarray(budgets, float)
     grid = compute_grid(points) if grid is None else np.asarray(grid, float)
-    at_budgets, on_grid = read_runs(points, budgets), read_runs(points, grid)
+    at_budgets, on_grid = read_runs(points, budgets, ends_only=True), read_runs(points, grid)
     optima = pd.DataFrame(
         _isoflop_rows(at_budgets), columns=["compute", "n_opt", "n_best", "y_best", "n_sizes", "interior", "reason"]
     )

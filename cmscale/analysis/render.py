@@ -84,7 +84,7 @@ def _finding(result: MethodAnalysis, ratio: dict | None) -> str:
             parts.append(f"N_opt ∝ C^{_num(iso.a, 2)}, but its CI [{_num(a_ci[0], 2)}, {_num(a_ci[1], 2)}] "
                          "includes 0: no detectable growth of the compute-optimal size")
         elif iso.a is not None:
-            parts.append(f"N_opt ∝ C^{_num(iso.a, 2)} (no CI: too few runs)")
+            parts.append(f"N_opt ∝ C^{_num(iso.a, 2)} (no CI: {iso.ci_reason or 'too few runs'})")
         else:
             interior = int(optimal.optima["interior"].sum())
             parts.append(
