@@ -110,18 +110,20 @@ SUMMARY_HEADER = [
 ]
 
 
+LADDER_N_OPT = "- (one teacher per size, each to a fixed budget: a size ladder, not a compute sweep)"
+
+
 def summary_rows(analysis: SweepAnalysis) -> list[list[str]]:
     rows = []
     for result in analysis.methods:
-        per_size = "; ".join(f"{p}: {_choice_param(c, 'alpha')}" for p, c in result.size_fits.items()) or (
-            "-" if result.ladder is not None else "not fitted")
-        optimal = result.optimal
         if result.ladder is not None:
-            n_opt = "- (one teacher per size, each to a fixed budget: a size ladder, not a compute sweep)"
-        elif optimal is None:
-            n_opt = "-"
-        else:
-            n_opt = f"{_n_opt_text(optimal.isoflop)}; envelope: {_n_opt_text(optimal.envelope_fit)}"
+            rows.append([result.title, "-", "-", LADDER_N_OPT, "-", _ladder_finding(result.ladder)])
+            continue
+        per_size = "; ".join(f"{p}: {_choice_param(c, 'alpha')}" for p, c in result.size_fits.items()) or "not fitted"
+        optimal = result.optimal
+        n_opt = (
+            "-" if optimal is None else f"{_n_opt_text(optimal.isoflop)}; envelope: {_n_opt_text(optimal.envelope_fit)}"
+        )
         ratio = analysis.ratio.get(result.ratio_group)
         ratio_text = (
             "-"
@@ -135,7 +137,7 @@ def summary_rows(analysis: SweepAnalysis) -> list[list[str]]:
             [
                 result.title,
                 per_size,
-                "-" if result.ladder is not None else _choice_param(result.frontier, "alpha"),
+                _choice_param(result.frontier, "alpha"),
                 n_opt,
                 ratio_text,
                 _finding(result, ratio),
