@@ -43,23 +43,29 @@ def test_pack_trains_each_run_in_its_folder_skips_done_ones_and_survives_a_faili
     assert (last_dir / "ckpt" / "latest.pt").is_file() and (last_dir / "ckpt" / "final.pt").is_file()
 
 
-PACKED_SPEC = """
-name = "packed"
+def packed_edm_spec(name: str, runs: int, budget_iters: int, max_parallel: int, log_every: int) -> str:
+    """A sweep of ``runs`` xxs EDM runs (seeds 0..runs-1) packed 2 to a job on the local executor."""
+    return f"""
+name = "{name}"
 dataset = "digits"
 resolution = 16
 
 [defaults]
 batch_size = 8
-log_every = 1
+log_every = {log_every}
 
 [defaults.eval]
 at_fractions = []
 
 [executor]
 name = "local"
-max_parallel = 2
+max_parallel = {max_parallel}
 runs_per_job = 2
-""" + "".join(f'\n[[runs]]\nmethod = "edm"\npreset = "xxs"\nbudget_iters = 2\nseed = {seed}\n' for seed in range(3))
+""" + "".join(f'\n[[runs]]\nmethod = "edm"\npreset = "xxs"\nbudget_iters = {budget_iters}\nseed = {seed}\n'
+              for seed in range(runs))
+
+
+PACKED_SPEC = packed_edm_spec("packed", runs=3, budget_iters=2, max_parallel=2, log_every=1)
 
 
 @pytest.mark.slow
@@ -96,23 +102,7 @@ def test_spread_deals_runs_to_packs_in_turn_with_sizes_within_one():
     assert [sum(budgets[run] for run in pack) for pack in halves] == [sum(budgets.values()) / 2] * 2
 
 
-REPORT_SPEC = """
-name = "reported"
-dataset = "digits"
-resolution = 16
-
-[defaults]
-batch_size = 8
-log_every = 50
-
-[defaults.eval]
-at_fractions = []
-
-[executor]
-name = "local"
-max_parallel = 1
-runs_per_job = 2
-""" + "".join(f'\n[[runs]]\nmethod = "edm"\npreset = "xxs"\nbudget_iters = 150\nseed = {seed}\n' for seed in range(2))
+REPORT_SPEC = packed_edm_spec("reported", runs=2, budget_iters=150, max_parallel=1, log_every=50)
 
 
 @pytest.mark.slow
