@@ -137,7 +137,9 @@ def test_a_job_dying_at_start_up_records_the_exception_for_sweep_status(tmp_path
 
 @pytest.mark.parametrize("field,value", [("budget_flops", math.inf), ("lr", math.inf), ("lr", math.nan),
                                          ("heartbeat_s", math.inf), ("ema_rates", [1.5]), ("ema_rates", [1.0]),
-                                         ("adam_betas", [0.9, 1.0]), ("ema_rates", [math.nan])])
+                                         ("adam_betas", [0.9, 1.0]), ("ema_rates", [math.nan]),
+                                         ("ema_sigma_rels", [0.3]), ("ema_sigma_rels", [0.0]),
+                                         ("ema_sigma_rels", [math.nan])])
 def test_non_finite_and_out_of_range_floats_are_refused(field, value):
     fields = {"method": "edm", "preset": "xxs", "budget_iters": 1}
     if field == "budget_flops":
