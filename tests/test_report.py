@@ -293,20 +293,86 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     assert len(rows) >= 2 and rows[0] < 200 and rows[-1] < 1400 and rows[-1] - rows[0] > 100, rows
 
 
-def test_the_finding_claims_growth_of_the_compute_optimal_size_only_when_the_ci_of_a_is_above_0():
-    """The one-sentence finding: an exponent whose CI includes 0 is stated with its CI, not as growth."""
+def test_the_finding_claims_growth_of_the_compute_optimal_size_only_from_a_ci_of_a_above_0():
+    """The one-sentence finding names every approach's exponent; growth is claimed only from a CI above 0,
+    and an approach whose CI includes 0 is named as such."""
     from types import SimpleNamespace
 
     from cmscale.analysis.render import _finding
 
-    def finding(a_ci):
-        optimal = SimpleNamespace(isoflop=SimpleNamespace(a=0.31, ci={"a": a_ci} if a_ci else {}, ci_reason=""),
-                                  optima=None)
-        return _finding(SimpleNamespace(size_fits={}, optimal=optimal, ladder=None), None)
+    def finding(iso_ci, joint_ci=None, joint_a=None):
+        fit = SimpleNamespace(a=0.31, ci={"a": iso_ci} if iso_ci else {}, ci_reason="")
+        optimal = SimpleNamespace(isoflop=fit, envelope_fit=SimpleNamespace(a=None), optima=None)
+        joint = SimpleNamespace(a=joint_a, ci=joint_ci, ci_reason="")
+        return _finding(SimpleNamespace(size_fits={}, optimal=optimal, ladder=None, joint_n_opt=joint), None)
 
-    assert finding((0.05, 0.6)) == "compute-optimal size grows as C^0.31 (CI above 0)."
-    assert "includes 0: no detectable growth" in finding((-0.21, 0.68)) and "grows" not in finding((-0.21, 0.68))
-    assert finding(None) == "N_opt ∝ C^0.31 (no CI: too few runs)."
+    assert finding((0.05, 0.6)) == (
+        "the compute-optimal size grows with compute (CI of a excludes 0): iso-FLOP a = 0.31 [0.05, 0.6]."
+    )
+    spanning = finding((-0.21, 0.68))
+    assert "every CI includes 0: no detectable growth" in spanning and "grows" not in spanning
+    assert finding(None) == "N_opt ∝ C^0.31 by iso-FLOP (no CI: too few runs)."
+    # the joint law's CI above 0 is a finding; the iso-FLOP CI that includes 0 is said beside it
+    both = finding((-0.21, 0.68), joint_ci=(0.05, 0.66), joint_a=0.2)
+    assert both.startswith("the compute-optimal size grows with compute (CI of a excludes 0): joint law a = 0.2")
+    assert "the CI includes 0 for iso-FLOP a = 0.31 [-0.21, 0.68]" in both
+    assert "disagree on the sign" in finding((0.05, 0.6), joint_ci=(-0.5, -0.1), joint_a=-0.3)
+
+
+def _method_analysis(points: pd.DataFrame):
+    from cmscale.analysis import data as D
+    from cmscale.analysis.report import MethodAnalysis
+
+    return MethodAnalysis("ect", D.parse_metric("fid_2step"), "-- synthetic", points)
+
+
+def _length_dependent_sweep(flops_exponent: float = 1.0) -> pd.DataFrame:
+    """Runs on the joint law's grid whose final evals follow the law, while their half-way evals
+    score twice as badly (a schedule that depends on the run's length, like ECT's stages)."""
+    from cmscale.analysis.fit import evaluate_law
+    from cmscale.analysis.synthetic import JOINT_TRUTH
+
+    rng = np.random.default_rng(11)
+    rows = []
+    for n in np.logspace(6, 8, 5):
+        flops_per_image = 6.0 * n**flops_exponent
+        for budget in np.logspace(16, 18, 4) * 1e6 ** (flops_exponent - 1):  # iso-FLOP budgets
+            run = f"n{n:.0e}-c{budget:.0e}"
+            for fraction, penalty in ((0.5, 2.0), (1.0, 1.0)):
+                d = budget / flops_per_image * fraction
+                fid = penalty * evaluate_law("joint", JOINT_TRUTH, n, d) * math.exp(rng.normal(0, 0.02))
+                rows.append({"run_id": run, "preset": f"{n:.0e}", "params": n, "budget_flops": budget,
+                             "step": int(fraction * 1000), "images_seen": d, "train_flops": d * flops_per_image,
+                             "fid": fid})
+    return pd.DataFrame(rows)
+
+
+def test_the_joint_law_reads_runs_trained_to_their_budgets_and_recovers_n_opt_exponent():
+    """N_opt ∝ C^a from the joint law, a = beta/(alpha+beta), fitted to each run's final eval:
+    half-way evals of length-dependent schedules (twice as bad here) do not bias it."""
+    from cmscale.analysis.report import _fit_joint
+    from cmscale.analysis.synthetic import JOINT_TRUTH
+
+    result = _method_analysis(_length_dependent_sweep())
+    _fit_joint(result, n_draws=60, seed=0)
+    a_true = JOINT_TRUTH["beta"] / (JOINT_TRUTH["alpha"] + JOINT_TRUTH["beta"])
+    exponent = result.joint_n_opt
+    assert result.joint.kept.n_points == 20  # one per run
+    assert abs(exponent.a - a_true) < 0.05 * a_true and exponent.ci[0] <= a_true <= exponent.ci[1]
+    assert abs(exponent.flops_per_image_exponent - 1.0) < 1e-9
+    assert result.holdout is not None and len(result.holdout.points) == 5  # the held-out budget's runs
+
+
+def test_the_joint_law_exponent_is_withheld_when_flops_per_image_do_not_grow_as_n():
+    """a = beta/(alpha+beta) assumes training FLOPs ∝ N D; with FLOPs per image ∝ N^1.5 it is not printed."""
+    from cmscale.analysis.render import _joint_n_opt_text
+    from cmscale.analysis.report import _fit_joint
+
+    result = _method_analysis(_length_dependent_sweep(flops_exponent=1.5))
+    _fit_joint(result, n_draws=0, seed=0)
+    assert result.joint.derived  # the law itself is fitted
+    assert result.joint_n_opt.a is None and abs(result.joint_n_opt.flops_per_image_exponent - 1.5) < 1e-9
+    assert "FLOPs per image grow as N^1.5" in _joint_n_opt_text(result.joint_n_opt)
 
 
 def test_a_teacher_ladder_is_said_to_fall_with_size_only_when_every_larger_size_scores_lower():

@@ -1,8 +1,8 @@
 """Rendering the sweep report: ``report.html`` (standalone), ``report.md`` and ``report.json``.
 
 The page leads with its findings: a summary table per method and sampler steps (per-size compute
-exponent, frontier exponent, N_opt ∝ C^a by both approaches or why not, student/teacher ratio and
-its slope) with one sentence per method. Warnings follow, grouped by kind with counts and their
+exponent, frontier exponent, N_opt ∝ C^a by iso-FLOP profiles, the envelope and the joint law, or
+why not, student/teacher ratio and its slope) with one sentence per method. Warnings follow, grouped by kind with counts and their
 details collapsed; then the figures (each with its SQL, collapsed), the fit tables and the runs.
 ``report.json`` carries every number of the summary, so other tools can read the findings.
 """
@@ -62,6 +62,64 @@ def _ladder_finding(ladder) -> str:
     return f"Teacher FID at {at} {verdict}: {by_size} (one teacher per size: no CI)."
 
 
+def _joint_n_opt_text(joint) -> str:
+    if joint is None:
+        return "not fitted"
+    if joint.a is None:
+        return joint.reason.replace("not identifiable from these runs: ", "not identified: ")
+    ci = f" [{_num(joint.ci[0])}, {_num(joint.ci[1])}]" if joint.ci else f" (no CI: {joint.ci_reason})"
+    return f"a = {_num(joint.a)}{ci}"
+
+
+def n_opt_estimates(result: MethodAnalysis) -> list[tuple[str, float, tuple | None, str]]:
+    """(approach, a, CI or None, why no CI) for every approach that estimated N_opt ∝ C^a."""
+    estimates = []
+    if result.optimal is not None:
+        for name, fit in (("iso-FLOP", result.optimal.isoflop), ("envelope", result.optimal.envelope_fit)):
+            if fit.a is not None:
+                estimates.append((name, fit.a, fit.ci.get("a"), fit.ci_reason or "too few runs"))
+    joint = result.joint_n_opt
+    if joint is not None and joint.a is not None:
+        estimates.append(("joint law", joint.a, joint.ci, joint.ci_reason))
+    return estimates
+
+
+def _n_opt_finding(result: MethodAnalysis) -> str | None:
+    """One clause on N_opt ∝ C^a: every approach's estimate, and which CIs exclude 0."""
+    estimates = n_opt_estimates(result)
+    if not estimates:
+        if result.optimal is None:
+            return None
+        interior = int(result.optimal.optima["interior"].sum())
+        return f"the compute-optimal size is not identified ({interior} of {len(result.optimal.optima)} budgets interior)"
+
+    def shown(estimate) -> str:
+        name, a, ci, _ = estimate
+        return f"{name} a = {_num(a, 2)} [{_num(ci[0], 2)}, {_num(ci[1], 2)}]"
+
+    above = [e for e in estimates if e[2] and e[2][0] > 0]
+    below = [e for e in estimates if e[2] and e[2][1] < 0]
+    spanning = [e for e in estimates if e[2] and e[2][0] <= 0 <= e[2][1]]
+    if above and below:
+        return "the approaches disagree on the sign of N_opt ∝ C^a: " + "; ".join(map(shown, above + below))
+    if above or below:
+        verb = "grows" if above else "shrinks"
+        text = f"the compute-optimal size {verb} with compute (CI of a excludes 0): " + "; ".join(
+            map(shown, above or below)
+        )
+        if spanning:
+            text += "; the CI includes 0 for " + "; ".join(map(shown, spanning))
+        return text
+    if spanning:
+        return (
+            "N_opt ∝ C^a, but every CI includes 0: no detectable growth of the compute-optimal size ("
+            + "; ".join(map(shown, spanning))
+            + ")"
+        )
+    name, a, _, why = estimates[0]
+    return f"N_opt ∝ C^{_num(a, 2)} by {name} (no CI: {why})"
+
+
 def _finding(result: MethodAnalysis, ratio: dict | None) -> str:
     if result.ladder is not None:
         return _ladder_finding(result.ladder)
@@ -74,22 +132,9 @@ def _finding(result: MethodAnalysis, ratio: dict | None) -> str:
             f"FID falls with compute (alpha CI above 0) for {len(falling)} of {len(result.size_fits)} sizes"
             + ("" if with_ci == len(fits) else f" ({len(fits) - with_ci} without a CI)")
         )
-    optimal = result.optimal
-    if optimal is not None:
-        iso = optimal.isoflop
-        a_ci = iso.ci.get("a")
-        if iso.a is not None and a_ci and a_ci[0] > 0:
-            parts.append(f"compute-optimal size grows as C^{_num(iso.a, 2)} (CI above 0)")
-        elif iso.a is not None and a_ci:
-            parts.append(f"N_opt ∝ C^{_num(iso.a, 2)}, but its CI [{_num(a_ci[0], 2)}, {_num(a_ci[1], 2)}] "
-                         "includes 0: no detectable growth of the compute-optimal size")
-        elif iso.a is not None:
-            parts.append(f"N_opt ∝ C^{_num(iso.a, 2)} (no CI: {iso.ci_reason or 'too few runs'})")
-        else:
-            interior = int(optimal.optima["interior"].sum())
-            parts.append(
-                f"the compute-optimal size is not identified ({interior} of {len(optimal.optima)} budgets interior)"
-            )
+    n_opt = _n_opt_finding(result)
+    if n_opt:
+        parts.append(n_opt)
     if ratio:
         drift = ratio["slope_ci"]
         steady = drift and all(v is not None and math.isfinite(v) for v in drift) and drift[0] < 0 < drift[1]
@@ -104,7 +149,7 @@ SUMMARY_HEADER = [
     "method",
     "per-size compute exponent alpha [95% CI]",
     "frontier exponent",
-    "N_opt ∝ C^a: iso-FLOP; envelope",
+    "N_opt ∝ C^a: iso-FLOP; envelope; joint law",
     "student/teacher FID ratio; slope on log N",
     "what the study shows",
 ]
@@ -122,7 +167,10 @@ def summary_rows(analysis: SweepAnalysis) -> list[list[str]]:
         per_size = "; ".join(f"{p}: {_choice_param(c, 'alpha')}" for p, c in result.size_fits.items()) or "not fitted"
         optimal = result.optimal
         n_opt = (
-            "-" if optimal is None else f"{_n_opt_text(optimal.isoflop)}; envelope: {_n_opt_text(optimal.envelope_fit)}"
+            "-"
+            if optimal is None
+            else f"{_n_opt_text(optimal.isoflop)}; envelope: {_n_opt_text(optimal.envelope_fit)}; "
+            f"joint law: {_joint_n_opt_text(result.joint_n_opt)}"
         )
         ratio = analysis.ratio.get(result.ratio_group)
         ratio_text = (
@@ -162,6 +210,7 @@ def report_json(analysis: SweepAnalysis) -> dict:
                 "frontier": result.frontier.to_json() if result.frontier else None,
                 "compute_optimal": result.optimal.to_json() if result.optimal else None,
                 "joint": result.joint.to_json() if result.joint else None,
+                "n_opt_joint": result.joint_n_opt.to_json() if result.joint_n_opt else None,
                 "ladder": (
                     {
                         "sizes": result.ladder.to_dict(orient="records"),
@@ -230,12 +279,15 @@ def _tables(analysis: SweepAnalysis) -> list[tuple[str, list[str], list[list[str
             rows.append(_fit_row("frontier (envelope over runs)", result.frontier))
         if result.joint is not None:
             rows.append(_fit_row("joint E + A N^-alpha + B D^-beta", result.joint))
-            derived = result.joint.derived
+            joint = result.joint_n_opt
             notes.append(
-                "joint law: N_opt ∝ C^a with a = beta/(alpha+beta) = "
-                + _with_ci("a", derived["a"], result.joint.derived_ci.get("a"))
-                if derived
-                else f"joint law: a is {result.joint.derived_reason}"
+                "joint law (each run's final eval): N_opt ∝ C^a with a = beta/(alpha+beta): "
+                + _joint_n_opt_text(joint)
+                + (
+                    ""
+                    if joint.flops_per_image_exponent is None
+                    else f" (training FLOPs per image ∝ N^{joint.flops_per_image_exponent:.3g} across the runs)."
+                )
             )
         tables.append(
             (
@@ -294,7 +346,7 @@ def _tables(analysis: SweepAnalysis) -> list[tuple[str, list[str], list[list[str
             tables.append(
                 (
                     f"{result.title}: extrapolation (joint law fitted without budget {_num(h.held_values[0])}; "
-                    "one row per held-out eval)",
+                    "one row per held-out run, at its final eval)",
                     [
                         "run",
                         "size",

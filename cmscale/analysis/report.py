@@ -11,8 +11,11 @@ Per consistency-model method and sampler step count (and for the teachers' Heun 
 * the lower envelope over runs on a common compute grid, a law fitted to it (bootstrap over runs,
   each draw rebuilding the envelope), and the compute-optimal size by iso-FLOP profiles and by
   the envelope, with ``N_opt = k C^a`` where >= 3 budgets have an interior optimum;
-* the joint law ``FID = E + A N^-alpha + B D^-beta`` (or the nested law kept) and its
-  extrapolation check: refit without the largest budget, predict the held-out evals.
+* the joint law ``FID = E + A N^-alpha + B D^-beta`` (or the nested law kept) on each run's final
+  eval (a run trained to D images, as the iso-FLOP profiles read runs trained to C: a longer run's
+  mid-run eval is not a run of D images when its schedule depends on its length), the exponent
+  ``N_opt ∝ C^a`` it implies (Chinchilla's approach 3), and its extrapolation check: refit
+  without the largest budget, predict the held-out runs.
 
 Then the teacher-student ratio table and figure, and FID against sampling compute.
 """
@@ -35,6 +38,12 @@ from cmscale.analysis.selection import LawChoice, select_law
 
 MIN_POINTS_PER_SIZE = 4  # the saturating law has 3 parameters (the pure one 2): leave a degree of freedom
 MIN_RUNS_CI = 3
+MIN_JOINT_RUNS = 7  # the joint law has up to 5 parameters: leave degrees of freedom
+# The joint law gives N_opt ∝ C^(beta / (alpha + beta)) when training FLOPs ∝ N D, i.e. FLOPs per
+# training image ∝ N (Hoffmann et al. 2022). The runs' own FLOP counts must bear that out: the
+# exponent gamma of N in FLOPs per image, fitted over the runs, within this of 1 (the demo's
+# UNets: 1.005-1.008). Otherwise a = beta / (alpha + gamma beta), which this report does not assume.
+FLOPS_PER_IMAGE_EXPONENT_TOL = 0.05
 
 
 @dataclass
@@ -55,6 +64,62 @@ class Warning_:
 
 
 @dataclass
+class JointExponent:
+    """N_opt ∝ C^a implied by the joint law (a = beta / (alpha + beta)); ``a`` is None with the
+    reason, ``ci`` is None when there is no CI (``ci_reason`` says why)."""
+
+    a: float | None
+    ci: tuple[float, float] | None
+    reason: str
+    ci_reason: str
+    flops_per_image_exponent: float | None
+
+    def to_json(self) -> dict:
+        return {
+            "a": self.a,
+            "ci": list(self.ci) if self.ci else None,
+            "reason": self.reason or None,
+            "ci_reason": self.ci_reason or None,
+            "flops_per_image_exponent": self.flops_per_image_exponent,
+        }
+
+
+def final_evals(points: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last eval: the run trained to its own budget."""
+    return points[points["step"] == points.groupby("run_id")["step"].transform("max")]
+
+
+def flops_per_image_exponent(finals: pd.DataFrame) -> float | None:
+    """gamma in (training FLOPs per image) ∝ N^gamma, by log-log least squares over runs; None
+    with fewer than 2 sizes."""
+    if finals["params"].nunique() < 2:
+        return None
+    log_n = np.log(finals["params"].to_numpy(float))
+    log_per_image = np.log(finals["train_flops"].to_numpy(float) / finals["images_seen"].to_numpy(float))
+    return float(np.polyfit(log_n, log_per_image, 1)[0])
+
+
+def joint_exponent(choice: LawChoice, finals: pd.DataFrame) -> JointExponent:
+    """The compute-optimal size's exponent a from the joint law kept, or why it is not identified."""
+    gamma = flops_per_image_exponent(finals)
+    if not choice.derived:
+        reason = choice.derived_reason or f"not identifiable from these runs: {choice.reason}"
+        return JointExponent(None, None, reason, "", gamma)
+    if gamma is None or abs(gamma - 1) > FLOPS_PER_IMAGE_EXPONENT_TOL:
+        return JointExponent(
+            None,
+            None,
+            f"not identifiable from these runs: a = beta/(alpha+beta) needs training FLOPs ∝ N D, but FLOPs "
+            f"per image grow as N^{gamma:.3g} across these runs",
+            "",
+            gamma,
+        )
+    ci = choice.derived_ci.get("a")
+    ci_reason = "" if ci else (choice.ci_note or "no bootstrap draws")
+    return JointExponent(choice.derived["a"], ci, "", ci_reason, gamma)
+
+
+@dataclass
 class MethodAnalysis:
     """Everything fitted for one (method, metric)."""
 
@@ -67,6 +132,7 @@ class MethodAnalysis:
     envelope: pd.DataFrame | None = None
     optimal: ComputeOptimal | None = None
     joint: LawChoice | None = None
+    joint_n_opt: JointExponent | None = None
     holdout: HoldoutResult | None = None
     ladder: pd.DataFrame | None = None  # teachers, one run per size: each size's final eval
     notes: list[Warning_] = field(default_factory=list)
@@ -119,6 +185,52 @@ def _law_notes(notes: list[Warning_], what: str, choice: LawChoice | None) -> No
         notes.append(Warning_("estimate without CI (< 3 runs)", f"{what}: {choice.ci_note}"))
 
 
+def _fit_joint(result: MethodAnalysis, n_draws: int, seed: int) -> None:
+    """The joint law on each run's final eval, the N_opt exponent it implies, and its extrapolation check."""
+    notes = result.notes
+    finals = final_evals(result.points)
+    if finals["params"].nunique() >= 2 and len(finals) >= MIN_JOINT_RUNS:
+        result.joint = _fit_safely(
+            notes,
+            "joint law",
+            lambda: select_law(
+                "joint",
+                [finals["params"].to_numpy(float), finals["images_seen"].to_numpy(float)],
+                finals["fid"].to_numpy(float),
+                finals["run_id"].to_numpy(),
+                n_draws=n_draws,
+                seed=seed,
+            ),
+        )
+        _law_notes(notes, "joint law", result.joint)
+        if result.joint is not None:
+            result.joint_n_opt = joint_exponent(result.joint, finals)
+        if finals["budget_flops"].nunique() >= 3 and len(finals) >= MIN_RUNS_CI + 1:
+            result.holdout = _fit_safely(
+                notes,
+                "extrapolation check",
+                lambda: holdout_validation(
+                    finals,
+                    form="joint",
+                    x_cols=["params", "images_seen"],
+                    y_col="fid",
+                    by="budget_flops",
+                    k=1,
+                    group_col="run_id",
+                    n_draws=n_draws,
+                    seed=seed,
+                ),
+            )
+    else:
+        notes.append(
+            Warning_(
+                "not fitted",
+                f"joint law: fitted to runs trained to their budgets (final evals); needs >= 2 sizes and "
+                f">= {MIN_JOINT_RUNS} runs, has {finals['params'].nunique()} size(s) and {len(finals)} run(s)",
+            )
+        )
+
+
 def _analyse_method(
     method: str, metric: D.Metric, sql: str, points: pd.DataFrame, n_draws: int, seed: int
 ) -> MethodAnalysis:
@@ -167,38 +279,7 @@ def _analyse_method(
                 "optimum at the grid edge", f"budget {row.compute:.3g} FLOPs: {row.reason}; excluded from N_opt = k C^a"
             )
         )
-    if points["params"].nunique() >= 2 and len(points) >= 7:
-        result.joint = _fit_safely(
-            notes,
-            "joint law",
-            lambda: select_law(
-                "joint",
-                [points["params"].to_numpy(float), points["images_seen"].to_numpy(float)],
-                points["fid"].to_numpy(float),
-                points["run_id"].to_numpy(),
-                n_draws=n_draws,
-                seed=seed,
-            ),
-        )
-        _law_notes(notes, "joint law", result.joint)
-        if points["budget_flops"].nunique() >= 3 and points["run_id"].nunique() >= MIN_RUNS_CI + 1:
-            result.holdout = _fit_safely(
-                notes,
-                "extrapolation check",
-                lambda: holdout_validation(
-                    points,
-                    form="joint",
-                    x_cols=["params", "images_seen"],
-                    y_col="fid",
-                    by="budget_flops",
-                    k=1,
-                    group_col="run_id",
-                    n_draws=n_draws,
-                    seed=seed,
-                ),
-            )
-    else:
-        notes.append(Warning_("not fitted", "joint law: needs >= 2 sizes and >= 7 evals"))
+    _fit_joint(result, n_draws, seed)
     return result
 
 
