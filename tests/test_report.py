@@ -385,3 +385,19 @@ def test_a_teacher_ladder_is_said_to_fall_with_size_only_when_every_larger_size_
     assert _ladder_finding(ladder([12.7, 9.0, 8.8])) == (
         "Teacher FID at 1,200 iterations falls with size: t6 12.7, t8 9, t12 8.8 (one teacher per size: no CI).")
     assert "does not fall at every larger size" in _ladder_finding(ladder([12.7, 8.8, 9.0]))
+
+
+def test_the_joint_law_n_opt_curve_is_the_minimiser_of_the_law_at_fixed_compute():
+    """N_opt(C) in closed form equals a brute-force minimum over N of A N^-alpha + B (C / (kappa N))^-beta,
+    and its log-log slope is beta / (alpha + beta)."""
+    from cmscale.analysis.report import joint_n_opt_curve
+
+    params, kappa = {"E": 1.8, "A": 400.0, "B": 2.0e4, "alpha": 0.3, "beta": 0.4}, 6.0
+    compute = np.array([1e16, 1e18])
+    n_opt = joint_n_opt_curve(params, kappa, compute)
+    sizes = np.logspace(3, 12, 200_001)
+    for c, closed_form in zip(compute, n_opt):
+        loss = params["A"] * sizes ** -params["alpha"] + params["B"] * (c / (kappa * sizes)) ** -params["beta"]
+        assert abs(math.log(sizes[np.argmin(loss)] / closed_form)) < 1e-3
+    slope = math.log(n_opt[1] / n_opt[0]) / math.log(compute[1] / compute[0])
+    assert abs(slope - 0.4 / 0.7) < 1e-12

@@ -105,7 +105,7 @@ def fid_vs_compute(
 def optimal_size_vs_compute(
     optima: pd.DataFrame, envelope: pd.DataFrame | None, fits: dict[str, pd.DataFrame], title: str
 ) -> plt.Figure:
-    """N_opt against compute by both approaches. ``optima``: iso-FLOP rows (compute, n_opt,
+    """N_opt against compute by each approach. ``optima``: iso-FLOP rows (compute, n_opt,
     interior); ``envelope``: grid rows (compute, params); ``fits``: approach -> DataFrame(x, y[, lo, hi])."""
     paper_style()
     figure, axis = plt.subplots(figsize=(4.8, 3.6))
@@ -122,7 +122,7 @@ def optimal_size_vs_compute(
     axis.plot(inner["compute"], inner["n_opt"], "o", color="black", label="iso-FLOP optimum")
     if len(edge):
         axis.plot(edge["compute"], edge["n_opt"], "x", color="0.35", markersize=8, label="at size-grid edge (excluded)")
-    for (name, fit), style in zip(fits.items(), ("--", ":")):
+    for (name, fit), style in zip(fits.items(), ("--", ":", "-.")):
         axis.plot(fit["x"], fit["y"], style, color="0.1", label=f"$N_{{opt}} = k C^a$ ({name})")
         if {"lo", "hi"} <= set(fit.columns):
             axis.fill_between(fit["x"], fit["lo"], fit["hi"], color="0.5", alpha=0.15, linewidth=0)

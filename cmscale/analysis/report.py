@@ -119,6 +119,33 @@ def joint_exponent(choice: LawChoice, finals: pd.DataFrame) -> JointExponent:
     return JointExponent(choice.derived["a"], ci, "", ci_reason, gamma)
 
 
+def joint_n_opt_curve(params: dict[str, float], flops_per_image_per_param: float, compute: np.ndarray) -> np.ndarray:
+    """N_opt(C) that minimises ``A N^-alpha + B D^-beta`` at C = kappa N D (E does not move it):
+    N_opt = [(alpha A / (beta B)) (C / kappa)^beta]^(1 / (alpha + beta))."""
+    alpha, beta = params["alpha"], params["beta"]
+    ratio = alpha * params["A"] / (beta * params["B"])
+    return (ratio * (np.asarray(compute, float) / flops_per_image_per_param) ** beta) ** (1.0 / (alpha + beta))
+
+
+def _joint_curve_frame(result: "MethodAnalysis", compute: np.ndarray, level: float = 0.95) -> pd.DataFrame | None:
+    """The joint law's N_opt(C) with a bootstrap band, where its exponent is reported."""
+    choice, exponent = result.joint, result.joint_n_opt
+    if choice is None or exponent is None or exponent.a is None:
+        return None
+    finals = final_evals(result.points)
+    kappa = float(np.median(finals["train_flops"] / (finals["images_seen"] * finals["params"])))
+    frame = pd.DataFrame({"x": compute, "y": joint_n_opt_curve(choice.params, kappa, compute)})
+    bootstrap = choice.kept.bootstrap
+    if bootstrap is not None and bootstrap.n_draws:
+        curves = np.array(
+            [joint_n_opt_curve({choice.names.get(k, k): v for k, v in draw.items()}, kappa, compute)
+             for draw in bootstrap.param_dicts()]
+        )
+        tail = 100 * (1 - level) / 2
+        frame["lo"], frame["hi"] = np.nanpercentile(curves, [tail, 100 - tail], axis=0)
+    return frame
+
+
 @dataclass
 class MethodAnalysis:
     """Everything fitted for one (method, metric)."""
@@ -344,6 +371,10 @@ def _figures_for_method(result: MethodAnalysis, fig_dir: Path) -> list[FigureRec
                 grid = plots.log_grid(optimal.optima["compute"].min(), optimal.optima["compute"].max())
                 lo, hi = fit.band(grid)
                 fits[name] = pd.DataFrame({"x": grid, "y": fit.predict(grid), "lo": lo, "hi": hi})
+        joint_curve = _joint_curve_frame(result, plots.log_grid(optimal.optima["compute"].min(),
+                                                                optimal.optima["compute"].max()))
+        if joint_curve is not None:
+            fits["joint law"] = joint_curve
         figure = plots.optimal_size_vs_compute(
             optimal.optima, optimal.envelope, fits, f"{result.title}: compute-optimal size"
         )
@@ -353,7 +384,8 @@ def _figures_for_method(result: MethodAnalysis, fig_dir: Path) -> list[FigureRec
                 f"{result.title}: N_opt vs C",
                 "Circles: iso-FLOP optima (parabola in log N through the best size and its neighbours); "
                 "crosses: optimum at the size grid's edge, excluded. Steps: size of the envelope's run. "
-                "Lines: N_opt = k C^a where >= 3 budgets are interior.",
+                "Lines: N_opt = k C^a where >= 3 budgets are interior, and the joint law's N_opt(C) where "
+                "its exponent is reported (bands: 95% bootstrap).",
                 [result.sql],
                 plots.save_figure(figure, fig_dir, f"{stem}_nopt"),
             )
