@@ -2,8 +2,9 @@
 
 The page leads with its findings: a summary table per method and sampler steps (per-size compute
 exponent, frontier exponent, N_opt ∝ C^a by iso-FLOP profiles, the envelope and the joint law, or
-why not, student/teacher ratio and its slope) with one sentence per method. Warnings follow, grouped by kind with counts and their
-details collapsed; then the figures (each with its SQL, collapsed), the fit tables and the runs.
+why not, student/teacher ratio and its slope) with one sentence per method. Warnings follow,
+grouped by kind with counts and their details collapsed; then the figures (each with its SQL,
+collapsed), the fit tables and the runs.
 ``report.json`` carries every number of the summary, so other tools can read the findings.
 """
 
@@ -90,8 +91,8 @@ def _n_opt_finding(result: MethodAnalysis) -> str | None:
     if not estimates:
         if result.optimal is None:
             return None
-        interior = int(result.optimal.optima["interior"].sum())
-        return f"the compute-optimal size is not identified ({interior} of {len(result.optimal.optima)} budgets interior)"
+        interior, budgets = int(result.optimal.optima["interior"].sum()), len(result.optimal.optima)
+        return f"the compute-optimal size is not identified ({interior} of {budgets} budgets interior)"
 
     def shown(estimate) -> str:
         name, a, ci, _ = estimate

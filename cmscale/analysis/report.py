@@ -127,7 +127,7 @@ def joint_n_opt_curve(params: dict[str, float], flops_per_image_per_param: float
     return (ratio * (np.asarray(compute, float) / flops_per_image_per_param) ** beta) ** (1.0 / (alpha + beta))
 
 
-def _joint_curve_frame(result: "MethodAnalysis", compute: np.ndarray, level: float = 0.95) -> pd.DataFrame | None:
+def _joint_curve_frame(result: MethodAnalysis, compute: np.ndarray, level: float = 0.95) -> pd.DataFrame | None:
     """The joint law's N_opt(C) with a bootstrap band, where its exponent is reported."""
     choice, exponent = result.joint, result.joint_n_opt
     if choice is None or exponent is None or exponent.a is None:
