@@ -144,6 +144,16 @@ class CheckpointError(RuntimeError):
     """No checkpoint of the run could be loaded; the message names each file and what was wrong."""
 
 
+def seed_generator(seed: int, device: torch.device) -> None:
+    """Seed the generator a step's random draws come from. On the CPU this is the stream
+    torch.manual_seed gives, without also seeding every accelerator backend of a CUDA build
+    (about 2 ms a call here, twice a step: 4% of a small model's step)."""
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any], previous: Path | None = None) -> None:
     """Write to a temporary file, sync it, then rename: a reader never sees a half-written checkpoint.
 
@@ -238,6 +248,10 @@ class Trainer:
                      for _ in [*self.ema_gammas, *config.ema_rates]]
         if config.compile:
             compile_network(unet_of(self.method.model))  # after the EMA copies (see compile_network)
+        # Gathered once: walking the modules for them every step cost 2.4 ms of a 85 ms step (t6).
+        self.ema_sources = ([param.detach() for param in self.method.model.parameters()],
+                            list(self.method.model.buffers()))
+        self.ema_targets = [(list(ema.parameters()), list(ema.buffers())) for ema in self.emas]
         self.params = self.method.trainable_parameters()
         if config.optimizer == "radam":
             self.optimizer = torch.optim.RAdam(self.params, lr=config.lr, betas=config.adam_betas)
@@ -346,7 +360,7 @@ class Trainer:
 
     def draws(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """This rank's rows of the step's times and noise, drawn for the whole batch from (seed, step)."""
-        torch.manual_seed(step_seed(self.config.seed, self.step, SHARED_DRAWS))
+        seed_generator(step_seed(self.config.seed, self.step, SHARED_DRAWS), self.device)
         whole = self.method.sample_draws((self.config.batch_size, *x0.shape[1:]), self.device)
         rows = slice(self.rank * x0.shape[0], (self.rank + 1) * x0.shape[0])
         return {name: value[rows] for name, value in whole.items()}
@@ -363,7 +377,7 @@ class Trainer:
         self.method.set_iteration(self.step)
         x0 = self.batch()
         draws = self.draws(x0)
-        torch.manual_seed(step_seed(self.config.seed, self.step, self.rank))
+        seed_generator(step_seed(self.config.seed, self.step, self.rank), self.device)
         autocast = torch.autocast(
             device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"
         )
@@ -384,12 +398,12 @@ class Trainer:
 
     @torch.no_grad()
     def update_emas(self) -> None:
-        params = [param.detach() for param in self.method.model.parameters()]
+        params, buffers = self.ema_sources
         updates = self.step + 1  # this update's 1-based count, as the power EMA's decay needs
         rates = [power_ema_decay(updates, gamma) for gamma in self.ema_gammas] + list(self.config.ema_rates)
-        for rate, ema in zip(rates, self.emas):
-            torch._foreach_lerp_(list(ema.parameters()), params, 1 - rate)
-            for ema_buffer, buffer in zip(ema.buffers(), self.method.model.buffers()):
+        for rate, (ema_params, ema_buffers) in zip(rates, self.ema_targets):
+            torch._foreach_lerp_(ema_params, params, 1 - rate)
+            for ema_buffer, buffer in zip(ema_buffers, buffers):
                 ema_buffer.copy_(buffer)
 
 
