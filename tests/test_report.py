@@ -229,6 +229,10 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     assert all("interior" in row for row in optimal["isoflop"]["optima"])
     n_opt = optimal["isoflop"]["n_opt_fit"]
     assert (n_opt["a"] is None) == (n_opt["reason"] is not None)  # an exponent, or the reason why not
+    joint = ect2["n_opt_joint"]  # the joint law's exponent: synthetic FLOPs per image are 6 N per step
+    assert (joint["a"] is None) == (joint["reason"] is not None)
+    assert abs(joint["flops_per_image_exponent"] - 1.0) < 1e-6
+    assert "| N_opt ∝ C^a: iso-FLOP; envelope; joint law |" in md  # all three approaches in the summary
     assert ect2["ratio"]["group"] == "ect 2-step" and len(ect2["ratio"]["slope_ci"]) == 2
     assert ect2["frontier"]["n_groups"] == 12 and ect2["finding"].endswith(".")
     # one teacher per size: a size ladder (FID by size), with no compute-optimal size fitted to it
