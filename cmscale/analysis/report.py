@@ -73,6 +73,7 @@ class JointExponent:
     reason: str
     ci_reason: str
     flops_per_image_exponent: float | None
+    kappa: float  # median training FLOPs per image per parameter: C = kappa N D, for N_opt(C)
 
     def to_json(self) -> dict:
         return {
@@ -102,9 +103,10 @@ def flops_per_image_exponent(finals: pd.DataFrame) -> float | None:
 def joint_exponent(choice: LawChoice, finals: pd.DataFrame) -> JointExponent:
     """The compute-optimal size's exponent a from the joint law kept, or why it is not identified."""
     gamma = flops_per_image_exponent(finals)
+    kappa = float(np.median(finals["train_flops"] / (finals["images_seen"] * finals["params"])))
     if not choice.derived:
         reason = choice.derived_reason or f"not identifiable from these runs: {choice.reason}"
-        return JointExponent(None, None, reason, "", gamma)
+        return JointExponent(None, None, reason, "", gamma, kappa)
     if gamma is None or abs(gamma - 1) > FLOPS_PER_IMAGE_EXPONENT_TOL:
         return JointExponent(
             None,
@@ -113,10 +115,11 @@ def joint_exponent(choice: LawChoice, finals: pd.DataFrame) -> JointExponent:
             f"per image grow as N^{gamma:.3g} across these runs",
             "",
             gamma,
+            kappa,
         )
     ci = choice.derived_ci.get("a")
     ci_reason = "" if ci else (choice.ci_note or "no bootstrap draws")
-    return JointExponent(choice.derived["a"], ci, "", ci_reason, gamma)
+    return JointExponent(choice.derived["a"], ci, "", ci_reason, gamma, kappa)
 
 
 def joint_n_opt_curve(params: dict[str, float], flops_per_image_per_param: float, compute: np.ndarray) -> np.ndarray:
@@ -132,8 +135,7 @@ def _joint_curve_frame(result: MethodAnalysis, compute: np.ndarray, level: float
     choice, exponent = result.joint, result.joint_n_opt
     if choice is None or exponent is None or exponent.a is None:
         return None
-    finals = final_evals(result.points)
-    kappa = float(np.median(finals["train_flops"] / (finals["images_seen"] * finals["params"])))
+    kappa = exponent.kappa
     frame = pd.DataFrame({"x": compute, "y": joint_n_opt_curve(choice.params, kappa, compute)})
     bootstrap = choice.kept.bootstrap
     if bootstrap is not None and bootstrap.n_draws:
@@ -311,9 +313,9 @@ def _analyse_method(
 
 
 def size_ladder(points: pd.DataFrame) -> pd.DataFrame:
-    """Each size's final eval (largest step), ascending in parameters."""
-    finals = points.sort_values("step").groupby("preset", sort=False).tail(1)
-    return finals.sort_values("params")[["preset", "params", "step", "train_flops", "fid"]].reset_index(drop=True)
+    """Each size's final eval (largest step), ascending in parameters: one run per size."""
+    ladder = final_evals(points).sort_values("params")
+    return ladder[["preset", "params", "step", "train_flops", "fid"]].reset_index(drop=True)
 
 
 def ladder_falls_with_size(ladder: pd.DataFrame) -> bool:
