@@ -52,7 +52,7 @@ import torch
 from pydantic import ValidationError
 
 from cmscale.config import RunConfig, format_validation_error
-from cmscale.data import load_dataset
+from cmscale.data import describe_storage, load_dataset
 from cmscale.data.loader import StepBatches, step_seed
 from cmscale.distributed import (
     any_rank,
@@ -232,6 +232,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
         self.batches = StepBatches(self.data, config.batch_size, config.seed, self.rank, self.world, self.device)
+        if self.is_writer and config.dataset == "imagefolder":  # held in memory or streamed: the log says which
+            print(describe_storage(self.data, self.batches.num_workers or None), file=sys.stderr, flush=True)
         if self.device.type == "cuda":
             # TF32 tensor cores for fp32 matmuls and convolutions (tf32 = false keeps full fp32).
             torch.backends.cuda.matmul.allow_tf32 = config.tf32

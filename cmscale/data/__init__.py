@@ -1,11 +1,13 @@
-"""Datasets: embedded digits, CIFAR-10 and EDM-style image folders/zips."""
+"""Datasets: embedded digits, CIFAR-10 and EDM-style image folders/zips (pixels or VAE latents)."""
 
+from cmscale.data.archive import ArchiveDataset, DataFormatError
 from cmscale.data.datasets import (
     DATASET_CHANNELS,
     DATASETS,
     DatasetNotFoundError,
     ImageData,
     dataset_channels,
+    describe_storage,
     load_cifar10,
     load_dataset,
     load_digits,
@@ -13,6 +15,9 @@ from cmscale.data.datasets import (
 )
 
 __all__ = [
+    "ArchiveDataset",
+    "DataFormatError",
+    "describe_storage",
     "DATASET_CHANNELS",
     "DATASETS",
     "DatasetNotFoundError",

@@ -8,10 +8,8 @@ Nothing here downloads: real data sets are read from a path the user gives.
 from __future__ import annotations
 
 import importlib.util
-import io
-import json
+import os
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,42 +17,19 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from cmscale.data.archive import LATENTS, PIXELS, ArchiveDataset, DataFormatError, DatasetNotFoundError
+
 # Image channels per dataset: the one place that knows digits are grayscale (counting FLOPs and
 # sizing networks needs it before any data is read).
 DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "imagefolder": 3}
 DATASETS = tuple(DATASET_CHANNELS)
 DIGITS_DEFAULT_RESOLUTION = 16
+DEFAULT_IN_MEMORY_BYTES = 2 * 2**30
 
 
 def dataset_channels(name: str) -> int:
     """Image channels of dataset ``name`` (3 for names this table does not know)."""
     return DATASET_CHANNELS.get(name, 3)
-
-HOW_TO_GET = {
-    "cifar10": (
-        "download the CIFAR-10 python version (cifar-10-python.tar.gz) on a machine with internet, "
-        "extract it and pass the folder that holds data_batch_1..5 and test_batch"
-    ),
-    "imagefolder": (
-        "pass a folder or .zip of PNG images, optionally with a dataset.json of labels "
-        "(the layout written by NVlabs/edm's dataset_tool.py)"
-    ),
-}
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """Raised when a dataset's files are not where the user said; names the dataset, path and fix."""
-
-    def __init__(self, dataset: str, path: Path | str | None, detail: str = ""):
-        self.dataset = dataset
-        self.path = path
-        hint = HOW_TO_GET.get(dataset, "check the path")
-        where = f"at {path}" if path is not None else "(no path given: set `data_path`)"
-        message = f"dataset {dataset!r} not found {where}"
-        if detail:
-            message += f": {detail}"
-        super().__init__(f"{message}. To get it: {hint}.")
-
 
 @dataclass
 class ImageData:
@@ -63,6 +38,8 @@ class ImageData:
     name: str
     images: torch.Tensor  # uint8, (N, C, H, W)
     labels: torch.Tensor  # int64, (N,)
+    label_dim: int = 0  # classes the labels index (0: unlabelled, the labels are all zero)
+    kind: str = "pixels"
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -87,9 +64,14 @@ class ImageData:
             "num_images": len(self),
             "resolution": self.resolution,
             "channels": self.channels,
-            "num_classes": int(self.labels.max().item()) + 1 if len(self) else 0,
+            "num_classes": self.label_dim,
             "range": [-1.0, 1.0],
+            "storage": "in memory",
         }
+
+    def describe(self) -> str:
+        labels = f"{self.label_dim} classes" if self.label_dim else "no labels"
+        return f"{self.name} ({len(self)} images of {self.channels}x{self.resolution}x{self.resolution}, {labels})"
 
 
 def _resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -125,7 +107,7 @@ def load_digits(resolution: int = DIGITS_DEFAULT_RESOLUTION) -> ImageData:
     # Pixel values are 0..16 in the original data.
     pixels = torch.from_numpy(values.astype(np.float32) * (255.0 / 16.0)).round().to(torch.uint8)
     images = _resize_uint8(pixels[:, None], resolution)
-    return ImageData("digits", images, torch.from_numpy(labels))
+    return ImageData("digits", images, torch.from_numpy(labels), label_dim=10)
 
 
 def load_cifar10(path: Path | str, split: str = "train", resolution: int | None = None) -> ImageData:
@@ -146,64 +128,46 @@ def load_cifar10(path: Path | str, split: str = "train", resolution: int | None 
     images = torch.from_numpy(np.concatenate(arrays))
     if resolution is not None:
         images = _resize_uint8(images, resolution)
-    return ImageData("cifar10", images, torch.tensor(labels, dtype=torch.int64))
-
-
-def _decode_png(payload: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(payload)) as image:
-        array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return array.transpose(2, 0, 1)
+    return ImageData("cifar10", images, torch.tensor(labels, dtype=torch.int64), label_dim=10)
 
 
 def load_imagefolder(path: Path | str, resolution: int | None = None) -> ImageData:
-    """A folder or zip of PNGs, with optional ``dataset.json`` ``{"labels": [[relpath, label], ...]}``."""
-    source = Path(path)
-    if not source.exists():
-        raise DatasetNotFoundError("imagefolder", source)
-    if source.is_file() and zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as archive:
-            names = sorted(n for n in archive.namelist() if n.lower().endswith(".png"))
-            files = {name: archive.read(name) for name in names}
-            labels_json = archive.read("dataset.json") if "dataset.json" in archive.namelist() else None
-    elif source.is_dir():
-        paths = sorted(p for p in source.rglob("*.png"))
-        files = {p.relative_to(source).as_posix(): p.read_bytes() for p in paths}
-        label_path = source / "dataset.json"
-        labels_json = label_path.read_bytes() if label_path.is_file() else None
-    else:
-        raise DatasetNotFoundError("imagefolder", source, "not a folder or a zip file")
-    if not files:
-        raise DatasetNotFoundError("imagefolder", source, "no .png files inside")
-    label_map: dict[str, int] = {}
-    if labels_json is not None:
-        try:
-            entries = json.loads(labels_json).get("labels") or []
-            label_map = {str(name): int(label) for name, label in entries}
-        except (ValueError, TypeError, AttributeError) as error:
-            raise ValueError(
-                f"{source}/dataset.json: field 'labels' must be a list of [relative_path, int_label] pairs ({error})"
-            ) from error
-    arrays = [_decode_png(payload) for payload in files.values()]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(
-            f"{source}: images have different shapes {sorted(shapes)}; resize them to one resolution first"
-        )
-    images = torch.from_numpy(np.stack(arrays))
+    """A folder or zip of PNGs in EDM's layout (labels from ``dataset.json``), decoded into memory."""
+    return decode_in_memory(ArchiveDataset(path), resolution)
+
+
+def decode_in_memory(archive: ArchiveDataset, resolution: int | None = None) -> ImageData:
+    """Every image of ``archive`` as one uint8 tensor (small sets: a step is then a gather)."""
+    if archive.kind != PIXELS:
+        raise DataFormatError(f"{archive.path} holds VAE latents; they are streamed, not decoded into memory")
+    images = torch.empty((len(archive), *archive.item_shape), dtype=torch.uint8)
+    for index in range(len(archive)):
+        images[index] = torch.from_numpy(archive[index])
     if resolution is not None:
         images = _resize_uint8(images, resolution)
-    labels = torch.tensor([label_map.get(name, 0) for name in files], dtype=torch.int64)
-    return ImageData("imagefolder", images, labels)
+    if archive.labels is not None:
+        labels = torch.from_numpy(archive.labels)
+    else:
+        labels = torch.zeros(len(archive), dtype=torch.int64)
+    return ImageData(archive.name, images, labels, label_dim=archive.label_dim)
+
+
+def in_memory_limit() -> int:
+    """Bytes of uint8 images below which an image folder is decoded into memory (default 2 GiB;
+    ``CMSCALE_DATA_IN_MEMORY_BYTES`` overrides, 0 streams every folder)."""
+    return int(os.environ.get("CMSCALE_DATA_IN_MEMORY_BYTES", DEFAULT_IN_MEMORY_BYTES))
 
 
 def load_dataset(
     name: str, path: Path | str | None = None, resolution: int | None = None, split: str = "train"
-) -> ImageData:
-    """Load a dataset by name. ``digits`` needs no path; the others read from ``path``."""
+) -> ImageData | ArchiveDataset:
+    """Load a dataset by name. ``digits`` needs no path; the others read from ``path``.
+
+    Digits and CIFAR-10 are held in memory. An image folder or zip is decoded into memory when
+    its images at ``resolution`` take at most :func:`in_memory_limit` bytes, else (and always for
+    VAE latents) it is returned as an :class:`ArchiveDataset` that DataLoader workers read item
+    by item; ``describe_storage`` says which and why.
+    """
     if name == "digits":
         return load_digits(resolution or DIGITS_DEFAULT_RESOLUTION)
     if name == "cifar10":
@@ -213,5 +177,30 @@ def load_dataset(
     if name == "imagefolder":
         if path is None:
             raise DatasetNotFoundError("imagefolder", None)
-        return load_imagefolder(path, resolution=resolution)
+        archive = ArchiveDataset(path)
+        if archive.kind == PIXELS and in_memory_bytes(archive, resolution) <= in_memory_limit():
+            return decode_in_memory(archive, resolution)
+        if resolution is not None and archive.resolution != resolution and archive.kind == LATENTS:
+            raise DataFormatError(
+                f"{archive.path}: its latents are {archive.channels}x{archive.resolution}x{archive.resolution} "
+                f"but resolution = {resolution}; a latent run's resolution is the latents' ({archive.resolution})")
+        archive.target_resolution = resolution
+        return archive
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def in_memory_bytes(archive: ArchiveDataset, resolution: int | None = None) -> int:
+    side = resolution or archive.resolution
+    return len(archive) * archive.item_shape[0] * side * side
+
+
+def describe_storage(data: ImageData | ArchiveDataset, workers: int | None = None) -> str:
+    """One line for the run's log: what the data is and whether it is held in memory or streamed."""
+    if isinstance(data, ImageData):
+        nbytes = data.images.numel() * data.images.element_size()
+        return f"data: {data.describe()}, held in memory ({nbytes / 2**20:.1f} MiB of uint8)"
+    why = ("VAE latents are always streamed" if data.kind == LATENTS else
+           f"{in_memory_bytes(data, getattr(data, 'target_resolution', None)) / 2**30:.2f} GiB of images is above "
+           f"the {in_memory_limit() / 2**30:.2f} GiB in-memory limit (CMSCALE_DATA_IN_MEMORY_BYTES)")
+    readers = f" by {workers} DataLoader workers" if workers is not None else ""
+    return f"data: {data.describe()}, streamed{readers} ({why})"

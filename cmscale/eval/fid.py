@@ -35,7 +35,8 @@ from torch_fidelity.utils import (
     get_featuresdict_from_dataset,
 )
 
-from cmscale.data.datasets import ImageData
+from cmscale.data.archive import PIXELS, ArchiveDataset, DataFormatError
+from cmscale.data.datasets import ImageData, _resize_uint8
 from cmscale.eval.cache import cache_root, locked
 from cmscale.eval.features import FeatureSpace
 
@@ -74,13 +75,53 @@ def data_digest(images: torch.Tensor) -> str:
     return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:8]
 
 
+class ArchiveImages(Dataset):
+    """A streamed image folder or zip as torch-fidelity's Dataset (items read when asked for),
+    resized to the run's resolution like the in-memory path."""
+
+    def __init__(self, archive: ArchiveDataset, channels: int):
+        if archive.kind != PIXELS:
+            raise DataFormatError(f"{archive.path} holds VAE latents, not images; FID needs pixel reference "
+                                  "statistics: set eval.reference to the image set (or a published fid-refs file)")
+        self.archive, self.channels = archive, channels
+
+    def __len__(self) -> int:
+        return len(self.archive)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = torch.from_numpy(self.archive[index])
+        side = self.archive.target_resolution
+        if side is not None and image.shape[-1] != side:
+            image = _resize_uint8(image[None], side)[0]
+        if self.channels == 3 and image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return image
+
+
+def reference_images(data: ImageData | ArchiveDataset, channels: int) -> Dataset:
+    if isinstance(data, ArchiveDataset):
+        return ArchiveImages(data, channels)
+    return UInt8Images(data.images, channels)
+
+
+def data_id(data: ImageData | ArchiveDataset) -> str:
+    """``<name>-r<resolution>-<digest>``: the digest hashes the pixels of a set held in memory, and
+    the member names and sizes of a streamed one (hashing a million images would take an hour)."""
+    if isinstance(data, ArchiveDataset):
+        digest = hashlib.sha256(data._names.tobytes())
+        digest.update(np.asarray(data._sizes if data.is_zip else [len(data)]).tobytes())
+        resolution = data.target_resolution or data.resolution
+        return f"{data.name}-r{resolution}-{digest.hexdigest()[:8]}"
+    return f"{data.name}-r{data.resolution}-{data_digest(data.images)}"
+
+
 @dataclass(frozen=True)
 class Reference:
     """The training set in one feature space. ``id`` goes into every eval row."""
 
     input_name: str  # <dataset>-r<resolution>-<data hash>
     space: FeatureSpace
-    data: ImageData
+    data: ImageData | ArchiveDataset
     stats_root: Path
 
     @property
@@ -112,16 +153,15 @@ def _fidelity_common(space: FeatureSpace, device: torch.device | str, batch_size
     }
 
 
-def reference_statistics(data: ImageData, space: FeatureSpace, device: torch.device | str = "cpu",
+def reference_statistics(data: ImageData | ArchiveDataset, space: FeatureSpace, device: torch.device | str = "cpu",
                          batch_size: int = FEATURE_BATCH) -> tuple[Reference, dict[str, np.ndarray]]:
     """The training set's FID statistics ``{"mu", "sigma"}``, computed once and cached on disk."""
-    reference = Reference(f"{data.name}-r{data.resolution}-{data_digest(data.images)}", space, data,
-                          cache_root() / "fid-stats")
+    reference = Reference(data_id(data), space, data, cache_root() / "fid-stats")
     kwargs = _fidelity_common(space, device, batch_size)
 
     def compute() -> dict[str, np.ndarray]:
         extractor = create_feature_extractor(space.registered_name, [space.layer], **kwargs)
-        features = get_featuresdict_from_dataset(UInt8Images(data.images, space.channels), extractor, batch_size,
+        features = get_featuresdict_from_dataset(reference_images(data, space.channels), extractor, batch_size,
                                                  kwargs["cuda"], save_cpu_ram=True, verbose=False)
         return fid_featuresdict_to_statistics(features, space.layer)
 
@@ -154,13 +194,13 @@ def scores_to_reference(
         reference_statistics(reference.data, reference.space, device, batch_size)
     kid = {}
     if kid_subsets > 0:
-        subset = min(KID_SUBSET_SIZE, images.shape[0], reference.data.images.shape[0])
+        subset = min(KID_SUBSET_SIZE, images.shape[0], len(reference.data))
         kid = {"kid": True, "kid_subsets": kid_subsets, "kid_subset_size": subset}
 
     def calculate() -> dict[str, float]:
         return torch_fidelity.calculate_metrics(
             input1=UInt8Images(images, reference.space.channels),
-            input2=UInt8Images(reference.data.images, reference.space.channels),
+            input2=reference_images(reference.data, reference.space.channels),
             input2_cache_name=reference.input_name,
             cache=True,
             cache_root=str(reference.stats_root),
