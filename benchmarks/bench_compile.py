@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cmscale.config import RunConfig
-from cmscale.methods import build_method, unet_of
+from cmscale.methods import build_method, network_of
 from cmscale.models.execution import compile_network
 from cmscale.models.presets import build_unet
 
@@ -36,7 +36,7 @@ def step_times(config: RunConfig, teacher: str | None, compiled: bool, backend: 
     method = build_method(config.model_copy(update={"teacher_ckpt": teacher}), img_channels=1)
     method.set_iteration(10**9)
     if compiled:
-        compile_network(unet_of(method.model), backend=backend)
+        compile_network(network_of(method.model), backend=backend)
     optimizer = torch.optim.Adam(method.trainable_parameters(), lr=1e-4)
     x0 = torch.rand(config.batch_size, 1, config.resolution, config.resolution) * 2 - 1
 

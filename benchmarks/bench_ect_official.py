@@ -184,8 +184,8 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in times.items()}
     # Expected counted FLOPs per step at stage 0: the official step runs the target on the whole batch
     # whenever any row has r > 0 (probability 1 - (1 - p)^B); cmscale's on the rows with r > 0 (p B).
+    from cmscale.accounting import ect_step_parts
     from cmscale.config import RunConfig
-    from cmscale.methods import ect_step_parts
 
     online, target = ect_step_parts(
         RunConfig(

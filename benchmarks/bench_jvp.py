@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
+from cmscale.accounting import count_ect_step_parts
 from cmscale.config import RunConfig
-from cmscale.methods import Method, build_method, count_ect_step_parts
+from cmscale.methods import RECIPES, Method, build_method
 from cmscale.models.flops import count_flops
 from cmscale.models.losses import JVP_RULES, ECTLoss, SCMLoss
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond
@@ -65,7 +66,7 @@ def step_flops(method: str, preset: str, batch: int, resolution: int, rule: str)
     with torch.device("meta"):
         built = build_method(config, img_channels=1, device="meta", load_weights=False)
         if method in ("sct", "scd"):
-            built = Method(method, built.model, scm_loss(method, rule), built.teacher)
+            built = Method(RECIPES[method], built.model, scm_loss(method, rule), built.teacher)
         x0 = torch.zeros(batch, 1, resolution, resolution)
     return count_flops(lambda: built.loss(x0).mean().backward())
 
@@ -137,12 +138,13 @@ def step_times(preset: str, batch: int, resolution: int, rounds: int) -> dict:
     teacher = random_trigflow_model(preset, resolution, seed=1).eval().requires_grad_(False)
 
     ect_model = random_trigflow_model(preset, resolution, seed=3).edm
-    variants: dict[str, Method] = {"ect": Method("ect", ect_model, ECTLoss())}
+    variants: dict[str, Method] = {"ect": Method(RECIPES["ect"], ect_model, ECTLoss())}
     for method in ("sct", "scd"):
         for rule in JVP_RULES:
             loss = scm_loss(method, rule)
-            variants[f"{method}_{rule}"] = Method(method, random_trigflow_model(preset, resolution, seed=3), loss,
-                                                  teacher if method == "scd" else None, [loss.adaptive_weight])
+            model = random_trigflow_model(preset, resolution, seed=3)
+            variants[f"{method}_{rule}"] = Method(RECIPES[method], model, loss, teacher if method == "scd" else None,
+                                                  [loss.adaptive_weight])
     optimizers = {name: torch.optim.Adam(built.trainable_parameters(), lr=1e-5) for name, built in variants.items()}
 
     def step(name: str) -> None:

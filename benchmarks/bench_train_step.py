@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from cmscale.accounting import flops_per_step
 from cmscale.config import RunConfig
-from cmscale.methods import build_method, flops_per_step
+from cmscale.methods import build_method
 from cmscale.models.presets import build_unet
 from cmscale.models.unet import count_parameters
 

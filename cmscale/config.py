@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from cmscale.models.ema import MAX_SIGMA_REL
+
 MethodName = Literal["edm", "ect", "sct", "scd"]
 METHODS: tuple[str, ...] = get_args(MethodName)  # the method list; everything else derives from it
 STUDENT_METHODS = ("ect", "scd")  # methods that need a pretrained teacher checkpoint
@@ -188,10 +190,10 @@ class RunConfig(StrictModel):
         "Chinchilla's runs)")
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule: the last step's lr over lr")
     ema_rates: list[Fraction] = Field(default_factory=lambda: [0.999], description="each in [0, 1)")
-    ema_sigma_rels: list[Annotated[float, Field(gt=0, lt=0.2886)]] = Field(
+    ema_sigma_rels: list[Annotated[float, Field(gt=0, lt=MAX_SIGMA_REL)]] = Field(
         default_factory=list, description="power-function EMAs (EDM2), each of this width relative to the run's "
-        "length, in (0, 0.2886): one setting fits a 20-step and a 2,000-step run alike. They come before the "
-        "ema_rates averages; the first average of all is the one evaluated and exported")
+        f"length, in (0, {MAX_SIGMA_REL:.4f}): one setting fits a 20-step and a 2,000-step run alike. They come "
+        "before the ema_rates averages; the first average of all is the one evaluated and exported")
     dropout: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -231,10 +233,8 @@ class RunConfig(StrictModel):
     @field_validator("data_path")
     @classmethod
     def _data_path_for_files(cls, data_path: str | None, info: ValidationInfo) -> str | None:
-        dataset = info.data.get("dataset")
-        if dataset in DATASETS_WITH_FILES and not data_path:
-            raise ValueError(f"dataset {dataset!r} is read from disk; set data_path to its folder or file")
-        return data_path
+        # Not checked on disk here: a job may validate its config on a node that mounts the data elsewhere.
+        return check_data_path(info.data.get("dataset"), data_path, must_exist=False)
 
     @field_validator("resolution")
     @classmethod
@@ -257,6 +257,17 @@ class RunConfig(StrictModel):
 EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32"}
 # Options added after the run ids of issue 14, with the default that keeps an id unchanged.
 LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": []}
+
+
+def check_data_path(dataset: str | None, data_path: str | None, must_exist: bool) -> str | None:
+    """``data_path`` if ``dataset`` can be read from it: required for the data sets read from disk, and
+    (``must_exist``, as when a sweep is planned) present on this machine."""
+    if dataset in DATASETS_WITH_FILES:
+        if not data_path:
+            raise ValueError(f"dataset {dataset!r} is read from disk; set data_path to its folder or file")
+        if must_exist and not Path(data_path).expanduser().exists():
+            raise ValueError(f"{data_path} does not exist; give the folder (or file) that holds the {dataset} data")
+    return data_path
 
 
 def check_resolution(dataset: str | None, resolution: int, preset: str | None) -> None:

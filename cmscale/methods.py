@@ -1,62 +1,178 @@
-"""A training method assembled from a RunConfig: network wrapper, loss, teacher and sampler.
+"""Training methods as a table of recipes: what EDM, ECT, sCT and sCD each need, declared once.
 
-This is the one place that knows how EDM, ECT, sCT and sCD differ: which preconditioner wraps a
-method's network (:func:`wrap_network`), how the method is built for training
-(:func:`build_method`) or rebuilt from a final checkpoint (:func:`model_from_checkpoint`), how it
-samples (:func:`sample`), what one training step costs (:func:`flops_per_step`, with one cache
-for every caller) and how many iterations a budget buys (:func:`iterations_for_budget`). The
-training loop, the sweep planner and evaluation all go through it.
+A :class:`Recipe` names everything that differs between methods: the config table of its
+hyperparameters (and so its sigma_data), the preconditioner that wraps the network, the loss, how
+it uses an EDM teacher, the keyword of its time draw, its sampler and the config field of its
+sampler step counts, the conventions its numbers follow, and the two facts FLOP accounting needs
+(whether a step's cost depends on the training stage, and whether a learned loss weight is
+trained alongside). :data:`RECIPES` is the table; nothing outside it branches on a method's name.
+
+:func:`build_method` assembles a :class:`Method` for training (network, wrapper, loss, teacher);
+:func:`model_from_checkpoint` rebuilds the wrapped network of a final checkpoint and
+:func:`sample` draws from it. FLOPs per step and iteration counts are in :mod:`cmscale.accounting`.
+
+Plugging in a network family or class labels: networks are built by :func:`build_network` (from
+the preset table) and reached inside any wrapper by :func:`network_of`; :meth:`Method.loss` takes
+``labels`` and hands them to the loss.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from cmscale.config import RunConfig, cache_root
-from cmscale.data.datasets import dataset_channels
+from cmscale.config import RunConfig
 from cmscale.models.losses import ECTLoss, EDMLoss, SCMLoss
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond
 from cmscale.models.presets import build_unet
-from cmscale.models.samplers import (
-    cm_sample_edm,
-    cm_sample_trigflow,
-    ect_times,
-    heun_sample,
-    scm_times,
-)
-from cmscale.models.unet import UNet
-from cmscale.rundir import atomic_write_json
-
-FLOPS_CACHE_FILE = "flops_per_step.json"
+from cmscale.models.samplers import cm_sample_edm, cm_sample_trigflow, ect_times, heun_sample, scm_times
 
 
 class TeacherCheckpointError(FileNotFoundError):
     """A teacher checkpoint is missing, unreadable, or made for another network; names the file and fix."""
 
 
-class BudgetError(ValueError):
-    """A compute budget below one training step."""
-
-
 # Checkpoint metadata: the plain keys every cmscale checkpoint (run state, final, imported teacher) carries.
 CHECKPOINT_META_KEYS = ("preset", "resolution", "img_channels", "sigma_data", "method")
 
 
+# ----------------------------------------------------------------------------------------------
+# What each method is made of
+
+
+def ect_stage_length(config: RunConfig, iterations: int) -> int:
+    """ECT's stage length in iterations: ``ect.iters_per_stage``, else the run split into ``ect.num_stages``."""
+    return config.ect.iters_per_stage or max(1, iterations // config.ect.num_stages)
+
+
+def _edm_wrap(config: RunConfig, net: nn.Module) -> nn.Module:
+    return EDMPrecond(net, config.edm.sigma_data)
+
+
+def _ect_wrap(config: RunConfig, net: nn.Module) -> nn.Module:
+    return EDMPrecond(net, config.ect.sigma_data, sigma_min=config.ect.sigma_min,
+                      boundary_shift=config.ect.boundary_shift)
+
+
+def _scm_wrap(config: RunConfig, net: nn.Module) -> nn.Module:
+    # A network started from an EDM teacher keeps its EDM parametrisation, converted to TrigFlow.
+    if config.teacher_ckpt:
+        return EDMAsTrigFlow(EDMPrecond(net, config.scm.sigma_data))
+    return TrigFlowPrecond(net, config.scm.sigma_data)
+
+
+def _edm_loss(config: RunConfig, iterations: int) -> EDMLoss:  # noqa: ARG001 - one signature for every recipe
+    options = config.edm
+    return EDMLoss(P_mean=options.P_mean, P_std=options.P_std, sigma_data=options.sigma_data)
+
+
+def ect_loss(config: RunConfig, iterations: int) -> ECTLoss:
+    """ECT's loss for a run of ``iterations`` (the stage length follows from it)."""
+    options = config.ect
+    return ECTLoss(P_mean=options.P_mean, P_std=options.P_std, sigma_data=options.sigma_data, q=options.q,
+                   k=options.k, b=options.b, c=options.c, mapping=options.mapping, weighting=options.weighting,
+                   iters_per_stage=ect_stage_length(config, iterations))
+
+
+def _scm_loss(config: RunConfig, iterations: int) -> SCMLoss:  # noqa: ARG001
+    options = config.scm
+    return SCMLoss(mode=config.method, P_mean=options.P_mean, P_std=options.P_std, sigma_data=options.sigma_data,
+                   warmup_iters=options.warmup_iters, tangent_norm_c=options.tangent_norm_c,
+                   tangent_norm=options.tangent_norm, sigma_max=options.sigma_max,
+                   weight_channels=options.weight_mlp_channels)
+
+
+def _edm_sample(config, model, shape, steps, generator, device):
+    return heun_sample(model, shape, steps, generator=generator, device=device)
+
+
+def _ect_sample(config, model, shape, steps, generator, device):
+    return cm_sample_edm(model, shape, ect_times(steps, config.ect.sigma_max, config.ect.t_mid), generator, device)
+
+
+def _scm_sample(config, model, shape, steps, generator, device):
+    times = scm_times(steps, config.scm.sigma_data, config.scm.sigma_max, config.scm.t_mid)
+    return cm_sample_trigflow(model, shape, times, config.scm.sigma_data, generator, device)
+
+
+def _no_conventions(config: RunConfig, img_channels: int) -> dict:  # noqa: ARG001
+    return {}
+
+
+def _ect_conventions(config: RunConfig, img_channels: int) -> dict:  # noqa: ARG001
+    return {"boundary_shift": config.ect.boundary_shift, "boundary_sigma_min": config.ect.sigma_min}
+
+
+def _scm_conventions(config: RunConfig, img_channels: int) -> dict:
+    options = config.scm
+    dimension = img_channels * config.resolution**2
+    loss = SCMLoss(mode=config.method, tangent_norm_c=options.tangent_norm_c, tangent_norm=options.tangent_norm)
+    return {"tangent_norm": options.tangent_norm, "tangent_norm_c": options.tangent_norm_c,
+            "tangent_norm_effective_l2_c": loss.effective_l2_c(dimension),
+            "loss_dimension_divisor": "D^2" if options.tangent_norm == "fastgen_rms" else "D",
+            "dimension": dimension, "jvp": "lean: input tangent only through conv/linear (2 products per layer)"}
+
+
+TeacherUse = Literal["none", "optional", "required"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that differs between training methods (one row of :data:`RECIPES`)."""
+
+    name: str
+    options: str  # the RunConfig table of its hyperparameters (and sigma_data): "edm", "ect" or "scm"
+    wrap: Callable[[RunConfig, nn.Module], nn.Module]  # the preconditioner around the network
+    make_loss: Callable[[RunConfig, int], Any]  # (config, iterations) -> the loss object
+    # An EDM teacher: "none"; "optional" (initialises the network when teacher_ckpt is set);
+    # "required" (teacher_ckpt must be set: it initialises the network).
+    teacher: TeacherUse
+    teacher_in_loss: bool  # the loss evaluates the frozen teacher every step (sCD's dx_t/dt)
+    time_draw: str  # the loss's keyword for its per-sample time: "sigma" (EDM) or "t"
+    sample: Callable[..., tuple[torch.Tensor, int]]  # (config, model, shape, steps, generator, device)
+    sampler_steps_field: tuple[str, str]  # (config table, field) of the step counts evaluated
+    conventions: Callable[[RunConfig, int], dict]  # recorded in config.json (see method_conventions)
+    stage_dependent_cost: bool = False  # a step's FLOPs depend on its stage (ECT's target skips rows with r = 0)
+    learned_weight: bool = False  # a learned loss weight is trained with the network (sCM's adaptive weight)
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in [
+        Recipe("edm", options="edm", wrap=_edm_wrap, make_loss=_edm_loss, teacher="none", teacher_in_loss=False,
+               time_draw="sigma", sample=_edm_sample, sampler_steps_field=("edm", "heun_steps"),
+               conventions=_no_conventions),
+        Recipe("ect", options="ect", wrap=_ect_wrap, make_loss=ect_loss, teacher="required", teacher_in_loss=False,
+               time_draw="t", sample=_ect_sample, sampler_steps_field=("eval", "cm_steps"),
+               conventions=_ect_conventions, stage_dependent_cost=True),
+        Recipe("sct", options="scm", wrap=_scm_wrap, make_loss=_scm_loss, teacher="optional", teacher_in_loss=False,
+               time_draw="t", sample=_scm_sample, sampler_steps_field=("eval", "cm_steps"),
+               conventions=_scm_conventions, learned_weight=True),
+        Recipe("scd", options="scm", wrap=_scm_wrap, make_loss=_scm_loss, teacher="required", teacher_in_loss=True,
+               time_draw="t", sample=_scm_sample, sampler_steps_field=("eval", "cm_steps"),
+               conventions=_scm_conventions, learned_weight=True),
+    ]
+}
+
+
+def recipe_of(config_or_name: RunConfig | str) -> Recipe:
+    """The recipe of a config's method (or of a method name)."""
+    name = config_or_name if isinstance(config_or_name, str) else config_or_name.method
+    return RECIPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Questions answered from the table
+
+
 def sigma_data_of(config: RunConfig) -> float:
     """The data standard deviation the run's preconditioner uses."""
-    if config.method == "edm":
-        return config.edm.sigma_data
-    if config.method == "ect":
-        return config.ect.sigma_data
-    return config.scm.sigma_data
+    return getattr(config, recipe_of(config).options).sigma_data
 
 
 def checkpoint_meta(config: RunConfig, img_channels: int) -> dict:
@@ -73,69 +189,58 @@ def metadata_mismatches(stored: dict, expected: dict) -> list[str]:
     return problems
 
 
-@dataclass
-class Method:
-    """A method built for training: the wrapped network, its loss, the teacher and extra modules."""
-
-    name: str
-    model: nn.Module  # the wrapper that is trained (its .net or .edm.net is the UNet)
-    loss_fn: object
-    teacher: nn.Module | None = None
-    extra_modules: list[nn.Module] = field(default_factory=list)  # trained alongside (sCM's adaptive weight)
-
-    def loss(self, x0: torch.Tensor, **draws: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses; ``draws`` (from :meth:`sample_draws`) fix the times and noise, else the loss draws."""
-        if self.name in ("sct", "scd"):
-            return self.loss_fn(self.model, x0, teacher=self.teacher, **draws)
-        return self.loss_fn(self.model, x0, **draws)
-
-    def sample_draws(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
-        """The per-sample randomness of one loss on a batch of ``shape`` (times, then noise), from the global RNG.
-
-        Drawn for a whole batch and split by rows, it gives each rank of a data-parallel run exactly
-        the times and noise a single process would give the same images."""
-        if self.name == "edm":
-            times = {"sigma": self.loss_fn.sample_sigma(shape[0], device)}
-        else:
-            times = {"t": self.loss_fn.sample_t(shape[0], device)}
-        return times | {"noise": torch.randn(shape, device=device)}
-
-    def set_iteration(self, iteration: int) -> None:
-        if hasattr(self.loss_fn, "set_iteration"):
-            self.loss_fn.set_iteration(iteration)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = list(self.model.parameters())
-        for module in self.extra_modules:
-            params += list(module.parameters())
-        return params
+def uses_teacher(config: RunConfig) -> bool:
+    """Whether the run starts from (and, for sCD, consults) an EDM teacher checkpoint."""
+    return recipe_of(config).teacher != "none" and bool(config.teacher_ckpt)
 
 
-def unet_of(model: nn.Module) -> UNet:
-    """The UNet inside any of the wrappers."""
+def sampler_steps(config: RunConfig) -> list[int]:
+    """The sampler step counts a run is evaluated at (Heun steps for EDM, CM steps otherwise)."""
+    table, name = recipe_of(config).sampler_steps_field
+    return list(getattr(getattr(config, table), name))
+
+
+def with_sampler_steps(config: RunConfig, steps: list[int]) -> RunConfig:
+    """``config`` evaluated at ``steps`` sampler steps instead."""
+    table, name = recipe_of(config).sampler_steps_field
+    options = getattr(config, table)
+    return config.model_copy(update={table: options.model_copy(update={name: list(steps)})})
+
+
+def method_conventions(config: RunConfig, img_channels: int) -> dict:
+    """The conventions behind a run's numbers, recorded in its config.json (``conventions``).
+
+    sCM: which tangent normalisation it used and the c of the plain-L2 form its loss value equals
+    (FastGen's default RMS form is L2 with c sqrt(D)); ECT: the boundary shift and when it applied.
+    Published numbers name their convention; these make a run comparable with them.
+    """
+    return recipe_of(config).conventions(config, img_channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+
+
+def network_of(model: nn.Module) -> nn.Module:
+    """The network inside any preconditioner (through EDMAsTrigFlow's converted EDM wrapper)."""
     if isinstance(model, EDMAsTrigFlow):
-        return model.edm.net
+        model = model.edm
     return model.net
 
 
-def wrap_network(config: RunConfig, net: UNet) -> nn.Module:
-    """The preconditioner around a method's network (the only place that decides it).
-
-    EDM: the EDM denoiser; ECT: ECT's boundary-exact ECMPrecond; sCT and sCD: TrigFlow, keeping the
-    EDM parametrisation (converted) when the network starts from an EDM teacher.
-    """
-    if config.method == "edm":
-        return EDMPrecond(net, config.edm.sigma_data)
-    if config.method == "ect":
-        return EDMPrecond(net, config.ect.sigma_data, sigma_min=config.ect.sigma_min,
-                          boundary_shift=config.ect.boundary_shift)
-    if config.teacher_ckpt:
-        return EDMAsTrigFlow(EDMPrecond(net, config.scm.sigma_data))
-    return TrigFlowPrecond(net, config.scm.sigma_data)
+def build_network(config: RunConfig, img_channels: int, dropout: float | None = None) -> nn.Module:
+    """The bare network of ``config.preset`` (the preset table decides its family and size)."""
+    return build_unet(config.preset, config.resolution, img_channels,
+                      dropout=config.dropout if dropout is None else dropout)
 
 
-def load_unet_weights(net: UNet, path: str | Path, expected: dict | None = None) -> None:
-    """Load a teacher's UNet weights, after checking its metadata against ``expected``.
+def wrap_network(config: RunConfig, net: nn.Module) -> nn.Module:
+    """The method's preconditioner around ``net`` (see :class:`Recipe`)."""
+    return recipe_of(config).wrap(config, net)
+
+
+def load_network_weights(net: nn.Module, path: str | Path, expected: dict | None = None) -> None:
+    """Load a teacher's network weights, after checking its metadata against ``expected``.
 
     ``expected`` holds the run's values of CHECKPOINT_META_KEYS (the teacher's method must be edm);
     a checkpoint without metadata (a bare state dict) is checked by its tensor shapes alone."""
@@ -171,50 +276,91 @@ def load_unet_weights(net: UNet, path: str | Path, expected: dict | None = None)
         ) from None
 
 
-def build_method(
-    config: RunConfig, img_channels: int, device: torch.device | str = "cpu", load_weights: bool = True
-) -> Method:
+# ----------------------------------------------------------------------------------------------
+# A method built for training
+
+
+@dataclass
+class Method:
+    """A method built for training: the wrapped network, its loss, the teacher and extra modules."""
+
+    recipe: Recipe
+    model: nn.Module  # the wrapper that is trained (network_of(model) is the network)
+    loss_fn: Any
+    teacher: nn.Module | None = None  # the frozen teacher the loss consults (sCD)
+    extra_modules: list[nn.Module] = field(default_factory=list)  # trained alongside (sCM's adaptive weight)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def network(self) -> nn.Module:
+        return network_of(self.model)
+
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None = None, **draws: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses; ``draws`` (from :meth:`sample_draws`) fix the times and noise, else the loss draws.
+
+        ``labels`` (class labels, one per row) are handed to the loss when given."""
+        if labels is not None:
+            draws["labels"] = labels
+        if self.teacher is not None:
+            draws["teacher"] = self.teacher
+        return self.loss_fn(self.model, x0, **draws)
+
+    def sample_draws(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+        """The per-sample randomness of one loss on a batch of ``shape`` (times, then noise), from the global RNG.
+
+        Drawn for a whole batch and split by rows, it gives each rank of a data-parallel run exactly
+        the times and noise a single process would give the same images."""
+        if self.recipe.time_draw == "sigma":
+            times = self.loss_fn.sample_sigma(shape[0], device)
+        else:
+            times = self.loss_fn.sample_t(shape[0], device)
+        return {self.recipe.time_draw: times, "noise": torch.randn(shape, device=device)}
+
+    def set_iteration(self, iteration: int) -> None:
+        if hasattr(self.loss_fn, "set_iteration"):
+            self.loss_fn.set_iteration(iteration)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.model.parameters())
+        for module in self.extra_modules:
+            params += list(module.parameters())
+        return params
+
+
+def build_method(config: RunConfig, img_channels: int, device: torch.device | str = "cpu", load_weights: bool = True,
+                 iterations: int | None = None) -> Method:
     """Assemble networks and loss for ``config``; the teacher is loaded from ``config.teacher_ckpt``.
 
-    ``load_weights=False`` leaves every network randomly initialised (FLOP counting on the meta
-    device, where only shapes matter).
+    ``iterations``: the run's iteration count (:func:`cmscale.accounting.iterations_for_budget`),
+    which ECT's stage length follows; it defaults to ``budget_iters``. ``load_weights=False`` leaves
+    every network randomly initialised (FLOP counting on the meta device, where only shapes matter).
     """
-
-    def unet(dropout: float = config.dropout) -> UNet:
-        return build_unet(config.preset, config.resolution, img_channels, dropout=dropout)
-
+    recipe = recipe_of(config)
+    if iterations is None:
+        if config.budget_iters is None:
+            raise ValueError("build_method needs the run's iterations for a FLOP budget; pass "
+                             "iterations=cmscale.accounting.iterations_for_budget(config)")
+        iterations = config.budget_iters
     # A teacher is an EDM model of this run's preset, resolution, channels and sigma_data.
     teacher_meta = checkpoint_meta(config, img_channels) | {"method": "edm"}
 
-    def from_teacher(net: UNet) -> UNet:
-        if load_weights:
-            load_unet_weights(net, config.teacher_ckpt, teacher_meta)
+    def network(dropout: float | None = None) -> nn.Module:
+        net = build_network(config, img_channels, dropout)
+        if load_weights and uses_teacher(config):
+            load_network_weights(net, config.teacher_ckpt, teacher_meta)
         return net
 
-    method = config.method
-    if method == "edm":
-        options = config.edm
-        model = wrap_network(config, unet())
-        return Method("edm", model.to(device), EDMLoss(options.P_mean, options.P_std, options.sigma_data))
-    if method == "ect":
-        options = config.ect
-        model = wrap_network(config, from_teacher(unet()))
-        iters_per_stage = options.iters_per_stage or max(1, iterations_for_budget(config) // options.num_stages)
-        loss = ECTLoss(options.P_mean, options.P_std, options.sigma_data, options.q, options.k, options.b,
-                       options.c, options.mapping, options.weighting, iters_per_stage)
-        return Method("ect", model.to(device), loss)
-    options = config.scm
-    loss = SCMLoss(method, options.P_mean, options.P_std, options.sigma_data, options.warmup_iters,
-                   options.tangent_norm_c, options.tangent_norm, options.sigma_max,
-                   weight_channels=options.weight_mlp_channels)
-    loss.adaptive_weight.to(device)
-    net = from_teacher(unet()) if config.teacher_ckpt else unet()
+    loss = recipe.make_loss(config, iterations)  # first: sCM's learned weight draws its initial values
+    extra_modules = [loss.adaptive_weight.to(device)] if recipe.learned_weight else []
+    net = network()
     teacher = None
-    if method == "scd":
+    if recipe.teacher_in_loss:
         teacher_config = config.model_copy(update={"dropout": 0.0})
-        teacher = wrap_network(teacher_config, from_teacher(unet(dropout=0.0)))
-        teacher = teacher.to(device).eval().requires_grad_(False)
-    return Method(method, wrap_network(config, net).to(device), loss, teacher, [loss.adaptive_weight])
+        teacher = wrap_network(teacher_config, network(dropout=0.0)).to(device).eval().requires_grad_(False)
+    return Method(recipe, wrap_network(config, net).to(device), loss, teacher, extra_modules)
 
 
 def model_from_checkpoint(config: RunConfig, payload: dict[str, Any], device: torch.device | str) -> nn.Module:
@@ -228,272 +374,4 @@ def model_from_checkpoint(config: RunConfig, payload: dict[str, Any], device: to
 def sample(config: RunConfig, model: nn.Module, shape: tuple[int, ...], steps: int, generator: torch.Generator,
            device: torch.device | str) -> tuple[torch.Tensor, int]:
     """Draw images with the method's sampler: Heun for EDM teachers, n-step CM sampling otherwise."""
-    if config.method == "edm":
-        return heun_sample(model, shape, steps, generator=generator, device=device)
-    if config.method == "ect":
-        return cm_sample_edm(model, shape, ect_times(steps, config.ect.sigma_max, config.ect.t_mid), generator, device)
-    times = scm_times(steps, config.scm.sigma_data, config.scm.sigma_max, config.scm.t_mid)
-    return cm_sample_trigflow(model, shape, times, config.scm.sigma_data, generator, device)
-
-
-def sampler_steps(config: RunConfig) -> list[int]:
-    return list(config.edm.heun_steps) if config.method == "edm" else list(config.eval.cm_steps)
-
-
-def method_conventions(config: RunConfig, img_channels: int) -> dict:
-    """The conventions behind a run's numbers, recorded in its config.json (``conventions``).
-
-    sCM: which tangent normalisation it used and the c of the plain-L2 form its loss value equals
-    (FastGen's default RMS form is L2 with c sqrt(D)); ECT: the boundary shift and when it applied.
-    Published numbers name their convention; these make a run comparable with them.
-    """
-    if config.method in ("sct", "scd"):
-        options = config.scm
-        dimension = img_channels * config.resolution**2
-        loss = SCMLoss(config.method, tangent_norm_c=options.tangent_norm_c, tangent_norm=options.tangent_norm)
-        return {"tangent_norm": options.tangent_norm, "tangent_norm_c": options.tangent_norm_c,
-                "tangent_norm_effective_l2_c": loss.effective_l2_c(dimension),
-                "loss_dimension_divisor": "D^2" if options.tangent_norm == "fastgen_rms" else "D",
-                "dimension": dimension, "jvp": "lean: input tangent only through conv/linear (2 products per layer)"}
-    if config.method == "ect":
-        return {"boundary_shift": config.ect.boundary_shift, "boundary_sigma_min": config.ect.sigma_min}
-    return {}
-
-
-# ----------------------------------------------------------------------------------------------
-# FLOPs per step and iterations
-
-
-def count_flops_per_step(config: RunConfig) -> int:
-    """FLOPs of one training step at ``config.batch_size``, counted with FlopCounterMode.
-
-    Counts forward and backward of the online network plus every extra pass the method makes:
-    sCT's JVP, sCD's teacher forward and JVP, and ECT's no-grad target forward, which runs only on
-    the rows with r > 0, so an ECT step's cost depends on its stage: for ECT this is the
-    run-average (the run's expected FLOPs, summed stage by stage, over its iterations; see
-    :func:`ect_train_flops`). Counting runs on the meta device (shapes only) with a randomly
-    initialised teacher, since only shapes matter.
-    """
-    from cmscale.models.flops import count_flops
-
-    if config.method == "ect":  # the target's rows depend on the draw: count the parts, average over the run
-        return ect_average_step_flops(config, count_ect_step_parts(config))
-    img_channels = dataset_channels(config.dataset)
-    counting_config = config.model_copy(update={"budget_iters": 1, "budget_flops": None})
-    with torch.device("meta"):
-        method = build_method(counting_config, img_channels, device="meta", load_weights=False)
-        x0 = torch.zeros(config.batch_size, img_channels, config.resolution, config.resolution)
-    method.set_iteration(10**9)  # full tangent warm-up: the step's cost does not depend on it
-
-    def one_step() -> None:
-        method.loss(x0).mean().backward()
-
-    return count_flops(one_step)
-
-
-def _counting_code_fingerprint() -> str:
-    """Hash of the code that decides FLOPs per step (methods, models) and the torch version.
-
-    Counts cached on disk under an older fingerprint are never used, so editing a model or a
-    loss can never leave a stale count behind.
-    """
-    from importlib.metadata import version
-
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256(version("torch").encode())
-    for path in sorted([package / "methods.py", *(package / "models").glob("*.py")]):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-class FlopsCache:
-    """FLOPs per step per shape, in memory and (for the real counter) in ``<cache root>/flops_per_step.json``.
-
-    Counting one shape traces a training step (seconds on a busy CPU); a sweep has few shapes and
-    many runs, so each shape is counted once per code version. The planner and the trainer share
-    the process-wide cache (:func:`flops_per_step`), so they can never disagree; a custom
-    ``counter`` (tests, benchmarks) keeps its counts in memory only.
-    """
-
-    def __init__(self, counter: Callable[[RunConfig], int] | None = None, path: Path | None = None):
-        self.counter = counter or count_flops_per_step
-        self.path = path if counter is not None else (path or cache_root(create=False) / FLOPS_CACHE_FILE)
-        self.fingerprint = _counting_code_fingerprint() if self.path else ""
-        self.counts: dict[str, int] = {}
-        self._disk_loaded = False
-
-    @staticmethod
-    def key(config: RunConfig) -> str:
-        """Every setting that changes a step's cost: method, preset, shape, batch, dropout, sCM's weight MLP."""
-        weight_mlp = config.scm.weight_mlp_channels if config.method in ("sct", "scd") else 0
-        return (f"{config.method}/{config.preset}/{config.resolution}x{dataset_channels(config.dataset)}"
-                f"/b{config.batch_size}/d{config.dropout}/w{weight_mlp}")
-
-    def _load_disk(self) -> None:
-        self._disk_loaded = True
-        if not self.path:
-            return
-        try:
-            stored = json.loads(Path(self.path).read_text())
-            if stored.get("fingerprint") == self.fingerprint:
-                self.counts = {key: int(value) for key, value in stored["counts"].items()} | self.counts
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass
-
-    def ect_parts(self, config: RunConfig) -> tuple[int, int]:
-        """ECT's (online forward + backward, full-batch target forward), cached per shape.
-
-        A custom ``counter`` is taken as the whole step's cost, with no separate target part.
-        """
-        names = [f"{self.key(config)}/{part}" for part in ("online", "target")]
-        if any(name not in self.counts for name in names) and not self._disk_loaded:
-            self._load_disk()
-        if any(name not in self.counts for name in names):
-            real = self.counter is count_flops_per_step
-            parts = count_ect_step_parts(config) if real else (int(self.counter(config)), 0)
-            self.counts.update(zip(names, parts))
-            self._save()
-        return self.counts[names[0]], self.counts[names[1]]
-
-    def __call__(self, config: RunConfig) -> int:
-        if config.method == "ect":  # its cost depends on the stage schedule, hence on the budget
-            return ect_average_step_flops(config, self.ect_parts(config))
-        key = self.key(config)
-        if key not in self.counts and not self._disk_loaded:
-            self._load_disk()
-        if key not in self.counts:
-            self.counts[key] = int(self.counter(config))
-            self._save()
-        return self.counts[key]
-
-    def _save(self) -> None:
-        if not self.path:
-            return
-        try:
-            atomic_write_json(Path(self.path), {"fingerprint": self.fingerprint, "counts": self.counts})
-        except OSError:
-            pass  # a read-only cache only costs time
-
-
-_SHARED_CACHE: FlopsCache | None = None
-
-
-def _shared_cache() -> FlopsCache:
-    global _SHARED_CACHE
-    if _SHARED_CACHE is None:
-        _SHARED_CACHE = FlopsCache()
-    return _SHARED_CACHE
-
-
-def flops_per_step(config: RunConfig) -> int:
-    """FLOPs of one training step of ``config`` (see :func:`count_flops_per_step`), from the shared cache."""
-    return _shared_cache()(config)
-
-
-def _cache_of(flops: Callable[[RunConfig], int]) -> FlopsCache:
-    if isinstance(flops, FlopsCache):
-        return flops
-    return _shared_cache() if flops is flops_per_step else FlopsCache(flops)
-
-
-def iterations_for_budget(config: RunConfig, flops: Callable[[RunConfig], int] = flops_per_step) -> int:
-    """The run's iteration count: ``budget_iters``, or the FLOP budget over the FLOPs of one step,
-    rounded to the nearest whole step (so iterations x FLOPs per step is within half a step of it).
-    ECT: the count whose stage-by-stage expected FLOPs are nearest the budget (:func:`ect_iterations`)."""
-    if config.budget_iters is not None:
-        return config.budget_iters
-    if config.method == "ect":
-        parts = _cache_of(flops).ect_parts(config)
-        # the cheapest step (stage 0: online pass and the fewest target rows) must fit in the budget
-        check_budget_covers_a_step(config.budget_flops, round(ect_train_flops(config, 1, 1, parts)), "budget_flops")
-        return ect_iterations(config, parts)
-    step_flops = flops(config)
-    check_budget_covers_a_step(config.budget_flops, step_flops, "budget_flops")
-    return max(1, round(config.budget_flops / step_flops))
-
-
-def train_flops_at(config: RunConfig, step: int) -> int:
-    """Counted training FLOPs after ``step`` steps (ECT: each step's expected cost at its stage, summed)."""
-    if config.method == "ect":
-        parts = _shared_cache().ect_parts(config)
-        return round(ect_train_flops(config, step, ect_iterations(config, parts), parts))
-    return step * flops_per_step(config)
-
-
-# ----------------------------------------------------------------------------------------------
-# ECT: a step's cost depends on its stage
-
-
-def count_ect_step_parts(config: RunConfig) -> tuple[int, int]:
-    """(online forward + backward, no-grad target forward over the whole batch), counted on the meta device.
-
-    An ECT step at stage s costs ``online + P(r > 0 | s) * target`` in expectation: the target runs
-    on the rows with r > 0 only, and the FLOPs of these networks are linear in the number of rows.
-    """
-    from cmscale.models.flops import count_flops
-
-    img_channels = dataset_channels(config.dataset)
-    with torch.device("meta"):
-        model = wrap_network(config, build_unet(config.preset, config.resolution, img_channels, dropout=config.dropout))
-        x = torch.zeros(config.batch_size, img_channels, config.resolution, config.resolution)
-        sigma = torch.ones(config.batch_size)
-    online = count_flops(lambda: model(x, sigma).sum().backward())
-    with torch.no_grad():
-        target = count_flops(lambda: model(x, sigma))
-    return online, target
-
-
-def ect_step_parts(config: RunConfig) -> tuple[int, int]:
-    """:func:`count_ect_step_parts` through the shared cache."""
-    return _shared_cache().ect_parts(config)
-
-
-def _ect_stage_length(config: RunConfig, iterations: int) -> int:
-    return config.ect.iters_per_stage or max(1, iterations // config.ect.num_stages)
-
-
-def ect_train_flops(config: RunConfig, steps: int, iterations: int, parts: tuple[int, int]) -> float:
-    """Expected FLOPs of the first ``steps`` ECT steps of a run of ``iterations``, stage by stage (exact sum)."""
-    online, target = parts
-    options = config.ect
-    loss = ECTLoss(options.P_mean, options.P_std, options.sigma_data, options.q, options.k, options.b,
-                   options.c, options.mapping, options.weighting)
-    length = _ect_stage_length(config, iterations)
-    total, stage = 0.0, 0
-    while stage * length < steps:
-        in_stage = min(steps, (stage + 1) * length) - stage * length
-        total += in_stage * (online + loss.target_row_fraction(stage) * target)
-        stage += 1
-    return total
-
-
-def ect_iterations(config: RunConfig, parts: tuple[int, int]) -> int:
-    """Iterations whose expected ECT FLOPs are nearest ``budget_flops`` (within half a step)."""
-    if config.budget_iters is not None:
-        return config.budget_iters
-    budget = config.budget_flops
-
-    def cost(n: int) -> float:
-        return ect_train_flops(config, n, n, parts)
-
-    low, high = 1, max(2, int(budget / parts[0]) + 1)  # every step costs at least the online pass
-    while low < high:  # the largest n with cost(n) <= budget (cost grows with n)
-        middle = (low + high + 1) // 2
-        if cost(middle) <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    return min(range(max(1, low - 1), low + 3), key=lambda n: abs(cost(n) - budget))
-
-
-def ect_average_step_flops(config: RunConfig, parts: tuple[int, int]) -> int:
-    """ECT's run-average FLOPs per step: the run's expected FLOPs over its iterations."""
-    iterations = ect_iterations(config, parts)
-    return max(1, round(ect_train_flops(config, iterations, iterations, parts) / iterations))
-
-
-def check_budget_covers_a_step(budget_flops: float, step_flops: int, field: str) -> None:
-    """A budget below one step would be clamped to one step, training on more compute than asked."""
-    if budget_flops < step_flops:
-        raise BudgetError(f"{field} = {budget_flops:.4g} is below one training step ({step_flops:.4g} FLOPs per step "
-                          f"at this preset, resolution and batch size); give at least {step_flops:.4g}")
+    return recipe_of(config).sample(config, model, shape, steps, generator, device)

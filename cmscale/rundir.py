@@ -134,6 +134,16 @@ def read_json(path: Path) -> Any:
         return json.load(handle)
 
 
+def budget_in_flops(budget_flops: float | None, iterations: int | None, flops_per_step: float | None) -> float | None:
+    """A run's compute budget in FLOPs: its FLOP budget, else its iterations times the FLOPs of a step
+    (so iteration-budget runs sit on iso-FLOP plots too); None when neither is known."""
+    if budget_flops:
+        return budget_flops
+    if iterations is None or flops_per_step is None:
+        return None
+    return iterations * flops_per_step
+
+
 class MetricsWriter:
     """Append-only writer of ``metrics.jsonl``.
 

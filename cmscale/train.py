@@ -51,6 +51,7 @@ import submitit
 import torch
 from pydantic import ValidationError
 
+from cmscale.accounting import flops_per_step, iterations_for_budget, train_flops_at
 from cmscale.config import RunConfig, format_validation_error
 from cmscale.data import describe_storage, load_dataset
 from cmscale.data.loader import StepBatches, step_seed
@@ -64,16 +65,7 @@ from cmscale.distributed import (
     mean_over_ranks,
     pick_device,
 )
-from cmscale.methods import (
-    Method,
-    build_method,
-    checkpoint_meta,
-    flops_per_step,
-    iterations_for_budget,
-    metadata_mismatches,
-    train_flops_at,
-    unet_of,
-)
+from cmscale.methods import Method, build_method, checkpoint_meta, metadata_mismatches, network_of
 from cmscale.models.ema import power_ema_decay, power_ema_gamma
 from cmscale.models.execution import compile_network, to_channels_last
 from cmscale.models.flops import forward_flops
@@ -229,6 +221,12 @@ class Trainer:
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} does not split evenly over {self.world} ranks; "
                              f"set batch_size to a multiple of the world size")
+        self.flops_per_step = flops_per_step(config)
+        self.iterations = iterations_for_budget(config)
+        if iterations is not None and iterations != self.iterations:
+            raise IterationMismatchError(
+                f"the plan gives {iterations} iterations but this code computes {self.iterations} for the same "
+                f"config ({self.flops_per_step} FLOPs per step); plan the sweep again with this code")
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
         self.batches = StepBatches(self.data, config.batch_size, config.seed, self.rank, self.world, self.device)
@@ -239,7 +237,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = config.tf32
             torch.backends.cudnn.allow_tf32 = config.tf32
             torch.backends.cudnn.benchmark = True
-        self.method: Method = build_method(config, self.data.channels, self.device)
+        self.method: Method = build_method(config, self.data.channels, self.device, iterations=self.iterations)
         if self.world > 1:
             broadcast_parameters([self.method.model, *self.method.extra_modules])
         if config.channels_last:
@@ -249,7 +247,7 @@ class Trainer:
         self.emas = [copy.deepcopy(self.method.model).eval().requires_grad_(False)
                      for _ in [*self.ema_gammas, *config.ema_rates]]
         if config.compile:
-            compile_network(unet_of(self.method.model))  # after the EMA copies (see compile_network)
+            compile_network(network_of(self.method.model))  # after the EMA copies (see compile_network)
         # Gathered once: walking the modules for them every step cost 2.4 ms of a 85 ms step (t6).
         self.ema_sources = ([param.detach() for param in self.method.model.parameters()],
                             list(self.method.model.buffers()))
@@ -262,12 +260,6 @@ class Trainer:
             # per-tensor ops: on the demo's small networks the per-tensor Adam was 10-15% of a step.
             self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=config.adam_betas,
                                               fused=self.device.type in ("cuda", "cpu"))
-        self.flops_per_step = flops_per_step(config)
-        self.iterations = iterations_for_budget(config)
-        if iterations is not None and iterations != self.iterations:
-            raise IterationMismatchError(
-                f"the plan gives {iterations} iterations but this code computes {self.iterations} for the same "
-                f"config ({self.flops_per_step} FLOPs per step); plan the sweep again with this code")
         self.step = 0
         self.wall_offset_s = 0.0
         self.started = time.time()
@@ -351,7 +343,7 @@ class Trainer:
         if self.is_writer:
             ema = self.emas[0] if self.emas else self.method.model
             save_checkpoint(final_checkpoint(self.run_dir), checkpoint_meta(self.config, self.data.channels) | {
-                "net": unet_of(ema).state_dict(),
+                "net": network_of(ema).state_dict(),
                 "step": self.step,
             })
 
@@ -433,9 +425,9 @@ def _write_config(trainer: Trainer) -> None:
     config = trainer.config
     resolved = config.model_dump(mode="json") | {
         "run_id": config.run_id or trainer.run_dir.name,
-        "params": count_parameters(unet_of(trainer.method.model)),
+        "params": count_parameters(network_of(trainer.method.model)),
         "flops_per_step": trainer.flops_per_step,
-        "flops_per_image_forward": forward_flops(unet_of(trainer.method.model)),
+        "flops_per_image_forward": forward_flops(network_of(trainer.method.model)),
         ITERATIONS_KEY: trainer.iterations,
         "img_channels": trainer.data.channels,
         "world_size": trainer.world,

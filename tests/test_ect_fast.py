@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
+from cmscale.accounting import ect_iterations, ect_step_parts, ect_train_flops, flops_per_step, iterations_for_budget
 from cmscale.config import RunConfig
-from cmscale.methods import ect_iterations, ect_step_parts, ect_train_flops, flops_per_step, iterations_for_budget
 from cmscale.models.edm_networks import SongUNet
 from cmscale.models.flops import count_flops
 from cmscale.models.losses import ECTLoss, _per_sample, _sum_per_sample, same_random_state

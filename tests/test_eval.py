@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch_fidelity.utils import create_feature_extractor
 
+from cmscale.accounting import train_flops_at
 from cmscale.cli import main
 from cmscale.config import RunConfig
 from cmscale.data import load_digits
@@ -34,7 +35,7 @@ from cmscale.eval import (
 from cmscale.eval.features import INCEPTION_FILENAME, DigitsFeatureExtractor
 from cmscale.eval.fid import noise_floor, scores_to_reference
 from cmscale.eval.run import load_run_config_json, model_from_final_checkpoint
-from cmscale.methods import train_flops_at, unet_of
+from cmscale.methods import network_of
 from cmscale.models.flops import forward_flops
 from cmscale.rundir import read_json, read_metrics
 from cmscale.train import train
@@ -264,7 +265,7 @@ def test_tiny_ect_run_writes_the_expected_eval_rows(tiny_runs):
         assert np.isfinite(row["fid"]) and row["fid"] > 0 and row["wall_s"] > 0
     # The xxs UNet on one 16x16 grey image: the counted FLOPs the eval rows multiply.
     model, _ = model_from_final_checkpoint(student, run_dir / "ckpt" / "final.pt", torch.device("cpu"))
-    assert fwd == forward_flops(unet_of(model))
+    assert fwd == forward_flops(network_of(model))
     grid = Image.open(run_dir / "samples" / "step00000004-2steps.png")
     assert grid.size == (8 * 17 + 1, 8 * 17 + 1)  # 64 of the 80 samples, 16 px plus 1 px padding
     assert len(list((run_dir / "samples").glob("*.png"))) == 4
@@ -336,7 +337,7 @@ def test_final_checkpoint_rebuilds_the_training_wrapper(tmp_path, method, with_t
         for parameter in trained.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     final = tmp_path / "final.pt"
-    torch.save({"net": unet_of(trained).state_dict(), "step": 10, "img_channels": 1}, final)
+    torch.save({"net": network_of(trained).state_dict(), "step": 10, "img_channels": 1}, final)
     rebuilt, _ = model_from_final_checkpoint(config, final, torch.device("cpu"))
     x = torch.randn(3, 1, 16, 16)
     time_or_sigma = torch.tensor([0.3, 1.0, 1.4]) if method in ("sct", "scd") else torch.tensor([0.01, 1.0, 80.0])

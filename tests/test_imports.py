@@ -135,6 +135,7 @@ LAYERS = [
     ("cmscale.models", "cmscale.data", "cmscale.distributed"),
     ("cmscale.config",),
     ("cmscale.methods",),
+    ("cmscale.accounting",),
     ("cmscale.eval",),
     ("cmscale.train",),
     ("cmscale.cluster",),

@@ -14,8 +14,8 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from cmscale.accounting import count_flops_per_step
 from cmscale.config import RunConfig
-from cmscale.methods import count_flops_per_step
 from cmscale.models.attention import matmul_attention
 from cmscale.models.flops import count_flops
 from cmscale.models.jvp import lean_jvp

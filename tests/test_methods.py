@@ -6,14 +6,13 @@ make F = 0 and hide errors in the maps. Checks that need tight tolerances run in
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 from cmscale.config import RunConfig
-from cmscale.methods import build_method, flops_per_step
+from cmscale.methods import RECIPES, build_method, network_of, recipe_of, sampler_steps, with_sampler_steps
 from cmscale.models.losses import ECTLoss, EDMLoss, SCMLoss
 from cmscale.models.precond import (
     EDMAsTrigFlow,
@@ -287,25 +286,6 @@ def test_scm_warmup_ramps_the_tangent_weight_from_zero_to_one():
     assert abs(float(tau.mean()) + 1.0) < 0.05 and abs(float(tau.std()) - 1.4) < 0.05
 
 
-# ---------------------------------------------------------------------------------------------
-# Counted FLOPs
-
-
-@pytest.mark.parametrize("preset", ["xxs"])
-def test_flops_per_step_order_scd_over_ect_over_edm(preset):
-    def flops(method: str) -> int:
-        return flops_per_step(RunConfig(method=method, preset=preset, batch_size=16, budget_iters=1,
-                                        teacher_ckpt="unused.pt" if method in ("ect", "scd") else None))
-
-    edm, ect, sct, scd = flops("edm"), flops("ect"), flops("sct"), flops("scd")
-    assert scd > ect >= edm > 0
-    assert scd > sct > ect  # a JVP costs more than a no-grad target forward; sCD adds a teacher forward
-    # ECT = EDM + the expected share of a no-grad target forward (rows with r > 0 only, about 19% at
-    # stage 0 of a one-step run); sCD = sCT + one teacher forward (the teacher has the same size).
-    share = ECTLoss().target_row_fraction(0)
-    assert ect - edm == pytest.approx(share * (scd - sct), rel=1e-6)
-
-
 def test_ect_stage_length_comes_from_the_budget_or_is_given(tmp_path):
     _write_teacher(tmp_path / "teacher.pt")
     common = dict(method="ect", preset="xxs", budget_iters=400, teacher_ckpt=str(tmp_path / "teacher.pt"))
@@ -329,64 +309,53 @@ def test_ect_loss_stays_finite_far_past_the_last_stage():
     assert torch.isfinite(value).all()
 
 
-# ----------------------------------------------------------------------------------------------
-# The FLOPs-per-step cache: one entry per step cost, never a stale count
+# ---------------------------------------------------------------------------------------------
+# The recipe table
 
 
-def _flops_config(**update):
-    base = RunConfig(method="sct", preset="xxs", budget_flops=1e12, batch_size=16, resolution=16)
-    return base.model_copy(update=update)
+def test_every_method_has_one_recipe_and_the_teacher_rule_matches_the_config():
+    from cmscale.config import METHODS, STUDENT_METHODS
+
+    assert set(RECIPES) == set(METHODS)
+    assert {name for name, recipe in RECIPES.items() if recipe.teacher == "required"} == set(STUDENT_METHODS)
+    for name, recipe in RECIPES.items():
+        assert hasattr(RunConfig(method="edm", preset="xxs", budget_iters=1), recipe.options), name
 
 
-CACHE_CHANGES = {
-    "preset": {"preset": "xs"},
-    "batch": {"batch_size": 32},
-    "resolution": {"resolution": 8},
-    "method": {"method": "edm"},
-    "dropout": {"dropout": 0.1},
-    "dataset": {"dataset": "cifar10"},
-    "weight_mlp": {"scm": {"weight_mlp_channels": 64}},
-}
+def test_no_method_name_is_compared_outside_the_recipe_table():
+    """What differs between methods is declared in cmscale/methods.py's table, not in branches elsewhere."""
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "cmscale"
+    names = "|".join(RECIPES)
+    branch = re.compile(rf"method\s*(==|!=)\s*[\"'](?:{names})[\"']|method\s+(not\s+)?in\s+\(\s*[\"'](?:{names})")
+    offenders = [f"{path.relative_to(package.parent)}:{number}" for path in sorted(package.rglob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line)]
+    assert offenders == []
 
 
-def test_flops_cache_counts_each_step_cost_once_and_every_change_gets_its_own_entry():
-    from cmscale.methods import FlopsCache
-
-    calls = []
-    cache = FlopsCache(counter=lambda config: calls.append(FlopsCache.key(config)) or 1000 + len(calls))
-    base = _flops_config()
-    assert cache(base) == cache(base.model_copy(update={"lr": 0.1, "seed": 3})) == 1001  # cost unchanged: one count
-    for change in CACHE_CHANGES.values():
-        config = _flops_config(**change) if "scm" not in change else base.model_copy(
-            update={"scm": base.scm.model_copy(update=change["scm"])})
-        cache(config)
-    assert len(calls) == 1 + len(CACHE_CHANGES) == len(set(calls))
+def test_sampler_steps_are_read_and_replaced_in_the_recipes_field():
+    edm = RunConfig(method="edm", preset="xxs", budget_iters=1)
+    sct = RunConfig(method="sct", preset="xxs", budget_iters=1)
+    assert sampler_steps(edm) == edm.edm.heun_steps and sampler_steps(sct) == sct.eval.cm_steps
+    assert sampler_steps(with_sampler_steps(edm, [5])) == [5] and with_sampler_steps(edm, [5]).eval == edm.eval
+    assert sampler_steps(with_sampler_steps(sct, [3])) == [3] and with_sampler_steps(sct, [3]).edm == sct.edm
 
 
-@pytest.mark.parametrize("change", ["preset", "batch", "resolution", "method"])
-def test_counted_flops_per_step_change_with_the_step_cost(change):
-    from cmscale.methods import count_flops_per_step
-
-    assert count_flops_per_step(_flops_config(**CACHE_CHANGES[change])) != count_flops_per_step(_flops_config())
-
-
-def test_flops_cache_on_disk_is_used_only_under_the_same_code_fingerprint(tmp_path):
-    from cmscale.methods import FlopsCache
-
-    path = tmp_path / "flops_per_step.json"
-    config = _flops_config()
-    real = FlopsCache(path=path)
-    counted = real(config)
-    assert json.loads(path.read_text())["counts"] == {FlopsCache.key(config): counted}
-
-    def no_counting(config):
-        raise AssertionError("counted again although the disk cache holds the count")
-
-    again = FlopsCache(path=path)
-    again.counter = no_counting
-    assert again(config) == counted  # a fresh process reads the count back
-    stored = json.loads(path.read_text())
-    path.write_text(json.dumps({"fingerprint": "older-code", "counts": stored["counts"]}))
-    stale = FlopsCache(path=path)
-    stale.counter = lambda config: 7
-    assert stale(config) == 7  # a count from other code is never used
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_built_methods_follow_their_recipe(tmp_path, method):
+    teacher = tmp_path / "teacher.pt"
+    torch.save({"net": build_unet("xxs", 8, 1).state_dict()}, teacher)
+    config = RunConfig(method=method, preset="xxs", resolution=8, budget_iters=4,
+                       teacher_ckpt=str(teacher) if recipe_of(method).teacher != "none" else None)
+    built = build_method(config, img_channels=1)
+    assert built.recipe is RECIPES[method] and built.network is network_of(built.model)
+    assert (built.teacher is not None) == RECIPES[method].teacher_in_loss
+    assert bool(built.extra_modules) == RECIPES[method].learned_weight
+    x0 = torch.zeros(2, 1, 8, 8)
+    draws = built.sample_draws(x0.shape, torch.device("cpu"))
+    assert set(draws) == {RECIPES[method].time_draw, "noise"}
+    assert built.loss(x0, **draws).shape == (2,)
+    with pytest.raises(ValueError, match="unconditional"):
+        built.loss(x0, labels=torch.zeros(2, dtype=torch.long), **draws)

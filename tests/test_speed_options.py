@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmscale.accounting import flops_per_step
 from cmscale.config import RunConfig
 from cmscale.data import load_digits
 from cmscale.data.loader import StepBatches, step_seed
-from cmscale.methods import build_method, flops_per_step
+from cmscale.methods import build_method
 from cmscale.models.execution import compile_network
 from cmscale.models.losses import ECTLoss
 from cmscale.models.precond import EDMPrecond

@@ -20,10 +20,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cmscale.accounting import flops_per_step, iterations_for_budget
 from cmscale.cli import main
 from cmscale.config import RunConfig
 from cmscale.distributed import average_gradients
-from cmscale.methods import build_method, flops_per_step, iterations_for_budget
+from cmscale.methods import build_method
 from cmscale.rundir import read_json, read_metrics
 from cmscale.train import train
 

@@ -17,10 +17,11 @@ import tomli_w
 from click.testing import CliRunner
 from pydantic import ValidationError
 
+from cmscale.accounting import BudgetError, iterations_for_budget
 from cmscale.cli import main
 from cmscale.cluster.profiles import load_profile
 from cmscale.config import RunConfig, safe_path_component
-from cmscale.methods import BudgetError, TeacherCheckpointError, build_method, iterations_for_budget
+from cmscale.methods import TeacherCheckpointError, build_method
 from cmscale.rundir import read_json
 from cmscale.sweep.plan import plan_sweep
 from cmscale.sweep.spec import SpecError, parse_spec

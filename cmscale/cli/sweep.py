@@ -13,7 +13,7 @@ from rich.table import Table
 from cmscale.cli.options import ROOT_OPTION, console, json_option
 from cmscale.cluster.executors import EXECUTORS, detaches
 from cmscale.config import ConfigError
-from cmscale.rundir import RunState
+from cmscale.rundir import RunState, budget_in_flops
 
 
 def _load_and_plan(spec_path: Path, root: Path):
@@ -47,7 +47,7 @@ def _plan_table(runs, title: str) -> Table:
             params[key] = count_parameters(
                 meta_copy(lambda c=config, ch=channels: build_unet(c.preset, c.resolution, ch))
             )
-        budget = config.budget_flops if config.budget_flops else run.iterations * run.flops_per_step
+        budget = budget_in_flops(config.budget_flops, run.iterations, run.flops_per_step)
         table.add_row(
             run.run_id,
             config.method,

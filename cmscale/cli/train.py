@@ -72,8 +72,9 @@ def train_command(run_toml: Path, out: Path | None, root: Path, overrides: tuple
     from its last checkpoint; a finished run prints its done.json. Relative teacher_ckpt paths
     are looked up in the working directory, then beside RUN_TOML.
     """
+    from cmscale.accounting import BudgetError
     from cmscale.data.datasets import DatasetNotFoundError
-    from cmscale.methods import BudgetError, TeacherCheckpointError
+    from cmscale.methods import TeacherCheckpointError
     from cmscale.train import ResumeConfigError, train
 
     try:

@@ -31,12 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmscale.accounting import train_flops_at
 from cmscale.config import RunConfig
 from cmscale.data import load_dataset
 from cmscale.distributed import pick_device
 from cmscale.eval.features import feature_space
 from cmscale.eval.fid import reference_statistics, scores_to_reference, to_uint8
-from cmscale.methods import model_from_checkpoint, sample, sampler_steps, train_flops_at, unet_of
+from cmscale.methods import model_from_checkpoint, network_of, sample, sampler_steps, with_sampler_steps
 from cmscale.models.flops import forward_flops
 from cmscale.rundir import (
     METRICS_FILE,
@@ -101,7 +102,7 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
     data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
     batch_size = config.eval.batch_size
     reference, _ = reference_statistics(data, space, device, batch_size)
-    net = unet_of(model)
+    net = network_of(model)
     flops_forward = forward_flops(net)
     num_samples = eval_num_samples(config)
     rows = []
@@ -193,12 +194,9 @@ def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_sa
         eval_update["batch_size"] = batch_size
     if inception_weights is not None:
         eval_update["inception_weights"] = str(inception_weights)
-    if steps is not None and config.method != "edm":
-        eval_update["cm_steps"] = list(steps)
-    update: dict[str, Any] = {"eval": config.eval.model_copy(update=eval_update)}
-    if steps is not None and config.method == "edm":
-        update["edm"] = config.edm.model_copy(update={"heun_steps": list(steps)})
-    config = config.model_copy(update=update)
+    config = config.model_copy(update={"eval": config.eval.model_copy(update=eval_update)})
+    if steps is not None:
+        config = with_sampler_steps(config, steps)
     torch_device = pick_device(device)
     # Resolve the feature space first: a missing Inception file fails before the checkpoint loads.
     feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)

@@ -17,7 +17,7 @@ the profile over T), fixes gamma:
     sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)),
 
 i.e.  gamma^3 + 7 gamma^2 + (16 - 1/sigma_rel^2) gamma + (12 - 1/sigma_rel^2) = 0,  largest real root.
-EDM2 uses sigma_rel around 0.05-0.15; sigma_rel below 0.2887 (gamma = 0) is required.
+EDM2 uses sigma_rel around 0.05-0.15; sigma_rel below MAX_SIGMA_REL = sqrt(1/12) (gamma = 0) is required.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MAX_SIGMA_REL = (1 / 12) ** 0.5  # gamma = 0: a uniform average over the whole r
 
 
 def power_ema_gamma(sigma_rel: float) -> float:
-    """The exponent gamma of the power EMA whose relative width is ``sigma_rel`` (in (0, 0.2887))."""
+    """The exponent gamma of the power EMA whose relative width is ``sigma_rel`` (in (0, MAX_SIGMA_REL))."""
     if not 0 < sigma_rel < MAX_SIGMA_REL:
         raise ValueError(f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel}")
     inv = 1 / sigma_rel**2

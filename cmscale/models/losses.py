@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,6 +20,13 @@ from cmscale.models.dropout import clear_masks, record_masks, replay_masks
 from cmscale.models.jvp import lean_jvp
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond, _per_sample
 from cmscale.models.unet import PositionalEmbedding
+
+
+def _no_labels(labels: torch.Tensor | None) -> None:
+    """Class labels reach the losses through ``Method.loss``; the networks here are unconditional."""
+    if labels is not None:
+        raise ValueError("class labels were given, but this network is unconditional; train without labels "
+                         "or use a class-conditional preset")
 
 
 def _sum_per_sample(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +46,7 @@ def same_random_state(device: torch.device):
             torch.cuda.set_rng_state(cuda_state, device)
 
 
+@dataclass(eq=False)
 class EDMLoss:
     """EDM denoising loss (Karras et al. 2022), summed over pixels per sample.
 
@@ -46,10 +54,9 @@ class EDMLoss:
         L = lambda(sigma) || D(x0 + sigma n, sigma) - x0 ||^2,   lambda = (sigma^2 + sd^2) / (sigma sd)^2
     """
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
 
     def sample_sigma(self, batch: int, device: torch.device) -> torch.Tensor:
         return (torch.randn(batch, device=device) * self.P_std + self.P_mean).exp()
@@ -58,13 +65,15 @@ class EDMLoss:
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def __call__(self, model: EDMPrecond, x0: torch.Tensor, sigma: torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _no_labels(labels)
         sigma = self.sample_sigma(x0.shape[0], x0.device) if sigma is None else sigma
         noise = torch.randn_like(x0) if noise is None else noise
         denoised = model(x0 + _per_sample(sigma, x0) * noise, sigma)
         return self.weight(sigma) * _sum_per_sample((denoised - x0) ** 2)
 
 
+@dataclass(eq=False)
 class ECTLoss:
     """Easy Consistency Tuning (Geng et al. 2024), the CIFAR-10 setting of locuslab/ect.
 
@@ -85,21 +94,20 @@ class ECTLoss:
     for about 81% of the rows (:meth:`target_row_fraction`), so a stage-0 step skips most of the target.
     """
 
-    def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5, q: float = 2.0,
-                 k: float = 8.0,
-                 b: float = 1.0, c: float = 0.0, mapping: str = "sigmoid", weighting: str = "inv_dt",
-                 iters_per_stage: int = 1000):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
-        self.q = q
-        self.k = k
-        self.b = b
-        self.c = c
-        self.mapping = mapping
-        self.weighting = weighting
-        self.iters_per_stage = max(1, iters_per_stage)
-        self.stage = 0
+    P_mean: float = -1.1
+    P_std: float = 2.0
+    sigma_data: float = 0.5
+    q: float = 2.0
+    k: float = 8.0
+    b: float = 1.0
+    c: float = 0.0
+    mapping: str = "sigmoid"
+    weighting: str = "inv_dt"
+    iters_per_stage: int = 1000
+    stage: int = field(default=0, init=False)  # set per step by set_iteration
+
+    def __post_init__(self) -> None:
+        self.iters_per_stage = max(1, self.iters_per_stage)
 
     def set_iteration(self, iteration: int) -> None:
         self.stage = iteration // self.iters_per_stage
@@ -151,7 +159,8 @@ class ECTLoss:
         return self.distance(edm_loss / lam) * self.weight(t, torch.zeros_like(t))
 
     def __call__(self, model: EDMPrecond, x0: torch.Tensor, t: torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _no_labels(labels)
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         r = self.t_to_r(t)
@@ -221,6 +230,7 @@ class SCMTerms:
     log_var: torch.Tensor
 
 
+@dataclass(eq=False)
 class SCMLoss:
     """Simplified continuous-time consistency loss, sCT or sCD (Lu & Song 2024).
 
@@ -246,28 +256,34 @@ class SCMLoss:
                        c replaced by c sqrt(D); its gradient in F is that of 'l2' times 1 / sqrt(D).
     """
 
-    def __init__(self, mode: str = "sct", P_mean: float = -1.0, P_std: float = 1.4, sigma_data: float = 0.5,
-                 warmup_iters: int = 10_000, tangent_norm_c: float = 0.1, tangent_norm: str = "l2",
-                 sigma_max: float = 80.0, sigma_min: float = 0.002, weight_channels: int = 128,
-                 jvp_rule: str = "lean"):
-        if mode not in ("sct", "scd"):
-            raise ValueError(f"mode must be 'sct' or 'scd', got {mode!r}")
-        if tangent_norm not in TANGENT_NORMS:
-            raise ValueError(f"tangent_norm must be one of {TANGENT_NORMS}, got {tangent_norm!r}")
-        if jvp_rule not in JVP_RULES:
-            raise ValueError(f"jvp_rule must be one of {JVP_RULES}, got {jvp_rule!r}")
-        self.mode = mode
-        self.jvp_rule = jvp_rule
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
-        self.warmup_iters = warmup_iters
-        self.tangent_norm_c = tangent_norm_c
-        self.tangent_norm = tangent_norm
-        self.t_min = math.atan(sigma_min / sigma_data)
-        self.t_max = math.atan(sigma_max / sigma_data)
-        self.adaptive_weight = AdaptiveWeight(weight_channels, sigma_data)
-        self.warmup = 1.0 if warmup_iters == 0 else 0.0
+    mode: str = "sct"
+    P_mean: float = -1.0
+    P_std: float = 1.4
+    sigma_data: float = 0.5
+    warmup_iters: int = 10_000
+    tangent_norm_c: float = 0.1
+    tangent_norm: str = "l2"
+    sigma_max: float = 80.0
+    sigma_min: float = 0.002
+    weight_channels: int = 128
+    jvp_rule: str = "lean"
+    # Derived: the time range, the learned weight (trained alongside the network) and the warm-up factor r.
+    t_min: float = field(init=False)
+    t_max: float = field(init=False)
+    adaptive_weight: AdaptiveWeight = field(init=False)
+    warmup: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sct", "scd"):
+            raise ValueError(f"mode must be 'sct' or 'scd', got {self.mode!r}")
+        if self.tangent_norm not in TANGENT_NORMS:
+            raise ValueError(f"tangent_norm must be one of {TANGENT_NORMS}, got {self.tangent_norm!r}")
+        if self.jvp_rule not in JVP_RULES:
+            raise ValueError(f"jvp_rule must be one of {JVP_RULES}, got {self.jvp_rule!r}")
+        self.t_min = math.atan(self.sigma_min / self.sigma_data)
+        self.t_max = math.atan(self.sigma_max / self.sigma_data)
+        self.adaptive_weight = AdaptiveWeight(self.weight_channels, self.sigma_data)
+        self.warmup = 1.0 if self.warmup_iters == 0 else 0.0
 
     def set_iteration(self, iteration: int) -> None:
         self.warmup = 1.0 if self.warmup_iters == 0 else min(1.0, iteration / self.warmup_iters)
@@ -334,7 +350,9 @@ class SCMLoss:
         return SCMTerms(t, F_theta, F_minus, g, residual, self.adaptive_weight(t))
 
     def __call__(self, model: TrigFlowPrecond | EDMAsTrigFlow, x0: torch.Tensor, teacher: EDMAsTrigFlow | None = None,
-                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        _no_labels(labels)
         terms = self.terms(model, x0, teacher, t, noise)
         squared = _sum_per_sample(terms.residual**2) / self.dimension_divisor(x0[0].numel())
         return squared / (self.sigma_data * terms.t.tan()) * torch.exp(-terms.log_var) + terms.log_var

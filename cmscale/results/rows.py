@@ -45,6 +45,7 @@ from cmscale.rundir import (
     STATUS_STATE_KEY,
     TRIAL_FILE,
     RunState,
+    budget_in_flops,
 )
 
 log = logging.getLogger(__name__)
@@ -429,9 +430,7 @@ def run_row(
 
     flops_per_step = _number(config.get("flops_per_step"), float)
     budget_iters = _number(config.get(ITERATIONS_KEY) or config.get("budget_iters"), int)
-    budget_flops = _number(config.get("budget_flops"), float)
-    if budget_flops is None and budget_iters is not None and flops_per_step is not None:
-        budget_flops = budget_iters * flops_per_step  # an iteration budget in FLOPs, for iso-FLOP plots
+    budget_flops = budget_in_flops(_number(config.get("budget_flops"), float), budget_iters, flops_per_step)
     slurm_job_id = status.get("slurm_job_id")
     if slurm_job_id is None and job.get("executor") == "slurm":
         slurm_job_id = job.get("job_id")

@@ -6,7 +6,7 @@ same ids and changing one field changes exactly the ids of the runs it touches. 
 teacher enters its identity through the teacher's run id (itself a hash), not through a path, so
 ids do not depend on where results live.
 
-A run's iteration count is computed here, once, by :func:`cmscale.methods.iterations_for_budget`
+A run's iteration count is computed here, once, by :func:`cmscale.accounting.iterations_for_budget`
 (the trainer's own function, with the shared FLOPs cache), stored in sweep.json as ``iterations``
 and handed to the job, whose trainer checks it.
 """
@@ -23,8 +23,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cmscale.accounting import BudgetError, FlopsCache, flops_per_step, iterations_for_budget
 from cmscale.config import STUDENT_METHODS, RunConfig, format_validation_error, merge_settings
-from cmscale.methods import BudgetError, FlopsCache, flops_per_step, iterations_for_budget
+from cmscale.methods import recipe_of
 from cmscale.rundir import SWEEP_FILE, atomic_write_json, final_checkpoint, read_json
 from cmscale.sweep.spec import SpecError, SweepSpec
 
@@ -160,7 +161,7 @@ class Planner:
                 {"method": method, "preset": preset, "budget_flops": budget, "seed": seed},
             )
             depends_on: list[str] = []
-            if method in STUDENT_METHODS or (method == "sct" and (preset, seed) in teachers):
+            if method in STUDENT_METHODS or (recipe_of(method).teacher == "optional" and (preset, seed) in teachers):
                 teacher_fields, depends_on = self._teacher_fields(preset, seed, teachers)
                 fields |= teacher_fields
             runs.append(

@@ -42,7 +42,6 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from cmscale.cluster.executors import ExecutorKind
 from cmscale.config import (
-    DATASETS_WITH_FILES,
     METHODS,
     STUDENT_METHODS,
     ConfigError,
@@ -52,6 +51,7 @@ from cmscale.config import (
     RunConfig,
     SafeName,
     StrictModel,
+    check_data_path,
     check_resolution,
     format_validation_error,
     read_toml,
@@ -147,13 +147,7 @@ class SweepSpec(StrictModel):
     @classmethod
     def _data_path_exists(cls, data_path: str | None, info: ValidationInfo) -> str | None:
         """Checked when planning, so a sweep never launches runs that die reading their data."""
-        dataset = info.data.get("dataset")
-        if dataset in DATASETS_WITH_FILES:
-            if not data_path:
-                raise ValueError(f"dataset {dataset!r} is read from disk; set data_path to its folder or file")
-            if not Path(data_path).expanduser().exists():
-                raise ValueError(f"{data_path} does not exist; give the folder (or file) that holds the {dataset} data")
-        return data_path
+        return check_data_path(info.data.get("dataset"), data_path, must_exist=True)
 
     @field_validator("resolution")
     @classmethod
