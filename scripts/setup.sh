@@ -21,7 +21,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# torch and torchvision first, as a pinned pair: an unpinned torch would pull gigabytes.
-"$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+# Every version from constraints.txt (torch and torchvision as the pinned pair from the local wheel
+# cache: an unpinned torch would pull gigabytes); pyproject.toml itself only states ranges.
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[train,dev]"
 echo "setup: done ($("$VENV/bin/cmscale" --version))"

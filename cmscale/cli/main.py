@@ -17,8 +17,26 @@ from cmscale.cli.teacher import teacher_group
 from cmscale.cli.train import train_command
 from cmscale.cli.tune import tune_group
 
+# Packages of the `train` extra: the light base install (store, fits, reports) has none of them.
+TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "torch_fidelity", "sklearn"})
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class CmscaleGroup(click.Group):
+    """Turns a missing `train` extra into one line that says how to install it."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as error:
+            if (error.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
+                raise
+            raise click.ClickException(
+                f"this command needs {error.name}, which the light install leaves out; install the train extra: "
+                "pip install 'cmscale[train]' (or -e '.[train]' in a checkout; beside a site torch it keeps that torch)"
+            ) from None
+
+
+@click.group(cls=CmscaleGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cmscale")
 def main() -> None:
     """cmscale: scaling-law studies of consistency models (ECT, sCT, sCD)."""
