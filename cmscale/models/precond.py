@@ -58,7 +58,9 @@ class EDMPrecond(nn.Module):
             return self.sigma_min
         return 0.0
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """D(x; sigma), with ``class_labels`` passed to a class-conditional network (EDM2's) when given."""
         sigma = _per_sample(sigma, x)
         sd = self.sigma_data
         shifted = sigma - self.active_sigma_min()
@@ -66,7 +68,9 @@ class EDMPrecond(nn.Module):
         c_out = shifted * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = sigma.log().reshape(-1) / 4
-        return c_skip * x + c_out * self.net(c_in * x, c_noise)
+        if class_labels is None:
+            return c_skip * x + c_out * self.net(c_in * x, c_noise)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, class_labels)
 
 
 class TrigFlowPrecond(nn.Module):

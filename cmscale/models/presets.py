@@ -15,6 +15,16 @@ Architectures:
 - ``adm``: EDM's ADM (:class:`~cmscale.models.edm_networks.DhariwalUNet`) at its ImageNet-64
   configuration, unconditional.
 
+- ``edm2``: EDM2's magnitude-preserving UNet with its log-variance head
+  (:class:`~cmscale.models.edm2.EDM2Net`, whose state dict is that of EDM2's ``Precond``), under
+  EDM2's own names: ``edm2-img64-*`` (64x64x3 ImageNet) and ``edm2-img512-*`` (ImageNet 512 in
+  SD-VAE latent space, 64x64x4). At those shapes and 1,000 classes their parameter counts equal those
+  of EDM2's own ``Precond`` (checked in tests/test_edm2.py), e.g. edm2-img64-s 280,209,381 and
+  edm2-img512-xxl 1,523,164,773. The img64 and img512 ladders share widths; they differ in data.
+
+``label_dim`` is the preset's published class count (1000 for EDM2's ImageNet networks, 0 for the
+unconditional ones); a run or ``models list --label-dim`` can override it.
+
 ``ddpmpp`` presets carry EDM's 9-dimensional augmentation-label layer (``map_augment``) so that
 EDM's CIFAR-10 checkpoints load strictly; it is unused unless augmentation labels are passed.
 
@@ -31,10 +41,11 @@ from typing import Literal
 
 from torch import nn
 
+from cmscale.models.edm2 import EDM2Net
 from cmscale.models.edm_networks import DhariwalUNet, SongUNet
 from cmscale.models.unet import UNet
 
-Architecture = Literal["unet", "ddpmpp", "adm"]
+Architecture = Literal["unet", "ddpmpp", "adm", "edm2"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class Preset:
     attn_levels: tuple[int, ...]
     architecture: Architecture = "unet"
     augment_dim: int = 0  # EDM's augmentation-label width (ddpmpp/adm only)
+    label_dim: int = 0  # the published configuration's class count (0: unconditional)
 
     def attn_resolutions(self, img_resolution: int) -> tuple[int, ...]:
         return tuple(img_resolution >> level for level in self.attn_levels)
@@ -79,6 +91,14 @@ PRESETS: dict[str, Preset] = {
         # EDM's ADM at ImageNet-64 (192 channels, mult (1, 2, 3, 4), 3 blocks, attention at 32, 16, 8).
         Preset("adm", model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_levels=(1, 2, 3),
                architecture="adm"),
+        # EDM2 (train_edm2.py's config_presets): channel_mult (1, 2, 3, 4), 3 blocks, attention at 16 and 8
+        # (levels 2, 3 at 64x64), 1,000 ImageNet classes; XS..XXL differ in width only.
+        *[
+            Preset(f"edm2-{data}-{size}", model_channels=width, channel_mult=(1, 2, 3, 4), num_blocks=3,
+                   attn_levels=(2, 3), architecture="edm2", label_dim=1000)
+            for data, sizes in (("img64", "xs s m l xl"), ("img512", "xs s m l xl xxl"))
+            for size, width in zip(sizes.split(), (128, 192, 256, 320, 384, 448))
+        ],
     ]
 }
 
@@ -89,12 +109,23 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: float = 0.0) -> nn.Module:
-    """The network of ``preset``: ``forward(x, c_noise) -> F``, with ``img_resolution``/``img_channels`` attributes."""
+def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: float = 0.0,
+               label_dim: int | None = None) -> nn.Module:
+    """The network of ``preset``: ``forward(x, c_noise) -> F``, with ``img_resolution``/``img_channels`` attributes.
+
+    ``label_dim`` None takes the preset's own (see :class:`Preset`); class labels are supported by
+    the ``edm2`` architecture only.
+    """
     spec = get_preset(preset)
+    label_dim = spec.label_dim if label_dim is None else label_dim
     common = dict(img_resolution=img_resolution, img_channels=img_channels, model_channels=spec.model_channels,
                   channel_mult=spec.channel_mult, num_blocks=spec.num_blocks,
                   attn_resolutions=spec.attn_resolutions(img_resolution), dropout=dropout)
+    if spec.architecture == "edm2":
+        return EDM2Net(**common, label_dim=label_dim)
+    if label_dim:
+        raise ValueError(f"preset {preset!r} ({spec.architecture}) is unconditional; label_dim {label_dim} "
+                         "needs an edm2-* preset")
     if spec.architecture == "ddpmpp":
         return SongUNet(**common, augment_dim=spec.augment_dim)
     if spec.architecture == "adm":
