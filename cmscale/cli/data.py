@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from cmscale.cli.options import JSON_OPTION, console
+from cmscale.cli.options import JSON_OPTION, print_table
 
 
 @click.group("data")
@@ -39,4 +39,4 @@ def data_info(name: str, path: str | None, resolution: int | None, as_json: bool
     table.add_column("value")
     for key, value in info.items():
         table.add_row(key, str(value))
-    console.print(table)
+    print_table(table)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from cmscale.cli.options import ROOT_OPTION, console, json_option
+from cmscale.cli.options import ROOT_OPTION, console, json_option, print_table
 
 
 def _parse_steps(ctx, param, value: str | None) -> list[int] | None:  # noqa: ARG001
@@ -101,4 +101,4 @@ def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weight
             row["reference"],
             f"{row['wall_s']:.1f}",
         )
-    console.print(table)
+    print_table(table)

@@ -3,12 +3,15 @@ bad-input error into a one-line message instead of a traceback."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.table import Table
 
 from cmscale.config import DEFAULT_RESULTS_ROOT, RESULTS_ENV, default_results_root
 
@@ -40,6 +43,25 @@ PARQUET_OPTION = click.option(
     "--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
     help="A Parquet table to analyse instead of a sweep.",
 )
+
+
+def print_table(table: Table) -> None:
+    """Print every value whole: a terminal gets the table with long cells folded onto more lines
+    (never cut with an ellipsis); a pipe or a file gets the same cells as CSV (the title, if any,
+    goes to stderr), which is also what scripts want to read."""
+    if console.is_terminal:
+        for column in table.columns:
+            column.overflow = "fold"
+        console.print(table)
+        return
+    if table.title:
+        err_console.print(table.title, highlight=False, soft_wrap=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(str(column.header) for column in table.columns)
+    cells = [[getattr(cell, "plain", cell) for cell in column.cells] for column in table.columns]
+    writer.writerows(zip(*cells))
+    click.echo(buffer.getvalue(), nl=False)
 
 
 @contextmanager

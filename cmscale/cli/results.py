@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from cmscale.cli.options import ROOT_OPTION, console, err_console, json_option
+from cmscale.cli.options import ROOT_OPTION, err_console, json_option, print_table
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -72,16 +72,16 @@ def ingest_command(root: Path, as_json: bool, strict: bool) -> None:
 
 
 def _print_table(frame, max_rows: int) -> None:
+    """Whole values (floats as their shortest exact repr), folded in a terminal, CSV into a pipe."""
     table = Table(show_lines=False)
     for name, dtype in frame.schema.items():
         table.add_column(name, justify="right" if dtype.is_numeric() else "left")
     for row in frame.head(max_rows).iter_rows():
-        table.add_row(
-            *("" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value) for value in row)
-        )
-    console.print(table)
+        table.add_row(*("" if value is None else str(value) for value in row))
+    print_table(table)
     if frame.height > max_rows:
-        console.print(f"{max_rows} of {frame.height:,} rows shown; use --max-rows or --format csv", highlight=False)
+        err_console.print(f"{max_rows} of {frame.height:,} rows shown; use --max-rows or --format csv",
+                          highlight=False)
 
 
 @results_group.command("query")

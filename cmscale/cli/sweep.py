@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from cmscale.cli.options import ROOT_OPTION, console, json_option
+from cmscale.cli.options import ROOT_OPTION, console, json_option, print_table
 from cmscale.cluster.executors import EXECUTORS, detaches
 from cmscale.config import ConfigError
 from cmscale.rundir import RunState, budget_in_flops
@@ -95,7 +95,7 @@ def plan_command(spec_path: Path, root: Path, as_json: bool) -> None:
             )
         )
         return
-    console.print(_plan_table(runs, f"sweep {spec.name}: {len(runs)} runs"))
+    print_table(_plan_table(runs, f"sweep {spec.name}: {len(runs)} runs"))
 
 
 def _print_report(report, dry_run: bool) -> None:
@@ -208,7 +208,7 @@ def status_command(name: str, root: Path, as_json: bool) -> None:
             table.add_column(column)
         for state in problems:
             table.add_row(state.run_id, state.state, state.job_id or "-", state.reason or "-")
-        console.print(table)
+        print_table(table)
 
 
 @sweep_group.command("cancel")

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from cmscale.cli.options import JSON_OPTION, ROOT_OPTION, console
+from cmscale.cli.options import JSON_OPTION, ROOT_OPTION, console, print_table
 from cmscale.cli.sweep import ingest_results
 from cmscale.cluster.executors import EXECUTORS, detaches, in_process
 from cmscale.config import ConfigError
@@ -143,7 +143,7 @@ def _print_summary(summary: dict) -> None:
     for trial in summary["best"]:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items())
         table.add_row(str(trial["number"]), trial["run_id"], *(f"{v:.4g}" for v in trial["values"]), params)
-    console.print(table)
+    print_table(table)
 
 
 @tune_group.command("status")

@@ -29,6 +29,13 @@ from cmscale.rundir import DB_FILE
 
 DEFAULT_LOCK_TIMEOUT_S = float(os.environ.get("CMSCALE_DB_LOCK_TIMEOUT_S", "300"))
 
+# The storage format a new store is written in: DuckDB 1.4 (LTS) and newer read it, among them the
+# DuckDB CLI on PyPI (duckdb-cli 1.5.6), which refuses DuckDB 2.0's default format. The setting
+# acts when a file is created; an existing file keeps the format it has. Every connection passes
+# the same setting (DuckDB refuses a second connection to a file with a different configuration).
+STORAGE_VERSION = "v1.4.0"
+DUCKDB_CONFIG = {"storage_compatibility_version": STORAGE_VERSION}
+
 # Statement types refused up front with a clear message (the read-only connection would refuse
 # them too, less clearly). COPY ... TO a file is allowed: it writes a file, not the database.
 WRITE_STATEMENTS = frozenset({
@@ -60,7 +67,7 @@ def open_db(
     delay = 0.005
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return duckdb.connect(str(path), read_only=read_only, config=DUCKDB_CONFIG)
         except duckdb.IOException as error:
             if not _is_lock_conflict(error) or time.monotonic() > deadline:
                 if _is_lock_conflict(error):
