@@ -15,11 +15,11 @@ from cmscale.analysis.extrapolation import holdout_validation
 from cmscale.analysis.fit import evaluate_law
 from cmscale.analysis.frontier import (
     compute_grid,
-    compute_optimal,
     envelope,
     frontier_law,
     isoflop_optima,
 )
+from cmscale.analysis.optimal import compute_optimal
 from cmscale.analysis.ratio import ratio_regression, ratio_table
 from cmscale.analysis.synthetic import JOINT_TRUTH, joint_data
 from cmscale.cli import main

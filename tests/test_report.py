@@ -282,8 +282,9 @@ def test_report_on_stored_synthetic_sweep(tmp_path):
     assert result.exit_code == 0, result.output
     fits = json.loads(result.output)
     assert [f["fit_of"] for f in fits] == ["size xxs", "size xs", "size s", "size m", "frontier"]
-    assert all({"E", "A", "alpha", "ci", "status", "n_points"} <= set(f) for f in fits)
-    assert fits[0]["n_points"] == 9 and fits[0]["ci"]["alpha"][0] <= fits[0]["alpha"] <= fits[0]["ci"]["alpha"][1]
+    assert all({"kept_law", "params", "ci", "status", "n_points"} <= set(f) for f in fits)  # the report's law choice
+    alpha, ci = fits[0]["params"]["alpha"], fits[0]["ci"]["alpha"]
+    assert fits[0]["n_points"] == 9 and ci[0] <= alpha <= ci[1]
 
     if shutil.which("chromium") is None and not os.path.exists("/usr/bin/chromium"):
         pytest.skip("chromium is not installed")
@@ -302,7 +303,7 @@ def test_the_finding_claims_growth_of_the_compute_optimal_size_only_from_a_ci_of
     and an approach whose CI includes 0 is named as such."""
     from types import SimpleNamespace
 
-    from cmscale.analysis.render import _finding
+    from cmscale.analysis.report import finding as _finding
 
     def finding(iso_ci, joint_ci=None, joint_a=None):
         fit = SimpleNamespace(a=0.31, ci={"a": iso_ci} if iso_ci else {}, ci_reason="")
@@ -325,7 +326,7 @@ def test_the_finding_claims_growth_of_the_compute_optimal_size_only_from_a_ci_of
 
 def _method_analysis(points: pd.DataFrame):
     from cmscale.analysis import data as D
-    from cmscale.analysis.report import MethodAnalysis
+    from cmscale.analysis.pipeline import MethodAnalysis
 
     return MethodAnalysis("ect", D.parse_metric("fid_2step"), "-- synthetic", points)
 
@@ -354,7 +355,7 @@ def _length_dependent_sweep(flops_exponent: float = 1.0) -> pd.DataFrame:
 def test_the_joint_law_reads_runs_trained_to_their_budgets_and_recovers_n_opt_exponent():
     """N_opt ∝ C^a from the joint law, a = beta/(alpha+beta), fitted to each run's final eval:
     half-way evals of length-dependent schedules (twice as bad here) do not bias it."""
-    from cmscale.analysis.report import _fit_joint
+    from cmscale.analysis.pipeline import joint_law as _fit_joint
     from cmscale.analysis.synthetic import JOINT_TRUTH
 
     result = _method_analysis(_length_dependent_sweep())
@@ -369,8 +370,8 @@ def test_the_joint_law_reads_runs_trained_to_their_budgets_and_recovers_n_opt_ex
 
 def test_the_joint_law_exponent_is_withheld_when_flops_per_image_do_not_grow_as_n():
     """a = beta/(alpha+beta) assumes training FLOPs ∝ N D; with FLOPs per image ∝ N^1.5 it is not printed."""
-    from cmscale.analysis.render import _joint_n_opt_text
-    from cmscale.analysis.report import _fit_joint
+    from cmscale.analysis.pipeline import joint_law as _fit_joint
+    from cmscale.analysis.report import joint_n_opt_text as _joint_n_opt_text
 
     result = _method_analysis(_length_dependent_sweep(flops_exponent=1.5))
     _fit_joint(result, n_draws=0, seed=0)
@@ -380,7 +381,7 @@ def test_the_joint_law_exponent_is_withheld_when_flops_per_image_do_not_grow_as_
 
 
 def test_a_teacher_ladder_is_said_to_fall_with_size_only_when_every_larger_size_scores_lower():
-    from cmscale.analysis.render import _ladder_finding
+    from cmscale.analysis.report import ladder_finding as _ladder_finding
 
     def ladder(fids):
         return pd.DataFrame({"preset": ["t6", "t8", "t12"], "params": [2.6e4, 4.5e4, 1.0e5],
@@ -394,7 +395,7 @@ def test_a_teacher_ladder_is_said_to_fall_with_size_only_when_every_larger_size_
 def test_the_joint_law_n_opt_curve_is_the_minimiser_of_the_law_at_fixed_compute():
     """N_opt(C) in closed form equals a brute-force minimum over N of A N^-alpha + B (C / (kappa N))^-beta,
     and its log-log slope is beta / (alpha + beta)."""
-    from cmscale.analysis.report import joint_n_opt_curve
+    from cmscale.analysis.pipeline import joint_n_opt_curve
 
     params, kappa = {"E": 1.8, "A": 400.0, "B": 2.0e4, "alpha": 0.3, "beta": 0.4}, 6.0
     compute = np.array([1e16, 1e18])

@@ -5,7 +5,7 @@ The analysis is split in two so it can be tested without a store:
 * **SQL readers** (this module): each returns the exact SQL text it ran together with the rows,
   so the report can print the query behind every figure. They call
   ``cmscale.results.read_query(sql, root=root)``.
-* **Pure computation** (frontier.py, ratio.py, extrapolate.py, fit.py): functions of pandas
+* **Pure computation** (frontier.py, ratio.py, extrapolation.py, fit.py, pipeline.py): functions of pandas
   DataFrames with the columns documented here.
 
 Metric names
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from cmscale.rundir import DB_FILE
 
 TEACHER_METHOD = "edm"
 _METRIC = re.compile(r"^fid_(\d+)step$")
@@ -127,11 +129,39 @@ ORDER BY method, params, budget_flops, seed"""
 # --------------------------------------------------------------------------------------------
 
 
+def store_path(root: Path | str) -> Path:
+    """The store under ``root``; ValueError naming the fix when there is none."""
+    db = Path(root) / DB_FILE
+    if not db.exists():
+        raise ValueError(f"{db}: no results store; run `cmscale results ingest --root {root}` first")
+    return db
+
+
 def run_query(sql: str, root: Path | str) -> pd.DataFrame:
     """Run ``sql`` on the store under ``root`` (without re-ingesting) and return pandas."""
     from cmscale.results import read_query
 
+    store_path(root)
     return read_query(sql, root=Path(root)).to_pandas()
+
+
+def sweep_runs(root: Path | str, sweep: str) -> pd.DataFrame:
+    """The sweep's runs (:func:`runs_sql`); ValueError when the store holds none."""
+    runs = run_query(runs_sql(sweep), root)
+    if runs.empty:
+        raise ValueError(
+            f"sweep {sweep!r} has no runs in {Path(root) / DB_FILE}; check the name "
+            f"(cmscale sweep status) and ingest it (cmscale results ingest --root {root})"
+        )
+    return runs
+
+
+def method_points(root: Path | str, sweep: str, method: str, metric: Metric) -> tuple[str, pd.DataFrame, str | None]:
+    """(the SQL, the point table of one feature extractor, a note when others were dropped) for
+    ``method``'s finished runs at ``metric``."""
+    sql = points_sql(sweep, method, metric)
+    points, note = pick_extractor(run_query(sql, root))
+    return sql, points, note
 
 
 def frontier_points(points: pd.DataFrame) -> pd.DataFrame:
@@ -166,6 +196,27 @@ def pick_extractor(points: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return points[
         points["extractor"] == keep
     ], f"evals from several feature extractors; kept {keep!r}, dropped {dropped}"
+
+
+def check_positive(table: pd.DataFrame, source: str, *columns: str) -> None:
+    """ValueError naming the column and the first bad row unless every value is a number > 0."""
+    for column in columns:
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(values) | (values <= 0)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{source}: column {column!r} must hold numbers > 0; row {row} has {table[column].iloc[row]!r}"
+            )
+
+
+def check_columns(table: pd.DataFrame, source: str, **columns: str | None) -> None:
+    """ValueError unless ``table`` has every named column; the keywords name the options that gave them."""
+    for option, column in columns.items():
+        if column is not None and column not in table:
+            raise ValueError(
+                f"{source}: no column {column!r} (from --{option.replace('_', '-')}); columns are {list(table.columns)}"
+            )
 
 
 def json_safe(obj):

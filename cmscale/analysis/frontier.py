@@ -1,4 +1,5 @@
-"""The compute-optimal frontier: lower envelope over runs, and the compute-optimal size N_opt(C).
+"""The compute-optimal frontier: runs read on a compute grid, the lower envelope over runs, the
+law fitted to it, and the iso-FLOP optima (``N_opt = k C^a`` from them: :mod:`cmscale.analysis.optimal`).
 
 Input is a point table, one row per eval: ``run`` (one training trajectory, the resampling unit
 of the bootstrap), ``params`` (N), ``compute`` (training FLOPs C at the eval) and ``y`` (FID);
@@ -29,25 +30,18 @@ the smallest or the largest reaching C (or fewer than 3 sizes reach C) the optim
 the grid: the budget is flagged as an edge and excluded. The vertex carries a bias of a fraction
 of the size grid's step (the profile is not exactly a parabola); the bootstrap measures noise,
 not that bias, so use a size grid no coarser than ~2x per step.
-
-N_opt = k C^a
--------------
-By log-log least squares, only when at least ``MIN_INTERIOR_BUDGETS`` budgets have an interior
-optimum (otherwise the reason is stated). The CI comes from a bootstrap over runs: each draw
-resamples the runs of every size with replacement, rebuilds the profiles (or the envelope),
-recomputes the optima and refits; ``n_groups`` is the number of runs. A CI needs at least
-``MIN_CI_RUNS`` independent runs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from cmscale.analysis.fit import MIN_CI_GROUPS, ols_loglog
+from cmscale.analysis.data import check_positive
+from cmscale.analysis.fit import MIN_CI_GROUPS
 
 # A run stops at floor(budget / FLOPs per step) steps, so its last eval sits up to one step short
 # of its nominal budget; a budget this close (relative) past a run's end reads the end value.
@@ -56,8 +50,6 @@ END_TOL = 0.02
 # steps, 2.3% over); budgets of one sweep lie much further apart than this.
 BUDGET_TOL = 0.1
 GRID_POINTS_PER_DECADE = 6
-MIN_INTERIOR_BUDGETS = 3
-MIN_CI_RUNS = MIN_CI_GROUPS
 REQUIRED_COLUMNS = ("run", "params", "compute", "y")
 
 
@@ -68,14 +60,7 @@ def check_points(points: pd.DataFrame, source: str = "frontier points") -> pd.Da
         raise ValueError(f"{source}: need columns {list(REQUIRED_COLUMNS)}; missing {missing}")
     if points.empty:
         raise ValueError(f"{source}: no rows")
-    for column in ("params", "compute", "y"):
-        values = pd.to_numeric(points[column], errors="coerce").to_numpy(float)
-        bad = ~np.isfinite(values) | (values <= 0)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{source}: column {column!r} must hold numbers > 0; row {row} has {points[column].iloc[row]!r}"
-            )
+    check_positive(points, source, "params", "compute", "y")
     sizes_per_run = points.groupby("run")["params"].nunique()
     if (sizes_per_run > 1).any():
         raise ValueError(
@@ -165,7 +150,7 @@ def _present_log_y(traj: Trajectories, present: np.ndarray | None) -> np.ndarray
     return traj.log_y if present is None else np.where(present[:, None], traj.log_y, np.nan)
 
 
-def _envelope_rows(traj: Trajectories, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def envelope_rows(traj: Trajectories, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per grid point: index of the best run (-1 where none reaches) and its log y."""
     log_y = _present_log_y(traj, present)
     filled = np.where(np.isfinite(log_y), log_y, np.inf)
@@ -175,7 +160,7 @@ def _envelope_rows(traj: Trajectories, present: np.ndarray | None = None) -> tup
     return np.where(reached, best, -1), np.where(reached, best_value, np.nan)
 
 
-def _size_profiles(traj: Trajectories, present: np.ndarray | None = None) -> np.ndarray:
+def size_profiles(traj: Trajectories, present: np.ndarray | None = None) -> np.ndarray:
     """Each size's best log y at each grid point, shape (n_sizes, n_grid); NaN where no run of the size reaches."""
     log_y = _present_log_y(traj, present)
     values = np.full((len(traj.sizes), log_y.shape[1]), np.nan)
@@ -206,12 +191,12 @@ def envelope(points: pd.DataFrame, grid: np.ndarray | None = None) -> pd.DataFra
     points = check_points(points)
     grid = compute_grid(points) if grid is None else np.asarray(grid, float)
     traj = read_runs(points, grid)
-    return _envelope_table(traj)
+    return envelope_table(traj)
 
 
-def _envelope_table(traj: Trajectories) -> pd.DataFrame:
-    best, best_log = _envelope_rows(traj)
-    profiles = _size_profiles(traj)
+def envelope_table(traj: Trajectories) -> pd.DataFrame:
+    best, best_log = envelope_rows(traj)
+    profiles = size_profiles(traj)
     rows = []
     for j, compute in enumerate(traj.grid):
         if best[j] < 0:
@@ -250,8 +235,8 @@ def _parabola_vertex(log_n: np.ndarray, log_y: np.ndarray) -> float:
     return float(math.exp(np.clip(-slope / (2 * curvature), log_n[0], log_n[-1])))
 
 
-def _isoflop_rows(traj: Trajectories, present: np.ndarray | None = None) -> list[dict]:
-    profiles = _size_profiles(traj, present)
+def isoflop_rows(traj: Trajectories, present: np.ndarray | None = None) -> list[dict]:
+    profiles = size_profiles(traj, present)
     rows = []
     for j, budget in enumerate(traj.grid):
         ok = np.flatnonzero(np.isfinite(profiles[:, j]))
@@ -285,139 +270,15 @@ def isoflop_optima(points: pd.DataFrame, budgets: np.ndarray | None = None) -> p
     points = check_points(points)
     budgets = default_budgets(points) if budgets is None else np.asarray(budgets, float)
     return pd.DataFrame(
-        _isoflop_rows(read_runs(points, budgets, ends_only=True)),
+        isoflop_rows(read_runs(points, budgets, ends_only=True)),
         columns=["compute", "n_opt", "n_best", "y_best", "n_sizes", "interior", "reason"],
     )
-
-
-# --------------------------------------------------------------------------------------------
-# N_opt = k C^a
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NOptFit:
-    """``N_opt = k C^a`` from one approach; ``a`` is None when not fitted, with ``reason``.
-    ``ci_reason`` says why a fitted exponent has no CI."""
-
-    approach: str
-    n_budgets: int
-    a: float | None = None
-    k: float | None = None
-    reason: str = ""
-    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
-    ci_reason: str = ""
-    ols: dict | None = None
-    n_draws: int = 0
-    n_draws_used: int = 0
-    n_groups: int = 0
-    draws: np.ndarray | None = field(default=None, repr=False)
-
-    def predict(self, compute: np.ndarray) -> np.ndarray:
-        return self.k * np.asarray(compute, float) ** self.a
-
-    def band(self, compute: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-        if self.draws is None or not len(self.draws):
-            nan = np.full(np.shape(compute), np.nan)
-            return nan, nan
-        curves = self.draws[:, :1] * np.asarray(compute, float)[None, :] ** self.draws[:, 1:2]
-        tail = 100 * (1 - level) / 2
-        lo, hi = np.percentile(curves, [tail, 100 - tail], axis=0)
-        return lo, hi
-
-    def to_json(self) -> dict:
-        return {
-            "approach": self.approach,
-            "a": self.a,
-            "k": self.k,
-            "n_budgets": self.n_budgets,
-            "ci": {n: [float(lo), float(hi)] for n, (lo, hi) in self.ci.items()} or None,
-            "reason": self.reason or None,
-            "ci_reason": self.ci_reason or None,
-            "ols": self.ols,
-            "bootstrap": {"n_draws": self.n_draws, "n_draws_used": self.n_draws_used, "n_groups": self.n_groups},
-        }
-
-
-def _loglog_line(compute: np.ndarray, n_opt: np.ndarray) -> tuple[float, float]:
-    """Least-squares line through (log C, log N_opt): returns (k, a)."""
-    lc, ln = np.log(np.asarray(compute, float)), np.log(np.asarray(n_opt, float))
-    lc_c = lc - lc.mean()
-    slope = float((lc_c * (ln - ln.mean())).sum() / (lc_c * lc_c).sum())
-    return float(math.exp(ln.mean() - slope * lc.mean())), slope
-
-
-def _interior_isoflop(traj: Trajectories, present: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    rows = [r for r in _isoflop_rows(traj, present) if r["interior"]]
-    return np.array([r["compute"] for r in rows]), np.array([r["n_opt"] for r in rows])
-
-
-def _interior_envelope(traj: Trajectories, present: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    best, _ = _envelope_rows(traj, present)
-    profiles = _size_profiles(traj, present)
-    compute, n_env = [], []
-    for j in np.flatnonzero(best >= 0):
-        reaching = traj.sizes[np.isfinite(profiles[:, j])]
-        size = traj.run_params[best[j]]
-        if len(reaching) >= 3 and reaching[0] < size < reaching[-1]:
-            compute.append(traj.grid[j])
-            n_env.append(size)
-    return np.array(compute), np.array(n_env)
-
-
-def _fit_n_opt(
-    approach: str, traj: Trajectories, interior, what: str, n_draws: int, seed: int, level: float
-) -> NOptFit:
-    compute, n_opt = interior(traj, None)
-    result = NOptFit(approach, n_budgets=len(compute), n_groups=traj.n_runs)
-    if len(compute) < MIN_INTERIOR_BUDGETS:
-        result.reason = (
-            f"not identifiable from these runs: {len(compute)} {what} with an interior optimum "
-            f"(need >= {MIN_INTERIOR_BUDGETS}); the best size sits at the edge of the size grid elsewhere"
-        )
-        return result
-    if len(np.unique(n_opt)) < 2:
-        result.reason = (
-            f"not identifiable from these runs: every interior {what[:-1]} picks the same size ({n_opt[0]:.3g})"
-        )
-        return result
-    result.k, result.a = _loglog_line(compute, n_opt)
-    ols = ols_loglog(compute, n_opt, level=level)  # fits y = A x^-alpha, so a = -alpha
-    result.ols = {
-        "a": -ols["alpha"],
-        "ci_a": [-ols["ci"]["alpha"][1], -ols["ci"]["alpha"][0]],
-        "r2": ols["r2"],
-        "cov_type": ols["cov_type"],
-        "note": "treats budgets as independent; the run bootstrap CI does not",
-    }
-    if traj.n_runs < MIN_CI_RUNS:
-        result.ci_reason = f"{traj.n_runs} run(s): estimate without CI (a CI needs >= {MIN_CI_RUNS} independent runs)"
-        return result
-    if n_draws <= 0:
-        result.ci_reason = "no bootstrap draws requested"
-        return result
-    if not _resampling_varies(traj):
-        result.ci_reason = ONE_RUN_PER_SIZE
-        return result
-    draws = _bootstrap_runs(traj, interior, n_draws, seed)
-    result.n_draws, result.n_draws_used = n_draws, len(draws)
-    if len(draws) < 0.5 * n_draws:
-        result.ci_reason = (
-            f"only {len(draws)}/{n_draws} draws keep >= 2 interior {what}: unstable under resampling runs"
-        )
-        return result
-    result.draws = draws
-    tail = 100 * (1 - level) / 2
-    for j, name in enumerate(("k", "a")):
-        lo, hi = np.percentile(draws[:, j], [tail, 100 - tail])
-        result.ci[name] = (float(lo), float(hi))
-    return result
 
 
 ONE_RUN_PER_SIZE = "one run per size: resampling runs within sizes cannot vary the data; estimate without CI"
 
 
-def _resampling_varies(traj: Trajectories) -> bool:
+def resampling_varies(traj: Trajectories) -> bool:
     return bool(np.bincount(traj.size_index).max() > 1)
 
 
@@ -431,66 +292,6 @@ def resample_runs(traj: Trajectories, rng: np.random.Generator) -> np.ndarray:
     return present
 
 
-def _bootstrap_runs(traj: Trajectories, interior, n_draws: int, seed: int) -> np.ndarray:
-    """(k, a) per draw; draws with fewer than 2 interior budgets (no slope) are dropped and counted."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_draws):
-        compute, n_opt = interior(traj, resample_runs(traj, rng))
-        if len(compute) >= 2 and len(np.unique(n_opt)) >= 2:
-            out.append(_loglog_line(compute, n_opt))
-    return np.array(out, dtype=float).reshape(-1, 2)
-
-
-@dataclass
-class ComputeOptimal:
-    """Both approaches to the compute-optimal size, side by side."""
-
-    optima: pd.DataFrame  # iso-FLOP profiles, one row per budget
-    envelope: pd.DataFrame  # the envelope on the grid, one row per grid compute
-    isoflop: NOptFit
-    envelope_fit: NOptFit
-    n_runs: int
-    n_sizes: int
-
-    def to_json(self) -> dict:
-        return {
-            "n_runs": self.n_runs,
-            "n_sizes": self.n_sizes,
-            "isoflop": {"optima": self.optima.to_dict(orient="records"), "n_opt_fit": self.isoflop.to_json()},
-            "envelope": {"points": self.envelope.to_dict(orient="records"), "n_opt_fit": self.envelope_fit.to_json()},
-        }
-
-
-def compute_optimal(
-    points: pd.DataFrame,
-    budgets: np.ndarray | None = None,
-    grid: np.ndarray | None = None,
-    *,
-    n_draws: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> ComputeOptimal:
-    """Compute-optimal size by iso-FLOP profiles at ``budgets`` (default :func:`default_budgets`)
-    and by the envelope on ``grid`` (default :func:`compute_grid`), each with ``N_opt = k C^a``
-    and a bootstrap over runs."""
-    points = check_points(points)
-    budgets = default_budgets(points) if budgets is None else np.asarray(budgets, float)
-    grid = compute_grid(points) if grid is None else np.asarray(grid, float)
-    at_budgets, on_grid = read_runs(points, budgets, ends_only=True), read_runs(points, grid)
-    optima = pd.DataFrame(
-        _isoflop_rows(at_budgets), columns=["compute", "n_opt", "n_best", "y_best", "n_sizes", "interior", "reason"]
-    )
-    return ComputeOptimal(
-        optima=optima,
-        envelope=_envelope_table(on_grid),
-        isoflop=_fit_n_opt("iso-FLOP profiles", at_budgets, _interior_isoflop, "budgets", n_draws, seed, level),
-        envelope_fit=_fit_n_opt("envelope", on_grid, _interior_envelope, "grid points", n_draws, seed, level),
-        n_runs=at_budgets.n_runs,
-        n_sizes=len(at_budgets.sizes),
-    )
-
-
 def envelope_draws(
     points: pd.DataFrame, grid: np.ndarray, n_draws: int, seed: int = 0
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
@@ -500,7 +301,7 @@ def envelope_draws(
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_draws):
-        best, best_log = _envelope_rows(traj, resample_runs(traj, rng))
+        best, best_log = envelope_rows(traj, resample_runs(traj, rng))
         keep = best >= 0
         out.append((traj.grid[keep], np.exp(best_log[keep])))
     return out, traj.n_runs
@@ -514,10 +315,13 @@ def frontier_law(
     seed: int = 0,
     level: float = 0.95,
     variable: str = "C",
+    form: str = "saturating",
+    **fit_kwargs,
 ):
     """The saturating law ``y = E + A C^-alpha`` (or its nested pure law, see
-    :func:`cmscale.analysis.selection.select_law`) fitted to the envelope on ``grid``, with a CI
-    from the bootstrap over runs (each draw rebuilds the envelope). Returns (LawChoice, envelope)."""
+    :func:`cmscale.analysis.selection.select_law`; ``form`` and ``fit_kwargs`` go to it) fitted to
+    the envelope on ``grid``, with a CI from the bootstrap over runs (each draw rebuilds the
+    envelope). Returns (LawChoice, envelope)."""
     from cmscale.analysis.fit import bootstrap_datasets
     from cmscale.analysis.selection import select_law
 
@@ -525,19 +329,20 @@ def frontier_law(
     grid = compute_grid(points) if grid is None else np.asarray(grid, float)
     table = envelope(points, grid)
     choice = select_law(
-        "saturating",
+        form,
         [table["compute"].to_numpy(float)],
         table["y"].to_numpy(float),
         None,
         n_draws=0,
         variables={"A": variable},
+        **fit_kwargs,
     )
     n_runs = int(points["run"].nunique())
     choice.n_groups = n_runs
     if choice.kept is None or n_draws <= 0:
         return choice, table
-    if n_runs < MIN_CI_RUNS:
-        choice.ci_note = f"{n_runs} run(s): estimate without CI (a CI needs >= {MIN_CI_RUNS} independent runs)"
+    if n_runs < MIN_CI_GROUPS:
+        choice.ci_note = f"{n_runs} run(s): estimate without CI (a CI needs >= {MIN_CI_GROUPS} independent runs)"
         return choice, table
     if points.groupby("params")["run"].nunique().max() < 2:
         choice.ci_note = ONE_RUN_PER_SIZE

@@ -1,150 +1,232 @@
-"""Rendering the sweep report: ``report.html`` (standalone), ``report.md`` and ``report.json``.
+"""The sweep report as figures and text: ``report.html`` (standalone), ``report.md`` and ``report.json``.
 
-The page leads with its findings: a summary table per method and sampler steps (per-size compute
+The numbers come from :func:`cmscale.analysis.report.analyse_sweep` and
+:func:`cmscale.analysis.report.findings`; this module only turns them into figures (PNG, PDF, and
+a CSV of each figure's points and fitted curves with their bands, beside it) and into text. The
+page leads with its findings: a summary table per method and sampler steps (per-size compute
 exponent, frontier exponent, N_opt ∝ C^a by iso-FLOP profiles, the envelope and the joint law, or
 why not, student/teacher ratio and its slope) with one sentence per method. Warnings follow,
 grouped by kind with counts and their details collapsed; then the figures (each with its SQL,
-collapsed), the fit tables and the runs.
-``report.json`` carries every number of the summary, so other tools can read the findings.
+collapsed), the fit tables and the runs. HTML and Markdown come from the jinja2 templates in
+``cmscale/analysis/templates``.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
-import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from cmscale.analysis import data as D
-from cmscale.analysis.report import MethodAnalysis, SweepAnalysis, analyse_sweep, ladder_falls_with_size
-from cmscale.analysis.selection import LawChoice, ci_problem
+from cmscale.analysis import plots
+from cmscale.analysis.pipeline import MethodAnalysis, joint_n_opt_curve
+from cmscale.analysis.report import (
+    SweepAnalysis,
+    analyse_sweep,
+    choice_param,
+    finding,
+    findings,
+    joint_n_opt_text,
+    ladder_finding,
+    n_opt_text,
+    num,
+    with_ci,
+)
+from cmscale.analysis.selection import LawChoice
+from cmscale.rundir import DB_FILE
 
 SUMMARY_ID = "summary"
+FIGURE_FORMATS = ("png", "pdf")
 
 
-def _num(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.{digits}g}"
+@dataclass
+class FigureRecord:
+    key: str
+    title: str
+    caption: str
+    sql: list[str]
+    paths: dict[str, Path]  # png, pdf and csv (the figure's data)
 
 
-def _with_ci(name: str, value, ci, digits: int = 3) -> str:
-    """``value [lo, hi]``; ``value [unbounded]`` when the CI is wider than the data support; the bare
-    value when there is no CI."""
-    if ci is None or any(v is None or not math.isfinite(v) for v in ci):
-        return _num(value, digits)
-    if ci_problem(name, value, ci):
-        return f"{_num(value, digits)} [unbounded]"
-    return f"{_num(value, digits)} [{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
+# --------------------------------------------------------------------------------------------
+# Figures: each drawn from the analysis, saved with the CSV of what it shows
+# --------------------------------------------------------------------------------------------
 
 
-def _choice_param(choice: LawChoice | None, name: str) -> str:
-    if choice is None or choice.kept is None:
-        return "not identified"
-    if name not in choice.params:
-        return "(dropped)"
-    return _with_ci(name, choice.params[name], choice.ci.get(name))
+def _layer(frame: pd.DataFrame, layer: str, x: str, y: str, series=None, **extra: str) -> pd.DataFrame:
+    """One layer of a figure's data in long form: layer, series, x, y[, lo, hi] and ``extra`` columns."""
+    out = pd.DataFrame({"layer": layer, "series": frame[series] if series in frame else series,
+                        "x": frame[x], "y": frame[y]})
+    for column in ("lo", "hi"):
+        if column in frame:
+            out[column] = frame[column]
+    for name, column in extra.items():
+        out[name] = frame[column]
+    return out
 
 
-def _n_opt_text(fit) -> str:
-    if fit.a is None:
-        return fit.reason.replace("not identifiable from these runs: ", "not identified: ")
-    ci = f" [{_num(fit.ci['a'][0])}, {_num(fit.ci['a'][1])}]" if fit.ci else f" (no CI: {fit.ci_reason})"
-    return f"a = {_num(fit.a)}{ci}, {fit.n_budgets} interior"
+def _save(figure, out_dir: Path, stem: str, layers: list[pd.DataFrame]) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in FIGURE_FORMATS}
+    with plots.paper_style():
+        for path in paths.values():
+            figure.savefig(path, bbox_inches="tight")
+    paths["csv"] = out_dir / f"{stem}.csv"
+    pd.concat([layer for layer in layers if len(layer)], ignore_index=True).to_csv(paths["csv"], index=False)
+    return paths
 
 
-def _ladder_finding(ladder) -> str:
-    steps = sorted({int(step) for step in ladder["step"]})
-    at = f"{steps[0]:,} iterations" if len(steps) == 1 else "their own budgets"
-    by_size = ", ".join(f"{row.preset} {_num(row.fid)}" for row in ladder.itertuples())
-    verdict = "falls with size" if ladder_falls_with_size(ladder) else "does not fall at every larger size"
-    return f"Teacher FID at {at} {verdict}: {by_size} (one teacher per size: no CI)."
+def _figure(figsize: tuple[float, float], **subplots):
+    """A figure outside pyplot (no backend involved) in the paper style, and its axes."""
+    from matplotlib.figure import Figure
+
+    with plots.paper_style():
+        figure = Figure(figsize=figsize)
+        return figure, figure.subplots(**subplots)
 
 
-def _joint_n_opt_text(joint) -> str:
-    if joint is None:
-        return "not fitted"
-    if joint.a is None:
-        return joint.reason.replace("not identifiable from these runs: ", "not identified: ")
-    ci = f" [{_num(joint.ci[0])}, {_num(joint.ci[1])}]" if joint.ci else f" (no CI: {joint.ci_reason})"
-    return f"a = {_num(joint.a)}{ci}"
+def _band_frame(choice: LawChoice, x) -> pd.DataFrame:
+    frame = pd.DataFrame({"x": x, "y": choice.kept.predict(x)})
+    if choice.kept.bootstrap is not None:
+        frame["lo"], frame["hi"] = choice.kept.bootstrap.band(x)
+    return frame
 
 
-def n_opt_estimates(result: MethodAnalysis) -> list[tuple[str, float, tuple | None, str]]:
-    """(approach, a, CI or None, why no CI) for every approach that estimated N_opt ∝ C^a."""
-    estimates = []
-    if result.optimal is not None:
-        for name, fit in (("iso-FLOP", result.optimal.isoflop), ("envelope", result.optimal.envelope_fit)):
-            if fit.a is not None:
-                estimates.append((name, fit.a, fit.ci.get("a"), fit.ci_reason or "too few runs"))
-    joint = result.joint_n_opt
-    if joint is not None and joint.a is not None:
-        estimates.append(("joint law", joint.a, joint.ci, joint.ci_reason))
-    return estimates
+def _joint_curve_frame(result: MethodAnalysis, compute, level: float = 0.95) -> pd.DataFrame | None:
+    """The joint law's N_opt(C) with a bootstrap band, where its exponent is reported."""
+    import numpy as np
 
-
-def _n_opt_finding(result: MethodAnalysis) -> str | None:
-    """One clause on N_opt ∝ C^a: every approach's estimate, and which CIs exclude 0."""
-    estimates = n_opt_estimates(result)
-    if not estimates:
-        if result.optimal is None:
-            return None
-        interior, budgets = int(result.optimal.optima["interior"].sum()), len(result.optimal.optima)
-        return f"the compute-optimal size is not identified ({interior} of {budgets} budgets interior)"
-
-    def shown(estimate) -> str:
-        name, a, ci, _ = estimate
-        return f"{name} a = {_num(a, 2)} [{_num(ci[0], 2)}, {_num(ci[1], 2)}]"
-
-    above = [e for e in estimates if e[2] and e[2][0] > 0]
-    below = [e for e in estimates if e[2] and e[2][1] < 0]
-    spanning = [e for e in estimates if e[2] and e[2][0] <= 0 <= e[2][1]]
-    if above and below:
-        return "the approaches disagree on the sign of N_opt ∝ C^a: " + "; ".join(map(shown, above + below))
-    if above or below:
-        verb = "grows" if above else "shrinks"
-        text = f"the compute-optimal size {verb} with compute (CI of a excludes 0): " + "; ".join(
-            map(shown, above or below)
+    choice, exponent = result.joint, result.joint_n_opt
+    if choice is None or exponent is None or exponent.a is None:
+        return None
+    frame = pd.DataFrame({"x": compute, "y": joint_n_opt_curve(choice.params, exponent.kappa, compute)})
+    bootstrap = choice.kept.bootstrap
+    if bootstrap is not None and bootstrap.n_draws:
+        curves = np.array(
+            [joint_n_opt_curve({choice.names.get(k, k): v for k, v in draw.items()}, exponent.kappa, compute)
+             for draw in bootstrap.param_dicts()]
         )
-        if spanning:
-            text += "; the CI includes 0 for " + "; ".join(map(shown, spanning))
-        return text
-    if spanning:
-        return (
-            "N_opt ∝ C^a, but every CI includes 0: no detectable growth of the compute-optimal size ("
-            + "; ".join(map(shown, spanning))
-            + ")"
-        )
-    name, a, _, why = estimates[0]
-    return f"N_opt ∝ C^{_num(a, 2)} by {name} (no CI: {why})"
+        tail = 100 * (1 - level) / 2
+        frame["lo"], frame["hi"] = np.nanpercentile(curves, [tail, 100 - tail], axis=0)
+    return frame
 
 
-def _finding(result: MethodAnalysis, ratio: dict | None) -> str:
-    if result.ladder is not None:
-        return _ladder_finding(result.ladder)
-    parts = []
-    fits = [c for c in result.size_fits.values() if c.kept is not None and "alpha" in c.params]
-    falling = [c for c in fits if c.ci.get("alpha") and c.ci["alpha"][0] > 0]
-    if fits:
-        with_ci = sum(bool(c.ci.get("alpha")) for c in fits)
-        parts.append(
-            f"FID falls with compute (alpha CI above 0) for {len(falling)} of {len(result.size_fits)} sizes"
-            + ("" if with_ci == len(fits) else f" ({len(fits) - with_ci} without a CI)")
-        )
-    n_opt = _n_opt_finding(result)
-    if n_opt:
-        parts.append(n_opt)
-    if ratio:
-        drift = ratio["slope_ci"]
-        steady = drift and all(v is not None and math.isfinite(v) for v in drift) and drift[0] < 0 < drift[1]
-        parts.append(
-            f"students reach {_num(ratio['mean_ratio'], 3)}x the teacher's FID"
-            + (", with no detectable drift with size" if steady else f", slope {_num(ratio['slope'], 2)} on log N")
-        )
-    return ("; ".join(parts) + ".") if parts else "Too few evals for any fit."
+def _compute_figure(result: MethodAnalysis, fig_dir: Path, stem: str) -> FigureRecord:
+    points = result.points.rename(columns={"preset": "size"})
+    curves = []
+    for preset, choice in result.size_fits.items():
+        if choice.kept is not None:
+            flops = points.loc[points["size"] == preset, "train_flops"]
+            curves.append(_band_frame(choice, plots.log_grid(flops.min(), flops.max())).assign(size=preset))
+    curves = pd.concat(curves, ignore_index=True) if curves else None
+    frontier = None if result.envelope is None else result.envelope.rename(columns={"compute": "x"})
+    frontier_fit = None
+    if result.frontier is not None and result.frontier.kept is not None:
+        frontier_fit = _band_frame(result.frontier, plots.log_grid(points["train_flops"].min(),
+                                                                   points["train_flops"].max()))
+    title = f"{result.title}: FID vs training compute"
+    figure, ax = _figure((5.2, 3.8))
+    plots.fid_vs_compute(points, curves, frontier, frontier_fit, title=title, ax=ax)
+    layers = [_layer(points, "eval", "train_flops", "fid", "size", run="run_id", params="params")]
+    if curves is not None:
+        layers.append(_layer(curves, "size law", "x", "y", "size"))
+    if frontier is not None:
+        layers.append(_layer(frontier, "envelope", "x", "y", "size", run="run"))
+    if frontier_fit is not None:
+        layers.append(_layer(frontier_fit, "frontier law", "x", "y", result.frontier.kept_law))
+    return FigureRecord(
+        f"{stem}_compute",
+        title,
+        "Points: evals per size (marker/line style per size). Lines: per-size laws with 95% bootstrap bands "
+        "(runs resampled). Thick black: the lower envelope over runs on a common compute grid (each run "
+        "interpolated within its own range); dashed grey: the law fitted to the envelope.",
+        [result.sql],
+        _save(figure, fig_dir, f"{stem}_compute", layers),
+    )
 
+
+def _n_opt_figure(result: MethodAnalysis, fig_dir: Path, stem: str) -> FigureRecord:
+    optimal = result.optimal
+    grid = plots.log_grid(optimal.optima["compute"].min(), optimal.optima["compute"].max())
+    fits = []
+    for name, fit in (("iso-FLOP", optimal.isoflop), ("envelope", optimal.envelope_fit)):
+        if fit.a is not None:
+            lo, hi = fit.band(grid)
+            fits.append(pd.DataFrame({"approach": name, "x": grid, "y": fit.predict(grid), "lo": lo, "hi": hi}))
+    joint_curve = _joint_curve_frame(result, grid)
+    if joint_curve is not None:
+        fits.append(joint_curve.assign(approach="joint law"))
+    fits = pd.concat(fits, ignore_index=True) if fits else None
+    figure, ax = _figure((4.8, 3.6))
+    plots.optimal_size_vs_compute(optimal.optima, optimal.envelope, fits, title=f"{result.title}: compute-optimal size",
+                                  ax=ax)
+    layers = [
+        _layer(optimal.optima, "iso-FLOP optimum", "compute", "n_opt", interior="interior"),
+        _layer(optimal.envelope, "envelope's run size", "compute", "params", "size"),
+    ]
+    if fits is not None:
+        layers.append(_layer(fits, "N_opt = k C^a", "x", "y", "approach"))
+    return FigureRecord(
+        f"{stem}_nopt",
+        f"{result.title}: N_opt vs C",
+        "Circles: iso-FLOP optima (parabola in log N through the best size and its neighbours); "
+        "crosses: optimum at the size grid's edge, excluded. Steps: size of the envelope's run. "
+        "Lines: N_opt = k C^a where >= 3 budgets are interior, and the joint law's N_opt(C) where "
+        "its exponent is reported (bands: 95% bootstrap).",
+        [result.sql],
+        _save(figure, fig_dir, f"{stem}_nopt", layers),
+    )
+
+
+def draw_figures(analysis: SweepAnalysis, fig_dir: Path | str) -> list[FigureRecord]:
+    """Every figure of the report into ``fig_dir``: PNG, PDF and the CSV of its data."""
+    fig_dir = Path(fig_dir)
+    records = []
+    for result in analysis.methods:
+        stem = f"{result.method}_{result.metric.name}" if result.method != D.TEACHER_METHOD else "teacher"
+        records.append(_compute_figure(result, fig_dir, stem))
+        if result.optimal is not None and len(result.optimal.optima):
+            records.append(_n_opt_figure(result, fig_dir, stem))
+    pairs = analysis.ratio_pairs
+    if len(pairs):
+        figure, axes = _figure((5.0, 5.2), nrows=2, ncols=1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+        plots.teacher_student(pairs, title="teacher vs student FID", ax=axes)
+        layers = [
+            _layer(pairs, "teacher", "params", "teacher_fid", "teacher_run_id"),
+            _layer(pairs, "student", "params", "student_fid", "group", run="run_id"),
+            _layer(pairs.assign(ratio=pairs["student_fid"] / pairs["teacher_fid"]), "ratio", "params", "ratio",
+                   "group", run="run_id"),
+        ]
+        records.append(FigureRecord(
+            "teacher_student",
+            "Teacher vs student FID by size",
+            "Top: teacher (Heun) and student FID per size, each student run paired with the teacher of "
+            "the same preset and seed, at the student's largest budget. Bottom: the ratio.",
+            [analysis.sql["ratio_pairs"]],
+            _save(figure, fig_dir, "teacher_student", layers),
+        ))
+    sampling = analysis.sampling
+    if len(sampling):
+        figure, ax = _figure((5.2, 3.8))
+        plots.fid_vs_sampling_compute(sampling, title="FID vs sampling compute", ax=ax)
+        records.append(FigureRecord(
+            "sampling",
+            "FID vs sampling compute",
+            "Final evals of each method's largest-budget runs: FID against NFE x forward FLOPs per image.",
+            [analysis.sql["final_evals"]],
+            _save(figure, fig_dir, "sampling",
+                  [_layer(sampling, "final eval", "sampling_flops_per_image", "fid", "label", size="size")]),
+        ))
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
 
 SUMMARY_HEADER = [
     "method",
@@ -154,98 +236,39 @@ SUMMARY_HEADER = [
     "student/teacher FID ratio; slope on log N",
     "what the study shows",
 ]
-
-
 LADDER_N_OPT = "- (one teacher per size, each to a fixed budget: a size ladder, not a compute sweep)"
+FIT_HEADER = ["fit", "law kept (AIC)", "E", "A", "B", "alpha", "beta", "status", "n", "CI note"]
+OPTIMA_HEADER = ["budget C", "N_opt", "best grid size", "FID there", "sizes reaching C", "flag", "reason"]
+HOLDOUT_HEADER = ["run", "size", "budget", "step", "train FLOPs", "FID", "predicted", "log error", "curve CI", "in CI",
+                  "prediction interval", "in PI"]
+RATIO_HEADER = ["group", "pairs", "mean ratio [95% CI]", "absolute gap [95% CI]", "slope of log r on log N [95% CI]",
+                "p (slope = 0)"]
+RUN_HEADER = ["run", "method", "size", "params", "budget", "seed", "status"]
 
 
 def summary_rows(analysis: SweepAnalysis) -> list[list[str]]:
     rows = []
     for result in analysis.methods:
         if result.ladder is not None:
-            rows.append([result.title, "-", "-", LADDER_N_OPT, "-", _ladder_finding(result.ladder)])
+            rows.append([result.title, "-", "-", LADDER_N_OPT, "-", ladder_finding(result.ladder)])
             continue
-        per_size = "; ".join(f"{p}: {_choice_param(c, 'alpha')}" for p, c in result.size_fits.items()) or "not fitted"
+        per_size = "; ".join(f"{p}: {choice_param(c, 'alpha')}" for p, c in result.size_fits.items()) or "not fitted"
         optimal = result.optimal
         n_opt = (
             "-"
             if optimal is None
-            else f"{_n_opt_text(optimal.isoflop)}; envelope: {_n_opt_text(optimal.envelope_fit)}; "
-            f"joint law: {_joint_n_opt_text(result.joint_n_opt)}"
+            else f"{n_opt_text(optimal.isoflop)}; envelope: {n_opt_text(optimal.envelope_fit)}; "
+            f"joint law: {joint_n_opt_text(result.joint_n_opt)}"
         )
         ratio = analysis.ratio.get(result.ratio_group)
         ratio_text = (
-            "-"
-            if not ratio
-            else (
-                f"{_with_ci('r', ratio['mean_ratio'], ratio['ci'])}; slope "
-                f"{_with_ci('slope', ratio['slope'], ratio['slope_ci'])}"
-            )
+            "-" if not ratio
+            else f"{with_ci('r', ratio['mean_ratio'], ratio['ci'])}; slope "
+            f"{with_ci('slope', ratio['slope'], ratio['slope_ci'])}"
         )
-        rows.append(
-            [
-                result.title,
-                per_size,
-                _choice_param(result.frontier, "alpha"),
-                n_opt,
-                ratio_text,
-                _finding(result, ratio),
-            ]
-        )
+        rows.append([result.title, per_size, choice_param(result.frontier, "alpha"), n_opt, ratio_text,
+                     finding(result, ratio)])
     return rows
-
-
-def report_json(analysis: SweepAnalysis) -> dict:
-    """Every number of the summary, per method; nulls carry a reason."""
-    methods = []
-    for result in analysis.methods:
-        ratio = analysis.ratio.get(result.ratio_group)
-        methods.append(
-            {
-                "method": result.method,
-                "sampler_steps": result.metric.sampler_steps if result.method != D.TEACHER_METHOD else None,
-                "title": result.title,
-                "n_runs": int(result.points["run_id"].nunique()),
-                "n_evals": len(result.points),
-                "per_size": {p: {"params": result.params_of(p), **c.to_json()} for p, c in result.size_fits.items()},
-                "frontier": result.frontier.to_json() if result.frontier else None,
-                "compute_optimal": result.optimal.to_json() if result.optimal else None,
-                "joint": result.joint.to_json() if result.joint else None,
-                "n_opt_joint": result.joint_n_opt.to_json() if result.joint_n_opt else None,
-                "ladder": (
-                    {
-                        "sizes": result.ladder.to_dict(orient="records"),
-                        "falls_with_size": ladder_falls_with_size(result.ladder),
-                    }
-                    if result.ladder is not None
-                    else None
-                ),
-                "ratio": (
-                    {
-                        "group": result.ratio_group,
-                        "mean_ratio": ratio["mean_ratio"],
-                        "ci": ratio["ci"],
-                        "slope": ratio["slope"],
-                        "slope_ci": ratio["slope_ci"],
-                        "slope_p": ratio["slope_p"],
-                        "n_points": ratio["n_points"],
-                    }
-                    if ratio
-                    else None
-                ),
-                "finding": _finding(result, ratio),
-            }
-        )
-    return D.json_safe(
-        {
-            "sweep": analysis.sweep,
-            "n_runs": len(analysis.runs),
-            "n_draws": analysis.n_draws,
-            "methods": methods,
-            "ratio": analysis.ratio,
-            "warnings": [{"kind": w.kind, "text": w.text} for w in analysis.warnings],
-        }
-    )
 
 
 def _fit_row(label: str, choice: LawChoice) -> list[str]:
@@ -255,284 +278,166 @@ def _fit_row(label: str, choice: LawChoice) -> list[str]:
         | set(choice.kept.params if choice.kept else ())
         | ({"A", "B", "alpha", "beta"} if choice.form == "joint" else {"A", "alpha"})
     )
-    cells = [_choice_param(choice, n) if n in requested else "" for n in names]
+    cells = [choice_param(choice, n) if n in requested else "" for n in names]
     status = choice.kept.status if choice.kept else "none identified"
     ci = choice.ci_note or ("" if choice.kept is None or choice.kept.bootstrap else "no CI")
     return [label, choice.kept_law or "-", *cells, status, str(choice.kept.n_points if choice.kept else "-"), ci]
 
 
-FIT_HEADER = ["fit", "law kept (AIC)", "E", "A", "B", "alpha", "beta", "status", "n", "CI note"]
-
-
-def _tables(analysis: SweepAnalysis) -> list[tuple[str, list[str], list[list[str]], str]]:
-    """(title, header, rows, note) for every table below the summary."""
-    tables = []
-    for result in analysis.methods:
-        if result.ladder is not None:
-            rows = [[r.preset, _num(r.params), str(int(r.step)), _num(r.train_flops), _num(r.fid)]
-                    for r in result.ladder.itertuples()]
-            tables.append((f"{result.title}: FID by size", ["size", "params", "iterations", "training FLOPs", "FID"],
-                           rows, _ladder_finding(result.ladder)))
-            continue
-        rows = [_fit_row(f"size {p} ({result.params_of(p) / 1e6:.3g}M)", c) for p, c in result.size_fits.items()]
-        notes = []
-        if result.frontier is not None:
-            rows.append(_fit_row("frontier (envelope over runs)", result.frontier))
-        if result.joint is not None:
-            rows.append(_fit_row("joint E + A N^-alpha + B D^-beta", result.joint))
-            joint = result.joint_n_opt
-            notes.append(
-                "joint law (each run's final eval): N_opt ∝ C^a with a = beta/(alpha+beta): "
-                + _joint_n_opt_text(joint)
-                + (
-                    ""
-                    if joint.flops_per_image_exponent is None
-                    else f" (training FLOPs per image ∝ N^{joint.flops_per_image_exponent:.3g} across the runs)."
-                )
-            )
-        tables.append(
-            (
-                f"{result.title}: fits (95% bootstrap CIs, runs resampled, {analysis.n_draws} draws)",
-                FIT_HEADER,
-                rows,
-                " ".join(notes) + " Nested laws are chosen by AIC among those with every parameter inside its bounds; "
-                "[unbounded]: the CI spans more than 3 decades, reaches 0 or an exponent bound.",
-            )
+def _method_tables(result: MethodAnalysis, n_draws: int) -> list[dict]:
+    if result.ladder is not None:
+        rows = [[r.preset, num(r.params), str(int(r.step)), num(r.train_flops), num(r.fid)]
+                for r in result.ladder.itertuples()]
+        return [_table(f"{result.title}: FID by size", ["size", "params", "iterations", "training FLOPs", "FID"],
+                       rows, ladder_finding(result.ladder))]
+    rows = [_fit_row(f"size {p} ({result.params_of(p) / 1e6:.3g}M)", c) for p, c in result.size_fits.items()]
+    notes = []
+    if result.frontier is not None:
+        rows.append(_fit_row("frontier (envelope over runs)", result.frontier))
+    if result.joint is not None:
+        rows.append(_fit_row("joint E + A N^-alpha + B D^-beta", result.joint))
+        joint = result.joint_n_opt
+        notes.append(
+            "joint law (each run's final eval): N_opt ∝ C^a with a = beta/(alpha+beta): " + joint_n_opt_text(joint)
+            + ("" if joint.flops_per_image_exponent is None
+               else f" (training FLOPs per image ∝ N^{joint.flops_per_image_exponent:.3g} across the runs).")
         )
-        optimal = result.optimal
-        if optimal is not None and len(optimal.optima):
-            rows = [
-                [
-                    _num(r.compute),
-                    _num(r.n_opt),
-                    _num(r.n_best),
-                    _num(r.y_best),
-                    str(r.n_sizes),
-                    "interior" if r.interior else "edge",
-                    r.reason,
-                ]
-                for r in optimal.optima.itertuples()
-            ]
-            note = (
-                f"iso-FLOP: {_n_opt_text(optimal.isoflop)}. Envelope: {_n_opt_text(optimal.envelope_fit)}. "
-                f"Bootstrap over {optimal.n_runs} runs."
-            )
-            tables.append(
-                (
-                    f"{result.title}: compute-optimal size per budget (iso-FLOP profiles)",
-                    ["budget C", "N_opt", "best grid size", "FID there", "sizes reaching C", "flag", "reason"],
-                    rows,
-                    note,
-                )
-            )
-        if result.holdout is not None:
-            h = result.holdout
-            rows = [
-                [
-                    r.run_id,
-                    r.preset,
-                    _num(r.budget_flops),
-                    str(int(r.step)),
-                    _num(r.train_flops),
-                    _num(r.fid),
-                    _num(r.pred),
-                    f"{r.log_error:+.3f}",
-                    f"[{_num(r.ci_lo)}, {_num(r.ci_hi)}]",
-                    "yes" if r.inside_ci else "no",
-                    f"[{_num(r.pi_lo)}, {_num(r.pi_hi)}]",
-                    "yes" if r.inside_pi else "no",
-                ]
-                for r in h.points.sort_values(["params", "step"]).itertuples()
-            ]
-            tables.append(
-                (
-                    f"{result.title}: extrapolation (joint law fitted without budget {_num(h.held_values[0])}; "
-                    "one row per held-out run, at its final eval)",
-                    [
-                        "run",
-                        "size",
-                        "budget",
-                        "step",
-                        "train FLOPs",
-                        "FID",
-                        "predicted",
-                        "log error",
-                        "curve CI",
-                        "in CI",
-                        "prediction interval",
-                        "in PI",
-                    ],
-                    rows,
-                    f"mean |log error| {h.mean_abs_log_error:.3f}, RMS {h.rms_log_error:.3f}; "
-                    f"fit status {h.fit.status}",
-                )
-            )
-    if analysis.ratio:
+    tables = [_table(
+        f"{result.title}: fits (95% bootstrap CIs, runs resampled, {n_draws} draws)", FIT_HEADER, rows,
+        " ".join(notes) + " Nested laws are chosen by AIC among those with every parameter inside its bounds; "
+        "[unbounded]: the CI spans more than 3 decades, reaches 0 or an exponent bound.",
+    )]
+    optimal = result.optimal
+    if optimal is not None and len(optimal.optima):
+        rows = [[num(r.compute), num(r.n_opt), num(r.n_best), num(r.y_best), str(r.n_sizes),
+                 "interior" if r.interior else "edge", r.reason] for r in optimal.optima.itertuples()]
+        tables.append(_table(
+            f"{result.title}: compute-optimal size per budget (iso-FLOP profiles)", OPTIMA_HEADER, rows,
+            f"iso-FLOP: {n_opt_text(optimal.isoflop)}. Envelope: {n_opt_text(optimal.envelope_fit)}. "
+            f"Bootstrap over {optimal.n_runs} runs.",
+        ))
+    if result.holdout is not None:
+        h = result.holdout
         rows = [
-            [
-                group,
-                str(r["n_points"]),
-                _with_ci("r", r["mean_ratio"], r["ci"]),
-                _with_ci("gap", r["gap"], r["gap_ci"]),
-                _with_ci("slope", r["slope"], r["slope_ci"]),
-                _num(r["slope_p"], 3),
-            ]
-            for group, r in analysis.ratio.items()
+            [r.run_id, r.preset, num(r.budget_flops), str(int(r.step)), num(r.train_flops), num(r.fid), num(r.pred),
+             f"{r.log_error:+.3f}", f"[{num(r.ci_lo)}, {num(r.ci_hi)}]", "yes" if r.inside_ci else "no",
+             f"[{num(r.pi_lo)}, {num(r.pi_hi)}]", "yes" if r.inside_pi else "no"]
+            for r in h.points.sort_values(["params", "step"]).itertuples()
         ]
-        tables.append(
-            (
-                "Teacher-student FID ratio r = FID_student / FID_teacher",
-                [
-                    "group",
-                    "pairs",
-                    "mean ratio [95% CI]",
-                    "absolute gap [95% CI]",
-                    "slope of log r on log N [95% CI]",
-                    "p (slope = 0)",
-                ],
-                rows,
-                "Pairs: student run and teacher of the same preset and seed; each student's largest budget. "
-                "OLS of log r on log params (statsmodels).",
-            )
-        )
+        tables.append(_table(
+            f"{result.title}: extrapolation (joint law fitted without budget {num(h.held_values[0])}; "
+            "one row per held-out run, at its final eval)", HOLDOUT_HEADER, rows,
+            f"mean |log error| {h.mean_abs_log_error:.3f}, RMS {h.rms_log_error:.3f}; fit status {h.fit.status}",
+        ))
     return tables
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _table(title: str, header: list[str], rows: list[list[str]], note: str = "") -> dict:
+    return {"title": title, "header": header, "rows": rows, "note": note}
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
+def tables(analysis: SweepAnalysis) -> list[dict]:
+    """Every table below the summary: title, header, rows (text) and note."""
+    out = [table for result in analysis.methods for table in _method_tables(result, analysis.n_draws)]
+    if analysis.ratio:
+        rows = [
+            [group, str(r["n_points"]), with_ci("r", r["mean_ratio"], r["ci"]), with_ci("gap", r["gap"], r["gap_ci"]),
+             with_ci("slope", r["slope"], r["slope_ci"]), num(r["slope_p"], 3)]
+            for group, r in analysis.ratio.items()
+        ]
+        out.append(_table(
+            "Teacher-student FID ratio r = FID_student / FID_teacher", RATIO_HEADER, rows,
+            "Pairs: student run and teacher of the same preset and seed; each student's largest budget. "
+            "OLS of log r on log params (statsmodels).",
+        ))
+    return out
 
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+
+# --------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------
 
 
-_CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1150px;margin:1.2em auto;
-color:#111;line-height:1.35}
-h1{border-bottom:2px solid #333;margin:0 0 .3em}
-h2{margin-top:1.6em;border-bottom:1px solid #aaa}
-table{border-collapse:collapse;margin:0.6em 0;font-size:0.85em}
-td,th{border:1px solid #999;padding:3px 6px;text-align:right;vertical-align:top}
-th{background:#e8e8e8}
-td:first-child{text-align:left}
-figure{margin:1em 0}
-img{max-width:100%;width:760px;border:1px solid #ddd}
-pre{background:#f4f4f4;border:1px solid #ccc;padding:8px;overflow-x:auto;font-size:0.8em}
-#summary{border:4px solid #0b5394;padding:4px 12px;margin:.6em 0}
-#summary td{text-align:left}
-#summary h2{margin-top:.3em}
-.warn{background:#fff3cd;border:1px solid #b38f00;padding:4px 12px}
-.note{color:#444;font-size:0.9em}"""
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _templates():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(
+        loader=PackageLoader("cmscale.analysis", "templates"),
+        autoescape=select_autoescape(["html.j2"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["md_cell"] = _md_cell
+    return env
+
+
+def page_context(analysis: SweepAnalysis, figures: list[FigureRecord], out_dir: Path) -> dict:
+    """Everything the templates show, as text."""
+    runs = analysis.runs
+    counts = runs["status"].value_counts().to_dict()
+    warnings: dict[str, list[str]] = defaultdict(list)
+    for warning in analysis.warnings:
+        warnings[warning.kind].append(warning.text)
+    return {
+        "sweep": analysis.sweep,
+        "summary_id": SUMMARY_ID,
+        "facts": (
+            f"{len(runs)} runs ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}); sizes "
+            f"{', '.join(runs.sort_values('params')['preset'].drop_duplicates())}. "
+            f"Store: {Path(analysis.root) / DB_FILE}. {analysis.n_draws} bootstrap draws per fit (runs resampled, "
+            f"seed {analysis.seed}); analysis took {analysis.seconds:.1f} s."
+        ),
+        "compute_note": (
+            "Training compute is the student's own counted FLOPs (forward, backward, JVP and teacher forwards per "
+            "step); the teacher's pretraining compute is not included in a student's C."
+        ),
+        "summary": _table("Summary", SUMMARY_HEADER, summary_rows(analysis)),
+        "n_warnings": len(analysis.warnings),
+        "warning_groups": sorted(warnings.items(), key=lambda item: -len(item[1])),
+        "figures": [
+            {
+                "title": r.title,
+                "caption": r.caption,
+                "sql": r.sql,
+                "png_base64": base64.b64encode(r.paths["png"].read_bytes()).decode(),
+                **{ext: str(r.paths[ext].relative_to(out_dir)) for ext in ("png", "pdf", "csv")},
+            }
+            for r in figures
+        ],
+        "tables": tables(analysis),
+        "runs_sql": D.runs_sql(analysis.sweep),
+        "runs": _table("Runs", RUN_HEADER, [
+            [r.run_id, r.method, r.preset, num(float(r.params)), num(r.budget_flops), str(r.seed), r.status]
+            for r in runs.itertuples()
+        ]),
+    }
 
 
 def write_report(
     root: Path | str, sweep: str, out_dir: Path | str, *, n_draws: int = 1000, seed: int = 0
 ) -> dict[str, Path]:
     """Analyse ``sweep`` from the store under ``root`` and write ``out_dir/report.html`` (standalone),
-    ``out_dir/report.md`` (figures in ``out_dir/figures``) and ``out_dir/report.json``.
-    Returns {"html": path, "md": path, "json": path}."""
+    ``out_dir/report.md`` (figures and their CSVs in ``out_dir/figures``) and ``out_dir/report.json``
+    (:func:`cmscale.analysis.report.findings`). Returns {"html": path, "md": path, "json": path}."""
     out_dir = Path(out_dir)
-    analysis = analyse_sweep(root, sweep, out_dir / "figures", n_draws=n_draws, seed=seed)
-    counts = analysis.runs["status"].value_counts().to_dict()
-    facts = (
-        f"{len(analysis.runs)} runs ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}); sizes "
-        f"{', '.join(analysis.runs.sort_values('params')['preset'].drop_duplicates())}. "
-        f"Store: {Path(root) / 'cmscale.duckdb'}. "
-        f"{n_draws} bootstrap draws per fit (runs resampled, seed {seed}); analysis took {analysis.seconds:.1f} s."
-    )
-    compute_note = (
-        "Training compute is the student's own counted FLOPs (forward, backward, JVP and teacher forwards per "
-        "step); the teacher's pretraining compute is not included in a student's C."
-    )
-    rows = summary_rows(analysis)
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>cmscale report: {html.escape(sweep)}</title>"
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>cmscale report: {html.escape(sweep)}</h1>",
-        f"<p class='note'>{html.escape(facts)}</p>",
-        f"<div id='{SUMMARY_ID}'><h2>Summary</h2>{_html_table(SUMMARY_HEADER, rows)}"
-        f"<p class='note'>{html.escape(compute_note)} Every number here is in report.json.</p></div>",
-    ]
-    md = [
-        f"# cmscale report: {sweep}",
-        "",
-        facts,
-        "",
-        "## Summary",
-        "",
-        _md_table(SUMMARY_HEADER, rows),
-        "",
-        compute_note,
-        "",
-    ]
-    groups: dict[str, list[str]] = defaultdict(list)
-    for warning in analysis.warnings:
-        groups[warning.kind].append(warning.text)
-    parts.append(f"<h2>Warnings ({len(analysis.warnings)})</h2>")
-    md += [f"## Warnings ({len(analysis.warnings)})", ""]
-    if not groups:
-        parts.append("<p>None: every run finished, every law identified, no optimum at the grid edge.</p>")
-        md += ["None.", ""]
-    for kind, texts in sorted(groups.items(), key=lambda item: -len(item[1])):
-        items = "".join(f"<li>{html.escape(t)}</li>" for t in texts)
-        parts.append(
-            f"<details class='warn'><summary>{html.escape(kind)}: {len(texts)}</summary><ul>{items}</ul></details>"
-        )
-        md += (
-            [f"<details><summary>{kind}: {len(texts)}</summary>", ""]
-            + [f"- {t}" for t in texts]
-            + ["", "</details>", ""]
-        )
-    parts.append("<h2>Figures</h2>")
-    md += ["## Figures", ""]
-    for record in analysis.figures:
-        png = base64.b64encode(record.paths["png"].read_bytes()).decode()
-        parts.append(
-            f"<figure><h3>{html.escape(record.title)}</h3><img alt='{html.escape(record.title)}' "
-            f"src='data:image/png;base64,{png}'><figcaption class='note'>{html.escape(record.caption)}</figcaption>"
-        )
-        parts += [
-            f"<details><summary>SQL behind this figure</summary><pre>{html.escape(sql)}</pre></details>"
-            for sql in record.sql
-        ]
-        parts.append("</figure>")
-        rel_png, rel_pdf = record.paths["png"].relative_to(out_dir), record.paths["pdf"].relative_to(out_dir)
-        md += [
-            f"### {record.title}",
-            "",
-            f"![{record.title}]({rel_png}) ([PDF]({rel_pdf}))",
-            "",
-            record.caption,
-            "",
-            "SQL behind this figure:",
-            "",
-        ] + [f"```sql\n{sql}\n```\n" for sql in record.sql]
-    parts.append("<h2>Tables</h2>")
-    md += ["## Tables", ""]
-    for title, header, table_rows, note in _tables(analysis):
-        parts.append(
-            f"<h3>{html.escape(title)}</h3>"
-            + _html_table(header, table_rows)
-            + (f"<p class='note'>{html.escape(note)}</p>" if note else "")
-        )
-        md += [f"### {title}", "", _md_table(header, table_rows), ""] + ([note, ""] if note else [])
-    run_header = ["run", "method", "size", "params", "budget", "seed", "status"]
-    run_rows = [
-        [r.run_id, r.method, r.preset, _num(float(r.params)), _num(r.budget_flops), str(r.seed), r.status]
-        for r in analysis.runs.itertuples()
-    ]
-    parts.append(f"<h2>Runs</h2><details><summary>SQL</summary><pre>{html.escape(D.runs_sql(sweep))}</pre></details>")
-    parts += [_html_table(run_header, run_rows), "</body></html>"]
-    md += ["## Runs", "", f"```sql\n{D.runs_sql(sweep)}\n```", "", _md_table(run_header, run_rows), ""]
+    analysis = analyse_sweep(root, sweep, n_draws=n_draws, seed=seed)
+    return write_pages(analysis, out_dir)
+
+
+def write_pages(analysis: SweepAnalysis, out_dir: Path) -> dict[str, Path]:
+    """The figures, ``report.html``, ``report.md`` and ``report.json`` of an analysis into ``out_dir``."""
+    figures = draw_figures(analysis, out_dir / "figures")
+    context = page_context(analysis, figures, out_dir)
+    env = _templates()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"html": out_dir / "report.html", "md": out_dir / "report.md", "json": out_dir / "report.json"}
-    paths["html"].write_text("\n".join(parts))
-    paths["md"].write_text("\n".join(md))
-    paths["json"].write_text(json.dumps(report_json(analysis), indent=1))
+    paths["html"].write_text(env.get_template("report.html.j2").render(context))
+    paths["md"].write_text(env.get_template("report.md.j2").render(context))
+    paths["json"].write_text(json.dumps(findings(analysis), indent=1))
     return paths
