@@ -158,3 +158,59 @@ def test_imports_only_point_down_the_layers():
     upward = [f"{module} -> {target}" for module, targets in import_graph().items() if not module.endswith("__main__")
               for target in targets if layer_of(target) > layer_of(module)]
     assert upward == [], "imports pointing up the layers: " + ", ".join(sorted(upward))
+
+
+# The command line parses options, calls cmscale.analysis and prints: the fitting itself (laws,
+# bootstraps, law selection, the frontier, iso-FLOP optima, the extrapolation check, the ratio)
+# happens only behind cmscale.analysis.pipeline, report and tables, so every command gives the
+# same answer to the same question.
+FITTER_MODULES = ("fit", "frontier", "optimal", "selection", "extrapolation", "ratio")
+
+
+def fitter_functions() -> set[str]:
+    """The functions defined at top level in the fitter modules of cmscale/analysis/."""
+    names: set[str] = set()
+    for module in FITTER_MODULES:
+        tree = ast.parse((PACKAGE_DIR / "analysis" / f"{module}.py").read_text())
+        names |= {node.name for node in tree.body
+                  if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")}
+    return names
+
+
+def fitter_calls(source: str, fitters: set[str]) -> list[str]:
+    """``function: fitter`` for every function of ``source`` that calls a fitter (by name or as an
+    attribute) or imports a fitter module."""
+    modules = {f"cmscale.analysis.{m}" for m in FITTER_MODULES}
+    found = []
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in fitters:
+                    found.append(f"{function.name}: {name}")
+            elif isinstance(node, ast.ImportFrom) and (node.module in modules or (
+                    node.module == "cmscale.analysis" and {a.name for a in node.names} & set(FITTER_MODULES))):
+                found.append(f"{function.name}: imports {node.module}")
+    return found
+
+
+def test_the_checker_finds_a_cli_function_that_fits_by_itself():
+    fitters = fitter_functions()
+    assert {"fit_with_bootstrap", "select_law", "compute_optimal", "frontier_law", "holdout_validation",
+            "ratio_table", "envelope"} <= fitters
+    source = ("def ok(root):\n    return sweep_power_laws(root)\n"
+              "def bad(x, y):\n    from cmscale.analysis.fit import fit_with_bootstrap\n"
+              "    return fit_with_bootstrap('pure', [x], y)\n"
+              "def worse(points):\n    import cmscale.analysis.frontier as F\n    return F.compute_optimal(points)\n")
+    assert fitter_calls(source, fitters) == [
+        "bad: imports cmscale.analysis.fit", "bad: fit_with_bootstrap", "worse: compute_optimal"]
+
+
+def test_the_cli_defines_no_analysis_function():
+    fitters = fitter_functions()
+    offenders = [f"{path.relative_to(PACKAGE_DIR.parent)}: {call}"
+                 for path in sorted((PACKAGE_DIR / "cli").glob("*.py"))
+                 for call in fitter_calls(path.read_text(), fitters)]
+    assert offenders == [], f"the CLI fits by itself (call cmscale.analysis.pipeline/report/tables): {offenders}"
