@@ -132,7 +132,7 @@ def test_only_the_cli_package_imports_click():
 # arrow pointing back. Entry points (``__main__``) sit above everything.
 LAYERS = [
     ("cmscale", "cmscale.rundir"),
-    ("cmscale.models", "cmscale.data", "cmscale.distributed"),
+    ("cmscale.models", "cmscale.data", "cmscale.distributed", "cmscale.teacher"),
     ("cmscale.config",),
     ("cmscale.methods",),
     ("cmscale.accounting",),

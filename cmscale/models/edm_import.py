@@ -15,13 +15,19 @@ never run), torch's tensor and storage rebuilders (storages are read with ``torc
 weights_only=True)``), numpy's array rebuilders, and plain containers. Any other global -- the way
 a pickle runs code -- is refused with :class:`EDMPickleError` before anything is called.
 
-The network inside ``ema`` (an ``EDMPrecond`` around a ``SongUNet`` or ``DhariwalUNet``) becomes a
-cmscale checkpoint:
+The network inside ``ema`` (an ``EDMPrecond`` around a ``SongUNet`` or ``DhariwalUNet``, or EDM2's
+``Precond`` around its ``UNet``) becomes a cmscale checkpoint:
 
-    {'net': state dict (EDM's own keys), 'preset', 'resolution', 'img_channels', 'sigma_data',
-     'method': 'edm', 'source': {file name, sha256, EDM classes and constructor arguments}}
+    {'net': state dict (EDM's / EDM2's own keys), 'preset' (a matching preset, or None), 'resolution',
+     'img_channels', 'label_dim', 'sigma_data', 'method': 'edm',
+     'architecture': {'family', 'kwargs'} (rebuilds the network whatever its width and depth),
+     'encoder': EDM2's data encoder (class, and for the SD-VAE one its name, scale and bias) or None,
+     'source': {file name, sha256, classes and constructor arguments}}
 
-which ``teacher_ckpt`` accepts for ECT (initialisation) and sCD (teacher).
+which ``teacher_ckpt`` accepts for ECT (initialisation) and sCD (teacher), and
+:func:`cmscale.teacher.load_denoiser` turns into a denoiser module. EDM2 snapshots (NVlabs/edm2
+``training_loop.py``, ``reconstruct_phema.py``) are an ``EasyDict`` with ``ema`` (the network, in
+float16), ``encoder``, ``loss_fn`` and ``dataset_kwargs``: the same persistence records.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from typing import Any
 
 import torch
 
-from cmscale.models.presets import PRESETS, build_unet
+from cmscale.models.edm2 import EDM2Net
+from cmscale.models.presets import PRESETS, build_network, build_unet
 
 
 class EDMPickleError(ValueError):
@@ -208,6 +215,8 @@ def _plain(value: Any) -> Any:
         return [_plain(item) for item in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if hasattr(value, "tolist"):  # numpy arrays and scalars (EDM2's encoder constants, EDM's skip_scale)
+        return _plain(value.tolist())
     return repr(value)
 
 
@@ -245,9 +254,17 @@ _DDPMPP_ONLY = dict(
 )
 
 
+# EDM2's constructor arguments (training/networks_edm2.py): Precond's own, and those it passes to UNet and Block.
+_EDM2_PRECOND_ARGS = ("use_fp16", "sigma_data", "logvar_channels")
+_EDM2_UNET_ARGS = ("model_channels", "channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks",
+                   "attn_resolutions", "label_balance", "concat_balance", "resample_filter", "channels_per_head",
+                   "dropout", "res_balance", "attn_balance", "clip_act")
+_EDM2_ENCODERS = ("StandardRGBEncoder", "StabilityVAEEncoder")
+
+
 @dataclass
 class ImportedNetwork:
-    preset: str
+    preset: str | None
     resolution: int
     img_channels: int
     sigma_data: float
@@ -255,6 +272,9 @@ class ImportedNetwork:
     network_class: str
     network_kwargs: dict
     notes: list[str]
+    architecture: dict | None = None  # {'family', 'kwargs'}: build_network rebuilds it
+    label_dim: int = 0
+    encoder: dict | None = None
 
 
 def _network_record(top: Any, source: str) -> PersistentRecord:
@@ -265,19 +285,105 @@ def _network_record(top: Any, source: str) -> PersistentRecord:
             f"{source}: expected EDM's snapshot dict with an 'ema' network (or a pickled EDMPrecond); "
             f"found {type(top).__name__}"
         )
+    unet = (top.state.get("_modules") or {}).get("unet")
+    if top.class_name == "Precond" and isinstance(unet, PersistentRecord) and unet.class_name == "UNet":
+        return top  # EDM2's training.networks_edm2.Precond
     if top.class_name != "EDMPrecond":
         raise EDMPickleError(
-            f"{source}: the network is {top.class_name}, but cmscale imports EDMPrecond networks only "
-            "(EDM's 'edm-*' pickles; the VP/VE/iDDPM 'baseline-*' pickles use other noise "
-            "conditioning). Download an edm-*.pkl"
+            f"{source}: field 'ema' holds a {top.class_name}, but cmscale imports EDM's EDMPrecond (the 'edm-*' "
+            "pickles of NVlabs/edm) and EDM2's Precond around its UNet (the pickles of NVlabs/edm2); the "
+            "VP/VE/iDDPM 'baseline-*' pickles use other noise conditioning. Download an edm-*.pkl or edm2-*.pkl"
         )
     return top
+
+
+def _edm2_encoder(top: Any, source: str) -> dict | None:
+    """EDM2's data encoder as metadata: pixels in [-1, 1] (StandardRGBEncoder) or SD-VAE latents (scale, bias)."""
+    encoder = top.get("encoder") if isinstance(top, dict) else None
+    if encoder is None:
+        return None
+    if not isinstance(encoder, PersistentRecord) or encoder.class_name not in _EDM2_ENCODERS:
+        name = getattr(encoder, "class_name", type(encoder).__name__)
+        raise EDMPickleError(f"{source}: field 'encoder' holds a {name}; cmscale knows EDM2's "
+                             f"{' and '.join(_EDM2_ENCODERS)}")
+    meta = {"class_name": encoder.class_name}
+    for key in ("vae_name", "scale", "bias", "batch_size"):
+        if key in encoder.state:
+            meta[key] = _plain(encoder.state[key])
+    return meta
+
+
+def _import_edm2(top: Any, precond: PersistentRecord, source: str) -> ImportedNetwork:
+    """EDM2's Precond: the architecture from its recorded constructor arguments, the weights loaded strictly."""
+    unet = precond.state["_modules"]["unet"]
+    recorded = _plain(unet.state.get("_init_kwargs") or {})
+    outer = _plain(precond.state.get("_init_kwargs") or {})
+    for name, value in (("img_resolution", precond.state.get("img_resolution")),
+                        ("img_channels", precond.state.get("img_channels")),
+                        ("label_dim", precond.state.get("label_dim"))):
+        recorded.setdefault(name, outer.get(name, _plain(value)))
+    missing = [name for name in ("img_resolution", "img_channels", "label_dim") if recorded.get(name) is None]
+    if missing:
+        raise EDMPickleError(f"{source}: EDM2's Precond records no {', '.join(missing)} (field 'ema._init_kwargs'); "
+                             "the pickle was not written by NVlabs/edm2's training loop or reconstruct_phema.py")
+    unknown = sorted(set(recorded) - {"img_resolution", "img_channels", "label_dim", *_EDM2_UNET_ARGS})
+    if unknown:
+        raise EDMPickleError(f"{source}: EDM2's UNet was built with arguments cmscale does not implement: {unknown} "
+                             "(field 'ema.unet._init_kwargs'); cmscale follows NVlabs/edm2's networks_edm2.py")
+    kwargs = {**recorded, **{key: outer[key] for key in _EDM2_PRECOND_ARGS if key in outer}}
+    kwargs["sigma_data"] = float(precond.state.get("sigma_data", kwargs.get("sigma_data", 0.5)))
+    logvar = (precond.state.get("_modules") or {}).get("logvar_fourier")
+    if isinstance(logvar, PersistentRecord) and "freqs" in (logvar.state.get("_buffers") or {}):
+        kwargs["logvar_channels"] = int(logvar.state["_buffers"]["freqs"].shape[0])
+    tensors = record_tensors(precond)
+    with torch.device("meta"):
+        shapes = EDM2Net(**kwargs).state_dict()
+    missing_keys = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    wrong = [f"{key} {tuple(tensors[key].shape)} vs {tuple(value.shape)}"
+             for key, value in shapes.items() if key in tensors and tensors[key].shape != value.shape]
+    if missing_keys or unexpected or wrong:
+        raise EDMPickleError(f"{source}: the EDM2 weights do not fit the network its constructor arguments describe "
+                             f"({kwargs}): missing {missing_keys[:5]}, unexpected {unexpected[:5]}, "
+                             f"wrong shapes {wrong[:5]}")
+    net = build_network({"family": "edm2", "kwargs": kwargs})
+    net.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=True)
+    resolution, channels, label_dim = int(kwargs["img_resolution"]), int(kwargs["img_channels"]), int(
+        kwargs["label_dim"])
+    preset = _edm2_preset(kwargs)
+    notes = [] if preset else ["no edm2-* preset has this width and depth; the checkpoint's 'architecture' "
+                               "rebuilds it (cmscale.teacher.load_denoiser)"]
+    return ImportedNetwork(
+        preset=preset, resolution=resolution, img_channels=channels, sigma_data=kwargs["sigma_data"],
+        state_dict={key: value.float().contiguous() for key, value in net.state_dict().items()},
+        network_class=f"{precond.class_name}/{unet.class_name}", network_kwargs=recorded, notes=notes,
+        architecture={"family": "edm2", "kwargs": kwargs}, label_dim=label_dim, encoder=_edm2_encoder(top, source),
+    )
+
+
+def _edm2_preset(kwargs: dict) -> str | None:
+    """The edm2-* preset that builds exactly this network (at its resolution), if any."""
+    defaults = dict(channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8])
+    for name, spec in PRESETS.items():
+        if spec.architecture != "edm2":
+            continue
+        built = dict(model_channels=spec.model_channels, channel_mult=list(spec.channel_mult),
+                     num_blocks=spec.num_blocks, attn_resolutions=list(spec.attn_resolutions(kwargs["img_resolution"])))
+        wanted = {key: kwargs.get(key, defaults.get(key)) for key in built}
+        wanted["attn_resolutions"] = list(wanted["attn_resolutions"])
+        others = {key for key in _EDM2_UNET_ARGS if key in kwargs} - set(built) - {"dropout"}
+        if wanted == built and not others and (kwargs["img_channels"] == 4) == name.startswith("edm2-img512"):
+            return name
+    return None
 
 
 def import_edm_network(path: str | Path) -> ImportedNetwork:
     """Read an EDM pickle safely and map its network onto a cmscale preset (checked by a strict load)."""
     source = str(path)
-    precond = _network_record(read_edm_pickle(path), source)
+    top = read_edm_pickle(path)
+    precond = _network_record(top, source)
+    if precond.class_name == "Precond":
+        return _import_edm2(top, precond, source)
     state = precond.state
     model = (state.get("_modules") or {}).get("model")
     if not isinstance(model, PersistentRecord):
@@ -386,8 +492,11 @@ def teacher_checkpoint(imported: ImportedNetwork, source: str | Path) -> dict[st
         "resolution": imported.resolution,
         "img_channels": imported.img_channels,
         "sigma_data": imported.sigma_data,
+        "label_dim": imported.label_dim,
         "method": "edm",
         "step": 0,
+        "architecture": imported.architecture,
+        "encoder": imported.encoder,
         "source": {
             "file": source.name,
             "sha256": digest.hexdigest(),
@@ -407,8 +516,8 @@ def import_edm_pickle(path: str | Path, out: str | Path) -> dict[str, Any]:
     torch.save(checkpoint, tmp)
     tmp.replace(out)
     summary = {key: value for key, value in checkpoint.items() if key != "net"}
-    summary["params"] = sum(
-        value.numel() for key, value in imported.state_dict.items() if not key.endswith("resample_filter")
-    )
+    # parameters only: EDM's resample filters and EDM2's Fourier frequencies and phases are buffers
+    buffers = ("resample_filter", ".freqs", ".phases")
+    summary["params"] = sum(value.numel() for key, value in imported.state_dict.items() if not key.endswith(buffers))
     summary["notes"] = imported.notes
     return summary

@@ -131,3 +131,19 @@ def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: flo
     if spec.architecture == "adm":
         return DhariwalUNet(**common, augment_dim=spec.augment_dim)
     return UNet(**common)
+
+
+FAMILIES = {"unet": UNet, "ddpmpp": SongUNet, "adm": DhariwalUNet, "edm2": EDM2Net}
+
+
+def build_network(architecture: dict) -> nn.Module:
+    """The network an ``{'family': ..., 'kwargs': {...}}`` record describes (an imported teacher's checkpoint
+    carries one): any width, depth and resolution, with no preset needed."""
+    family = architecture.get("family") if isinstance(architecture, dict) else None
+    if family not in FAMILIES:
+        raise ValueError(f"architecture family {family!r} is not one of {', '.join(FAMILIES)}")
+    kwargs = dict(architecture.get("kwargs") or {})
+    for key in ("channel_mult", "attn_resolutions", "resample_filter"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    return FAMILIES[family](**kwargs)
