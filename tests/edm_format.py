@@ -185,8 +185,9 @@ def ddpmpp_reference(
     channel_mult: tuple[int, ...],
     num_blocks: int,
     attn_resolutions: tuple[int, ...],
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DDPM++ (EDM's SongUNet, unconditional) from its layer equations and a state dict."""
+    """DDPM++ (EDM's SongUNet; class-conditional with one-hot ``labels``) from its layer equations and a state dict."""
 
     def conv(prefix, h, up=False, down=False):
         if up:
@@ -221,6 +222,8 @@ def ddpmpp_reference(
     freqs = (1 / 10_000) ** (torch.arange(half, dtype=x.dtype) / (half - 1))
     angles = c_noise[:, None] * freqs[None]
     emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if labels is not None:  # EDM's conditional DDPM++: one-hot labels times sqrt(label_dim), added to the noise
+        emb = emb + linear("map_label", labels * math.sqrt(labels.shape[1]))
     emb = F.silu(linear("map_layer1", F.silu(linear("map_layer0", emb))))
 
     resolution = x.shape[-1]

@@ -95,12 +95,35 @@ def test_a_pickle_that_would_run_code_is_refused_before_anything_runs(tmp_path):
     assert not marker.exists() and not (tmp_path / "t.pt").exists()
 
 
-def test_class_conditional_and_non_edm_preconditioners_are_refused_with_the_fix(tmp_path):
-    weights = _edm_weights()
+def test_a_class_conditional_edm_pickle_imports_and_its_denoiser_takes_labels(tmp_path):
+    generator = torch.Generator().manual_seed(4)
+    # EDM's map_label maps the labels to the noise embedding's width (model_channels, 8 here)
+    weights = {**_edm_weights(), "map_label.weight": torch.randn(8, 10, generator=generator) * 0.2,
+               "map_label.bias": torch.randn(8, generator=generator) * 0.2}
     conditional = tmp_path / "cond.pkl"
     write_edm_pickle(conditional, weights, MODEL_KWARGS, img_resolution=16, img_channels=1, label_dim=10)
-    with pytest.raises(EDMPickleError, match="class-conditional.*uncond"):
-        import_edm_network(conditional)
+    imported = import_edm_network(conditional)
+    assert imported.preset == "ddpmpp-xxs" and imported.label_dim == 10
+    assert all(torch.equal(imported.state_dict[key], value) for key, value in weights.items())
+    from cmscale.teacher import load_denoiser
+
+    denoiser = load_denoiser(conditional)
+    x, sigma, labels = torch.randn(2, 1, 16, 16), torch.tensor([0.3, 4.0]), torch.tensor([2, 7])
+    sd = 0.5
+    c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+    c_in = 1 / (sigma**2 + sd**2).sqrt()
+    x_in = (c_in[:, None, None, None] * x).double()
+    reference_F = ddpmpp_reference({k: v.double() for k, v in weights.items()}, x_in, sigma.log().double() / 4,
+                                   model_channels=8, channel_mult=(2, 2, 2), num_blocks=4,
+                                   attn_resolutions=(8,), labels=torch.nn.functional.one_hot(labels, 10).double())
+    expected = c_skip[:, None, None, None] * x + c_out[:, None, None, None] * reference_F
+    with torch.no_grad():
+        got = denoiser(x, sigma, labels)
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_non_edm_preconditioners_are_refused_with_the_fix(tmp_path):
+    weights = _edm_weights()
     baseline = tmp_path / "vp.pkl"
     write_edm_pickle(baseline, weights, MODEL_KWARGS, img_resolution=16, img_channels=1, precond="VPPrecond")
     with pytest.raises(EDMPickleError, match="VPPrecond.*EDMPrecond"):

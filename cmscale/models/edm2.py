@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from cmscale.models import tangents
 from cmscale.models.dropout import ReplayableDropout
 from cmscale.models.jvp import dual_inputs, dual_output, plain_ops
+from cmscale.models.labels import label_vector
 
 Pair = tangents.Pair
 MP_SILU_SCALE = 0.596  # E[silu(x)^2]^(1/2) for x ~ N(0, 1)
@@ -337,25 +338,10 @@ class EDM2UNet(nn.Module):
                 width = channels
         self.out_conv = MPConv(width, img_channels, kernel=(3, 3))
 
-    def label_vector(self, class_labels: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
-        """One-hot float labels [N, label_dim] (ints are one-hot encoded; None is the zero label)."""
-        if class_labels is None:
-            return torch.zeros(1, self.label_dim, dtype=like.dtype, device=like.device).expand(batch, -1)
-        if not class_labels.is_floating_point():
-            labels = class_labels.reshape(-1)
-            if labels.numel() and not like.is_meta and (labels.min() < 0 or labels.max() >= self.label_dim):
-                raise ValueError(f"class_labels must be class indices in [0, {self.label_dim}), got values in "
-                                 f"[{int(labels.min())}, {int(labels.max())}]")
-            return F.one_hot(labels, self.label_dim).to(like.dtype)
-        if class_labels.ndim != 2 or class_labels.shape[1] != self.label_dim:
-            raise ValueError(f"class_labels must be int indices [N] or one-hot [N, {self.label_dim}], "
-                             f"got shape {tuple(class_labels.shape)}")
-        return class_labels.to(like.dtype)
-
     def embedding(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
         emb = self.emb_noise(self.emb_fourier(c_noise.reshape(-1).expand(batch)))
         if self.emb_label is not None:
-            labels = self.label_vector(class_labels, batch, emb)
+            labels = label_vector(class_labels, self.label_dim, batch, emb)
             emb = mp_sum(emb, self.emb_label(labels * math.sqrt(labels.shape[1])), t=self.label_balance)
         return mp_silu(emb)
 
@@ -385,7 +371,7 @@ class EDM2UNet(nn.Module):
                                                           dc_noise.reshape(-1).expand(batch))
         emb, demb = self.emb_noise.forward_with_tangent(emb, demb)
         if self.emb_label is not None:
-            labels = self.label_vector(class_labels, batch, emb)
+            labels = label_vector(class_labels, self.label_dim, batch, emb)
             label_emb = self.emb_label(labels * math.sqrt(labels.shape[1]))
             emb, demb = mp_sum(emb, label_emb, t=self.label_balance), demb * ((1 - self.label_balance) / math.sqrt(
                 (1 - self.label_balance) ** 2 + self.label_balance**2))

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from cmscale.models.edm2 import EDM2Net
-from cmscale.models.presets import PRESETS, build_network, build_unet
+from cmscale.models.presets import PRESETS, build_network, get_preset
 
 
 class EDMPickleError(ValueError):
@@ -389,11 +389,6 @@ def import_edm_network(path: str | Path) -> ImportedNetwork:
     if not isinstance(model, PersistentRecord):
         raise EDMPickleError(f"{source}: EDMPrecond has no 'model' network")
     label_dim = int(state.get("label_dim") or 0)
-    if label_dim:
-        raise EDMPickleError(
-            f"{source}: a class-conditional network (label_dim={label_dim}); cmscale trains "
-            "unconditional models: use an '*-uncond-*' pickle such as edm-cifar10-32x32-uncond-vp.pkl"
-        )
     recorded = _plain(model.state.get("_init_kwargs") or {})
     if model.class_name == "SongUNet":
         architecture, kwargs = "ddpmpp", {**_SONG_DEFAULTS, **recorded}
@@ -407,11 +402,12 @@ def import_edm_network(path: str | Path) -> ImportedNetwork:
         architecture, kwargs = "adm", {**_DHARIWAL_DEFAULTS, **recorded}
     else:
         raise EDMPickleError(
-            f"{source}: unknown EDM network class {model.class_name}; cmscale imports SongUNet "
+            f"{source}: unknown EDM network class {model.class_name} (field 'ema.model'); cmscale imports SongUNet "
             "(DDPM++) and DhariwalUNet (ADM)"
         )
     resolution = int(kwargs.get("img_resolution", state.get("img_resolution")))
     img_channels = int(kwargs.get("in_channels", state.get("img_channels")))
+    label_dim = int(kwargs.get("label_dim") or label_dim)
     wanted = (
         int(kwargs["model_channels"]),
         tuple(kwargs["channel_mult"]),
@@ -430,27 +426,26 @@ def import_edm_network(path: str | Path) -> ImportedNetwork:
                 tuple(sorted(spec.attn_resolutions(resolution))),
             )
             == wanted
+            and int(kwargs.get("channel_mult_emb", 4)) == 4
         ),
         None,
     )
-    if preset is None:
-        known = ", ".join(
-            f"{name} ({spec.model_channels} ch, mult {spec.channel_mult}, {spec.num_blocks} blocks)"
-            for name, spec in PRESETS.items()
-            if spec.architecture == architecture
-        )
-        raise EDMPickleError(
-            f"{source}: no {architecture} preset has model_channels={wanted[0]}, channel_mult={wanted[1]}, "
-            f"num_blocks={wanted[2]}, attn_resolutions={wanted[3]} at {resolution}px; "
-            f"add one to cmscale/models/presets.py (known: {known})"
-        )
-
     tensors = record_tensors(model)
     notes = []
     augment_dim = int(kwargs.get("augment_dim") or 0)
-    net = build_unet(preset, resolution, img_channels)
+    if preset is not None:
+        # A preset's layout (with its augmentation layer), so that teacher_ckpt fits runs of that preset.
+        augment_dim = max(augment_dim, get_preset(preset).augment_dim)
+    else:
+        notes.append(f"no {architecture} preset has this width and depth; the checkpoint's 'architecture' rebuilds "
+                     "it (cmscale.teacher.load_denoiser)")
+    network_kwargs = dict(img_resolution=resolution, img_channels=img_channels, model_channels=wanted[0],
+                          channel_mult=list(wanted[1]), channel_mult_emb=int(kwargs.get("channel_mult_emb", 4)),
+                          num_blocks=wanted[2], attn_resolutions=list(kwargs["attn_resolutions"]),
+                          augment_dim=augment_dim, label_dim=label_dim)
+    net = build_network({"family": architecture, "kwargs": network_kwargs})
     expected = net.state_dict()
-    if augment_dim == 0 and "map_augment.weight" in expected:
+    if not kwargs.get("augment_dim") and "map_augment.weight" in expected:
         # The augmentation-label layer is never used without augmentation labels; zeros make the load strict.
         tensors["map_augment.weight"] = torch.zeros_like(expected["map_augment.weight"])
         notes.append("the pickle has no augmentation-label layer; map_augment.weight set to zeros (unused)")
@@ -463,10 +458,10 @@ def import_edm_network(path: str | Path) -> ImportedNetwork:
     ]
     if missing or unexpected or wrong:
         raise EDMPickleError(
-            f"{source}: the {model.class_name} weights do not fit preset {preset!r}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+            f"{source}: the {model.class_name} weights do not fit the network its constructor arguments describe "
+            f"({network_kwargs}): missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
         )
-    net.load_state_dict(tensors, strict=True)
+    net.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=True)
     return ImportedNetwork(
         preset=preset,
         resolution=resolution,
@@ -476,6 +471,8 @@ def import_edm_network(path: str | Path) -> ImportedNetwork:
         network_class=f"{precond.class_name}/{model.class_name}",
         network_kwargs={key: value for key, value in recorded.items()},
         notes=notes,
+        architecture={"family": architecture, "kwargs": network_kwargs},
+        label_dim=label_dim,
     )
 
 

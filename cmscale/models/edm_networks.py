@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cmscale.models.dropout import ReplayableDropout
+from cmscale.models.labels import label_vector
 
 # EDM's weight initialisations (fan-in/fan-out scaled); only fresh networks use them.
 
@@ -260,7 +261,8 @@ class SongUNet(nn.Module):
     """DDPM++ (Song et al. 2021) as configured in EDM: ``forward(x, c_noise) -> F`` with EDM's parameter names.
 
     Only the DDPM++ variant is built (positional embedding, 'standard' encoder and decoder, box
-    filter [1, 1]); EDM's NCSN++ options are not. Unconditional: class labels are not supported.
+    filter [1, 1]); EDM's NCSN++ options are not. ``label_dim > 0`` adds EDM's class-label layer
+    ``map_label`` (class-conditional EDM pickles); labels go through :func:`~cmscale.models.labels.label_vector`.
 
     Args:
         img_resolution, img_channels: image size and channels (in and out).
@@ -286,11 +288,13 @@ class SongUNet(nn.Module):
         attn_resolutions: tuple[int, ...] = (16,),
         dropout: float = 0.0,
         augment_dim: int = 0,
+        label_dim: int = 0,
     ):
         super().__init__()
         _check_levels(img_resolution, channel_mult)
         self.img_resolution = img_resolution
         self.img_channels = img_channels
+        self.label_dim = label_dim
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels
         init = dict(init_mode="xavier_uniform")
@@ -311,6 +315,7 @@ class SongUNet(nn.Module):
         )
 
         self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
+        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
@@ -352,10 +357,14 @@ class SongUNet(nn.Module):
         self.dec[f"{res}x{res}_aux_conv"] = Conv2d(channels, img_channels, 3, **init_zero)
 
     def forward(
-        self, x: torch.Tensor, c_noise: torch.Tensor, augment_labels: torch.Tensor | None = None
+        self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         emb = self.map_noise(c_noise.reshape(-1).expand(x.shape[0]))
         emb = torch.cat(emb.chunk(2, dim=1)[::-1], dim=1).to(x.dtype)  # DDPM++ orders the sinusoids [sin, cos]
+        if self.map_label is not None:
+            emb = emb + self.map_label(label_vector(class_labels, self.label_dim, x.shape[0], emb)
+                                       * math.sqrt(self.label_dim))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
@@ -381,7 +390,8 @@ class DhariwalUNet(nn.Module):
     """ADM (Dhariwal and Nichol 2021) as configured in EDM, unconditional, with EDM's parameter names.
 
     EDM's ImageNet-64 configuration: ``model_channels=192, channel_mult=(1, 2, 3, 4)``, 3 blocks,
-    attention (64 channels per head) at 32, 16 and 8. Class labels are not supported.
+    attention (64 channels per head) at 32, 16 and 8. ``label_dim > 0`` adds EDM's ``map_label``
+    (bias-free, added to the embedding before its last SiLU), as in EDM's conditional ImageNet-64 network.
     """
 
     def __init__(
@@ -395,11 +405,13 @@ class DhariwalUNet(nn.Module):
         attn_resolutions: tuple[int, ...] = (32, 16, 8),
         dropout: float = 0.0,
         augment_dim: int = 0,
+        label_dim: int = 0,
     ):
         super().__init__()
         _check_levels(img_resolution, channel_mult)
         self.img_resolution = img_resolution
         self.img_channels = img_channels
+        self.label_dim = label_dim
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0.0, init_bias=0.0)
@@ -409,6 +421,8 @@ class DhariwalUNet(nn.Module):
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
+                                init_weight=math.sqrt(label_dim)) if label_dim else None
 
         self.enc = nn.ModuleDict()
         channels = img_channels
@@ -445,12 +459,16 @@ class DhariwalUNet(nn.Module):
         self.out_conv = Conv2d(channels, img_channels, 3, **init_zero)
 
     def forward(
-        self, x: torch.Tensor, c_noise: torch.Tensor, augment_labels: torch.Tensor | None = None
+        self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         emb = self.map_noise(c_noise.reshape(-1).expand(x.shape[0])).to(x.dtype)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            emb = emb + self.map_label(label_vector(class_labels, self.label_dim, x.shape[0], emb))
+        emb = F.silu(emb)
         skips = []
         for module in self.enc.values():
             x = module(x, emb) if isinstance(module, UNetBlock) else module(x)

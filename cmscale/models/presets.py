@@ -113,8 +113,7 @@ def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: flo
                label_dim: int | None = None) -> nn.Module:
     """The network of ``preset``: ``forward(x, c_noise) -> F``, with ``img_resolution``/``img_channels`` attributes.
 
-    ``label_dim`` None takes the preset's own (see :class:`Preset`); class labels are supported by
-    the ``edm2`` architecture only.
+    ``label_dim`` None takes the preset's own (see :class:`Preset`); cmscale's own ``unet`` takes no labels.
     """
     spec = get_preset(preset)
     label_dim = spec.label_dim if label_dim is None else label_dim
@@ -123,13 +122,13 @@ def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: flo
                   attn_resolutions=spec.attn_resolutions(img_resolution), dropout=dropout)
     if spec.architecture == "edm2":
         return EDM2Net(**common, label_dim=label_dim)
-    if label_dim:
-        raise ValueError(f"preset {preset!r} ({spec.architecture}) is unconditional; label_dim {label_dim} "
-                         "needs an edm2-* preset")
     if spec.architecture == "ddpmpp":
-        return SongUNet(**common, augment_dim=spec.augment_dim)
+        return SongUNet(**common, augment_dim=spec.augment_dim, label_dim=label_dim)
     if spec.architecture == "adm":
-        return DhariwalUNet(**common, augment_dim=spec.augment_dim)
+        return DhariwalUNet(**common, augment_dim=spec.augment_dim, label_dim=label_dim)
+    if label_dim:
+        raise ValueError(f"preset {preset!r} (cmscale's unet) takes no class labels; label_dim {label_dim} needs an "
+                         "edm2-*, ddpmpp* or adm preset")
     return UNet(**common)
 
 
