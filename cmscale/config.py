@@ -194,6 +194,9 @@ class RunConfig(StrictModel):
         default_factory=list, description="power-function EMAs (EDM2), each of this width relative to the run's "
         f"length, in (0, {MAX_SIGMA_REL:.4f}): one setting fits a 20-step and a 2,000-step run alike. They come "
         "before the ema_rates averages; the first average of all is the one evaluated and exported")
+    phema_every: int = Field(0, ge=0, description="post-hoc EMA (EDM2): every this many steps, store a snapshot of "
+                             "each ema_sigma_rels average under phema/ (EDM2 uses widths 0.05 and 0.10); "
+                             "`cmscale ema reconstruct RUN --sigma-rel ...` then builds any width. 0: off")
     dropout: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -228,6 +231,9 @@ class RunConfig(StrictModel):
             raise ValueError("give exactly one of budget_iters or budget_flops")
         if self.method in STUDENT_METHODS and not self.teacher_ckpt:
             raise ValueError(f"method {self.method!r} needs teacher_ckpt (a pretrained EDM checkpoint)")
+        if self.phema_every and not self.ema_sigma_rels:
+            raise ValueError("phema_every stores snapshots of the power EMAs, but ema_sigma_rels is empty; set "
+                             "ema_sigma_rels = [0.05, 0.1] (EDM2's two widths) or phema_every = 0")
         return self
 
     @field_validator("data_path")
@@ -256,7 +262,7 @@ class RunConfig(StrictModel):
 
 EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32"}
 # Options added after the run ids of issue 14, with the default that keeps an id unchanged.
-LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": []}
+LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": [], "phema_every": 0}
 
 
 def check_data_path(dataset: str | None, data_path: str | None, must_exist: bool) -> str | None:

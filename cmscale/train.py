@@ -69,6 +69,7 @@ from cmscale.methods import Method, build_method, checkpoint_meta, metadata_mism
 from cmscale.models.ema import power_ema_decay, power_ema_gamma
 from cmscale.models.execution import compile_network, to_channels_last
 from cmscale.models.flops import forward_flops
+from cmscale.models.phema import save_snapshot
 from cmscale.models.unet import count_parameters
 from cmscale.rundir import (
     CONFIG_FILE,
@@ -346,6 +347,12 @@ class Trainer:
                 "net": network_of(ema).state_dict(),
                 "step": self.step,
             })
+
+    def save_phema_snapshots(self) -> None:
+        """Each power EMA's network now, for post-hoc EMA reconstruction (``cmscale ema reconstruct``)."""
+        if self.is_writer:
+            for sigma_rel, ema in zip(self.config.ema_sigma_rels, self.emas):
+                save_snapshot(self.run_dir, self.step, sigma_rel, network_of(ema).state_dict())
 
     # -- one step ---------------------------------------------------------------------------
     def batch(self) -> torch.Tensor:
@@ -640,6 +647,8 @@ def _run(trainer: Trainer, stop: StopFlag, on_eval) -> dict[str, Any]:
                             return _finish(
                                 run_dir, RunState.PRUNED, f"stopped by the search at step {step}", trainer, started
                             )
+                    if config.phema_every and step % config.phema_every == 0:
+                        trainer.save_phema_snapshots()
                     if step % config.ckpt_every == 0:
                         trainer.save()
                 code = max_over_ranks(STOP_CODES[stop.requested], trainer.world, trainer.device)

@@ -9,6 +9,7 @@ import click
 from cmscale.cli.analysis import fit_group, plot_command, report_command
 from cmscale.cli.data import data_group
 from cmscale.cli.demo import demo_command
+from cmscale.cli.ema import ema_group
 from cmscale.cli.eval import eval_command
 from cmscale.cli.models import models_group
 from cmscale.cli.results import results_group
@@ -44,7 +45,7 @@ def main() -> None:
 
 # In the order `cmscale --help` has always listed them (click sorts the names anyway).
 for command in (models_group, data_group, demo_command, sweep_group, results_group, fit_group, plot_command,
-                report_command, tune_group, train_command, eval_command, teacher_group):
+                report_command, tune_group, train_command, eval_command, teacher_group, ema_group):
     main.add_command(command)
 
 if __name__ == "__main__":
