@@ -98,11 +98,18 @@ def _print_table(frame, max_rows: int) -> None:
 @click.option(
     "--max-rows", type=click.IntRange(min=1), default=100, show_default=True, help="Rows shown by --format table."
 )
-def query_command(sql: str, root: Path, fmt: str, out: Path | None, no_ingest: bool, max_rows: int) -> None:
-    """Run SQL on a read-only connection (after an incremental ingest).
+@click.option(
+    "--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+    help="Seconds the query may run before it is interrupted.",
+)
+def query_command(
+    sql: str, root: Path, fmt: str, out: Path | None, no_ingest: bool, max_rows: int, timeout_s: float
+) -> None:
+    """Run SQL on a read-only, sandboxed connection (after an incremental ingest).
 
     Tables: sweeps, runs, train, evals, trials; views: latest_eval, run_summary.
-    Statements that write (INSERT, UPDATE, DELETE, DROP, CREATE, ...) are refused.
+    Statements that write (INSERT, UPDATE, DELETE, DROP, CREATE, ...) or reach files, extensions or
+    settings (COPY, EXPORT, read_csv, INSTALL, LOAD, SET) are refused; save results with --out.
 
     Example: cmscale results query "SELECT method, preset, fid_1step FROM run_summary ORDER BY fid_1step"
     """
@@ -116,11 +123,13 @@ def query_command(sql: str, root: Path, fmt: str, out: Path | None, no_ingest: b
         refuse_writes(sql)
         if not no_ingest:
             _run_ingest(root, quiet=True)
-        frame = read_query(sql, root=root)
+        frame = read_query(sql, root=root, query_timeout_s=timeout_s)
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     except duckdb.Error as error:
         raise click.ClickException(f"query failed: {error}") from None
+    except KeyboardInterrupt:
+        raise click.ClickException("stopped by Ctrl-C; nothing was changed") from None
     if fmt == "table":
         if out is not None:
             raise click.UsageError("--format table prints to the terminal; use csv, json or parquet with --out")

@@ -19,6 +19,8 @@ import polars as pl
 
 from cmscale.results.db import (
     DEFAULT_LOCK_TIMEOUT_S,
+    DEFAULT_QUERY_TIMEOUT_S,
+    QueryInterrupted,
     check_root,
     connect,
     db_path,
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def query(sql: str, root: Path | str | None = None, ingest_first: bool = True,
-          timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> pl.DataFrame:
+          timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+          query_timeout_s: float | None = DEFAULT_QUERY_TIMEOUT_S) -> pl.DataFrame:
     """Run ``sql`` on a read-only connection and return a polars DataFrame; with ``ingest_first``
     (the default) new rows are ingested before, unless the root is not writable."""
     root = check_root(Path(root) if root is not None else default_root())
@@ -44,13 +47,14 @@ def query(sql: str, root: Path | str | None = None, ingest_first: bool = True,
         ingest(root, timeout_s=timeout_s)
     elif ingest_first:
         log.warning("%s is not writable: querying the database as it is, without ingesting", root)
-    return read_query(sql, root, timeout_s=timeout_s)
+    return read_query(sql, root, timeout_s=timeout_s, query_timeout_s=query_timeout_s)
 
 
 __all__ = [
     "DB_FILE",
     "SCHEMA_VERSION",
     "IngestReport",
+    "QueryInterrupted",
     "ReadOnlyQueryError",
     "StoreError",
     "connect",

@@ -12,6 +12,8 @@ Jobs never open the database. They write only into ``<root>/<sweep>/<run_id>/`` 
   ``stat`` per tracked file.
 * A run is (sweep, run_id), its folder: every bookkeeping row, reset and deletion names both, so
   the same run id in two sweeps stays two runs.
+* One run never blocks a root: a run whose files cannot become a row (a value its column cannot
+  hold, a malformed file) is reported with its path, and the other runs land.
 * A metrics row that cannot be converted is skipped alone and reported as an error with its file,
   byte offset and field (``cmscale results ingest --strict`` then exits 1); its neighbours are
   ingested and the offset moves past it, so it is reported once.
@@ -33,7 +35,14 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from cmscale.results.db import DEFAULT_LOCK_TIMEOUT_S, check_root, default_root, open_db
+from cmscale.results.db import (
+    DEFAULT_LOCK_TIMEOUT_S,
+    check_root,
+    check_version,
+    default_root,
+    open_db,
+    unusable_store,
+)
 from cmscale.results.rows import (
     RUN_JSON_FILES,
     IngestReport,
@@ -41,6 +50,7 @@ from cmscale.results.rows import (
     MetricsChunk,
     RunFiles,
     Seen,
+    fit_integers,
     load_object,
     parse_chunks,
     read_new_lines,
@@ -50,6 +60,7 @@ from cmscale.results.rows import (
     trial_rows,
 )
 from cmscale.results.schema import (
+    EVAL_KEY,
     FILE_SCHEMA,
     RUN_KEY,
     RUN_SCHEMA,
@@ -60,7 +71,7 @@ from cmscale.results.schema import (
     StoreError,
     migrate,
     now,
-    schema_version,
+    rollback,
 )
 from cmscale.rundir import DB_FILE, INGEST_LOCK_FILE, METRICS_FILE, SWEEP_FILE, TRIAL_FILE
 
@@ -167,7 +178,7 @@ def _read_known(path: Path, timeout_s: float, report: IngestReport) -> dict[str,
     """The bookkeeping table, creating or migrating the database first (one read-only open when current)."""
     if path.exists():
         with open_db(path, read_only=True, timeout_s=timeout_s, on_wait=report.add_lock_wait) as con:
-            if schema_version(con) == SCHEMA_VERSION:
+            if check_version(con, path) == SCHEMA_VERSION:
                 return {
                     row[0]: Known(*row[1:])
                     for row in con.execute(f"SELECT {KNOWN_COLUMNS} FROM ingest_files").fetchall()
@@ -191,9 +202,11 @@ class _Batch:
     vanished: list[str] = field(default_factory=list)  # bookkeeping paths whose files are gone
     vanished_metrics_runs: list[tuple[str, str]] = field(default_factory=list)  # (sweep, run_id)
     delete_runs: list[tuple[str, str]] = field(default_factory=list)  # (sweep, run_id)
+    delete_sweeps: list[str] = field(default_factory=list)  # sweeps whose sweep.json is gone
 
     def has_json_work(self) -> bool:
-        return any([self.run_rows, self.sweep_rows, self.trial_rows, self.json_files, self.vanished, self.delete_runs])
+        return any([self.run_rows, self.sweep_rows, self.trial_rows, self.json_files, self.vanished, self.delete_runs,
+                    self.delete_sweeps])
 
 
 def ingest(
@@ -209,9 +222,14 @@ def ingest(
     report = IngestReport(root=str(root))
     path = root / DB_FILE
     with _ingest_lock(root, timeout_s, report):
-        known = _read_known(path, timeout_s, report)
-        for batch in _batches(root, known, report, batch_bytes):
-            _write_batch(path, batch, known, report, timeout_s)
+        try:
+            known = _read_known(path, timeout_s, report)
+            for batch in _batches(root, known, report, batch_bytes):
+                _write_batch(path, batch, known, report, timeout_s)
+        except (duckdb.Error, OSError) as error:
+            # Disk full, a read-only root, a store damaged under us: the transaction was rolled back
+            # and the run folders are untouched, so the next ingest picks up where this one stopped.
+            raise unusable_store(path, error) from None
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -289,7 +307,8 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
             elif name in RUN_JSON_FILES:
                 changed_runs.add((run.sweep, run.run_id))
             elif name == TRIAL_FILE:
-                final.trial_rows.extend(trial_rows(seen.path, run.run_id, report))
+                rows = trial_rows(seen.path, run.run_id, report)
+                final.trial_rows.extend(fit_integers(row, TRIAL_SCHEMA, seen.path, report) for row in rows)
                 final.json_files.append((seen, run.sweep, run.run_id, problem_of(seen)))
 
     for rel in known:
@@ -297,7 +316,9 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
             continue
         final.vanished.append(rel)
         parts = rel.split("/")
-        if len(parts) == 3 and parts[2] == METRICS_FILE:
+        if len(parts) == 2 and parts[1] == SWEEP_FILE:
+            final.delete_sweeps.append(parts[0])  # the sweep's folder (or plan) was removed
+        elif len(parts) == 3 and parts[2] == METRICS_FILE:
             final.vanished_metrics_runs.append((parts[0], parts[1]))  # metrics.jsonl deleted: so are its rows
         elif len(parts) == 3 and parts[2] in RUN_JSON_FILES:
             changed_runs.add((parts[0], parts[1]))
@@ -308,7 +329,12 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
         if run is None and planned is None:
             final.delete_runs.append((sweep, run_id))  # run directory removed and not in the sweep's plan
             continue
-        final.run_rows.append(run_row(sweep, run_id, run, planned, report))
+        where = run.path if run is not None else root / sweep / run_id
+        try:
+            final.run_rows.append(fit_integers(run_row(sweep, run_id, run, planned, report), RUN_SCHEMA, where, report))
+        except Exception as error:  # noqa: BLE001 - one run's bad files must not block the root
+            report.error(where, f"run skipped: its files could not become a runs row ({error})")
+            continue
         for name in RUN_JSON_FILES:
             if run is not None and name in run.files:
                 seen = run.files[name]
@@ -337,6 +363,7 @@ def _upsert(
     con.register("_incoming", frame)
     try:
         if key:
+            # Key columns hold no nulls (split_rows fills them), so IN matches every replaced row.
             names = ", ".join(key)
             con.execute(f"DELETE FROM {table} WHERE ({names}) IN (SELECT {names} FROM _incoming)")
             con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _incoming")
@@ -419,18 +446,20 @@ def _write_batch(path: Path, batch: _Batch, known: dict[str, Known], report: Ing
                 con.execute("DELETE FROM evals WHERE (sweep, run_id) IN (SELECT sweep, run_id FROM _reset)")
                 con.unregister("_reset")
             _upsert(con, "train", train, key=TRAIN_KEY)
-            _upsert(con, "evals", evals)
+            _upsert(con, "evals", evals, key=EVAL_KEY)
             _upsert(con, "runs", batch.run_rows, RUN_SCHEMA)
             _upsert(con, "sweeps", batch.sweep_rows, SWEEP_SCHEMA)
             _upsert(con, "trials", batch.trial_rows, TRIAL_SCHEMA)
             if batch.delete_runs:
                 con.executemany("DELETE FROM runs WHERE sweep = ? AND run_id = ?", [list(r) for r in batch.delete_runs])
+            if batch.delete_sweeps:
+                con.executemany("DELETE FROM sweeps WHERE sweep = ?", [[sweep] for sweep in batch.delete_sweeps])
             if batch.vanished:
                 con.executemany("DELETE FROM ingest_files WHERE path = ?", [[p] for p in batch.vanished])
             _upsert(con, "ingest_files", file_rows, FILE_SCHEMA)
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback(con)
             raise
     finally:
         con.close()

@@ -243,6 +243,13 @@ def _convert_value(value: Any, dtype: pl.DataType) -> Any:
         raise ValueError("too large for a 64-bit float") from None
 
 
+def _first_value_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        obj.setdefault(key, value)
+    return obj
+
+
 BLOCK_LINES = 2048  # a chunk the fast reader rejects is retried in blocks of this many lines
 
 
@@ -258,7 +265,9 @@ def _parse_lines_slowly(path: str, data: bytes, start: int, report: IngestReport
         if not line.strip():
             continue
         try:
-            row = json.loads(line)  # accepts NaN and Infinity, which json.dumps writes
+            # NaN and Infinity (which json.dumps writes) are accepted. A key given twice keeps its
+            # first value, as the fast reader (polars) does: a line means the same in either path.
+            row = json.loads(line, object_pairs_hook=_first_value_wins)
         except ValueError as error:
             report.error(path, f"byte {offset}: not a JSON line ({error}); row skipped")
             continue
@@ -358,7 +367,7 @@ def split_rows(frame: pl.DataFrame, report: IngestReport) -> tuple[pl.DataFrame,
         report.warn(f"{no_sampler.height} eval rows without sampler_steps skipped")
     evals = (
         evals.filter(pl.col("sampler_steps").is_not_null())
-        .with_columns(pl.col("extractor").fill_null(""))
+        .with_columns(pl.col("extractor").fill_null(""), pl.col("num_samples").fill_null(0))
         .select(EVAL_COLUMNS)
         .unique(subset=EVAL_KEY, keep="last", maintain_order=True)
     )
@@ -410,6 +419,25 @@ def load_object(path: Path, report: IngestReport, name: str) -> dict[str, Any] |
         report.error(path, f"malformed {name}: expected a JSON object, got {type(obj).__name__}")
         return None
     return obj
+
+
+INTEGER_RANGES = {pl.Int32: (-(2**31), 2**31), pl.Int64: (-(2**63), 2**63)}
+
+
+def fit_integers(
+    row: dict[str, Any], schema: dict[str, pl.DataType], path: Path | str, report: IngestReport
+) -> dict[str, Any]:
+    """``row`` with each integer the store's column cannot hold (a seed of 2**31 in an INTEGER
+    column) stored as null and reported under ``path``, so one value never blocks the root."""
+    for name, dtype in schema.items():
+        bounds = INTEGER_RANGES.get(dtype)
+        value = row.get(name)
+        if bounds is None or not isinstance(value, int) or bounds[0] <= value < bounds[1]:
+            continue
+        report.error(path, f"field {name!r} = {value} does not fit the store's {dtype} column; stored as null. "
+                           f"Values must lie in [{bounds[0]}, {bounds[1]})")
+        row[name] = None
+    return row
 
 
 def run_row(

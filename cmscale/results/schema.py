@@ -3,9 +3,11 @@ the migrations that build them.
 
 A run's identity is (sweep, run_id), its folder ``<root>/<sweep>/<run_id>``: the same run id in two
 sweeps (identical configs plan identical ids) names two runs. Keys: train (sweep, run_id, step),
-evals (sweep, run_id, step, sampler_steps, extractor), runs (sweep, run_id), sweeps (sweep), trials
-(study, trial_number; one row per attempt of a retried trial). Rows are upserted, latest wins. All
-but train declare a PRIMARY KEY; train's is kept by ingestion alone (see migration 1 for why).
+evals (:data:`EVAL_KEY`: what tells two measurements apart, so a new eval never replaces another's
+number), runs (sweep, run_id), sweeps (sweep), trials (study, trial_number; one row per attempt of
+a retried trial). Rows are upserted, latest wins. train's and evals' keys are kept by ingestion
+alone (delete, then insert, in one transaction): adding a column to an eval's identity is a new
+column (a migration) and one more name in :data:`EVAL_KEY`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ EVAL_COLUMNS = [
 ]
 RUN_KEY = ["sweep", "run_id"]  # a run's identity, in every table and view
 TRAIN_KEY = [*RUN_KEY, "step"]
-EVAL_KEY = [*RUN_KEY, "step", "sampler_steps", "extractor"]
+# What tells two evals of a run apart: a new eval with another of these values is a new row, never
+# a replacement. A column added here must exist in evals (add it with a migration).
+EVAL_KEY = [*RUN_KEY, "step", "sampler_steps", "extractor", "num_samples"]
 
 RUN_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String,
@@ -97,6 +101,15 @@ class StoreError(RuntimeError):
 
 class ReadOnlyQueryError(StoreError):
     """A query tried to modify the database; queries run on a read-only connection."""
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction; a failed COMMIT (disk full) has ended it already, and its
+    error, not the rollback's, is the one to report."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
 
 
 def now() -> datetime:
@@ -241,11 +254,59 @@ def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
         LEFT JOIN last_fid USING (sweep, run_id)""")
 
 
+def _migration_3(con: duckdb.DuckDBPyConnection) -> None:
+    """num_samples joins the eval's identity: a 20-sample eval at a step no longer replaces the
+    500-sample one. evals loses its declared PRIMARY KEY (ingestion keeps the key, as for train), so a
+    later key column is one more name in EVAL_KEY. latest_eval keeps, per extractor at the last step,
+    the eval with the most samples. The rows are rebuilt from the run folders by the next ingest
+    (a replaced eval's number was lost from the store, not from metrics.jsonl)."""
+    for view in ("run_summary", "latest_eval"):
+        con.execute(f"DROP VIEW IF EXISTS {view}")
+    con.execute("DROP TABLE IF EXISTS evals")
+    con.execute("""
+        CREATE TABLE evals (
+            sweep VARCHAR NOT NULL, run_id VARCHAR NOT NULL, step BIGINT NOT NULL, train_flops DOUBLE,
+            images_seen BIGINT, sampler_steps INTEGER NOT NULL, nfe INTEGER, fid DOUBLE, num_samples INTEGER,
+            extractor VARCHAR NOT NULL, reference VARCHAR, sampling_flops_per_image DOUBLE,
+            wall_s DOUBLE, kid DOUBLE, kid_std DOUBLE)""")
+    # Forget what was read of every metrics file, so the next ingest reads them whole again.
+    con.execute("DELETE FROM ingest_files WHERE path LIKE '%/metrics.jsonl'")
+    con.execute("DELETE FROM train")
+    con.execute("""
+        CREATE VIEW latest_eval AS
+        SELECT * FROM evals
+        QUALIFY step = max(step) OVER (PARTITION BY sweep, run_id, sampler_steps)
+            AND coalesce(num_samples, 0) = max(coalesce(num_samples, 0))
+                OVER (PARTITION BY sweep, run_id, sampler_steps, step, extractor)""")
+    con.execute("""
+        CREATE VIEW run_summary AS
+        WITH last_train AS (
+            SELECT sweep, run_id, arg_max(loss, step) AS final_loss, max(step) AS last_train_step,
+                   count(*) AS n_train_rows
+            FROM train GROUP BY sweep, run_id),
+        last_fid AS (
+            SELECT sweep, run_id,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 1) AS fid_1step,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 2) AS fid_2step,
+                   min(extractor) AS fid_extractor,
+                   max(step) AS last_eval_step,
+                   max(train_flops) AS eval_train_flops
+            FROM latest_eval GROUP BY sweep, run_id)
+        SELECT runs.*, last_train.final_loss, last_train.last_train_step, last_train.n_train_rows,
+               last_fid.fid_1step, last_fid.fid_2step, last_fid.fid_extractor,
+               last_fid.last_eval_step, last_fid.eval_train_flops
+        FROM runs
+        LEFT JOIN last_train USING (sweep, run_id)
+        LEFT JOIN last_fid USING (sweep, run_id)""")
+
+
 # (version, description, apply). Append new entries for schema changes; never edit old ones.
 MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
     (1, "tables sweeps, runs, train, evals, trials, ingest_files; views latest_eval, run_summary", _migration_1),
     (2, "run identity (sweep, run_id) in every table and view; trials keep every attempt; evals gain kid, "
         "kid_std; rebuilt from the run folders by the next ingest", _migration_2),
+    (3, "num_samples in the eval key (kept by ingestion, no declared primary key); latest_eval keeps the eval "
+        "with the most samples; evals rebuilt from the run folders by the next ingest", _migration_3),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -265,8 +326,9 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
     current = schema_version(con)
     if current > SCHEMA_VERSION:
         raise StoreError(
-            f"the database has schema version {current}, newer than this cmscale understands "
-            f"({SCHEMA_VERSION}); upgrade cmscale"
+            f"the store has schema version {current}, newer than this cmscale understands "
+            f"({SCHEMA_VERSION}); upgrade cmscale, or move the store aside and run `cmscale results ingest` "
+            "to build one this version reads"
         )
     applied = []
     for version, description, apply in MIGRATIONS:
@@ -282,7 +344,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
             con.execute("INSERT INTO schema_version VALUES (?, ?, ?)", [version, description, now()])
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback(con)
             raise
         applied.append(version)
     return applied

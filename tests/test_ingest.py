@@ -1,0 +1,71 @@
+"""Ingest never lets one run block a root, never replaces one eval's number with another's, reads a
+line the same way whichever parser reads it, and forgets a sweep whose folder is gone. Run folders
+written with the real writers; a real DuckDB file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from click.testing import CliRunner
+from test_store import SWEEP, eval_row, make_run
+
+from cmscale.cli.results import results_group
+from cmscale.results import ingest, query
+from cmscale.rundir import MetricsWriter, atomic_write_json
+
+
+def test_a_seed_the_store_cannot_hold_is_reported_and_every_run_lands(tmp_path):
+    bad = make_run(tmp_path, 0, 10)
+    make_run(tmp_path, 1, 7)
+    config = json.loads((bad / "config.json").read_text())
+    atomic_write_json(bad / "config.json", config | {"seed": 2147483648})
+    result = CliRunner().invoke(results_group, ["ingest", "--root", str(tmp_path)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "'seed' = 2147483648" in result.output and str(bad) in result.output
+    rows = query("SELECT run_id, seed, status FROM runs ORDER BY run_id", tmp_path, ingest_first=False).rows()
+    assert rows == [("r00", None, "done"), ("r01", 1, "done")]
+    assert query("SELECT count(*) FROM train", tmp_path, ingest_first=False).item() == 17
+
+
+def test_an_eval_with_fewer_samples_never_replaces_another(tmp_path):
+    run_dir = make_run(tmp_path, 0, 10, evals=(eval_row(9, 1, 916.25),))
+    ingest(tmp_path)
+    with MetricsWriter(run_dir / "metrics.jsonl") as writer:  # `cmscale eval RUN --num-samples 20`
+        writer.write(eval_row(9, 1, 933.68) | {"num_samples": 20})
+    ingest(tmp_path)
+    rows = query("SELECT num_samples, fid FROM evals ORDER BY num_samples", tmp_path, ingest_first=False).rows()
+    assert rows == [(20, 933.68), (500, 916.25)]
+    # The summary reads the eval with the most samples at the last step.
+    assert query("SELECT fid_1step FROM run_summary", tmp_path, ingest_first=False).item() == 916.25
+    # The same eval repeated is still one row (the key holds, the latest value wins).
+    with MetricsWriter(run_dir / "metrics.jsonl") as writer:
+        writer.write(eval_row(9, 1, 916.0))
+    ingest(tmp_path)
+    rows = query("SELECT num_samples, fid FROM evals ORDER BY num_samples", tmp_path, ingest_first=False).rows()
+    assert rows == [(20, 933.68), (500, 916.0)]
+
+
+def test_a_duplicate_key_means_the_same_with_or_without_a_bad_line_nearby(tmp_path):
+    line = b'{"kind": "train", "step": 3, "loss": 1.0, "loss": 2.0}\n'
+    stored = []
+    for neighbour in (b"", b"not json\n"):
+        root = tmp_path / f"case{len(stored)}"
+        run_dir = make_run(root, 0, 3)
+        with open(run_dir / "metrics.jsonl", "ab") as handle:
+            handle.write(line + neighbour)
+        ingest(root)
+        stored.append(query("SELECT loss FROM train WHERE step = 3", root, ingest_first=False).item())
+    assert stored == [1.0, 1.0]
+
+
+def test_a_deleted_sweep_folder_leaves_the_store(tmp_path):
+    make_run(tmp_path, 0, 5)
+    atomic_write_json(tmp_path / SWEEP / "sweep.json", {"sweep": SWEEP, "spec_path": "x.toml", "runs": []})
+    ingest(tmp_path)
+    assert query("SELECT count(*) FROM sweeps", tmp_path, ingest_first=False).item() == 1
+    shutil.rmtree(tmp_path / SWEEP)
+    ingest(tmp_path)
+    counts = query("SELECT (SELECT count(*) FROM sweeps), (SELECT count(*) FROM runs), (SELECT count(*) FROM train)",
+                   tmp_path, ingest_first=False).rows()
+    assert counts == [(0, 0, 0)]
