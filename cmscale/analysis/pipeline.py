@@ -193,7 +193,7 @@ def law_notes(notes: list[Warning_], what: str, choice: LawChoice | None) -> Non
     elif choice.degenerate:
         notes.append(Warning_("degenerate fit: nested law kept", f"{what}: {choice.reason}"))
     if choice.ci_note:
-        notes.append(Warning_("estimate without CI (< 3 runs)", f"{what}: {choice.ci_note}"))
+        notes.append(Warning_(f"estimate without CI (< {MIN_CI_GROUPS} runs)", f"{what}: {choice.ci_note}"))
 
 
 def size_laws(

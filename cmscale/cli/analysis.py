@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from cmscale.cli.options import CSV_OPTION, JSON_OPTION, PARQUET_OPTION, ROOT_OPTION, clear_errors
+from cmscale.cli.options import CSV_OPTION, JSON_OPTION, PARQUET_OPTION, ROOT_OPTION, clear_errors, json_option
 
 LOSS_OPTION = click.option(
     "--loss",
@@ -76,11 +76,15 @@ def _table(csv, parquet):
         raise (click.UsageError if usage else click.ClickException)(str(error)) from None
 
 
-def _values(params: dict, ci: dict) -> str:
-    return ", ".join(
-        f"{name}={value:.4g}" + (f" [{ci[name][0]:.4g}, {ci[name][1]:.4g}]" if ci.get(name) else "")
-        for name, value in params.items()
-    )
+def _values(params: dict, ci: dict, unbounded: dict | None = None) -> str:
+    """``name=value [lo, hi]`` per parameter; ``[unbounded]`` where the CI is wider than the data support."""
+
+    def interval(name: str) -> str:
+        if ci.get(name):
+            return f" [{ci[name][0]:.4g}, {ci[name][1]:.4g}]"
+        return " [unbounded]" if name in (unbounded or {}) else ""
+
+    return ", ".join(f"{name}={value:.4g}{interval(name)}" for name, value in params.items())
 
 
 def _fit_line(label: str, fit) -> str:
@@ -152,7 +156,8 @@ def powerlaw_command(
             click.echo(f"{label}: not fitted ({item.get('reason')})")
             continue
         click.echo(
-            f"{label}: {item['kept_law']}: {_values(item['params'], item['ci'])}  status={item['status']}  "
+            f"{label}: {item['kept_law']}: {_values(item['params'], item['ci'], item.get('ci_unbounded'))}  "
+            f"status={item['status']}  "
             f"n={item['n_points']}"
             + (f"  ({item['ci_note']})" if item["ci_note"] else "")
         )
@@ -348,7 +353,7 @@ def ratio_command(
 @DRAWS_OPTION
 @SEED_OPTION
 @ROOT_OPTION
-@JSON_OPTION
+@json_option("Print each figure's files (png, pdf, csv) as JSON.")
 def plot_command(sweep, out_dir, n_draws, seed, root, as_json) -> None:
     """Draw a sweep's figures (FID vs compute with fits and frontier, N_opt vs C, teacher vs student,
     FID vs sampling compute) as PNG and PDF, each with a CSV of its data."""
@@ -379,7 +384,7 @@ def plot_command(sweep, out_dir, n_draws, seed, root, as_json) -> None:
 @DRAWS_OPTION
 @SEED_OPTION
 @ROOT_OPTION
-@JSON_OPTION
+@json_option("Print report.json (every number of the findings) instead of the paths.")
 def report_command(sweep, out_dir, ingest, n_draws, seed, root, as_json) -> None:
     """Write a self-contained report.html, a report.md and report.json for SWEEP: figures, fit tables
     with CIs, the teacher-student ratio table, warnings and the SQL behind each figure (--json: print
