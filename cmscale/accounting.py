@@ -48,7 +48,7 @@ def count_flops_per_step(config: RunConfig) -> int:
 
     if recipe_of(config).stage_dependent_cost:  # the target's rows depend on the draw: count the parts
         return ect_average_step_flops(config, count_ect_step_parts(config))
-    img_channels = dataset_channels(config.dataset)
+    img_channels = dataset_channels(config.dataset, config.vae_path)
     counting_config = config.model_copy(update={"budget_iters": 1, "budget_flops": None})
     with torch.device("meta"):
         method = build_method(counting_config, img_channels, device="meta", load_weights=False)
@@ -96,7 +96,8 @@ class FlopsCache:
     def key(config: RunConfig) -> str:
         """Every setting that changes a step's cost: method, preset, shape, batch, dropout, sCM's weight MLP."""
         weight_mlp = config.scm.weight_mlp_channels if recipe_of(config).learned_weight else 0
-        return (f"{config.method}/{config.preset}/{config.resolution}x{dataset_channels(config.dataset)}"
+        channels = dataset_channels(config.dataset, config.vae_path)
+        return (f"{config.method}/{config.preset}/{config.resolution}x{channels}"
                 f"/b{config.batch_size}/d{config.dropout}/w{weight_mlp}")
 
     def _load_disk(self) -> None:
@@ -202,7 +203,7 @@ def count_ect_step_parts(config: RunConfig) -> tuple[int, int]:
     """
     from cmscale.models.flops import count_flops
 
-    img_channels = dataset_channels(config.dataset)
+    img_channels = dataset_channels(config.dataset, config.vae_path)
     with torch.device("meta"):
         model = wrap_network(config, build_network(config, img_channels))
         x = torch.zeros(config.batch_size, img_channels, config.resolution, config.resolution)

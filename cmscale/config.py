@@ -217,6 +217,11 @@ class RunConfig(StrictModel):
     ect: ECTOptions = Field(default_factory=ECTOptions)
     scm: SCMOptions = Field(default_factory=SCMOptions)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # Latent space (issue 24): data_path then holds EDM2 latents and resolution is the latents' side.
+    vae_path: str | None = Field(None, description="local diffusers AutoencoderKL folder: train in its latent "
+                                 "space (data_path: latents from `cmscale data encode`) and decode samples for FID")
+    fid_reference: str | None = Field(None, description="FID/KID reference: an image folder or zip, or published "
+                                      "statistics (EDM/EDM2 fid-refs .pkl/.npz); default: the training images")
     # Filled by the sweep planner; free-form for hand-written runs.
     sweep: SafeName = "adhoc"
     run_id: SafeName | None = None
@@ -248,6 +253,17 @@ class RunConfig(StrictModel):
         check_resolution(info.data.get("dataset"), resolution, info.data.get("preset"))
         return resolution
 
+    @model_validator(mode="after")
+    def _check_latent_space(self) -> RunConfig:
+        if self.vae_path is not None and self.dataset != "imagefolder":
+            raise ValueError(f"vae_path is set but dataset is {self.dataset!r}: latent runs read latents from an "
+                             "image folder or zip (dataset = 'imagefolder', written by `cmscale data encode`)")
+        if self.vae_path is not None and self.fid_reference is None:
+            raise ValueError("a latent run (vae_path) measures FID in pixel space, but its training data holds "
+                             "latents: set fid_reference to the images they were encoded from (folder or zip) or "
+                             "to published reference statistics (EDM2's fid-refs img512.pkl)")
+        return self
+
     def identity(self) -> dict:
         """The fields that define the run (everything but bookkeeping), for hashing.
 
@@ -263,6 +279,7 @@ class RunConfig(StrictModel):
 EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32"}
 # Options added after the run ids of issue 14, with the default that keeps an id unchanged.
 LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": [], "phema_every": 0}
+LATER_FIELDS |= {"vae_path": None, "fid_reference": None}  # issue 24: latent space, published FID references
 
 
 def check_data_path(dataset: str | None, data_path: str | None, must_exist: bool) -> str | None:

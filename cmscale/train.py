@@ -229,7 +229,8 @@ class Trainer:
                 f"the plan gives {iterations} iterations but this code computes {self.iterations} for the same "
                 f"config ({self.flops_per_step} FLOPs per step); plan the sweep again with this code")
         torch.manual_seed(config.seed)  # the same initial weights on every rank
-        self.data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
+        self.data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution,
+                                 vae_path=config.vae_path)
         self.batches = StepBatches(self.data, config.batch_size, config.seed, self.rank, self.world, self.device)
         if self.is_writer and config.dataset == "imagefolder":  # held in memory or streamed: the log says which
             print(describe_storage(self.data, self.batches.num_workers or None), file=sys.stderr, flush=True)

@@ -132,7 +132,12 @@ def test_latent_zip_batches_are_posterior_draws_in_edm2_scaling(tmp_path):
             archive.writestr(member(index, "img-mean-std-", "npy"), buffer.getvalue())
         archive.writestr("dataset.json", json.dumps({"labels": [[member(i, "img-mean-std-", "npy"), i % 2]
                                                                 for i in range(6)]}))
-    data = load_dataset("imagefolder", path=path, resolution=4)
+    with pytest.raises(DataFormatError, match="latents.zip holds VAE latents .*set vae_path to the VAE folder"):
+        load_dataset("imagefolder", path=path, resolution=4)
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    data = load_dataset("imagefolder", path=path, resolution=4, vae_path=vae)
     assert data.kind == "latents" and data.channels == 4 and data.resolution == 4 and data.label_dim == 2
     assert "always streamed" in describe_storage(data)
     batches = StepBatches(data, batch_size=3, seed=2, num_workers=0)
@@ -141,7 +146,7 @@ def test_latent_zip_batches_are_posterior_draws_in_edm2_scaling(tmp_path):
     expected = LatentScaling().sample(torch.from_numpy(stored[batches.indices(1).numpy()]), generator)
     assert torch.equal(latents, expected)
     with pytest.raises(DataFormatError, match="resolution = 32"):
-        load_dataset("imagefolder", path=path, resolution=32)
+        load_dataset("imagefolder", path=path, resolution=32, vae_path=vae)
 
 
 # -- bad input: the error names the file and the fix, before any step ----------------------------

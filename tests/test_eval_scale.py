@@ -49,3 +49,119 @@ def test_reference_statistics_of_a_streamed_set_equal_those_of_the_same_images_i
     _, from_stream = reference_statistics(streamed, space)
     np.testing.assert_allclose(from_stream["mu"], from_memory["mu"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(from_stream["sigma"], from_memory["sigma"], rtol=1e-6, atol=1e-6)
+
+
+# -- 50k samples across tasks: shards of features, reduced ------------------------------------------
+
+SHARD_CONFIG = {"method": "sct", "preset": "t2", "dataset": "digits", "resolution": 8, "budget_iters": 1,
+                "device": "cpu", "eval": {"batch_size": 16, "num_samples": 64, "cm_steps": [1]}}
+
+
+@pytest.fixture(scope="module")
+def shard_setup(space):
+    import torch
+
+    from cmscale.config import RunConfig
+    from cmscale.eval.fid import reference_statistics
+    from cmscale.methods import build_method, network_of
+
+    config = RunConfig(**SHARD_CONFIG)
+    torch.manual_seed(0)
+    model = build_method(config, 1).model.eval()
+    reference, _ = reference_statistics(load_digits(8), space)
+    return config, model, network_of(model).img_channels, reference
+
+
+def _write(config, model, channels, space, folder, shard):
+    import torch
+
+    from cmscale.eval.fid import to_uint8
+    from cmscale.eval.shards import ShardPlan, write_shard
+
+    plan = ShardPlan(folder, config.eval.num_samples, config.eval.batch_size, steps=1)
+    return plan, write_shard(config, model, plan, shard, space, to_uint8, torch.device("cpu"), channels)
+
+
+def test_a_sharded_evaluation_equals_an_unsharded_one_on_the_same_samples(tmp_path, space, shard_setup):
+    import torch
+
+    from cmscale.eval.fid import fid_to_reference, to_uint8
+    from cmscale.eval.shards import chunk_seed, reduce_shards
+    from cmscale.methods import sample
+
+    config, model, channels, reference = shard_setup
+    whole, written = _write(config, model, channels, space, tmp_path / "one", (0, 1))
+    assert written == [0, 1, 2, 3]
+    for index in range(3):
+        split, _ = _write(config, model, channels, space, tmp_path / "three", (index, 3))
+    for chunk in range(4):
+        assert np.array_equal(np.load(split.chunk_path(chunk)), np.load(whole.chunk_path(chunk)))
+    (fid_split, nfe), (fid_whole, _) = reduce_shards(split, reference), reduce_shards(whole, reference)
+    assert fid_split.fid == fid_whole.fid and nfe == 1
+    # The same samples scored in one torch-fidelity call (calculate_metrics against the cached statistics).
+    images = torch.cat([to_uint8(sample(config, model, (16, channels, 8, 8), 1,
+                                        torch.Generator().manual_seed(chunk_seed(config.eval.seed, k)), "cpu")[0])
+                        for k in range(4)])
+    assert fid_split.fid == pytest.approx(fid_to_reference(images, reference), rel=1e-5)
+
+
+def test_an_interrupted_sharded_evaluation_resumes_from_its_finished_chunks(tmp_path, space, shard_setup):
+    from cmscale.eval.shards import ShardError, reduce_shards
+
+    config, model, channels, reference = shard_setup
+    plan, written = _write(config, model, channels, space, tmp_path, (1, 2))
+    assert written == [1, 3]
+    with pytest.raises(ShardError, match=r"2 of 4 chunks have no features yet \(chunks 0, 2; chunk k belongs to"):
+        reduce_shards(plan, reference)
+    plan.chunk_path(3).unlink()  # killed while writing chunk 3
+    assert _write(config, model, channels, space, tmp_path, (1, 2))[1] == [3]
+    assert _write(config, model, channels, space, tmp_path, (0, 2))[1] == [0, 2]
+    assert reduce_shards(plan, reference)[0].fid > 0
+    other = config.model_copy(update={"eval": config.eval.model_copy(update={"seed": 5})})
+    with pytest.raises(ShardError, match="other settings \\(seed\\)"):
+        _write(other, model, channels, space, tmp_path, (0, 2))
+
+
+def test_class_labels_are_balanced_over_fifty_thousand_samples():
+    from cmscale.eval.shards import class_labels
+
+    labels = np.concatenate([class_labels(start, 250, 1000).numpy() for start in range(0, 50_000, 250)])
+    assert np.bincount(labels, minlength=1000).tolist() == [50] * 1000
+    assert class_labels(0, 4, 0) is None
+
+
+# -- published reference statistics -------------------------------------------------------------------
+
+
+def test_published_npz_and_pkl_references_are_read_without_running_code(tmp_path, space, shard_setup):
+    import pickle
+
+    import torch
+
+    from cmscale.eval.fid import features_of, fid_to_reference, fid_to_stats
+    from cmscale.eval.reference import ReferenceStatsError, read_reference_stats
+
+    _, _, _, reference = shard_setup
+    _, stats = reference_statistics(reference.data, space)
+    np.savez(tmp_path / "digits-8x8.npz", mu=stats["mu"], sigma=stats["sigma"])  # EDM's fid-refs layout
+    with open(tmp_path / "img8.pkl", "wb") as handle:  # EDM2's dataset-refs layout
+        pickle.dump({"fid": {"mu": stats["mu"], "sigma": stats["sigma"]}, "fd_dinov2": {}}, handle)
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    expected = fid_to_reference(images, reference)
+    for name in ("digits-8x8.npz", "img8.pkl"):
+        published = read_reference_stats(tmp_path / name, space, pixel_resolution=8)
+        assert fid_to_stats(features_of(images, space), published.stats()) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ReferenceStatsError, match=r"img8.pkl: statistics of 8x8 images .* samples are 64x64"):
+        read_reference_stats(tmp_path / "img8.pkl", space, pixel_resolution=64)
+    np.savez(tmp_path / "inception.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ReferenceStatsError, match="inception.npz: statistics of 2048-d features.*another feature"):
+        read_reference_stats(tmp_path / "inception.npz", space, pixel_resolution=8)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("the pickle ran code",))
+
+    with open(tmp_path / "evil.pkl", "wb") as handle:
+        pickle.dump({"mu": Payload()}, handle)
+    with pytest.raises(ReferenceStatsError, match="evil.pkl: refusing to load builtins.print"):
+        read_reference_stats(tmp_path / "evil.pkl", space, pixel_resolution=8)

@@ -46,12 +46,19 @@ def _parse_steps(ctx, param, value: str | None) -> list[int] | None:  # noqa: AR
          "nodes.",
 )
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
+@click.option("--shard", default=None, metavar="I/N|auto",
+              help="Draw only this task's chunks of samples and write their features under RUN_DIR/eval-shards "
+                   "(resumable); 'auto' reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE. Then --reduce.")
+@click.option("--reduce", is_flag=True, help="Score the features of every shard and append the eval rows.")
 @json_option("Print the rows as JSON.")
 @ROOT_OPTION
-def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weights, device, as_json, root: Path) -> None:
+def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weights, device, shard, reduce, as_json,
+                 root: Path) -> None:
     """Evaluate RUN_DIR's ckpt/final.pt (EMA weights) and append eval rows to its metrics.jsonl.
 
-    RUN_DIR is a run directory, or a path relative to --root such as SWEEP/RUN_ID.
+    RUN_DIR is a run directory, or a path relative to --root such as SWEEP/RUN_ID. For 50,000
+    samples across an array job: `cmscale eval RUN_DIR --shard auto` in every task, then
+    `cmscale eval RUN_DIR --reduce` once.
     """
     from cmscale.data import DatasetNotFoundError
     from cmscale.eval.features import InceptionWeightsNotFoundError
@@ -61,6 +68,15 @@ def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weight
         run_dir = root / run_dir
     if not run_dir.is_dir():
         raise click.ClickException(f"run directory {run_dir} not found (nor {root / run_dir})")
+    shard_index = None
+    if shard is not None:
+        from cmscale.data.encode import parse_shard
+        from cmscale.eval.shards import shard_from_environment
+
+        try:
+            shard_index = shard_from_environment() if shard == "auto" else parse_shard(shard)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--shard") from None
     try:
         with console.status(f"evaluating {run_dir}"):
             rows = evaluate_run_dir(
@@ -70,11 +86,21 @@ def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weight
                 inception_weights=inception_weights,
                 batch_size=batch_size,
                 device=device,
+                shard=shard_index,
+                reduce=reduce,
             )
     except (InceptionWeightsNotFoundError, DatasetNotFoundError, RunDirError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     if as_json:
         click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        if row["kind"] == "eval-shard":
+            console.print(f"shard {row['shard'][0]}/{row['shard'][1]}, {row['sampler_steps']} steps: "
+                          f"{len(row['chunks_written'])} chunks written, {row['chunks_missing']} still missing "
+                          f"({row['folder']})")
+    rows = [row for row in rows if row["kind"] == "eval"]
+    if not rows:
         return
     table = Table(title=f"eval of {run_dir} (appended to metrics.jsonl)")
     for column in (

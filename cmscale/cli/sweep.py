@@ -43,7 +43,7 @@ def _plan_table(runs, title: str) -> Table:
         config = run.config
         key = (config.preset, config.resolution)
         if key not in params:
-            channels = dataset_channels(config.dataset)
+            channels = dataset_channels(config.dataset, config.vae_path)
             params[key] = count_parameters(
                 meta_copy(lambda c=config, ch=channels: build_unet(c.preset, c.resolution, ch))
             )

@@ -194,7 +194,7 @@ def _decode_image(payload: bytes) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(payload)) as image:
-        array = np.asarray(image)
+        array = np.array(image)  # writable, so torch.from_numpy takes it without a warning
     if array.ndim == 2:
         array = array[:, :, None]
     return np.ascontiguousarray(array.transpose(2, 0, 1))

@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from cmscale.data.archive import LATENTS, PIXELS, ArchiveDataset, DataFormatError, DatasetNotFoundError
+from cmscale.data.latents import LatentScaling
 
 # Image channels per dataset: the one place that knows digits are grayscale (counting FLOPs and
 # sizing networks needs it before any data is read).
@@ -27,8 +28,11 @@ DIGITS_DEFAULT_RESOLUTION = 16
 DEFAULT_IN_MEMORY_BYTES = 2 * 2**30
 
 
-def dataset_channels(name: str) -> int:
-    """Image channels of dataset ``name`` (3 for names this table does not know)."""
+def dataset_channels(name: str, vae_path: str | None = None) -> int:
+    """Channels the network sees: dataset ``name``'s image channels (3 for names this table does not
+    know), or the VAE's latent channels in a latent run (``vae_path`` set)."""
+    if vae_path is not None:
+        return LatentScaling().channels
     return DATASET_CHANNELS.get(name, 3)
 
 @dataclass
@@ -159,15 +163,21 @@ def in_memory_limit() -> int:
 
 
 def load_dataset(
-    name: str, path: Path | str | None = None, resolution: int | None = None, split: str = "train"
+    name: str, path: Path | str | None = None, resolution: int | None = None, split: str = "train",
+    vae_path: Path | str | None = None,
 ) -> ImageData | ArchiveDataset:
     """Load a dataset by name. ``digits`` needs no path; the others read from ``path``.
 
     Digits and CIFAR-10 are held in memory. An image folder or zip is decoded into memory when
     its images at ``resolution`` take at most :func:`in_memory_limit` bytes, else (and always for
     VAE latents) it is returned as an :class:`ArchiveDataset` that DataLoader workers read item
-    by item; ``describe_storage`` says which and why.
+    by item; ``describe_storage`` says which and why. ``vae_path`` (a latent-space run) must be
+    given exactly when the set holds latents: a mismatch is refused before anything trains.
     """
+    if vae_path is not None and name != "imagefolder":
+        raise DataFormatError(f"vae_path is set but dataset {name!r} is trained in pixel space; latent runs read "
+                              "an image folder or zip of latents (dataset = 'imagefolder', written by "
+                              "`cmscale data encode`)")
     if name == "digits":
         return load_digits(resolution or DIGITS_DEFAULT_RESOLUTION)
     if name == "cifar10":
@@ -178,6 +188,11 @@ def load_dataset(
         if path is None:
             raise DatasetNotFoundError("imagefolder", None)
         archive = ArchiveDataset(path)
+        check_latent_match(archive, vae_path)
+        if vae_path is not None:
+            from cmscale.data.vae import check_vae_folder
+
+            check_vae_folder(vae_path)
         if archive.kind == PIXELS and in_memory_bytes(archive, resolution) <= in_memory_limit():
             return decode_in_memory(archive, resolution)
         if resolution is not None and archive.resolution != resolution and archive.kind == LATENTS:
@@ -187,6 +202,23 @@ def load_dataset(
         archive.target_resolution = resolution
         return archive
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def check_latent_match(archive: ArchiveDataset, vae_path: Path | str | None) -> None:
+    """Latents need the VAE that made them (and a latent run needs latents), named before training."""
+    if archive.kind == LATENTS and vae_path is None:
+        raise DataFormatError(
+            f"{archive.path} holds VAE latents ({archive.member_name(0)}: posterior mean and std), which a "
+            "pixel-space run cannot train on: set vae_path to the VAE folder that encoded them (the run then "
+            "trains in latent space and decodes its samples for FID), or set data_path to the images")
+    if archive.kind == LATENTS and archive.channels != LatentScaling().channels:
+        raise DataFormatError(
+            f"{archive.path}: {archive.member_name(0)} holds {archive.item_shape[0]} channels; EDM2's latents "
+            f"hold the mean and std of {LatentScaling().channels} (8 in all): encode with `cmscale data encode`")
+    if archive.kind == PIXELS and vae_path is not None:
+        raise DataFormatError(
+            f"vae_path is set but {archive.path} holds images; encode them once with `cmscale data encode "
+            f"{archive.path} --vae {vae_path} --out LATENTS.zip` and set data_path to LATENTS.zip")
 
 
 def in_memory_bytes(archive: ArchiveDataset, resolution: int | None = None) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.utils import (
     cache_lookup_one_recompute_on_miss,
@@ -218,6 +218,23 @@ def scores_to_reference(
         return Scores(float(metrics[KEY_METRIC_FID]))
     kid_mean, kid_std = float(metrics[KEY_METRIC_KID_MEAN]), float(metrics[KEY_METRIC_KID_STD])
     return Scores(float(metrics[KEY_METRIC_FID]), kid_mean, kid_std)
+
+
+def features_of(images: torch.Tensor, space: FeatureSpace, device: torch.device | str = "cpu",
+                batch_size: int = FEATURE_BATCH) -> torch.Tensor:
+    """Features (``N x D``) of uint8 ``images`` in ``space``, by torch-fidelity's extractor."""
+    kwargs = _fidelity_common(space, device, batch_size)
+    extractor = create_feature_extractor(space.registered_name, [space.layer], **kwargs)
+    features = get_featuresdict_from_dataset(UInt8Images(images, space.channels), extractor, batch_size,
+                                             kwargs["cuda"], save_cpu_ram=True, verbose=False)
+    return features[space.layer]
+
+
+def fid_to_stats(features: torch.Tensor, reference: dict[str, np.ndarray]) -> float:
+    """FID between features and reference ``{"mu", "sigma"}``, by torch-fidelity's statistics and metric."""
+    stats = fid_featuresdict_to_statistics({"features": features}, "features")
+    as_float64 = lambda stats: {key: np.asarray(stats[key], np.float64) for key in ("mu", "sigma")}  # noqa: E731
+    return float(fid_statistics_to_metric(as_float64(stats), as_float64(reference), verbose=False)[KEY_METRIC_FID])
 
 
 def fid_to_reference(images: torch.Tensor, reference: Reference, device: torch.device | str = "cpu",

@@ -36,7 +36,15 @@ from cmscale.config import RunConfig
 from cmscale.data import load_dataset
 from cmscale.distributed import pick_device
 from cmscale.eval.features import feature_space
-from cmscale.eval.fid import reference_statistics, scores_to_reference, to_uint8
+from cmscale.eval.fid import (
+    Scores,
+    features_of,
+    fid_to_stats,
+    reference_statistics,
+    scores_to_reference,
+    to_uint8,
+)
+from cmscale.eval.reference import PublishedReference, ReferenceStatsError, is_stats_file, read_reference_stats
 from cmscale.methods import model_from_checkpoint, network_of, sample, sampler_steps, with_sampler_steps
 from cmscale.models.flops import forward_flops
 from cmscale.rundir import (
@@ -62,16 +70,60 @@ def eval_num_samples(config: RunConfig) -> int:
 
 @torch.no_grad()
 def generate(config: RunConfig, model: nn.Module, num_samples: int, steps: int, channels: int,
-             device: torch.device, batch_size: int, seed: int) -> tuple[torch.Tensor, int]:
-    """``num_samples`` uint8 images from the method's sampler at ``steps``; returns (images, nfe)."""
+             device: torch.device, batch_size: int, seed: int, decode=to_uint8) -> tuple[torch.Tensor, int]:
+    """``num_samples`` uint8 images from the method's sampler at ``steps``; returns (images, nfe).
+    ``decode`` turns the sampler's output into uint8 pixels (a VAE's decoder for latent runs)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks, nfe = [], 0
     for start in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - start)
         shape = (count, channels, config.resolution, config.resolution)
         images, nfe = sample(config, model, shape, steps, generator, device)
-        chunks.append(to_uint8(images))
+        chunks.append(decode(images))
     return torch.cat(chunks), nfe
+
+
+def sample_decoder(config: RunConfig, device: torch.device):
+    """Sampler output -> uint8 pixels: the VAE's decoder in a latent run, else a rescale."""
+    if config.vae_path is None:
+        return to_uint8
+    from cmscale.data.vae import VAECodec
+
+    return VAECodec(config.vae_path, device).decode
+
+
+def pixel_resolution(config: RunConfig) -> int:
+    if config.vae_path is None:
+        return config.resolution
+    from cmscale.data.vae import vae_downsampling
+
+    return config.resolution * vae_downsampling(config.vae_path)
+
+
+def load_reference(config: RunConfig, space, device: torch.device, batch_size: int):
+    """FID's reference: published statistics (``fid_reference`` a .pkl/.npz), another image set
+    (``fid_reference`` a folder or zip) or the training images. Checked against the samples'
+    resolution and the feature space before anything is sampled."""
+    resolution = pixel_resolution(config)
+    if config.fid_reference is not None and is_stats_file(config.fid_reference):
+        return read_reference_stats(config.fid_reference, space, resolution)
+    if config.fid_reference is not None:
+        data = load_dataset("imagefolder", path=config.fid_reference)
+        if data.resolution != resolution:
+            raise ReferenceStatsError(
+                f"fid_reference {config.fid_reference} holds {data.resolution}x{data.resolution} images but this "
+                f"run's samples are {resolution}x{resolution}; give the image set at the samples' resolution")
+    else:
+        data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
+    reference, _ = reference_statistics(data, space, device, batch_size)
+    return reference
+
+
+def score(images: torch.Tensor, reference, device: torch.device, batch_size: int, kid_subsets: int) -> Scores:
+    """FID (and KID against a local image set) of uint8 ``images``."""
+    if isinstance(reference, PublishedReference):
+        return Scores(fid_to_stats(features_of(images, reference.space, device, batch_size), reference.stats()))
+    return scores_to_reference(images, reference, device, batch_size, kid_subsets)
 
 
 def save_grid(images: torch.Tensor, path: Path, max_images: int = 64) -> Path | None:
@@ -99,9 +151,9 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
     device = torch.device(device)
     run_dir = Path(run_dir)
     space = feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
-    data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
     batch_size = config.eval.batch_size
-    reference, _ = reference_statistics(data, space, device, batch_size)
+    reference = load_reference(config, space, device, batch_size)
+    decode = sample_decoder(config, device)
     net = network_of(model)
     flops_forward = forward_flops(net)
     num_samples = eval_num_samples(config)
@@ -114,9 +166,9 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
             for steps in sampler_steps(config):
                 started = time.time()
                 images, nfe = generate(
-                    config, model, num_samples, steps, net.img_channels, device, batch_size, config.eval.seed
+                    config, model, num_samples, steps, net.img_channels, device, batch_size, config.eval.seed, decode
                 )
-                scores = scores_to_reference(images, reference, device, batch_size, config.eval.kid_subsets)
+                scores = score(images, reference, device, batch_size, config.eval.kid_subsets)
                 if config.eval.grid_images:
                     save_grid(
                         images, run_dir / SAMPLES_DIR / f"step{step:08d}-{steps}steps.png", config.eval.grid_images
@@ -183,8 +235,13 @@ def model_from_final_checkpoint(
 
 def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_samples: int | None = None,
                      inception_weights: str | None = None, batch_size: int | None = None,
-                     device: str = "auto") -> list[dict[str, Any]]:
-    """Evaluate ``run_dir/ckpt/final.pt`` and append the rows to its ``metrics.jsonl``."""
+                     device: str = "auto", shard: tuple[int, int] | None = None,
+                     reduce: bool = False) -> list[dict[str, Any]]:
+    """Evaluate ``run_dir/ckpt/final.pt`` and append the rows to its ``metrics.jsonl``.
+
+    With ``shard=(i, n)`` only this task's chunks of samples are drawn and their features written
+    under ``eval-shards/`` (rows: what was written); ``reduce`` then scores all chunks and appends
+    the eval rows (see :mod:`cmscale.eval.shards`)."""
     run_dir = Path(run_dir)
     config, extras = load_run_config_json(run_dir)
     eval_update: dict[str, Any] = {}
@@ -199,7 +256,9 @@ def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_sa
         config = with_sampler_steps(config, steps)
     torch_device = pick_device(device)
     # Resolve the feature space first: a missing Inception file fails before the checkpoint loads.
-    feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
+    space = feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
+    if shard is not None or reduce:
+        return _sharded_eval(config, run_dir, space, torch_device, shard, reduce)
     model, payload = model_from_final_checkpoint(config, final_checkpoint(run_dir), torch_device)
     step = int(payload["step"])
     # the trainer's own count (ECT's step cost depends on its stage, so not step x the average)
@@ -208,4 +267,39 @@ def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_sa
     with MetricsWriter(run_dir / METRICS_FILE) as writer:
         for row in rows:
             writer.write(row)
+    return rows
+
+
+def _sharded_eval(config: RunConfig, run_dir: Path, space, device: torch.device, shard: tuple[int, int] | None,
+                  reduce: bool) -> list[dict[str, Any]]:
+    from cmscale.eval.shards import reduce_shards, shard_plan, write_shard
+
+    reference = load_reference(config, space, device, config.eval.batch_size)  # checked before sampling
+    model, payload = model_from_final_checkpoint(config, final_checkpoint(run_dir), device)
+    step, num_samples = int(payload["step"]), eval_num_samples(config)
+    net = network_of(model)
+    rows = []
+    if shard is not None:
+        label_dim = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution,
+                                 vae_path=config.vae_path).label_dim
+        decode = sample_decoder(config, device)
+        for steps in sampler_steps(config):
+            plan = shard_plan(run_dir, config, step, steps, num_samples)
+            written = write_shard(config, model, plan, shard, space, decode, device, net.img_channels, label_dim)
+            rows.append({"kind": "eval-shard", "step": step, "sampler_steps": steps, "shard": list(shard),
+                         "chunks_written": written, "chunks_missing": len(plan.missing()), "folder": str(plan.folder)})
+    if reduce:
+        flops_forward = forward_flops(net)
+        for steps in sampler_steps(config):
+            started = time.time()
+            scores, nfe = reduce_shards(shard_plan(run_dir, config, step, steps, num_samples), reference, device)
+            rows.append({"kind": "eval", "step": step, "train_flops": float(train_flops_at(config, step)),
+                         "images_seen": step * config.batch_size, "sampler_steps": int(steps), "nfe": int(nfe),
+                         "fid": scores.fid, "kid": None, "kid_std": None, "num_samples": int(num_samples),
+                         "extractor": space.extractor, "reference": reference.id,
+                         "sampling_flops_per_image": float(nfe * flops_forward), "wall_s": time.time() - started})
+        with MetricsWriter(run_dir / METRICS_FILE) as writer:
+            for row in rows:
+                if row["kind"] == "eval":
+                    writer.write(row)
     return rows
