@@ -23,5 +23,5 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # Every version from constraints.txt (torch and torchvision as the pinned pair from the local wheel
 # cache: an unpinned torch would pull gigabytes); pyproject.toml itself only states ranges.
-"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[train,dev]"
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[train,dev,latent]"
 echo "setup: done ($("$VENV/bin/cmscale" --version))"
