@@ -147,3 +147,23 @@ def test_counted_jvp_flops_are_at_most_2_05_forwards():
         forward = count_flops(lambda: net(x, c))
     lean = count_flops(lambda: _lean(net, (x, c), (torch.randn_like(x), torch.ones(1))))
     assert 2 * forward <= lean <= 2.05 * forward, lean / forward
+
+
+def test_edm2_loss_is_the_uncertainty_weighted_denoising_loss():
+    """L = lambda(sigma) / e^u ||D(x0 + sigma n) - x0||^2 + u dim, u = w . sqrt(2) cos(f c_noise + phi) / sqrt(128)."""
+    from cmscale.models.edm2_loss import EDM2Loss
+
+    net = _small_net()
+    x0, sigma = _inputs()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    labels = torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        got = EDM2Loss()(EDMPrecond(net), x0, sigma, noise, labels)
+        denoised = edm2_denoiser(net.state_dict(), x0 + sigma[:, None, None, None] * noise, sigma,
+                                 torch.nn.functional.one_hot(labels, 10).double())
+        fourier = 2**0.5 * torch.cos(sigma.log()[:, None] / 4 * net.logvar_fourier.freqs + net.logvar_fourier.phases)
+        weight = net.logvar_linear.weight[0]
+        u = fourier @ (weight / (1e-4 + weight.norm() / 128**0.5)) / 128**0.5
+        lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+        want = lam / u.exp() * (denoised - x0).square().flatten(1).sum(1) + u * x0[0].numel()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-8)

@@ -98,6 +98,10 @@ def resample(x: torch.Tensor, kernel: Sequence[float] = (1, 1), mode: str = "kee
     """2x down (a depthwise blur with stride 2) or up (its transpose, times 4), or ``keep``; linear in x."""
     if mode == "keep":
         return x
+    if list(kernel) == [1, 1] and mode in ("down", "up"):
+        # EDM2's box filter: 2x2 means down, nearest-neighbour copies up (the same map as the convolutions
+        # below, without a depthwise convolution's slow kernel)
+        return F.avg_pool2d(x, 2) if mode == "down" else F.interpolate(x, scale_factor=2.0, mode="nearest")
     taps = np.asarray(kernel, dtype=np.float32)
     if taps.ndim != 1 or len(taps) % 2:
         raise ValueError(f"resample_filter must be a 1-D filter of even length, got {list(kernel)}")
