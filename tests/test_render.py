@@ -71,3 +71,18 @@ def test_html_and_markdown_say_the_same_from_one_context(analysis, tmp_path):
     # warnings: grouped with counts in both
     count = len(findings["warnings"])
     assert f"## Warnings ({count})" in md and f"<h2>Warnings ({count})</h2>" in html
+
+
+def test_plot_writes_every_figure_with_its_csv(analysis, tmp_path):
+    from click.testing import CliRunner
+
+    from cmscale.cli import main
+
+    result = CliRunner().invoke(main, ["plot", "--sweep", SWEEP, "--root", str(analysis.root), "--out",
+                                       str(tmp_path), "--n-draws", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    assert {"ect_fid_2step_compute", "teacher_student", "sampling"} <= set(figures)
+    for paths in figures.values():
+        assert sorted(paths) == ["csv", "pdf", "png"]
+        assert all((tmp_path / name).exists() for name in (paths["png"], paths["csv"]))

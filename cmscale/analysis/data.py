@@ -205,9 +205,9 @@ def check_positive(table: pd.DataFrame, source: str, *columns: str) -> None:
         bad = ~np.isfinite(values) | (values <= 0)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{source}: column {column!r} must hold numbers > 0; row {row} has {table[column].iloc[row]!r}"
-            )
+            value = table[column].iloc[row]
+            value = value.item() if isinstance(value, np.generic) else value  # 0.0, not np.float64(0.0)
+            raise ValueError(f"{source}: column {column!r} must hold numbers > 0; row {row} has {value!r}")
 
 
 def check_columns(table: pd.DataFrame, source: str, **columns: str | None) -> None:

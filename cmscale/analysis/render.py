@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cmscale.analysis import data as D
@@ -98,8 +99,6 @@ def _band_frame(choice: LawChoice, x) -> pd.DataFrame:
 
 def _joint_curve_frame(result: MethodAnalysis, compute, level: float = 0.95) -> pd.DataFrame | None:
     """The joint law's N_opt(C) with a bootstrap band, where its exponent is reported."""
-    import numpy as np
-
     choice, exponent = result.joint, result.joint_n_opt
     if choice is None or exponent is None or exponent.a is None:
         return None
