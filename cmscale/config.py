@@ -42,7 +42,7 @@ DATASETS_WITH_FILES = ("cifar10", "imagefolder")  # read from data_path; digits 
 # the whole data set is held in memory at the run's resolution (digits at 1024 needed 21 GB).
 MAX_RESOLUTION = {"digits": 64, "cifar10": 128, "imagefolder": 512}
 
-SAFE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+SAFE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # the whole name: fullmatch
 SAFE_NAME_RULE = "letters, digits, '_', '.' and '-' only, not starting with '.', at most 128 characters"
 
 
@@ -51,7 +51,7 @@ def safe_path_component(value: str) -> str:
 
     Sweep names, run ids, study and profile names become folders: a '/' or '..' in one would
     write outside the root, so only one plain component is accepted (never '.' or '..')."""
-    if not isinstance(value, str) or not SAFE_NAME_PATTERN.match(value):
+    if not isinstance(value, str) or not SAFE_NAME_PATTERN.fullmatch(value):
         raise ValueError(f"{value!r} is not a safe folder name: use {SAFE_NAME_RULE}")
     return value
 
@@ -68,6 +68,10 @@ def profile_name_or_file(value: str) -> str:
 
 ProfileRef = Annotated[str, AfterValidator(profile_name_or_file)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]  # EMA rates, Adam betas: in [0, 1)
+# Integers the results store keeps in 32-bit columns (INTEGER): bounded here, at the edge, so a run
+# never trains with a value its row cannot hold.
+INT32_LIMIT = 2**31
+Seed = Annotated[int, Field(ge=0, lt=INT32_LIMIT, description="in [0, 2**31)")]
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 RESULTS_ENV = "CMSCALE_RESULTS"
@@ -160,7 +164,7 @@ class EvalConfig(StrictModel):
         "auto", description="'auto' (digits -> domain CNN, else inception-v3-compat) or an extractor name"
     )
     inception_weights: str | None = None
-    seed: int = 0
+    seed: Seed = 0
     grid_images: int = Field(64, ge=0, le=64)
 
     @model_validator(mode="after")
@@ -179,7 +183,7 @@ class RunConfig(StrictModel):
     dataset: Dataset = "digits"
     data_path: str | None = Field(None, validate_default=True)
     resolution: int = Field(16, ge=4)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, lt=INT32_LIMIT)
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "radam"] = "adam"
     adam_betas: tuple[Fraction, Fraction] = (0.9, 0.999)
@@ -198,7 +202,7 @@ class RunConfig(StrictModel):
                              "each ema_sigma_rels average under phema/ (EDM2 uses widths 0.05 and 0.10); "
                              "`cmscale ema reconstruct RUN --sigma-rel ...` then builds any width. 0: off")
     dropout: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, mps, cuda or cuda:N")
     # How the run executes (memory layout, compiler, CUDA matmul precision), kept out of the config hash
@@ -327,9 +331,12 @@ def read_toml(path: Path | str, what: str, error: type[ConfigError] = ConfigErro
     if not path.is_file():
         raise error(f"{path}: {what} not found")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as decode_error:
         raise error(f"{path}: not valid TOML ({decode_error})") from None
+    except UnicodeDecodeError as decode_error:
+        raise error(f"{path}: not UTF-8 text (byte {decode_error.start}: {decode_error.reason}); "
+                    "TOML files are UTF-8: save it with that encoding") from None
 
 
 def load_run_config(path: Path | str, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -337,12 +344,17 @@ def load_run_config(path: Path | str, overrides: dict[str, Any] | None = None) -
 
     Errors name the file (and the overrides, when some were given) and each bad field.
     """
-    raw = apply_overrides(read_toml(path, "run config"), overrides or {})
+    given = " ".join(f"{key}={value}" for key, value in (overrides or {}).items())
+    source = f"{path} (with --set {given})" if overrides else str(path)
+    try:
+        raw = apply_overrides(read_toml(path, "run config"), overrides or {})
+    except ValueError as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{source}: invalid configuration\n  - {error}") from None
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        given = " ".join(f"{key}={value}" for key, value in (overrides or {}).items())
-        source = f"{path} (with --set {given})" if overrides else str(path)
         raise ConfigError(format_validation_error(source, error)) from None
 
 
@@ -366,8 +378,12 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """``tree["a"]["b"] = value`` for ``dotted = "a.b"``, creating the tables on the way."""
     *parents, leaf = dotted.split(".")
     node = tree
-    for part in parents:
+    for depth, part in enumerate(parents):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ValueError(f"{dotted}: {where} is a value ({node!r}), not a table of options; "
+                             f"set {where}=VALUE, or name an option table such as ect.q")
     node[leaf] = value
 
 

@@ -144,6 +144,8 @@ def test_the_sweep_planner_plans_ect_iterations_as_the_trainer_does(tmp_path, mo
     from cmscale.sweep.spec import SweepSpec
 
     monkeypatch.setenv("CMSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    teacher = tmp_path / "t.pt"
+    teacher.touch()  # planning checks that the checkpoint exists; it reads nothing from it
     spec = SweepSpec.model_validate(
         {
             "name": "ectplan",
@@ -153,7 +155,7 @@ def test_the_sweep_planner_plans_ect_iterations_as_the_trainer_does(tmp_path, mo
             "seeds": [0],
             "budgets": {"start": 3e9, "stop": 3e10, "num": 3},
             "methods": {"ect": {}},
-            "teacher": {"checkpoints": {"xxs": str(tmp_path / "t.pt")}},
+            "teacher": {"checkpoints": {"xxs": str(teacher)}},
         }
     )
     runs = [run for run in Planner(spec, tmp_path).plan() if run.config.method == "ect"]

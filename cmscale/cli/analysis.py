@@ -63,7 +63,11 @@ def _sweep_methods(root, sweep: str, metric_name: str, only_method: str | None):
         raise click.BadParameter(str(error), param_hint="--metric") from None
     with clear_errors(ValueError):
         runs = D.sweep_runs(root, sweep)
-    return metric, [only_method] if only_method else D.sweep_methods(runs)
+    methods = D.sweep_methods(runs)
+    if only_method and only_method not in methods:
+        raise click.BadParameter(f"sweep {sweep!r} has no runs of method {only_method!r}; its methods: "
+                                 f"{', '.join(methods) or 'none'}", param_hint="--method")
+    return metric, [only_method] if only_method else methods
 
 
 def _table(csv, parquet):

@@ -153,8 +153,10 @@ def ingest_results(root: Path) -> None:
 @click.option("--wait", is_flag=True, help="Follow the runs until they finish, ingesting results as they land.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=None,
               help="With --wait: stop following after this many seconds (the runs go on).")
+@click.option("--new-version", is_flag=True,
+              help="SPEC changes a sweep already launched under its name: add its runs to the sweep.")
 def launch_command(spec_path: Path, root: Path, executor: str | None, profile: str | None, dry_run: bool, wait: bool,
-                   wait_timeout: float | None) -> None:
+                   wait_timeout: float | None, new_version: bool) -> None:
     """Submit SPEC's runs: teachers first, students after them. Runs already done or queued are skipped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -173,7 +175,7 @@ def launch_command(spec_path: Path, root: Path, executor: str | None, profile: s
         try:
             report = submit_runs(runs, spec, root, executor, profile, dry_run=dry_run, spec_path=spec_path,
                                  on_finish=lambda run, state: console.print(f"  {state:>6}  {run.run_id}"),
-                                 on_progress=on_progress)
+                                 on_progress=on_progress, new_version=new_version)
         except ConfigError as error:
             raise click.ClickException(str(error)) from None
     _print_report(report, dry_run)

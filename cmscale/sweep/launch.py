@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cmscale.cluster.launchers import LAUNCHERS, LaunchReport, make_launcher
 from cmscale.rundir import DONE_FILE, LIVE_STATES, TERMINAL_STATES, RunState, read_job
-from cmscale.sweep.plan import PlannedRun, write_sweep_file
+from cmscale.sweep.plan import PlannedRun, check_sweep_identity, write_sweep_file
 from cmscale.sweep.spec import SweepSpec
 from cmscale.sweep.status import RunStatus, sweep_states
 
@@ -75,19 +75,24 @@ def submit_runs(
     on_finish: Callable[[PlannedRun, str], None] | None = None,
     spec_path: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    new_version: bool = False,
 ) -> LaunchReport:
-    """Submit the runs in state ``wanted`` (default: never submitted) through ``executor``'s launcher."""
+    """Submit the runs in state ``wanted`` (default: never submitted) through ``executor``'s launcher.
+
+    A different spec already launched under the sweep's name is refused unless ``new_version``."""
     root = Path(root)
     report = LaunchReport()
     launcher_class = LAUNCHERS.get(executor)
     if launcher_class is None:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(LAUNCHERS)}")
     profile = (profile_name or spec.executor.profile) if launcher_class.uses_profile else None
+    stored_path = str(Path(spec_path).resolve()) if spec_path else ""
     if not dry_run:
-        write_sweep_file(root, spec.name, runs, spec_path=str(Path(spec_path).resolve()) if spec_path else "",
-                         executor=executor, profile=profile)
+        write_sweep_file(root, spec.name, runs, spec_path=stored_path, executor=executor, profile=profile,
+                         spec=spec, new_version=new_version)
         states = {state.run_id: state for state in sweep_states(root, spec.name)}
     else:
+        check_sweep_identity(root, spec, runs, stored_path, new_version)
         states = {run.run_id: RunStatus(run.run_id, RunState.PLANNED, run.config.method, run.config.preset)
                   for run in runs}
     ready, live_jobs, done = _select(runs, states, set(wanted), report)

@@ -204,9 +204,64 @@ def sweep_dir(root: Path, sweep: str) -> Path:
     return Path(root) / sweep
 
 
+def spec_digest(spec: SweepSpec) -> str:
+    """What makes two specs the same sweep: every field but how the runs are executed."""
+    identity = spec.model_dump(mode="json", exclude={"executor"})
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def check_sweep_identity(root: Path, spec: SweepSpec, runs: list[PlannedRun], spec_path: str,
+                         new_version: bool = False) -> dict[str, Any] | None:
+    """The stored plan of sweep ``spec.name`` (None if there is none), after refusing a different
+    spec under the same name: a sweep name names one spec, so status and the store never mix two.
+
+    ``new_version``: the spec is a new version of the sweep; its runs join the earlier ones."""
+    path = sweep_dir(root, spec.name) / SWEEP_FILE
+    if not path.is_file():
+        return None
+    try:
+        stored = read_json(path)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SpecError(f"{path}: not valid JSON ({error}); it is the plan of sweep {spec.name!r}: restore it "
+                        "or remove it to plan the sweep anew") from None
+    digest = spec_digest(spec)
+    known = [version.get("spec_digest") for version in stored.get("versions") or []]
+    if digest in known or new_version:
+        return stored
+    if not known and {entry.get("run_id") for entry in stored.get("runs") or []} == {run.run_id for run in runs}:
+        return stored  # planned before specs were recorded by digest: the same runs are the same sweep
+    earlier = stored.get("spec_path") or "an earlier spec"
+    raise SpecError(
+        f"{spec_path or '<spec>'}: sweep name {spec.name!r} is taken under {Path(root)} by a different spec "
+        f"({earlier}, {len(stored.get('runs') or [])} runs; this one plans {len(runs)}). Give this spec a new "
+        "name, or pass --new-version to add its runs to the sweep (the earlier runs are kept)"
+    )
+
+
 def write_sweep_file(root: Path, sweep: str, runs: list[PlannedRun], spec_path: str,
-                     executor: str | None = None, profile: str | None = None) -> None:
-    """The plan on disk; ``executor`` and ``profile`` are what ``relaunch`` reuses by default."""
+                     executor: str | None = None, profile: str | None = None,
+                     spec: SweepSpec | None = None, new_version: bool = False) -> None:
+    """The plan on disk; ``executor`` and ``profile`` are what ``relaunch`` reuses by default.
+
+    With ``spec``, a different spec already planned under the name is refused
+    (:func:`check_sweep_identity`); a new version keeps the earlier versions' runs in the plan."""
+    stored = check_sweep_identity(root, spec, runs, spec_path, new_version) if spec is not None else None
+    versions = list((stored or {}).get("versions") or [])
+    if spec is not None and spec_digest(spec) not in [v.get("spec_digest") for v in versions]:
+        versions.append({"spec_digest": spec_digest(spec), "spec_path": spec_path, "runs": len(runs)})
+    entries = [
+        {
+            "run_id": run.run_id,
+            "stage": run.stage,
+            "depends_on": run.depends_on,
+            "iterations": run.iterations,
+            "flops_per_step": run.flops_per_step,
+            "config": run.config.model_dump(mode="json"),
+        }
+        for run in runs
+    ]
+    planned = {run.run_id for run in runs}
+    entries += [entry for entry in (stored or {}).get("runs") or [] if entry.get("run_id") not in planned]
     atomic_write_json(
         sweep_dir(root, sweep) / SWEEP_FILE,
         {
@@ -214,17 +269,8 @@ def write_sweep_file(root: Path, sweep: str, runs: list[PlannedRun], spec_path: 
             "spec_path": spec_path,
             "executor": executor,
             "profile": profile,
-            "runs": [
-                {
-                    "run_id": run.run_id,
-                    "stage": run.stage,
-                    "depends_on": run.depends_on,
-                    "iterations": run.iterations,
-                    "flops_per_step": run.flops_per_step,
-                    "config": run.config.model_dump(mode="json"),
-                }
-                for run in runs
-            ],
+            "versions": versions,
+            "runs": entries,
         },
     )
 

@@ -50,6 +50,7 @@ from cmscale.config import (
     ProfileRef,
     RunConfig,
     SafeName,
+    Seed,
     StrictModel,
     check_data_path,
     check_resolution,
@@ -57,13 +58,22 @@ from cmscale.config import (
     read_toml,
 )
 
+# A grid above this many runs is refused before anything is built: planning holds every run's
+# config in memory (a million runs took 3 GB and ended in a MemoryError), and no cluster queue takes it.
+MAX_PLANNED_RUNS = 100_000
+# Fields the spec itself sets for each run (its identity and where it lands): a [defaults],
+# [methods.*] or [teacher.overrides] table that set one would move runs to another sweep, or
+# silently change the grid's axes.
+SPEC_OWNED_FIELDS = ("sweep", "run_id", "method", "preset", "seed", "budget_flops", "budget_iters", "dataset",
+                     "data_path", "resolution", "teacher_ckpt", "teacher_run_id")
+
 
 class LogSpace(StrictModel):
     """Log-spaced budgets: ``num`` values from ``start`` to ``stop`` inclusive."""
 
     start: float = Field(gt=0)
     stop: float = Field(gt=0)
-    num: int = Field(ge=1)
+    num: int = Field(ge=1, le=MAX_PLANNED_RUNS)
 
     def values(self) -> list[float]:
         if self.num == 1:
@@ -78,6 +88,16 @@ class TeacherSpec(StrictModel):
     budget_iters: int | None = Field(None, gt=0)
     checkpoints: dict[str, str] = Field(default_factory=dict, description="preset -> EDM checkpoint path")
     overrides: dict[str, Any] = Field(default_factory=dict, description="RunConfig fields for teacher runs")
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints_exist(cls, checkpoints: dict[str, str]) -> dict[str, str]:
+        """Checked when planning, so no student is launched to die loading a missing teacher."""
+        for preset, path in checkpoints.items():
+            if not Path(path).expanduser().is_file():
+                raise ValueError(f"{preset} = {path!r}: no such file; give the path of the preset's EDM teacher "
+                                 "checkpoint (from `cmscale teacher import`, or an EDM run's ckpt/final.pt)")
+        return checkpoints
 
     @model_validator(mode="after")
     def _budget_when_training(self) -> TeacherSpec:
@@ -102,7 +122,7 @@ class ExplicitRun(StrictModel):
     preset: str
     budget_flops: float | None = Field(None, gt=0)
     budget_iters: int | None = Field(None, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class SweepSpec(StrictModel):
@@ -111,7 +131,7 @@ class SweepSpec(StrictModel):
     data_path: str | None = Field(None, validate_default=True)
     resolution: int = Field(16, ge=4)
     presets: list[str] = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
     budgets_flops: list[float] = Field(default_factory=list)
     budgets: LogSpace | None = None
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -162,6 +182,20 @@ class SweepSpec(StrictModel):
         if bad:
             raise ValueError(f"budgets must be positive FLOP counts; got {bad[0]!r}")
         return budgets
+
+    @model_validator(mode="after")
+    def _grid_within_limit(self) -> SweepSpec:
+        """Count the grid before anything is built; refuse one above MAX_PLANNED_RUNS, naming its axes."""
+        budgets = len(set(self.budgets_flops)) + (self.budgets.num if self.budgets else 0)
+        grid = len(self.methods) * len(self.presets) * budgets * len(self.seeds)
+        total = grid + len(self.runs)
+        if total > MAX_PLANNED_RUNS:
+            raise ValueError(
+                f"the grid plans {total:,} runs ({len(self.methods)} methods x {len(self.presets)} presets x "
+                f"{budgets} budgets x {len(self.seeds)} seeds, + {len(self.runs)} [[runs]]), above the limit of "
+                f"{MAX_PLANNED_RUNS:,}; split it into several sweeps or shorten an axis"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grid_not_empty(self) -> SweepSpec:
@@ -233,6 +267,12 @@ def _check_run_fields(spec: SweepSpec, source: str) -> None:
     sections |= {f"methods.{name}": options for name, options in spec.methods.items()}
     for section, options in sections.items():
         for key in options:
+            if key in SPEC_OWNED_FIELDS:
+                raise SpecError(
+                    f"{source}: invalid configuration\n  - {section}.{key}: set by the sweep spec itself for each "
+                    "run (its identity), so it cannot be overridden here; the spec's own fields "
+                    f"({', '.join(SPEC_OWNED_FIELDS)}) are set at the top level, on the grid axes or in [[runs]]"
+                )
             if key not in known:
                 raise SpecError(
                     f"{source}: invalid configuration\n  - {section}.{key}: not a run setting; "
