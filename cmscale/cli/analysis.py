@@ -70,6 +70,10 @@ def _sweep_methods(root, sweep: str, metric_name: str, only_method: str | None):
     return metric, [only_method] if only_method else methods
 
 
+def _no_evals(sweep: str, metric, method: str | None) -> str:
+    return f"sweep {sweep!r}: no finished run has {metric.name} evals" + (f" for method {method!r}" if method else "")
+
+
 def _table(csv, parquet):
     from cmscale.analysis.tables import read_table
 
@@ -151,6 +155,8 @@ def powerlaw_command(
     with clear_errors(ValueError):
         results = sweep_power_laws(root, sweep, metric, methods, n_draws=n_draws, seed=seed, form=form, loss=loss,
                                    delta=delta)
+    if not results:
+        raise click.ClickException(_no_evals(sweep, metric, method))
     if as_json:
         _echo_json(results)
         return
@@ -252,10 +258,7 @@ def frontier_command(
         with clear_errors(ValueError):
             out = sweep_compute_optimal(root, sweep, metric, methods, n_draws=n_draws, seed=seed)
         if not out:
-            raise click.ClickException(
-                f"sweep {sweep!r}: no finished run has {metric.name} evals"
-                + (f" for method {method!r}" if method else "")
-            )
+            raise click.ClickException(_no_evals(sweep, metric, method))
     else:
         from cmscale.analysis.tables import table_frontier
 
