@@ -14,7 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from cmscale.rundir import atomic_write_json
+from cmscale.rundir import RunState, atomic_write_json
 
 DEMO_SPEC = "demo_digits.toml"
 QUICK_SPEC = "demo_digits_quick.toml"
@@ -58,8 +58,10 @@ def spec_path(quick: bool) -> Path:
     return Path(str(resources.files("cmscale.examples").joinpath(QUICK_SPEC if quick else DEMO_SPEC)))
 
 
-def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: str | None = None, console=None) -> dict:
-    """Run the demo end to end; returns paths and timings. ``console`` is a rich Console."""
+def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: str | None = None, console=None,
+             overrides: dict | None = None) -> dict:
+    """Run the demo end to end; returns paths, timings and the runs that did not finish.
+    ``console`` is a rich Console; ``overrides`` are dotted spec settings (``--set``)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -70,12 +72,13 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
     from cmscale.sweep.launch import submit_runs, wait_for_sweep
     from cmscale.sweep.plan import plan_sweep
     from cmscale.sweep.spec import load_spec
+    from cmscale.sweep.status import sweep_states
 
     console = console or Console()
     out = Path(out)
     started = time.time()
     path = spec_path(quick)
-    spec = load_spec(path)
+    spec = load_spec(path, overrides)
     console.rule(f"cmscale demo: {spec.name} ({'quick' if quick else 'full'}), results in {out}")
     with console.status("planning: counting FLOPs per training step for each method and size"):
         runs = plan_sweep(spec, out, source=str(path))
@@ -92,7 +95,8 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
             progress.advance(task)
             progress.console.print(f"  {state:>6}  {run.run_id}")
 
-        report = submit_runs(runs, spec, out, executor, profile, on_finish=on_finish, spec_path=path)
+        report = submit_runs(runs, spec, out, executor, profile, on_finish=on_finish, spec_path=path,
+                             overrides=overrides)
         ended_here = 0 if detaches(executor) else len(report.submitted)
         progress.update(task, completed=len(report.skipped) + ended_here)
         if detaches(executor):
@@ -130,8 +134,10 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
         f"FID {floor.fid_mean:.2f} +- {floor.fid_std:.2f}, KID {floor.kid_mean:.1f} +- {floor.kid_std:.1f} "
         f"({floor.repeats} random splits); differences between sizes below the +- are noise", soft_wrap=True)
     console.print(f"demo finished in {timings['total_s']:.0f} s")
+    failed = [{"run_id": s.run_id, "state": s.state, "reason": s.reason}
+              for s in sweep_states(out, spec.name) if s.state != RunState.DONE]
     return {"report": report_paths, "timings": timings, "sweep": spec.name, "root": str(out),
-            "noise_floor": floor.to_json()}
+            "noise_floor": floor.to_json(), "failed": failed}
 
 
 def eval_noise_floor(runs):

@@ -2,6 +2,7 @@
 
 import copy
 import tomllib
+from pathlib import Path
 
 import pytest
 from conftest import EXAMPLE
@@ -120,7 +121,9 @@ def test_dry_run_submits_one_array_per_teacher_group(tmp_path):
     # Teachers in one array, then the students of each teacher in one array each.
     assert report.sbatch_calls == 1 + 2
     assert sorted(report.submitted) == sorted(run.run_id for run in runs)
-    assert not (tmp_path / "digits_tiny").exists()
+    # Nothing recorded (no sweep.json, no job.json): only the sbatch scripts it would submit.
+    assert [path.name for path in (tmp_path / "digits_tiny").iterdir()] == ["_dry_run"]
+    assert sorted(Path(script).name for script in report.scripts) == [f"dryrun{i}.sbatch" for i in (1, 2, 3)]
 
 
 # ----------------------------------------------------------------------------------------------

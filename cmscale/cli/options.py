@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cmscale.config import DEFAULT_RESULTS_ROOT, RESULTS_ENV, default_results_root
+from cmscale.config import DEFAULT_RESULTS_ROOT, RESULTS_ENV, ConfigError, default_results_root, parse_override
 
 console = Console()
 err_console = Console(stderr=True)
@@ -43,6 +43,33 @@ PARQUET_OPTION = click.option(
     "--parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
     help="A Parquet table to analyse instead of a sweep.",
 )
+
+
+def set_option(example: str):
+    """``--set KEY=VALUE`` (repeatable, as ``overrides``): the same dotted syntax as ``cmscale train``."""
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help=f"Override a field of the spec, e.g. {example} (dotted keys, TOML values; repeatable).")
+
+
+def parse_overrides(texts: tuple[str, ...]) -> dict:
+    """``--set KEY=VALUE`` options as {dotted key: value}; a malformed one is a usage error naming --set."""
+    overrides = {}
+    for text in texts:
+        try:
+            key, value = parse_override(text)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--set") from None
+        overrides[key] = value
+    return overrides
+
+
+def spec_error(error: ConfigError, overrides: dict, keys_hint: str) -> click.ClickException:
+    """A spec that failed validation; with overrides, the message says how --set keys are written."""
+    message = str(error)
+    if overrides:
+        message += (f"\n  --set: check the key and the value's type: {keys_hint}; remove or correct the --set option "
+                    "named above")
+    return click.ClickException(message)
 
 
 def print_table(table: Table) -> None:

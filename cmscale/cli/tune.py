@@ -12,7 +12,17 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from cmscale.cli.options import JSON_OPTION, ROOT_OPTION, console, print_table
+from cmscale.cli.options import (
+    JSON_OPTION,
+    ROOT_OPTION,
+    console,
+    err_console,
+    json_option,
+    parse_overrides,
+    print_table,
+    set_option,
+    spec_error,
+)
 from cmscale.cli.sweep import ingest_results
 from cmscale.cluster.executors import EXECUTORS, detaches, in_process
 from cmscale.config import ConfigError
@@ -29,8 +39,13 @@ def _counts_line(counts: dict[str, int], used: int, n_trials: int) -> str:
     return f"{used}/{n_trials} trials used: {states}"
 
 
-def _follow(spec, root: Path, jobs: list, poll_s: float) -> None:
-    """Print the state counts whenever they change, until every worker has ended."""
+TUNE_KEYS = ("the spec's own keys, dotted: n_trials=20, base.batch_size=64 (every trial's run), "
+             "objective.metrics=[\"fid_1step\"], sampler.seed=1, executor.timeout_min=30")
+
+
+def _follow(spec, root: Path, jobs: list, poll_s: float, out=console) -> list[dict]:
+    """Print the state counts whenever they change, until every worker has ended; returns the
+    workers that died ({"job_id", "error"})."""
     from cmscale.tune.study import budget_used, load_study, state_counts
 
     study = load_study(spec, root)
@@ -40,7 +55,7 @@ def _follow(spec, root: Path, jobs: list, poll_s: float) -> None:
             finished = all(job.done() for job in jobs)
             line = _counts_line(state_counts(study), budget_used(study), spec.n_trials)
             if line != last:
-                console.print(f"  {line}")
+                out.print(f"  {line}")
                 last = line
             if finished:
                 break
@@ -52,14 +67,14 @@ def _follow(spec, root: Path, jobs: list, poll_s: float) -> None:
             "[yellow]stopped; the workers were cancelled. Run the same command again to continue the study.[/yellow]"
         )
         raise SystemExit(130) from None
+    dead = []
     for job in jobs:
         try:
             job.result()
         except Exception as error:  # noqa: BLE001 - report each dead worker, keep the others' results
-            console.print(
-                f"[red]worker {job.job_id} failed:[/red] "
-                f"{str(error).strip().splitlines()[-1] if str(error).strip() else error}"
-            )
+            last_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+            dead.append({"job_id": str(job.job_id), "error": last_line})
+    return dead
 
 
 @tune_group.command("run")
@@ -86,6 +101,8 @@ def _follow(spec, root: Path, jobs: list, poll_s: float) -> None:
 @click.option(
     "--wait/--no-wait", default=None, help="SLURM: follow the workers until they end (local and debug always wait)."
 )
+@set_option("--set n_trials=20 --set base.batch_size=64")
+@json_option("Print the study's summary (counts, best trials, dead workers) as JSON.")
 def run_command(
     spec_path: Path,
     root: Path,
@@ -94,38 +111,64 @@ def run_command(
     n_trials: int | None,
     profile: str | None,
     wait: bool | None,
+    overrides: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Start or continue the study of SPEC: workers pull trials until it has N trials (COMPLETE,
-    PRUNED, RUNNING, or FAIL not retried). Re-running continues it; finished trials are never redone."""
+    PRUNED, RUNNING, or FAIL not retried). Re-running continues it; finished trials are never redone.
+
+    Exits 1 naming them when workers died (a trial's own failure is a FAIL trial, not a dead worker)."""
     from cmscale.tune.spec import load_tune_spec
     from cmscale.tune.study import TuneError, create_study, pruning_note, study_summary
     from cmscale.tune.worker import launch_workers
 
+    given = parse_overrides(overrides)
+    out = err_console if as_json else console
     try:
-        spec = load_tune_spec(spec_path)
+        spec = load_tune_spec(spec_path, given)
+    except ConfigError as error:
+        raise spec_error(error, given, TUNE_KEYS) from None
+    try:
         spec = spec.model_copy(update={"n_trials": n_trials or spec.n_trials, "workers": workers or spec.workers})
         note = pruning_note(spec)
         if note:
-            console.print(f"[yellow]{note}[/yellow]")
+            out.print(f"[yellow]{note}[/yellow]")
         create_study(spec, root, spec_path=str(Path(spec_path).resolve()))
         executor = executor or spec.executor.name
         jobs = launch_workers(spec, root, executor, spec.workers, profile)
     except (ConfigError, TuneError) as error:
         raise click.ClickException(str(error)) from None
     storage = spec.storage or f"{Path(root).resolve() / spec.name / JOURNAL_FILE}"
-    console.print(f"study {spec.name}: {spec.n_trials} trials, {spec.workers} {executor} worker(s); storage {storage}")
+    out.print(f"study {spec.name}: {spec.n_trials} trials, {spec.workers} {executor} worker(s); storage {storage}")
+    payload = {"study": spec.name, "executor": executor, "workers": spec.workers, "storage": storage,
+               "overrides": given}
     if detaches(executor):
-        console.print(f"  submitted array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks)")
+        payload["array_job_id"] = jobs[0].job_id.split("_")[0]
+        out.print(f"  submitted array {payload['array_job_id']} ({len(jobs)} tasks)")
         if not wait:
-            console.print(f"  follow with `cmscale tune status {spec.name}`")
+            out.print(f"  follow with `cmscale tune status {spec.name}`")
+            if as_json:
+                click.echo(json.dumps(payload | {"jobs": [str(job.job_id) for job in jobs]}, indent=2))
             return
+    dead: list[dict] = []
     if not in_process(executor):
-        _follow(spec, root, jobs, poll_s=5.0 if detaches(executor) else 2.0)
+        dead = _follow(spec, root, jobs, poll_s=5.0 if detaches(executor) else 2.0, out=out)
         # Drop the finished jobs now: submitit's LocalJob.__del__ fails noisily at interpreter exit.
         jobs.clear()
         gc.collect()
     ingest_results(root)
-    _print_summary(study_summary(root, spec.name))
+    summary = study_summary(root, spec.name)
+    if as_json:
+        click.echo(json.dumps(payload | summary | {"dead_workers": dead}, indent=2, default=str))
+    else:
+        _print_summary(summary)
+    if dead:
+        for worker in dead:
+            out.print(f"[red]worker {worker['job_id']} died:[/red] {worker['error']}", highlight=False,
+                      soft_wrap=True)
+        out.print(f"[red]{len(dead)} of {spec.workers} worker(s) died[/red]; their logs are under "
+                  f"{Path(root) / spec.name}/_submitit/. Run the same command again to continue the study.")
+        raise click.exceptions.Exit(1)
 
 
 def _print_summary(summary: dict) -> None:
@@ -177,7 +220,8 @@ def status_command(name: str, root: Path, as_json: bool) -> None:
     default=None,
     help="This trial instead of the best (for a Pareto front: pick one from `tune status`).",
 )
-def best_command(name: str, root: Path, write_path: Path | None, trial_number: int | None) -> None:
+@json_option("Print the trial (number, values, params) and its run config as JSON.")
+def best_command(name: str, root: Path, write_path: Path | None, trial_number: int | None, as_json: bool) -> None:
     """The best trial's run config (TOML for `cmscale train`). Multi-objective: the Pareto-front
     trial with the best first metric unless --trial is given."""
     import tomli_w
@@ -191,12 +235,17 @@ def best_command(name: str, root: Path, write_path: Path | None, trial_number: i
     header = (f"# best config of study {name}: trial {trial.number}, values {trial.values}, "
               f"params {json.dumps(trial.params)}\n")
     text = header + tomli_w.dumps(config)
-    if write_path is None:
+    if write_path is not None:
+        write_path.parent.mkdir(parents=True, exist_ok=True)
+        write_path.write_text(text)
+    if as_json:
+        click.echo(json.dumps({"study": name, "trial": trial.number, "values": trial.values, "params": trial.params,
+                               "config": config, "written": str(write_path) if write_path else None},
+                              indent=2, default=str))
+    elif write_path is None:
         click.echo(text)
-        return
-    write_path.parent.mkdir(parents=True, exist_ok=True)
-    write_path.write_text(text)
-    console.print(f"wrote {write_path} (trial {trial.number}, values {trial.values})")
+    else:
+        console.print(f"wrote {write_path} (trial {trial.number}, values {trial.values})")
 
 
 if __name__ == "__main__":

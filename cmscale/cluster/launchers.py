@@ -68,6 +68,7 @@ class LaunchReport:
     skipped: dict[str, str] = field(default_factory=dict)  # run_id -> why
     sbatch_calls: int = 0
     arrays: list[dict[str, Any]] = field(default_factory=list)
+    scripts: list[str] = field(default_factory=list)  # a dry run's sbatch files, one per array
 
 
 def record_job(run_dir: Path, executor: str, job_id: str, array_job_id: str | None, task: int | None,
@@ -152,14 +153,30 @@ class Launcher(Protocol):
                done: set[str]) -> None: ...
 
 
+def sbatch_script(executor: Any, tasks: int) -> str:
+    """The sbatch file submitit would submit for ``tasks`` jobs in one batch (an array when more
+    than one), rendered the way submitit renders it, without submitting anything."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    slurm = executor._executor  # the AutoExecutor's SLURM executor
+    rendered = SlurmExecutor(slurm.folder, slurm.max_num_timeout)
+    rendered.update_parameters(**slurm.parameters)
+    if tasks > 1:
+        rendered.parameters["map_count"] = tasks
+    return rendered._make_submission_file_text(rendered._submitit_command_str, "dry-run")
+
+
 class SlurmLauncher:
-    """Submits arrays with submitit's SLURM executor. ``dry_run`` builds the sbatch files only."""
+    """Submits arrays with submitit's SLURM executor. ``dry_run`` writes the sbatch files that
+    would be submitted into ``script_dir`` instead (job ids in them are placeholders)."""
 
     uses_profile: ClassVar[bool] = True
 
     def __init__(self, root: Path, sweep: str, profile: Profile, dry_run: bool = False,
-                 on_progress: Callable[[int, int], None] | None = None, runs_per_job: int = 1):
+                 on_progress: Callable[[int, int], None] | None = None, runs_per_job: int = 1,
+                 script_dir: Path | None = None):
         self.root = Path(root)
+        self.script_dir = Path(script_dir) if script_dir else self.root / sweep / "_dry_run"
         self.runs_per_job = runs_per_job
         self.sweep = sweep
         self.profile = profile
@@ -177,17 +194,26 @@ class SlurmLauncher:
         job_ids: list[str] = []
         for chunk in _chunks(list(_chunks(runs, self.runs_per_job)), self.max_array):
             report.sbatch_calls += 1
-            if self.dry_run:
-                fake = f"dryrun{report.sbatch_calls}"
-                job_ids += [f"{fake}_{i}" for i, pack in enumerate(chunk) for _ in pack]
-                report.arrays.append({"array_job_id": fake, "tasks": len(chunk), "dependency": dependency})
-                continue
             executor = make_executor("slurm", Path(self.root) / self.sweep / SUBMITIT_DIR / "%j",
                                      name=f"cmscale-{self.sweep}", profile=self.profile)
             extra = dict(self.profile.sbatch_extra)
             if dependency:
                 extra |= {"dependency": dependency, "kill-on-invalid-dep": "yes"}
             executor.update_parameters(slurm_additional_parameters=extra)
+            if self.dry_run:
+                fake = f"dryrun{report.sbatch_calls}"
+                job_ids += [f"{fake}_{i}" for i, pack in enumerate(chunk) for _ in pack]
+                report.arrays.append({"array_job_id": fake, "tasks": len(chunk), "dependency": dependency,
+                                      "runs": [run.run_id for pack in chunk for run in pack]})
+                self.script_dir.mkdir(parents=True, exist_ok=True)
+                script = self.script_dir / f"{fake}.sbatch"
+                header = "".join(f"# task {i}: {', '.join(run.run_id for run in pack)}\n"
+                                 for i, pack in enumerate(chunk))
+                text = sbatch_script(executor, len(chunk))
+                first, _, rest = text.partition("\n")  # the shebang stays first
+                script.write_text(f"{first}\n# cmscale dry run: {fake} stands for the array's job id\n{header}{rest}")
+                report.scripts.append(str(script))
+                continue
             with executor.batch():
                 jobs = [_submit(executor, pack, self.root) for pack in chunk]
             array_job_id = jobs[0].job_id.split("_")[0]
@@ -372,6 +398,7 @@ def make_launcher(
     on_finish: Callable[[LaunchableRun, str], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     runs_per_job: int = 1,
+    script_dir: Path | None = None,
 ) -> Launcher:
     """The launcher for executor ``kind``. A SLURM launcher loads profile ``profile_name``; a bad
     profile raises ConfigError prefixed with ``profile_where`` (the option or spec field that named it)."""
@@ -381,7 +408,7 @@ def make_launcher(
         except ConfigError as error:
             raise ConfigError(f"{profile_where}: {error}") from None
         return SlurmLauncher(root, sweep, profile, dry_run=dry_run, on_progress=on_progress,
-                             runs_per_job=runs_per_job)
+                             runs_per_job=runs_per_job, script_dir=script_dir)
     if kind in LAUNCHERS:
         return LocalLauncher(root, sweep, max_parallel, timeout_min, debug=kind == "debug", dry_run=dry_run,
                              on_finish=on_finish, runs_per_job=runs_per_job)

@@ -38,55 +38,63 @@ def _parse_states(lines: str, separator: str | None, states: dict[str, str], ove
                 states[job] = state
 
 
+# Job ids per squeue/sacct call: a sweep of thousands of arrays still makes short command lines.
+QUERY_BATCH = 100
+
+
+def _base_ids(job_ids: list[str]) -> list[str]:
+    """``123_4`` -> ``123``: one id per array (``squeue -r -j 123`` lists its tasks), in numeric order."""
+    bases = {job.split("_")[0] for job in job_ids}
+    return sorted(bases, key=lambda job: (len(job), job))
+
+
+def _batches(ids: list[str]) -> list[str]:
+    return [",".join(ids[start:start + QUERY_BATCH]) for start in range(0, len(ids), QUERY_BATCH)]
+
+
+def _ask(command: list[str]) -> str | None:
+    """The command's output, or None when it fails or is not installed (the run folders decide then)."""
+    try:
+        answer = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return answer.stdout if answer.returncode == 0 else None
+
+
 def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
     """Scheduler state per job id (``123`` or ``123_4``); empty if SLURM is not reachable.
 
-    squeue (one line per array task with ``-r``) answers for live and recently ended jobs; sacct
-    fills in older ones when accounting runs. Neither is required: a job neither knows is
-    reported as unknown, and the run's own files decide its state.
+    Only these jobs are asked about (``squeue -j`` and ``sacct -j`` with their ids, in batches of
+    ``QUERY_BATCH``): on a shared cluster of thousands of jobs, listing the whole queue on every
+    poll is what administrators forbid. squeue (one line per array task with ``-r``) answers for
+    live and recently ended jobs; sacct fills in older ones when accounting runs. Neither is
+    required: a job neither knows is reported as unknown, and the run's own files decide its state.
     """
     if not job_ids:
         return {}
+    wanted = set(job_ids)
     states: dict[str, str] = {}
-    try:
-        queued = subprocess.run(["squeue", "-r", "-h", "-o", "%i %T", "--states=all"], capture_output=True, text=True,
-                                timeout=30)
-        if queued.returncode == 0:
-            _parse_states(queued.stdout, None, states, overwrite=True)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    for batch in _batches(_base_ids(job_ids)):
+        # An id squeue no longer knows makes it exit 1 only when it knows none of the batch.
+        queued = _ask(["squeue", "-r", "-h", "-o", "%i %T", "--states=all", "-j", batch])
+        if queued is not None:
+            _parse_states(queued, None, states, overwrite=True)
+    states = {job: state for job, state in states.items() if job in wanted}
     # squeue shows a job being torn down as COMPLETING whatever its end; sacct knows whether it
     # was cancelled (the run is over) or requeued (it will run again), so ask it for those too.
     missing = [job for job in job_ids if states.get(job, "COMPLETING") == "COMPLETING"]
-    if missing:
-        try:
-            accounted = subprocess.run(
-                [
-                    "sacct",
-                    "-n",
-                    "-X",
-                    "-P",
-                    "-o",
-                    "JobID,State",
-                    "-j",
-                    ",".join(sorted({j.split("_")[0] for j in missing})),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            if accounted.returncode == 0:
-                answered: dict[str, str] = {}
-                _parse_states(accounted.stdout, "|", answered, overwrite=True)
-                for job in missing:
-                    if job not in answered:
-                        continue
-                    if job not in states:
-                        states[job] = answered[job]
-                    elif answered[job] not in LIVE_SLURM_STATES:
-                        states[job] = answered[job] + ENDING_SUFFIX
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+    answered: dict[str, str] = {}
+    for batch in _batches(_base_ids(missing)):
+        accounted = _ask(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", batch])
+        if accounted is not None:
+            _parse_states(accounted, "|", answered, overwrite=True)
+    for job in missing:
+        if job not in answered:
+            continue
+        if job not in states:
+            states[job] = answered[job]
+        elif answered[job] not in LIVE_SLURM_STATES:
+            states[job] = answered[job] + ENDING_SUFFIX
     return states
 
 

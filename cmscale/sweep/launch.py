@@ -17,9 +17,9 @@ from pathlib import Path
 
 from cmscale.cluster.launchers import LAUNCHERS, LaunchReport, make_launcher
 from cmscale.rundir import DONE_FILE, LIVE_STATES, TERMINAL_STATES, RunState, read_job
-from cmscale.sweep.plan import PlannedRun, check_sweep_identity, write_sweep_file
+from cmscale.sweep.plan import PlannedRun, check_sweep_identity, sweep_dir, write_sweep_file
 from cmscale.sweep.spec import SweepSpec
-from cmscale.sweep.status import RunStatus, sweep_states
+from cmscale.sweep.status import RunStatus, runs_states, sweep_states
 
 
 def _select(runs: list[PlannedRun], states: dict[str, RunStatus], wanted: set[str],
@@ -76,10 +76,15 @@ def submit_runs(
     spec_path: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     new_version: bool = False,
+    script_dir: Path | None = None,
+    overrides: dict | None = None,
 ) -> LaunchReport:
     """Submit the runs in state ``wanted`` (default: never submitted) through ``executor``'s launcher.
 
-    A different spec already launched under the sweep's name is refused unless ``new_version``."""
+    A different spec already launched under the sweep's name is refused unless ``new_version``.
+    ``dry_run`` selects exactly as a real launch does (runs done, queued or running are skipped)
+    and submits nothing; for SLURM it writes the sbatch files into ``script_dir`` (default
+    ``<root>/<sweep>/_dry_run``)."""
     root = Path(root)
     report = LaunchReport()
     launcher_class = LAUNCHERS.get(executor)
@@ -89,12 +94,12 @@ def submit_runs(
     stored_path = str(Path(spec_path).resolve()) if spec_path else ""
     if not dry_run:
         write_sweep_file(root, spec.name, runs, spec_path=stored_path, executor=executor, profile=profile,
-                         spec=spec, new_version=new_version)
+                         spec=spec, new_version=new_version, overrides=overrides)
         states = {state.run_id: state for state in sweep_states(root, spec.name)}
-    else:
+    else:  # the same selection as a real launch: from the run folders as they are now
         check_sweep_identity(root, spec, runs, stored_path, new_version)
-        states = {run.run_id: RunStatus(run.run_id, RunState.PLANNED, run.config.method, run.config.preset)
-                  for run in runs}
+        pairs = [(run.run_id, run.config.model_dump(mode="json")) for run in runs]
+        states = {state.run_id: state for state in runs_states(sweep_dir(root, spec.name), pairs)}
     ready, live_jobs, done = _select(runs, states, set(wanted), report)
     if not dry_run:
         for run in ready:
@@ -105,7 +110,7 @@ def submit_runs(
     launcher = make_launcher(executor, root, spec.name, profile_name=profile, profile_where=where,
                              max_parallel=spec.executor.max_parallel, timeout_min=spec.executor.timeout_min,
                              dry_run=dry_run, on_finish=on_finish, on_progress=on_progress,
-                             runs_per_job=spec.executor.runs_per_job)
+                             runs_per_job=spec.executor.runs_per_job, script_dir=script_dir)
     launcher.launch(ready, report, live_jobs, done)
     return report
 
@@ -132,10 +137,31 @@ def cancel_sweep(root: Path, sweep: str) -> list[str]:
     return sorted(slurm_ids) + [str(pid) for pid in local_pids]
 
 
+# Polling under --wait: each poll that finds nothing changed waits longer, up to MAX_POLL_S;
+# a change starts again at the first interval. A sweep of day-long runs then asks the scheduler
+# about once a minute, while a short one is still followed closely.
+POLL_BACKOFF = 1.5
+MAX_POLL_S = 60.0
+
+
+def poll_intervals(first_s: float, max_s: float = MAX_POLL_S, factor: float = POLL_BACKOFF):
+    """Sleep lengths of an unchanged sweep: first_s, first_s * factor, ... capped at max_s."""
+    interval = first_s
+    while True:
+        yield interval
+        interval = min(max(interval, 1e-3) * factor, max(max_s, first_s))
+
+
 def wait_for_sweep(root: Path, sweep: str, poll_s: float = 5.0, timeout_s: float | None = None,
-                   on_poll: Callable[[list[RunStatus]], None] | None = None) -> list[RunStatus]:
-    """Poll run states until every run is done, failed or lost (never blocks on a dead job)."""
+                   on_poll: Callable[[list[RunStatus]], None] | None = None, max_poll_s: float = MAX_POLL_S,
+                   sleep: Callable[[float], None] = time.sleep) -> list[RunStatus]:
+    """Poll run states until every run is done, failed or lost (never blocks on a dead job).
+
+    The interval starts at ``poll_s`` and backs off (x1.5, at most ``max_poll_s``) while no run
+    changes state; a change brings it back to ``poll_s``."""
     start = time.time()
+    last = None
+    intervals = poll_intervals(poll_s, max_poll_s)
     while True:
         states = sweep_states(root, sweep)
         if on_poll:
@@ -144,4 +170,8 @@ def wait_for_sweep(root: Path, sweep: str, poll_s: float = 5.0, timeout_s: float
             return states
         if timeout_s is not None and time.time() - start > timeout_s:
             return states
-        time.sleep(poll_s)
+        now = [(state.run_id, state.state) for state in states]
+        if now != last:
+            intervals = poll_intervals(poll_s, max_poll_s)
+            last = now
+        sleep(next(intervals))

@@ -240,8 +240,10 @@ def check_sweep_identity(root: Path, spec: SweepSpec, runs: list[PlannedRun], sp
 
 def write_sweep_file(root: Path, sweep: str, runs: list[PlannedRun], spec_path: str,
                      executor: str | None = None, profile: str | None = None,
-                     spec: SweepSpec | None = None, new_version: bool = False) -> None:
-    """The plan on disk; ``executor`` and ``profile`` are what ``relaunch`` reuses by default.
+                     spec: SweepSpec | None = None, new_version: bool = False,
+                     overrides: dict[str, Any] | None = None) -> None:
+    """The plan on disk; ``executor`` and ``profile`` are what ``relaunch`` reuses by default, and
+    ``spec`` (as validated, after any ``--set`` ``overrides``) is what it re-plans from.
 
     With ``spec``, a different spec already planned under the name is refused
     (:func:`check_sweep_identity`); a new version keeps the earlier versions' runs in the plan."""
@@ -269,6 +271,8 @@ def write_sweep_file(root: Path, sweep: str, runs: list[PlannedRun], spec_path: 
             "spec_path": spec_path,
             "executor": executor,
             "profile": profile,
+            "overrides": dict(overrides or {}),
+            "spec": spec.model_dump(mode="json") if spec is not None else None,
             "versions": versions,
             "runs": entries,
         },

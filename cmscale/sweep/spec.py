@@ -52,6 +52,7 @@ from cmscale.config import (
     SafeName,
     Seed,
     StrictModel,
+    apply_overrides,
     check_data_path,
     check_resolution,
     format_validation_error,
@@ -280,8 +281,11 @@ def _check_run_fields(spec: SweepSpec, source: str) -> None:
                 )
 
 
-def load_spec(path: Path | str) -> SweepSpec:
-    return parse_spec(read_toml(path, "sweep spec", SpecError), str(path))
+def load_spec(path: Path | str, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read a sweep spec, apply dotted ``overrides`` (``{"defaults.lr": 2e-4}``, as ``--set``), validate once."""
+    raw = apply_overrides(read_toml(path, "sweep spec", SpecError), overrides or {})
+    given = " ".join(f"{key}={value}" for key, value in (overrides or {}).items())
+    return parse_spec(raw, f"{path} (with --set {given})" if overrides else str(path))
 
 
 def _leaves(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

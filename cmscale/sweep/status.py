@@ -84,8 +84,9 @@ def run_state(run_id: str, run_dir: Path, config: dict, slurm_states: dict[str, 
     if status_path.is_file():
         age = heartbeat_age_s(run_dir)
         stale = age is None or age > STALE_HEARTBEATS * heartbeat_s
-        if alive:
-            return RunStatus(run_id, _live_state(scheduler_state), method, preset, job_id, scheduler_state)
+        if alive:  # a local process that wrote status.json is running; a SLURM job may be requeued, pending
+            state = _live_state(scheduler_state) if job.get("executor") == "slurm" else RunState.RUNNING
+            return RunStatus(run_id, state, method, preset, job_id, scheduler_state)
         if not stale and (job.get("executor") != "slurm" or scheduler_state is None):
             # A fresh heartbeat with no scheduler answer (squeue unreachable) is a live run.
             return RunStatus(run_id, RunState.RUNNING, method, preset, job_id, "heartbeat fresh")
@@ -128,13 +129,18 @@ def _live_state(scheduler_state: str | None) -> RunState:
     return RunState.RUNNING if scheduler_state in running else RunState.QUEUED
 
 
-def sweep_states(root: Path, sweep: str) -> list[RunStatus]:
-    plan = read_sweep_file(root, sweep)
-    base = sweep_dir(root, sweep)
-    jobs = {run["run_id"]: read_job(base / run["run_id"]) for run in plan["runs"]}
+def runs_states(base: Path, runs: list[tuple[str, dict]]) -> list[RunStatus]:
+    """States of ``runs`` ((run id, config) pairs) from their folders under ``base``; the
+    scheduler is asked about their own SLURM job ids only."""
+    jobs = {run_id: read_job(base / run_id) for run_id, _ in runs}
     slurm_ids = [str(job["job_id"]) for job in jobs.values() if job and job.get("executor") == "slurm"]
     slurm_states = slurm_job_states(slurm_ids)
-    return [run_state(run["run_id"], base / run["run_id"], run["config"], slurm_states) for run in plan["runs"]]
+    return [run_state(run_id, base / run_id, config, slurm_states) for run_id, config in runs]
+
+
+def sweep_states(root: Path, sweep: str) -> list[RunStatus]:
+    plan = read_sweep_file(root, sweep)
+    return runs_states(sweep_dir(root, sweep), [(run["run_id"], run["config"]) for run in plan["runs"]])
 
 
 def count_states(states: list[RunStatus]) -> dict[str, int]:
@@ -142,3 +148,51 @@ def count_states(states: list[RunStatus]) -> dict[str, int]:
     for state in states:
         counts[state.state] = counts.get(state.state, 0) + 1
     return counts
+
+
+# The progress fields a running trainer writes into status.json (at a bounded rate).
+PROGRESS_FIELDS = ("step", "total_steps", "images_per_s", "loss", "eta_s", "updated")
+
+
+@dataclass
+class RunProgress:
+    """How far a running run is, from its status.json; a field the trainer has not written is None."""
+
+    run_id: str
+    state: RunState
+    step: int | None = None
+    total_steps: int | None = None
+    images_per_s: float | None = None
+    loss: float | None = None
+    eta_s: float | None = None
+    updated: float | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        if self.step is None or not self.total_steps:
+            return None
+        return min(1.0, self.step / self.total_steps)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"fraction": self.fraction}
+
+
+def run_progress(run_dir: Path, status: RunStatus) -> RunProgress:
+    """``status``'s run with the progress fields of its status.json (all None when absent or unreadable)."""
+    try:
+        fields = read_json(Path(run_dir) / STATUS_FILE)
+    except (FileNotFoundError, ValueError):
+        fields = {}
+    values = {}
+    for name in PROGRESS_FIELDS:
+        value = fields.get(name)
+        values[name] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    for name in ("step", "total_steps"):
+        values[name] = int(values[name]) if values[name] is not None else None
+    return RunProgress(status.run_id, status.state, **values)
+
+
+def sweep_progress(root: Path, sweep: str, states: list[RunStatus]) -> list[RunProgress]:
+    """Progress of the sweep's running runs, in plan order."""
+    base = sweep_dir(root, sweep)
+    return [run_progress(base / state.run_id, state) for state in states if state.state == RunState.RUNNING]

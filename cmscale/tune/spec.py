@@ -64,6 +64,7 @@ from cmscale.config import (
     RunConfig,
     SafeName,
     StrictModel,
+    apply_overrides,
     read_toml,
     resolve_path,
     set_dotted,
@@ -258,17 +259,19 @@ def parse_tune_spec(raw: dict[str, Any], source: str = "<tune spec>") -> TuneSpe
     return spec
 
 
-def load_tune_spec(path: Path | str) -> TuneSpec:
-    """Read and validate a spec file. Relative ``base.teacher_ckpt``/``base.data_path`` are looked up
-    in the working directory, then beside the spec, and stored absolute (workers may run elsewhere)."""
+def load_tune_spec(path: Path | str, overrides: dict[str, Any] | None = None) -> TuneSpec:
+    """Read and validate a spec file, with dotted ``overrides`` (``--set``) applied first. Relative
+    ``base.teacher_ckpt``/``base.data_path`` are looked up in the working directory, then beside the
+    spec, and stored absolute (workers may run elsewhere)."""
     path = Path(path)
-    raw = read_toml(path, "tune spec", TuneSpecError)
+    raw = apply_overrides(read_toml(path, "tune spec", TuneSpecError), overrides or {})
     base = raw.get("base")
     if isinstance(base, dict):
         for key in ("teacher_ckpt", "data_path"):
             if isinstance(base.get(key), str):
                 base[key] = resolve_path(base[key], path.parent, absolute=True)
-    spec = parse_tune_spec(raw, str(path))
+    given = " ".join(f"{key}={value}" for key, value in (overrides or {}).items())
+    spec = parse_tune_spec(raw, f"{path} (with --set {given})" if overrides else str(path))
     data_path = spec.base.get("data_path")
     if spec.base.get("dataset") in DATASETS_WITH_FILES and data_path and not Path(data_path).exists():
         message = f"{data_path} does not exist; give the folder (or file) that holds the {spec.base['dataset']} data"
