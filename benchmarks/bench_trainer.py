@@ -69,7 +69,7 @@ def per_call_us(call, repeats: int) -> float:
 def bookkeeping_us(config: RunConfig, run_dir: Path) -> dict[str, float]:
     """Microseconds per call of the per-step bookkeeping pieces (see the module docstring)."""
     trainer = Trainer(config, run_dir)
-    model, emas = trainer.method.model, trainer.emas
+    model, emas = trainer.method.model, trainer.ema.averages
 
     def gather_lists() -> None:
         [param.detach() for param in model.parameters()]
@@ -81,7 +81,7 @@ def bookkeeping_us(config: RunConfig, run_dir: Path) -> dict[str, float]:
     return {
         "torch.manual_seed": per_call_us(lambda: torch.manual_seed(1234), 500),
         "seed_generator": per_call_us(lambda: seed_generator(1234, cpu), 500),
-        "update_emas": per_call_us(trainer.update_emas, 200),
+        "update_emas": per_call_us(lambda: trainer.ema.update(1), 200),
         "gathering the EMA lists (per step before)": per_call_us(gather_lists, 200),
     }
 

@@ -210,6 +210,8 @@ class RunConfig(StrictModel):
     compile: bool = Field(False, description="wrap the network in torch.compile (pays off on long GPU runs)")
     channels_last: bool = Field(False, description="NHWC memory layout for the network (faster convolutions on CUDA)")
     tf32: bool = Field(True, description="on CUDA, fp32 matmuls and convolutions use TF32 tensor cores")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files into the run's tensorboard/ "
+                              "folder (needs pip install 'cmscale[tensorboard]')")
     teacher_ckpt: str | None = None
     teacher_run_id: SafeName | None = None
     budget_iters: int | None = Field(None, gt=0)
@@ -280,7 +282,7 @@ class RunConfig(StrictModel):
         return identity
 
 
-EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32"}
+EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32", "tensorboard"}
 # Options added after the run ids of issue 14, with the default that keeps an id unchanged.
 LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": [], "phema_every": 0}
 LATER_FIELDS |= {"vae_path": None, "fid_reference": None}  # issue 24: latent space, published FID references

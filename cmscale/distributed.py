@@ -31,6 +31,12 @@ def distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_writer_process() -> bool:
+    """Whether this process writes the run's files (rank 0): from torchrun's RANK, else SLURM's task id,
+    so it can be answered before the process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     rank, world = distributed_env()
     if world > 1 and not dist.is_initialized():

@@ -26,9 +26,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from cmscale.checkpoint import metadata_mismatches
 from cmscale.config import RunConfig
 from cmscale.models.losses import ECTLoss, EDMLoss, SCMLoss
-from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond
+from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond, network_of
 from cmscale.models.presets import build_unet
 from cmscale.models.samplers import cm_sample_edm, cm_sample_trigflow, ect_times, heun_sample, scm_times
 
@@ -180,15 +181,6 @@ def checkpoint_meta(config: RunConfig, img_channels: int) -> dict:
             "sigma_data": sigma_data_of(config), "method": config.method}
 
 
-def metadata_mismatches(stored: dict, expected: dict) -> list[str]:
-    """``key: checkpoint has A, the run has B`` for each metadata key present in both that differs."""
-    problems = []
-    for key, wanted in expected.items():
-        if key in stored and stored[key] != wanted:
-            problems.append(f"{key}: the checkpoint has {stored[key]!r}, the run has {wanted!r}")
-    return problems
-
-
 def uses_teacher(config: RunConfig) -> bool:
     """Whether the run starts from (and, for sCD, consults) an EDM teacher checkpoint."""
     return recipe_of(config).teacher != "none" and bool(config.teacher_ckpt)
@@ -219,13 +211,6 @@ def method_conventions(config: RunConfig, img_channels: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Networks
-
-
-def network_of(model: nn.Module) -> nn.Module:
-    """The network inside any preconditioner (through EDMAsTrigFlow's converted EDM wrapper)."""
-    if isinstance(model, EDMAsTrigFlow):
-        model = model.edm
-    return model.net
 
 
 def build_network(config: RunConfig, img_channels: int, dropout: float | None = None) -> nn.Module:
@@ -289,6 +274,8 @@ class Method:
     loss_fn: Any
     teacher: nn.Module | None = None  # the frozen teacher the loss consults (sCD)
     extra_modules: list[nn.Module] = field(default_factory=list)  # trained alongside (sCM's adaptive weight)
+    meta: dict[str, Any] = field(default_factory=dict)  # checkpoint metadata (CHECKPOINT_META_KEYS)
+    conventions: dict[str, Any] = field(default_factory=dict)  # see method_conventions
 
     @property
     def name(self) -> str:
@@ -360,7 +347,8 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
     if recipe.teacher_in_loss:
         teacher_config = config.model_copy(update={"dropout": 0.0})
         teacher = wrap_network(teacher_config, network(dropout=0.0)).to(device).eval().requires_grad_(False)
-    return Method(recipe, wrap_network(config, net).to(device), loss, teacher, extra_modules)
+    return Method(recipe, wrap_network(config, net).to(device), loss, teacher, extra_modules,
+                  meta=checkpoint_meta(config, img_channels), conventions=method_conventions(config, img_channels))
 
 
 def model_from_checkpoint(config: RunConfig, payload: dict[str, Any], device: torch.device | str) -> nn.Module:

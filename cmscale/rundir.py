@@ -67,6 +67,7 @@ LATEST_CHECKPOINT = "latest.pt"
 PREVIOUS_CHECKPOINT = "previous.pt"  # the last good one, kept until the next is complete on disk
 FINAL_CHECKPOINT = "final.pt"
 SAMPLES_DIR = "samples"
+TENSORBOARD_DIR = "tensorboard"  # event files, with tensorboard = true
 # keys whose names the files keep for compatibility (see the module docstring)
 DONE_STATE_KEY = "status"
 STATUS_STATE_KEY = "state"

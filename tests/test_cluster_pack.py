@@ -9,9 +9,10 @@ import json
 import pytest
 from conftest import sweep
 
+from cmscale.cluster.jobs import PackJob
 from cmscale.config import RunConfig
 from cmscale.rundir import read_job, read_json, read_metrics
-from cmscale.train import PackJob, train
+from cmscale.train import train
 
 NO_EVAL = {"at_fractions": []}
 

@@ -132,11 +132,12 @@ def test_only_the_cli_package_imports_click():
 # arrow pointing back. Entry points (``__main__``) sit above everything.
 LAYERS = [
     ("cmscale", "cmscale.rundir"),
-    ("cmscale.models", "cmscale.data", "cmscale.distributed", "cmscale.teacher"),
+    ("cmscale.models", "cmscale.data", "cmscale.distributed", "cmscale.teacher", "cmscale.checkpoint"),
     ("cmscale.config",),
     ("cmscale.methods",),
     ("cmscale.accounting",),
     ("cmscale.eval",),
+    ("cmscale.schedule", "cmscale.resume", "cmscale.stopping", "cmscale.progress"),
     ("cmscale.train",),
     ("cmscale.cluster",),
     ("cmscale.sweep", "cmscale.tune"),

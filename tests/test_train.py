@@ -266,7 +266,7 @@ def test_cmscale_train_runs_the_digits_ect_example(tmp_path):
 
 
 def test_cosine_lr_schedule_follows_its_closed_form_after_the_warm_up():
-    from cmscale.train import learning_rate
+    from cmscale.schedule import learning_rate
 
     config = RunConfig(method="edm", preset="xxs", budget_iters=101, lr=2e-3, lr_warmup_iters=10,
                        lr_schedule="cosine", lr_final_ratio=0.1)
@@ -319,7 +319,7 @@ def test_a_runs_power_ema_is_the_closed_form_weighted_average_of_its_weights(tmp
     gamma = power_ema_gamma(sigma_rel)
     weights = [(t ** (gamma + 1) - (t - 1) ** (gamma + 1)) / steps ** (gamma + 1) for t in range(1, steps + 1)]
     assert sum(weights) == pytest.approx(1.0)
-    power_ema, fixed_ema = trainer.emas
+    power_ema, fixed_ema = trainer.ema.averages
     for index, ema_param in enumerate(power_ema.parameters()):
         expected = sum(w * theta[index] for w, theta in zip(weights, trajectory))
         torch.testing.assert_close(ema_param.double(), expected, rtol=1e-5, atol=1e-6)

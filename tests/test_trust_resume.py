@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from cmscale.cli import main
 from cmscale.config import RunConfig
 from cmscale.methods import TeacherCheckpointError, build_method
+from cmscale.resume import ResumeConfigError, resume_differences
 from cmscale.rundir import read_json, read_metrics
-from cmscale.train import ResumeConfigError, resume_differences, train
+from cmscale.train import train
 
 NO_EVAL = {"at_fractions": []}
 

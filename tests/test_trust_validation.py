@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from cmscale.accounting import BudgetError, iterations_for_budget
 from cmscale.cli import main
+from cmscale.cluster.jobs import TrainJob
 from cmscale.cluster.profiles import load_profile
 from cmscale.config import RunConfig, safe_path_component
 from cmscale.methods import TeacherCheckpointError, build_method
@@ -26,7 +27,6 @@ from cmscale.rundir import read_json
 from cmscale.sweep.plan import plan_sweep
 from cmscale.sweep.spec import SpecError, parse_spec
 from cmscale.sweep.status import run_state
-from cmscale.train import TrainJob
 from cmscale.tune.spec import TuneSpecError, parse_tune_spec
 
 TINY_FLOPS = 1_000_000  # a stand-in FLOP counter: planning here needs no traced step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import click
@@ -75,7 +76,9 @@ def train_command(run_toml: Path, out: Path | None, root: Path, overrides: tuple
     from cmscale.accounting import BudgetError
     from cmscale.data.datasets import DatasetNotFoundError
     from cmscale.methods import TeacherCheckpointError
-    from cmscale.train import ResumeConfigError, train
+    from cmscale.progress import TensorBoardMissingError
+    from cmscale.resume import ResumeConfigError
+    from cmscale.train import train
 
     try:
         config = load_run_config(run_toml, _overrides(overrides))
@@ -98,6 +101,13 @@ def train_command(run_toml: Path, out: Path | None, root: Path, overrides: tuple
         raise click.ClickException(f"{run_toml}: data_path: {error}") from None
     except ResumeConfigError as error:
         raise click.ClickException(str(error)) from None
+    except TensorBoardMissingError as error:
+        raise click.ClickException(f"{run_toml}: {error}") from None
     click.echo(json.dumps(done, indent=2, default=str))
+    if done.get("status") == "interrupted":
+        signal_name = str(done.get("reason", "")).removeprefix("signal ")
+        click.echo(f"interrupted by {signal_name} at step {done.get('final_step')}; the checkpoint is saved: run the "
+                   "same command again to resume", err=True)
+        raise SystemExit(128 + signal.Signals[signal_name].value if signal_name in signal.Signals.__members__ else 1)
     if done.get("status") == "failed":
         raise click.ClickException(f"run failed: {done.get('reason')}")

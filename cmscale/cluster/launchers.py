@@ -13,7 +13,7 @@ them) and ``done`` holds the ids of finished runs. :func:`make_launcher` picks t
 
 Packing: with ``runs_per_job = k > 1`` both launchers put up to k runs of one array (one stage and
 one set of dependencies) into one job, which trains them one after the other in one process
-(:class:`cmscale.train.PackJob`). Every run of a pack records the pack's job id and its run ids in
+(:class:`cmscale.cluster.jobs.PackJob`). Every run of a pack records the pack's job id and its run ids in
 its own job.json, so status, cancel and relaunch keep working per run.
 """
 
@@ -96,7 +96,7 @@ def _job_args(run: LaunchableRun, root: Path) -> tuple[dict[str, Any], str, int]
 
 def _submit(executor: Any, pack: list[LaunchableRun], root: Path) -> Any:
     """Submit one job: TrainJob for a lone run, PackJob for several."""
-    from cmscale.train import PackJob, TrainJob
+    from cmscale.cluster.jobs import PackJob, TrainJob
 
     if len(pack) == 1:
         return executor.submit(TrainJob(), *_job_args(pack[0], root))

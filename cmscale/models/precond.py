@@ -120,3 +120,10 @@ def trigflow_time(sigma: torch.Tensor | float, sigma_data: float = 0.5) -> torch
 
 def edm_sigma(t: torch.Tensor | float, sigma_data: float = 0.5) -> torch.Tensor:
     return sigma_data * torch.tan(torch.as_tensor(t))
+
+
+def network_of(model: nn.Module) -> nn.Module:
+    """The network inside any preconditioner (through EDMAsTrigFlow's converted EDM wrapper)."""
+    if isinstance(model, EDMAsTrigFlow):
+        model = model.edm
+    return model.net
