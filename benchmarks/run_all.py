@@ -43,6 +43,7 @@ def benchmark_commands(quick: bool, demo_root: Path) -> dict[str, list[str]]:
         "eval": [python, str(HERE / "bench_eval.py"), *(["--quick"] if quick else [])],
         "fit": [python, str(HERE / "bench_fit.py"), *(["--quick"] if quick else [])],
         "trainer": [python, str(HERE / "bench_trainer.py"), *(["--quick"] if quick else [])],
+        "bench_data": [python, str(HERE / "bench_data.py"), *(["--quick"] if quick else [])],
         "demo": [cmscale, "demo", "--out", str(demo_root), *(["--quick"] if quick else [])],
     }
 
