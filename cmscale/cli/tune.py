@@ -103,6 +103,8 @@ def _follow(spec, root: Path, jobs: list, poll_s: float, out=console) -> list[di
 )
 @set_option("--set n_trials=20 --set base.batch_size=64")
 @json_option("Print the study's summary (counts, best trials, dead workers) as JSON.")
+@click.option("--new-version", is_flag=True,
+              help="SPEC changes a study already started under its name: add its trials to the study.")
 def run_command(
     spec_path: Path,
     root: Path,
@@ -113,6 +115,7 @@ def run_command(
     wait: bool | None,
     overrides: tuple[str, ...],
     as_json: bool,
+    new_version: bool,
 ) -> None:
     """Start or continue the study of SPEC: workers pull trials until it has N trials (COMPLETE,
     PRUNED, RUNNING, or FAIL not retried). Re-running continues it; finished trials are never redone.
@@ -133,7 +136,7 @@ def run_command(
         note = pruning_note(spec)
         if note:
             out.print(f"[yellow]{note}[/yellow]")
-        create_study(spec, root, spec_path=str(Path(spec_path).resolve()))
+        create_study(spec, root, spec_path=str(Path(spec_path).resolve()), new_version=new_version)
         executor = executor or spec.executor.name
         jobs = launch_workers(spec, root, executor, spec.workers, profile)
     except (ConfigError, TuneError) as error:

@@ -350,12 +350,18 @@ def _check_space(spec: TuneSpec) -> list[tuple[str, str]]:
 
 def _check_values_accepted(spec: TuneSpec, name: str, param: Any, methods: list[str]) -> list[tuple[str, str]]:
     """Each bound (or choice) must give a valid RunConfig, so a trial never fails on validation."""
+    problems = []
     if isinstance(param, CategoricalParam):
         candidates = [(f"choices.{i}", choice) for i, choice in enumerate(param.choices)]
     else:
         candidates = [("low", param.low), ("high", param.high)]
+        for i, value in enumerate(param.grid or []):
+            if not param.low <= value <= param.high:
+                problems.append((f"space.{name}.grid.{i}", f"{value!r} lies outside [low, high] = "
+                                                           f"[{param.low}, {param.high}]; Optuna would refuse it"))
+            else:
+                candidates.append((f"grid.{i}", value))
     usable = [m for m in methods if param.methods is None or m in param.methods]
-    problems = []
     for field, value in candidates:
         method_for = value if name == "method" else usable[0]
         try:
@@ -412,7 +418,7 @@ def _check_sampler(spec: TuneSpec) -> list[tuple[str, str]]:
         problems = [(f"space.{n}.grid", "the grid sampler needs a finite list of values for float parameters")
                     for n, p in spec.space.items() if isinstance(p, FloatParam) and p.grid is None and p.step is None]
         if not problems:
-            points = math.prod(len(grid_values(p)) for p in spec.space.values())
+            points = math.prod(grid_size(p) for p in spec.space.values())
             if spec.n_trials > points:
                 problems.append(("n_trials", f"the grid has {points} points; n_trials must be <= {points}"))
         return problems
@@ -426,6 +432,17 @@ def _check_enqueue(spec: TuneSpec) -> list[tuple[str, str]]:
             if key not in spec.space:
                 problems.append((f"enqueue.{i}.{key}", f"not a parameter of the space ({', '.join(spec.space)})"))
     return problems
+
+
+def grid_size(param: Any) -> int:
+    """How many values :func:`grid_values` gives, without building them."""
+    if isinstance(param, CategoricalParam):
+        return len(param.choices)
+    if param.grid is not None:
+        return len(param.grid)
+    if isinstance(param, IntParam):
+        return max(0, (param.high - param.low) // param.step + 1)
+    return int(round((param.high - param.low) / param.step)) + 1
 
 
 def grid_values(param: Any) -> list[Any]:

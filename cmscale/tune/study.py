@@ -23,6 +23,9 @@ Optuna's private attributes.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import socket
 import time
@@ -37,8 +40,10 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from cmscale.cluster.slurm import current_job_id
+from cmscale.config import RunConfig
 from cmscale.rundir import (
     CLAIM_LOCK,
+    CONFIG_FILE,
     JOURNAL_FILE,
     TRIAL_FILE,
     TUNE_FILE,
@@ -48,6 +53,8 @@ from cmscale.rundir import (
     read_json,
 )
 from cmscale.tune.spec import TuneSpec, grid_values
+
+log = logging.getLogger(__name__)
 
 PROGRESS_STEPS = 1000  # intermediate values are reported at per-mille of the run's budget
 
@@ -76,6 +83,67 @@ def default_storage_path(root: Path | str, name: str) -> Path:
     return study_dir(root, name).resolve() / JOURNAL_FILE
 
 
+class TornSafeJournal(JournalFileBackend):
+    """Optuna's journal file, safe against a torn last line (a worker killed mid-write, a full disk).
+
+    Optuna ignores an incomplete last line, but appends the next record right after it: the two
+    become one undecodable line and every later read raises. Here a read says that it stopped at an
+    incomplete last line, an append first cuts that line off (it was never a record: records end in
+    a newline, written under the lock), and a damaged line inside the file is one error naming the
+    file, the byte and the fix."""
+
+    def __init__(self, path: str, lock_obj: Any = None):
+        super().__init__(path, lock_obj=lock_obj)
+        self._path = path
+
+    def read_logs(self, log_number_from: int):
+        try:
+            yield from super().read_logs(log_number_from)
+        except ValueError as error:  # json.JSONDecodeError, or Optuna's "Invalid log format."
+            raise TuneError(
+                f"{self._path}: a record inside the journal is damaged ({error}); the study cannot be read past "
+                "it. Keep a copy, then cut the file before the damaged line (for example with `head -c BYTES`) to "
+                "go on from the records before it"
+            ) from None
+        torn = self._torn_tail()
+        if torn:
+            log.warning("%s: stopped at an incomplete last line (%d bytes, a write cut short); it is not a record "
+                        "and is dropped before the next record is written", self._path, torn)
+
+    def _torn_tail(self) -> int:
+        """Bytes after the last newline (0 when the file ends with a complete record)."""
+        try:
+            with open(self._path, "rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                if size == 0:
+                    return 0
+                start = max(0, size - (1 << 16))
+                handle.seek(start)
+                tail = handle.read()
+        except FileNotFoundError:
+            return 0
+        newline = tail.rfind(b"\n")
+        if newline < 0 and start > 0:
+            return 0  # a single line longer than the window: not a torn write of one record; leave it
+        return len(tail) - (newline + 1)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        from optuna.storages.journal._file import get_lock_file
+
+        with get_lock_file(self._lock):
+            torn = self._torn_tail()
+            if torn:
+                size = os.path.getsize(self._path)
+                log.warning("%s: cut an incomplete last line (%d bytes) before writing the next record",
+                            self._path, torn)
+                os.truncate(self._path, size - torn)
+            payload = "\n".join(json.dumps(record, separators=(",", ":")) for record in logs) + "\n"
+            with open(self._path, "ab") as handle:
+                handle.write(payload.encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
 def open_storage(url: str | None, root: Path | str, name: str) -> BaseStorage:
     """The study's storage: a JournalStorage file with an open(O_EXCL) lock, or the URL given."""
     if url:
@@ -83,7 +151,13 @@ def open_storage(url: str | None, root: Path | str, name: str) -> BaseStorage:
     path = default_storage_path(root, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The lock file is optuna.journal.lock, the name optuna-dashboard's symlink lock also takes.
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    try:
+        return JournalStorage(TornSafeJournal(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    except TuneError:
+        raise
+    except (ValueError, KeyError) as error:
+        raise TuneError(f"{path}: the journal cannot be replayed ({error}); keep a copy and cut the file before "
+                        "the damaged record, or start the study under a new name") from None
 
 
 def build_sampler(spec: TuneSpec, trial_number: int = 0) -> optuna.samplers.BaseSampler:
@@ -177,7 +251,11 @@ def load_study(spec: TuneSpec, root: Path | str) -> optuna.Study:
 def write_tune_file(root: Path | str, spec: TuneSpec, spec_path: str, extra: dict[str, Any] | None = None) -> None:
     path = study_dir(root, spec.name) / TUNE_FILE
     previous = read_json(path) if path.is_file() else {}
+    versions = list(previous.get("versions") or [])
+    if spec_digest(spec) not in [version.get("spec_digest") for version in versions]:
+        versions.append({"spec_digest": spec_digest(spec), "spec_path": spec_path, "updated": time.time()})
     atomic_write_json(path, previous | {
+        "versions": versions,
         "study": spec.name,
         "spec_path": spec_path,
         "spec": spec.model_dump(mode="json"),
@@ -198,11 +276,30 @@ def stored_spec(root: Path | str, name: str) -> TuneSpec:
     return TuneSpec.model_validate(read_tune_file(root, name)["spec"])
 
 
-def create_study(spec: TuneSpec, root: Path | str, spec_path: str = "") -> Search:
-    """Create the study (or load it: re-running continues it) and enqueue the spec's fixed trials once."""
+def spec_digest(spec: TuneSpec) -> str:
+    """What makes two tune specs the same study: the trials' settings and what is measured, not how
+    many trials, workers or where they run."""
+    identity = spec.model_dump(mode="json", include={"base", "space", "objective", "enqueue"})
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def create_study(spec: TuneSpec, root: Path | str, spec_path: str = "", new_version: bool = False) -> Search:
+    """Create the study (or load it: re-running continues it) and enqueue the spec's fixed trials once.
+
+    A study name names one spec: another base, space or objective under it is refused, naming both
+    specs, unless ``new_version`` (its trials then join the study; each trial keeps its own settings)."""
     tune_file = study_dir(root, spec.name) / TUNE_FILE
     if tune_file.is_file():
-        before = TuneSpec.model_validate(read_json(tune_file)["spec"]).objective
+        stored = read_json(tune_file)
+        known = {version.get("spec_digest") for version in stored.get("versions") or []}
+        known.add(spec_digest(TuneSpec.model_validate(stored["spec"])))
+        if spec_digest(spec) not in known and not new_version:
+            raise TuneError(
+                f"{spec_path or '<spec>'}: study {spec.name!r} under {Path(root)} was started from a different spec "
+                f"({stored.get('spec_path') or 'an earlier spec'}: its base, space or objective differ). Give this "
+                "spec a new name, or pass --new-version to add its trials to the study"
+            )
+        before = TuneSpec.model_validate(stored["spec"]).objective
         if (before.metrics, before.resolved_directions()) != (
             spec.objective.metrics,
             spec.objective.resolved_directions(),
@@ -404,8 +501,19 @@ def best_run_config(root: Path | str, name: str, trial_number: int | None = None
         if not matching:
             raise TuneError(f"study {name!r} has no trial {trial_number}")
         trial = matching[0]
-    config = spec.run_config(trial.params).model_dump(mode="json", exclude={"run_id", "sweep"})
-    return _drop_none(config), trial
+    config = _trial_config(root, name, trial) or spec.run_config(trial.params)
+    return _drop_none(config.model_dump(mode="json", exclude={"run_id", "sweep"})), trial
+
+
+def _trial_config(root: Path | str, name: str, trial: FrozenTrial) -> RunConfig | None:
+    """The settings the trial's run trained with, from its config.json (None before it started):
+    what ran, even when the study's spec changed since (``tune run --new-version``)."""
+    path = study_dir(root, name) / trial_run_id(trial) / CONFIG_FILE
+    try:
+        written = read_json(path)
+        return RunConfig.model_validate({k: v for k, v in written.items() if k in RunConfig.model_fields})
+    except (OSError, ValueError):
+        return None
 
 
 def _drop_none(value: Any) -> Any:
