@@ -89,7 +89,8 @@ def test_a_sweep_not_in_the_store_is_named_with_the_fix(store):
     for command in (["fit", "powerlaw"], ["fit", "frontier"]):
         result = CliRunner().invoke(main, [*command, "--sweep", "nosuch", "--root", str(store)])
         assert result.exit_code == 1 and "sweep 'nosuch' has no runs in" in result.output, result.output
-        result = CliRunner().invoke(main, [*command, "--sweep", SWEEP, "--method", "sct", "--root", str(store)])
-        assert result.exit_code == 1 and "no finished run has fid_2step evals for method 'sct'" in result.output
+        result = CliRunner().invoke(main, [*command, "--sweep", SWEEP, "--method", "ect", "--metric", "fid_3step",
+                                           "--root", str(store)])
+        assert result.exit_code == 1 and "no finished run has fid_3step evals for method 'ect'" in result.output
     result = CliRunner().invoke(main, ["fit", "powerlaw", "--sweep", SWEEP, "--root", str(store / "empty")])
     assert result.exit_code == 1 and "no results store; run `cmscale results ingest" in result.output
