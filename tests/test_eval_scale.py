@@ -165,3 +165,18 @@ def test_published_npz_and_pkl_references_are_read_without_running_code(tmp_path
         pickle.dump({"mu": Payload()}, handle)
     with pytest.raises(ReferenceStatsError, match="evil.pkl: refusing to load builtins.print"):
         read_reference_stats(tmp_path / "evil.pkl", space, pixel_resolution=8)
+
+
+def test_an_eval_too_large_to_hold_scores_the_same_samples_from_their_features(tmp_path, space, shard_setup,
+                                                                                monkeypatch):
+    from cmscale.eval import run
+
+    config, model, _, _ = shard_setup
+    config = config.model_copy(update={"eval": config.eval.model_copy(update={"kid_subsets": 2, "grid_images": 4})})
+    held = run.evaluate_model(config, model, step=1, train_flops=0.0, images_seen=0, run_dir=tmp_path / "a")
+    monkeypatch.setattr(run, "MAX_SAMPLE_BYTES", 0)
+    streamed = run.evaluate_model(config, model, step=1, train_flops=0.0, images_seen=0, run_dir=tmp_path / "b")
+    assert streamed[0]["fid"] == pytest.approx(held[0]["fid"], rel=1e-5)
+    assert held[0]["kid"] is not None and streamed[0]["kid"] is None
+    grids = [(tmp_path / name / "samples" / "step00000001-1steps.png").read_bytes() for name in ("a", "b")]
+    assert grids[0] == grids[1]

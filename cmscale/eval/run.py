@@ -57,6 +57,8 @@ from cmscale.rundir import (
 
 DIGITS_DEFAULT_SAMPLES = 1_000
 REAL_DATA_DEFAULT_SAMPLES = 50_000  # the FID-50k convention of published numbers
+# Above this many bytes of uint8 samples an eval keeps only their features (FID without KID).
+MAX_SAMPLE_BYTES = 4 * 2**30
 EVAL_ROW_KEYS = ("kind", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "kid", "kid_std",
                  "num_samples", "extractor", "reference", "sampling_flops_per_image", "wall_s")
 
@@ -157,6 +159,8 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
     net = network_of(model)
     flops_forward = forward_flops(net)
     num_samples = eval_num_samples(config)
+    resolution = pixel_resolution(config)
+    held_in_memory = num_samples * 3 * resolution**2 <= MAX_SAMPLE_BYTES
     rows = []
     was_training = model.training
     model.eval()
@@ -165,10 +169,13 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for steps in sampler_steps(config):
                 started = time.time()
-                images, nfe = generate(
-                    config, model, num_samples, steps, net.img_channels, device, batch_size, config.eval.seed, decode
-                )
-                scores = score(images, reference, device, batch_size, config.eval.kid_subsets)
+                if held_in_memory:
+                    images, nfe = generate(config, model, num_samples, steps, net.img_channels, device, batch_size,
+                                           config.eval.seed, decode)
+                    scores = score(images, reference, device, batch_size, config.eval.kid_subsets)
+                else:
+                    images, scores, nfe = _streamed_fid(config, model, num_samples, steps, net.img_channels, device,
+                                                        decode, reference, space)
                 if config.eval.grid_images:
                     save_grid(
                         images, run_dir / SAMPLES_DIR / f"step{step:08d}-{steps}steps.png", config.eval.grid_images
@@ -194,6 +201,27 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
     finally:
         model.train(was_training)
     return rows
+
+
+@torch.no_grad()
+def _streamed_fid(config: RunConfig, model: nn.Module, num_samples: int, steps: int, channels: int,
+                  device: torch.device, decode, reference, space) -> tuple[torch.Tensor, Scores, int]:
+    """FID of the samples ``generate`` would draw, keeping only their features (and the grid's
+    images): 50,000 decoded 512x512 samples would take 39 GB. FID only; KID needs the image sets."""
+    generator = torch.Generator(device=device).manual_seed(config.eval.seed)
+    features, grid, nfe = [], None, 0
+    for start in range(0, num_samples, config.eval.batch_size):
+        count = min(config.eval.batch_size, num_samples - start)
+        samples, nfe = sample(config, model, (count, channels, config.resolution, config.resolution), steps,
+                              generator, device)
+        pixels = decode(samples)
+        grid = pixels[: config.eval.grid_images] if grid is None else grid
+        features.append(features_of(pixels, space, device, config.eval.batch_size))
+    if isinstance(reference, PublishedReference):
+        stats = reference.stats()
+    else:
+        _, stats = reference_statistics(reference.data, reference.space, device)
+    return grid, Scores(fid_to_stats(torch.cat(features), stats)), nfe
 
 
 # ----------------------------------------------------------------------------------------------
