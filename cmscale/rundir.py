@@ -244,6 +244,46 @@ def heartbeat_age_s(run_dir: Path) -> float | None:
     return time.time() - path.stat().st_mtime
 
 
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22), or None
+    where it is gone or /proc is missing. With the pid it names one process: pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def same_process(pid: int, start_time: int | None) -> bool:
+    """Whether ``pid`` is alive and still the process that started at ``start_time`` (not a later
+    process that was given the same pid). Without a recorded start time nothing can be verified."""
+    return start_time is not None and pid_alive(pid) and process_start_time(pid) == start_time
+
+
+def process_descendants(pid: int) -> list[int]:
+    """The pids of every live descendant of ``pid`` (children first), from /proc."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(parent, []).append(int(entry))
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for parent in frontier for child in parents.get(parent, [])]
+        found += children
+        frontier = children
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process of this host with ``pid`` is alive (a zombie, dead but not reaped, is not)."""
     try:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 import os
 import select
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +42,9 @@ from cmscale.rundir import (
     SUBMITIT_DIR,
     RunState,
     atomic_write_json,
+    pid_alive,
+    process_descendants,
+    process_start_time,
     read_job,
     read_json,
 )
@@ -47,6 +52,9 @@ from cmscale.rundir import (
 SLURM_DEFAULT_MAX_ARRAY_SIZE = 1001
 POLL_FALLBACK_S = 0.2  # only where pidfds are missing (not Linux)
 PACK_POLL_S = 2.0  # how often the run folders of running packs are read for per-run progress
+# A stopped launcher gives its runs this long to checkpoint and exit (SIGINT) before killing them.
+STOP_GRACE_S = float(os.environ.get("CMSCALE_STOP_GRACE_S", "120"))
+START_TIME_KEY = "pid_start"  # job.json of a local job: its process's start time (pid + start = identity)
 
 
 class LaunchableRun(Protocol):
@@ -86,6 +94,8 @@ def record_job(run_dir: Path, executor: str, job_id: str, array_job_id: str | No
     }
     if pack and len(pack) > 1:
         job[PACK_KEY] = list(pack)
+    if executor in ("local", "debug") and job_id.isdigit():
+        job[START_TIME_KEY] = process_start_time(int(job_id))  # so a later process with this pid is not it
     atomic_write_json(Path(run_dir) / JOB_FILE, job)
 
 
@@ -283,6 +293,18 @@ class LocalLauncher:
         os.environ[THREADS_ENV] = str(cores_per_job(self.max_parallel))
         executor = make_executor(self.kind, self.root / self.sweep / SUBMITIT_DIR / "%j", name=f"cmscale-{self.sweep}",
                                  timeout_min=self.timeout_min)
+        active: list[_LocalJob] = []
+        with _interrupt_on_sigterm():
+            try:
+                self._run_stages(runs, report, done, executor, active)
+            except BaseException:
+                # Ctrl-C or SIGTERM: the runs end with the launcher (checkpointed), never orphaned.
+                if self.kind == "local":  # debug jobs run in this process and end with it
+                    stop_local_jobs(active)
+                raise
+
+    def _run_stages(self, runs: list[LaunchableRun], report: LaunchReport, done: set[str], executor: Any,
+                    active: list[_LocalJob]) -> None:
         for stage in sorted({run.stage for run in runs}):
             ready = []
             for run in runs:  # a stage starts once the one before has ended, so its teachers are known
@@ -294,7 +316,6 @@ class LocalLauncher:
                 else:
                     ready.append(run)
             queue = _spread(ready, self.runs_per_job, self.max_parallel, cost=_wall_cost)
-            active: list[_LocalJob] = []
             while queue or active:
                 while queue and len(active) < self.max_parallel:
                     pack = queue.pop(0)
@@ -357,6 +378,52 @@ class _LocalJob:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+class _interrupt_on_sigterm:
+    """While the launcher runs its jobs, SIGTERM stops it as Ctrl-C does (main thread only)."""
+
+    def __enter__(self) -> None:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def stop_local_jobs(jobs: list[_LocalJob], grace_s: float = STOP_GRACE_S) -> None:
+    """End the launcher's local jobs: SIGINT to each job's training processes (they checkpoint,
+    write status "interrupted" and exit), then, after ``grace_s``, SIGKILL to whatever is left."""
+    pids = []
+    for local in jobs:
+        controller = int(local.job.job_id) if str(local.job.job_id).isdigit() else None
+        if controller is None:
+            continue
+        # submitit's controller forwards no SIGINT (and kills its task 1 s after one): signal the task itself.
+        targets = process_descendants(controller) or [controller]
+        pids += [controller, *targets]
+        for pid in targets:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for local in jobs:
+        local.close()
 
 
 def _wait_for_any(jobs: list[_LocalJob], timeout_s: float | None = None) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cmscale.cluster.launchers import LAUNCHERS, LaunchReport, make_launcher
-from cmscale.rundir import DONE_FILE, LIVE_STATES, TERMINAL_STATES, RunState, read_job
+from cmscale.rundir import DONE_FILE, LIVE_STATES, TERMINAL_STATES, RunState, read_job, same_process
 from cmscale.sweep.plan import PlannedRun, check_sweep_identity, sweep_dir, write_sweep_file
 from cmscale.sweep.spec import SweepSpec
 from cmscale.sweep.status import RunStatus, runs_states, sweep_states
@@ -116,7 +116,10 @@ def submit_runs(
 
 
 def cancel_sweep(root: Path, sweep: str) -> list[str]:
-    """scancel this sweep's SLURM jobs (and stop its local processes); returns the ids cancelled."""
+    """scancel this sweep's SLURM jobs (and stop its local processes); returns the ids cancelled.
+
+    A local job is signalled only while its pid still names the process it recorded (pid and
+    start time in job.json): a pid reused by another process since is never signalled."""
     states = sweep_states(root, sweep)
     slurm_ids, local_pids = set(), []
     for state in states:
@@ -125,8 +128,10 @@ def cancel_sweep(root: Path, sweep: str) -> list[str]:
             continue  # nothing live behind it
         if job.get("executor") == "slurm":
             slurm_ids.add(str(job["job_id"]))
-        elif job.get("executor") == "local" and int(job["job_id"]) not in local_pids:  # packs share a pid
-            local_pids.append(int(job["job_id"]))
+        elif job.get("executor") == "local" and str(job.get("job_id", "")).isdigit():
+            pid = int(job["job_id"])
+            if pid not in local_pids and same_process(pid, job.get("pid_start")):  # packs share a pid
+                local_pids.append(pid)
     if slurm_ids:
         subprocess.run(["scancel", *sorted(slurm_ids)], check=False, capture_output=True, text=True, timeout=60)
     for pid in local_pids:

@@ -25,6 +25,7 @@ from cmscale.rundir import (
     pid_alive,
     read_job,
     read_json,
+    same_process,
 )
 from cmscale.sweep.plan import read_sweep_file, sweep_dir
 
@@ -58,9 +59,12 @@ def _job_alive(job: dict, slurm_states: dict[str, str]) -> tuple[bool, str | Non
         return state in LIVE_SLURM_STATES, state  # "CANCELLED+COMPLETING" is not live
     if job.get("executor") == "local":
         try:
-            return pid_alive(int(job["job_id"])), None
+            pid = int(job["job_id"])
         except (KeyError, ValueError):
             return False, None
+        if "pid_start" in job:  # pid and start time: a later process given the same pid is not the job
+            return same_process(pid, job["pid_start"]), None
+        return pid_alive(pid), None
     return False, None
 
 
@@ -91,12 +95,15 @@ def run_state(run_id: str, run_dir: Path, config: dict, slurm_states: dict[str, 
             # A fresh heartbeat with no scheduler answer (squeue unreachable) is a live run.
             return RunStatus(run_id, RunState.RUNNING, method, preset, job_id, "heartbeat fresh")
         reason = f"heartbeat {age:.0f}s old and no live job" if age is not None else "no heartbeat and no live job"
+        reason = _stopped_reason(status_path) or reason
         if scheduler_state:
             reason += f" (scheduler: {scheduler_state})"
         return RunStatus(run_id, RunState.LOST, method, preset, job_id, reason, ending=_ending(scheduler_state))
     if alive and job.get(PACK_KEY):
         # Its pack's job runs (or waits); this run has not started: it waits for its turn in the pack.
         return RunStatus(run_id, RunState.QUEUED, method, preset, job_id, _pack_reason(run_id, job, scheduler_state))
+    if alive and job.get("executor") != "slurm":  # its local process lives: the run is starting
+        return RunStatus(run_id, RunState.RUNNING, method, preset, job_id, "starting")
     if alive:
         return RunStatus(run_id, _live_state(scheduler_state), method, preset, job_id, scheduler_state)
     if job.get("executor") == "slurm" and scheduler_state and scheduler_state not in LIVE_SLURM_STATES:
@@ -112,6 +119,18 @@ def run_state(run_id: str, run_dir: Path, config: dict, slurm_states: dict[str, 
     return RunStatus(
         run_id, RunState.LOST, method, preset, job_id, "the submitted job is gone and the run never started"
     )
+
+
+def _stopped_reason(status_path: Path) -> str | None:
+    """Why a run that is no longer alive stopped, when its status.json says it was interrupted."""
+    try:
+        status = read_json(status_path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(status, dict) or status.get("state") != RunState.INTERRUPTED:
+        return None
+    return (f"interrupted by {status.get('signal') or 'a signal'} at step {status.get('step', '?')}; "
+            "its checkpoint resumes on relaunch")
 
 
 def _pack_reason(run_id: str, job: dict, scheduler_state: str | None) -> str:
