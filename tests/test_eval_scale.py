@@ -85,7 +85,7 @@ def _write(config, model, channels, space, folder, shard):
 def test_a_sharded_evaluation_equals_an_unsharded_one_on_the_same_samples(tmp_path, space, shard_setup):
     import torch
 
-    from cmscale.eval.fid import fid_to_reference, to_uint8
+    from cmscale.eval.fid import scores_to_reference, to_uint8
     from cmscale.eval.shards import chunk_seed, reduce_shards
     from cmscale.methods import sample
 
@@ -96,13 +96,15 @@ def test_a_sharded_evaluation_equals_an_unsharded_one_on_the_same_samples(tmp_pa
         split, _ = _write(config, model, channels, space, tmp_path / "three", (index, 3))
     for chunk in range(4):
         assert np.array_equal(np.load(split.chunk_path(chunk)), np.load(whole.chunk_path(chunk)))
-    (fid_split, nfe), (fid_whole, _) = reduce_shards(split, reference), reduce_shards(whole, reference)
-    assert fid_split.fid == fid_whole.fid and nfe == 1
+    (fid_split, nfe), (fid_whole, _) = reduce_shards(split, reference, kid_subsets=5), reduce_shards(whole, reference)
+    assert fid_split.fid == fid_whole.fid and nfe == 1 and fid_whole.kid is None
     # The same samples scored in one torch-fidelity call (calculate_metrics against the cached statistics).
     images = torch.cat([to_uint8(sample(config, model, (16, channels, 8, 8), 1,
                                         torch.Generator().manual_seed(chunk_seed(config.eval.seed, k)), "cpu")[0])
                         for k in range(4)])
-    assert fid_split.fid == pytest.approx(fid_to_reference(images, reference), rel=1e-5)
+    unsharded = scores_to_reference(images, reference, kid_subsets=5)
+    assert fid_split.fid == pytest.approx(unsharded.fid, rel=1e-5)
+    assert (fid_split.kid, fid_split.kid_std) == pytest.approx((unsharded.kid, unsharded.kid_std), rel=1e-5)
 
 
 def test_an_interrupted_sharded_evaluation_resumes_from_its_finished_chunks(tmp_path, space, shard_setup):

@@ -28,7 +28,7 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_featuresdict_to_metric
 from torch_fidelity.utils import (
     cache_lookup_one_recompute_on_miss,
     create_feature_extractor,
@@ -235,6 +235,31 @@ def fid_to_stats(features: torch.Tensor, reference: dict[str, np.ndarray]) -> fl
     stats = fid_featuresdict_to_statistics({"features": features}, "features")
     as_float64 = lambda stats: {key: np.asarray(stats[key], np.float64) for key in ("mu", "sigma")}  # noqa: E731
     return float(fid_statistics_to_metric(as_float64(stats), as_float64(reference), verbose=False)[KEY_METRIC_FID])
+
+
+def reference_features(reference: Reference, device: torch.device | str = "cpu",
+                       batch_size: int = FEATURE_BATCH) -> torch.Tensor:
+    """The reference images' features, cached in the file torch-fidelity's KID itself caches them in."""
+    kwargs = _fidelity_common(reference.space, device, batch_size)
+
+    def compute() -> torch.Tensor:
+        extractor = create_feature_extractor(reference.space.registered_name, [reference.space.layer], **kwargs)
+        features = get_featuresdict_from_dataset(reference_images(reference.data, reference.space.channels),
+                                                 extractor, batch_size, kwargs["cuda"], save_cpu_ram=True,
+                                                 verbose=False)
+        return features[reference.space.layer]
+
+    cache = {"cache": True, "cache_root": str(reference.stats_root), "verbose": False}
+    with locked(reference.features_path):
+        return cache_lookup_one_recompute_on_miss(reference.features_path.stem, compute, **cache)
+
+
+def kid_between(features: torch.Tensor, reference: torch.Tensor, subsets: int) -> tuple[float, float]:
+    """KID (mean, std over ``subsets``) between two feature sets, by torch-fidelity's KID."""
+    subset = min(KID_SUBSET_SIZE, features.shape[0], reference.shape[0])
+    metric = kid_featuresdict_to_metric({"f": features}, {"f": reference}, "f", kid_subsets=subsets,
+                                        kid_subset_size=subset, verbose=False)
+    return float(metric[KEY_METRIC_KID_MEAN]), float(metric[KEY_METRIC_KID_STD])
 
 
 def fid_to_reference(images: torch.Tensor, reference: Reference, device: torch.device | str = "cpu",

@@ -320,10 +320,12 @@ def _sharded_eval(config: RunConfig, run_dir: Path, space, device: torch.device,
         flops_forward = forward_flops(net)
         for steps in sampler_steps(config):
             started = time.time()
-            scores, nfe = reduce_shards(shard_plan(run_dir, config, step, steps, num_samples), reference, device)
+            scores, nfe = reduce_shards(shard_plan(run_dir, config, step, steps, num_samples), reference, device,
+                                        config.eval.kid_subsets)
             rows.append({"kind": "eval", "step": step, "train_flops": float(train_flops_at(config, step)),
                          "images_seen": step * config.batch_size, "sampler_steps": int(steps), "nfe": int(nfe),
-                         "fid": scores.fid, "kid": None, "kid_std": None, "num_samples": int(num_samples),
+                         "fid": scores.fid, "kid": scores.kid, "kid_std": scores.kid_std,
+                         "num_samples": int(num_samples),
                          "extractor": space.extractor, "reference": reference.id,
                          "sampling_flops_per_image": float(nfe * flops_forward), "wall_s": time.time() - started})
         with MetricsWriter(run_dir / METRICS_FILE) as writer:

@@ -10,7 +10,8 @@ nothing but (seed, k), the features, and so the statistics reduced from them in 
 the same however the chunks were split.
 
 The reduction concatenates the chunks' features in order, fits ``mu`` and ``sigma`` with
-torch-fidelity and scores FID against the reference (KID is not reduced from shards).
+torch-fidelity and scores FID against the reference, and KID (torch-fidelity's, against the
+reference images' cached features) when the reference is a local image set.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from torch import nn
 
 from cmscale.config import RunConfig
 from cmscale.eval.features import FeatureSpace
-from cmscale.eval.fid import Scores, features_of, fid_to_stats, reference_statistics
+from cmscale.eval.fid import (
+    Scores,
+    features_of,
+    fid_to_stats,
+    kid_between,
+    reference_features,
+    reference_statistics,
+)
 from cmscale.eval.reference import PublishedReference
 from cmscale.methods import sample
 
@@ -142,8 +150,10 @@ def write_shard(config: RunConfig, model: nn.Module, plan: ShardPlan, shard: tup
     return written
 
 
-def reduce_shards(plan: ShardPlan, reference, device: torch.device | str = "cpu") -> tuple[Scores, int]:
-    """FID of all chunks' features against the reference; refuses while chunks are missing."""
+def reduce_shards(plan: ShardPlan, reference, device: torch.device | str = "cpu",
+                  kid_subsets: int = 0) -> tuple[Scores, int]:
+    """FID (and KID against a local image set, when ``kid_subsets``) of all chunks' features;
+    refuses while chunks are missing."""
     missing = plan.missing()
     if missing:
         shown = ", ".join(str(k) for k in missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -151,9 +161,11 @@ def reduce_shards(plan: ShardPlan, reference, device: torch.device | str = "cpu"
                          f"{shown}; chunk k belongs to shard k mod n): run those shards again (finished chunks are "
                          "skipped), then reduce")
     features = torch.from_numpy(np.concatenate([np.load(plan.chunk_path(k)) for k in range(plan.num_chunks)]))
-    if isinstance(reference, PublishedReference):
-        stats = reference.stats()
-    else:
-        _, stats = reference_statistics(reference.data, reference.space, device)
     nfe = json.loads((plan.folder / "nfe.json").read_text())["nfe"]
-    return Scores(fid_to_stats(features, stats)), nfe
+    if isinstance(reference, PublishedReference):
+        return Scores(fid_to_stats(features, reference.stats())), nfe
+    _, stats = reference_statistics(reference.data, reference.space, device)
+    fid = fid_to_stats(features, stats)
+    if not kid_subsets:
+        return Scores(fid), nfe
+    return Scores(fid, *kid_between(features, reference_features(reference, device), kid_subsets)), nfe
