@@ -182,3 +182,31 @@ def test_an_eval_too_large_to_hold_scores_the_same_samples_from_their_features(t
     assert held[0]["kid"] is not None and streamed[0]["kid"] is None
     grids = [(tmp_path / name / "samples" / "step00000001-1steps.png").read_bytes() for name in ("a", "b")]
     assert grids[0] == grids[1]
+
+
+def test_cli_eval_in_shards_then_reduce_appends_the_eval_rows(tmp_path, space):
+    from click.testing import CliRunner
+
+    from cmscale.cli import main
+    from cmscale.config import RunConfig
+    from cmscale.rundir import read_metrics
+    from cmscale.train import train
+
+    config = RunConfig(**{**SHARD_CONFIG, "budget_iters": 2, "batch_size": 8,
+                          "eval": {**SHARD_CONFIG["eval"], "kid_subsets": 2, "grid_images": 0}})
+    run_dir = tmp_path / "run"
+    assert train(config, run_dir)["status"] == "done"
+    runner = CliRunner()
+    reduce = ["eval", str(run_dir), "--num-samples", "40", "--reduce"]
+    early = runner.invoke(main, reduce)
+    assert early.exit_code != 0 and "3 chunks have no features yet" in early.output
+    for index in range(2):
+        result = runner.invoke(main, ["eval", str(run_dir), "--num-samples", "40", "--shard", f"{index}/2"])
+        assert result.exit_code == 0, result.output
+    assert "0 still missing" in result.output
+    result = runner.invoke(main, [*reduce, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [row for row in read_metrics(run_dir / "metrics.jsonl")
+            if row["kind"] == "eval" and row["num_samples"] == 40]
+    assert len(rows) == 1 and rows[0]["fid"] > 0 and rows[0]["kid"] is not None and rows[0]["nfe"] == 1
+    assert rows[0]["sampling_flops_per_image"] > 0
