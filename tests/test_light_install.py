@@ -85,3 +85,31 @@ def test_results_fit_and_report_run_without_torch(light, tmp_path):
     findings = json.loads((tmp_path / "report" / "report.json").read_text())
     assert findings["sweep"] == SWEEP
     assert (tmp_path / "report" / "report.html").is_file()
+
+
+def test_every_imported_package_is_declared_in_pyproject():
+    """Each third-party module that cmscale imports belongs to a distribution that pyproject.toml
+    declares (in the base dependencies or an extra): nothing works only because torch brought it."""
+    import ast
+    import importlib.metadata
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [req for extra in project["optional-dependencies"].values()
+                                              for req in extra]
+    declared = {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower().replace("_", "-") for req in requirements}
+    distributions = importlib.metadata.packages_distributions()
+    imported: dict[str, str] = {}
+    for path in (REPO / "cmscale").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                     else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top != "cmscale" and top not in sys.stdlib_module_names:
+                    imported.setdefault(top, str(path.relative_to(REPO)))
+    undeclared = {module: where for module, where in imported.items()
+                  if not {dist.lower().replace("_", "-") for dist in distributions.get(module, [])} & declared}
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
