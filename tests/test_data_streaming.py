@@ -65,6 +65,14 @@ def test_large_folder_is_streamed_small_one_held_and_the_log_line_says_which(tmp
     assert torch.equal(torch.stack([torch.from_numpy(data[i]) for i in range(len(data))]), held.images)
 
 
+def test_streamed_images_are_resized_to_the_runs_resolution_as_the_in_memory_path_does(tmp_path, monkeypatch):
+    path = write_zip(tmp_path / "set.zip", 12)
+    held = load_dataset("imagefolder", path=path, resolution=16)
+    monkeypatch.setenv("CMSCALE_DATA_IN_MEMORY_BYTES", "0")
+    batches = StepBatches(load_dataset("imagefolder", path=path, resolution=16), batch_size=4, seed=0, num_workers=0)
+    assert torch.equal(batches(1), held.batch(batches.indices(1)))
+
+
 def test_workers_deliver_the_scheduled_items_with_their_labels(streamed):
     batches = StepBatches(streamed, batch_size=8, seed=3, num_workers=1)
     for step in range(3):
@@ -240,3 +248,28 @@ def test_streaming_200k_images_grows_resident_memory_by_less_than_500_mb(tmp_pat
     for child, peak in worker_peak.items():
         grown = peak - worker_start[child]
         assert grown < 500 * 2**20, f"worker grew by {grown / 2**20:.0f} MiB"
+
+
+def test_a_trainer_resumed_from_a_checkpoint_ends_where_the_uninterrupted_streamed_run_ends(tmp_path, monkeypatch):
+    from cmscale.config import RunConfig
+    from cmscale.train import train
+
+    monkeypatch.setenv("CMSCALE_DATA_IN_MEMORY_BYTES", "0")
+    monkeypatch.setenv("CMSCALE_DATA_WORKERS", "1")
+    monkeypatch.setenv("CMSCALE_NUM_THREADS", "1")
+    path = write_zip(tmp_path / "set.zip", 20, side=8)
+    config = RunConfig(method="edm", preset="t2", dataset="imagefolder", data_path=str(path), resolution=8,
+                       batch_size=6, budget_iters=7, ckpt_every=4, log_every=1, device="cpu",
+                       eval={"at_fractions": []})
+    assert train(config, tmp_path / "whole")["status"] == "done"
+    resumed = tmp_path / "resumed"
+    assert train(config, resumed)["status"] == "done"
+    # As if killed after its step-4 checkpoint: steps 5..7 run again from a fresh loader at step 5.
+    (resumed / "done.json").unlink()
+    (resumed / "ckpt" / "final.pt").unlink()
+    os.replace(resumed / "ckpt" / "previous.pt", resumed / "ckpt" / "latest.pt")
+    assert torch.load(resumed / "ckpt" / "latest.pt", weights_only=True)["step"] == 4
+    assert train(config, resumed)["status"] == "done"
+    weights = [torch.load(run / "ckpt" / "final.pt", weights_only=True)["net"] for run in (tmp_path / "whole", resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
