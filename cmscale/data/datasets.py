@@ -125,14 +125,32 @@ def load_cifar10(path: Path | str, split: str = "train", resolution: int | None 
         raise DatasetNotFoundError("cifar10", root, f"missing {', '.join(missing)}")
     arrays, labels = [], []
     for name in names:
-        with open(root / name, "rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
+        entry = _read_cifar_batch(root / name)
         arrays.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(entry["labels"])
     images = torch.from_numpy(np.concatenate(arrays))
     if resolution is not None:
         images = _resize_uint8(images, resolution)
     return ImageData("cifar10", images, torch.tensor(labels, dtype=torch.int64), label_dim=10)
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    """One CIFAR-10 python batch: a dict of a uint8 array ('data') and a list of ints ('labels').
+    Read by an unpickler that admits numpy arrays and plain containers only: a crafted batch file
+    cannot run code (a plain pickle.load would call whatever the file names)."""
+    from cmscale.safe_pickle import BoundedUnpickler, numpy_array_globals
+
+    try:
+        with open(path, "rb") as handle:
+            entry = BoundedUnpickler(handle, str(path), numpy_array_globals(), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise DataFormatError(f"{path}: not a CIFAR-10 python batch ({error}); download cifar-10-python.tar.gz "
+                              "from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it") from None
+    if not (isinstance(entry, dict) and isinstance(entry.get("data"), np.ndarray)
+            and isinstance(entry.get("labels"), list)):
+        raise DataFormatError(f"{path}: not a CIFAR-10 python batch (expected a dict with a 'data' array and a "
+                              "'labels' list); download cifar-10-python.tar.gz and unpack it")
+    return entry
 
 
 def load_imagefolder(path: Path | str, resolution: int | None = None) -> ImageData:

@@ -44,6 +44,7 @@ import torch
 
 from cmscale.models.edm2 import EDM2Net
 from cmscale.models.presets import PRESETS, build_network, get_preset
+from cmscale.safe_pickle import BoundedUnpickler, PickleBoundsError
 
 
 class EDMPickleError(ValueError):
@@ -148,13 +149,12 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only allow-listed globals; anything else would run code and is refused."""
+class RestrictedUnpickler(BoundedUnpickler):
+    """Resolves only allow-listed globals; anything else would run code and is refused. The work a
+    file can ask for is bounded (pickle depth, node count and memo size: cmscale.safe_pickle)."""
 
     def __init__(self, file, source: str):
-        super().__init__(file)
-        self.source = source
-        self.allowed = _allowed_globals()
+        super().__init__(file, source, _allowed_globals())
 
     def find_class(self, module: str, name: str) -> Any:
         target = self.allowed.get((module, name))
@@ -184,6 +184,8 @@ def read_edm_pickle(path: str | Path) -> Any:
             return RestrictedUnpickler(handle, str(path)).load()
         except EDMPickleError:
             raise
+        except PickleBoundsError as error:
+            raise EDMPickleError(str(error)) from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError) as error:
             raise EDMPickleError(
                 f"{path}: not a readable EDM network pickle ({type(error).__name__}: {error})"
