@@ -202,6 +202,15 @@ class RunConfig(StrictModel):
                              "each ema_sigma_rels average under phema/ (EDM2 uses widths 0.05 and 0.10); "
                              "`cmscale ema reconstruct RUN --sigma-rel ...` then builds any width. 0: off")
     dropout: float = Field(0.0, ge=0, lt=1)
+    label_dim: int = Field(0, ge=0, description="class-conditional training on the data set's labels: its class "
+                           "count (digits and CIFAR-10: 10; an EDM dataset.json: its labels); 0: unconditional")
+    label_dropout: float = Field(0.0, ge=0, lt=1, description="probability of training a row without its label "
+                                 "(the unconditional branch classifier-free guidance needs)")
+    guidance: float = Field(1.0, ge=0, description="guidance scale w of sampling: D = D_u + w (D_c - D_u), with "
+                            "D_u the unconditional branch (label_dropout) or, with guide_ckpt, a weaker network "
+                            "(EDM2's autoguidance); 1: no guidance")
+    guide_ckpt: str | None = Field(None, description="autoguidance: a cmscale checkpoint of a weaker network of the "
+                                   "same preset family, resolution and label_dim (e.g. a smaller, shorter run)")
     seed: Seed = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, mps, cuda or cuda:N")
@@ -242,6 +251,17 @@ class RunConfig(StrictModel):
             raise ValueError("give exactly one of budget_iters or budget_flops")
         if self.method in STUDENT_METHODS and not self.teacher_ckpt:
             raise ValueError(f"method {self.method!r} needs teacher_ckpt (a pretrained EDM checkpoint)")
+        family = PRESETS[self.preset].architecture
+        if self.label_dim and family == "unet":
+            raise ValueError(f"label_dim {self.label_dim}: preset {self.preset!r} is cmscale's unconditional UNet; "
+                             "use an edm2-*, ddpmpp* or adm preset for class-conditional training, or label_dim = 0")
+        if self.label_dropout and not self.label_dim:
+            raise ValueError("label_dropout drops class labels, but label_dim is 0; set label_dim (the data's class "
+                             "count) or label_dropout = 0")
+        if self.guidance != 1 and self.guide_ckpt is None and not self.label_dropout:
+            raise ValueError(f"guidance {self.guidance} needs an unconditional branch: this run never trains one "
+                             "(label_dropout = 0); set label_dropout (e.g. 0.1), give guide_ckpt (autoguidance) "
+                             "or guidance = 1")
         if self.phema_every and not self.ema_sigma_rels:
             raise ValueError("phema_every stores snapshots of the power EMAs, but ema_sigma_rels is empty; set "
                              "ema_sigma_rels = [0.05, 0.1] (EDM2's two widths) or phema_every = 0")
@@ -284,7 +304,8 @@ class RunConfig(StrictModel):
 
 EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32", "tensorboard"}
 # Options added after the run ids of issue 14, with the default that keeps an id unchanged.
-LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": [], "phema_every": 0}
+LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": [], "phema_every": 0,
+                "label_dim": 0, "label_dropout": 0.0, "guidance": 1.0, "guide_ckpt": None}
 LATER_FIELDS |= {"vae_path": None, "fid_reference": None}  # issue 24: latent space, published FID references
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from cmscale.checkpoint import metadata_mismatches
 from cmscale.config import RunConfig
+from cmscale.models.labels import label_vector
 from cmscale.models.losses import ECTLoss, EDMLoss, SCMLoss
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond, network_of
 from cmscale.models.presets import build_unet
@@ -39,7 +40,7 @@ class TeacherCheckpointError(FileNotFoundError):
 
 
 # Checkpoint metadata: the plain keys every cmscale checkpoint (run state, final, imported teacher) carries.
-CHECKPOINT_META_KEYS = ("preset", "resolution", "img_channels", "sigma_data", "method")
+CHECKPOINT_META_KEYS = ("preset", "resolution", "img_channels", "sigma_data", "method", "label_dim")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def sigma_data_of(config: RunConfig) -> float:
 
 def checkpoint_meta(config: RunConfig, img_channels: int) -> dict:
     return {"preset": config.preset, "resolution": config.resolution, "img_channels": img_channels,
-            "sigma_data": sigma_data_of(config), "method": config.method}
+            "sigma_data": sigma_data_of(config), "method": config.method, "label_dim": config.label_dim}
 
 
 def uses_teacher(config: RunConfig) -> bool:
@@ -214,9 +215,10 @@ def method_conventions(config: RunConfig, img_channels: int) -> dict:
 
 
 def build_network(config: RunConfig, img_channels: int, dropout: float | None = None) -> nn.Module:
-    """The bare network of ``config.preset`` (the preset table decides its family and size)."""
+    """The bare network of ``config.preset`` (the preset table decides its family and size), with
+    ``config.label_dim`` classes."""
     return build_unet(config.preset, config.resolution, img_channels,
-                      dropout=config.dropout if dropout is None else dropout)
+                      dropout=config.dropout if dropout is None else dropout, label_dim=config.label_dim)
 
 
 def wrap_network(config: RunConfig, net: nn.Module) -> nn.Module:
@@ -276,6 +278,8 @@ class Method:
     extra_modules: list[nn.Module] = field(default_factory=list)  # trained alongside (sCM's adaptive weight)
     meta: dict[str, Any] = field(default_factory=dict)  # checkpoint metadata (CHECKPOINT_META_KEYS)
     conventions: dict[str, Any] = field(default_factory=dict)  # see method_conventions
+    label_dim: int = 0  # class-conditional with this many classes (0: unconditional)
+    label_dropout: float = 0.0  # probability of a row trained without its label (the unconditional branch)
 
     @property
     def name(self) -> str:
@@ -288,9 +292,15 @@ class Method:
     def loss(self, x0: torch.Tensor, labels: torch.Tensor | None = None, **draws: torch.Tensor) -> torch.Tensor:
         """Per-sample losses; ``draws`` (from :meth:`sample_draws`) fix the times and noise, else the loss draws.
 
-        ``labels`` (class labels, one per row) are handed to the loss when given."""
+        ``labels`` (class labels, one per row, int or one-hot) are handed to the loss as one-hot
+        vectors, zeroed on the rows ``draws['label_keep']`` drops (label dropout)."""
+        keep = draws.pop("label_keep", None)
         if labels is not None:
-            draws["labels"] = labels
+            if not self.label_dim:
+                raise ValueError("class labels were given, but this run is unconditional (label_dim 0); set "
+                                 "label_dim to the data's class count, or train without labels")
+            labels = label_vector(labels, self.label_dim, x0.shape[0], x0)
+            draws["labels"] = labels if keep is None else labels * keep[:, None].to(labels.dtype)
         if self.teacher is not None:
             draws["teacher"] = self.teacher
         return self.loss_fn(self.model, x0, **draws)
@@ -304,7 +314,10 @@ class Method:
             times = self.loss_fn.sample_sigma(shape[0], device)
         else:
             times = self.loss_fn.sample_t(shape[0], device)
-        return {self.recipe.time_draw: times, "noise": torch.randn(shape, device=device)}
+        draws = {self.recipe.time_draw: times, "noise": torch.randn(shape, device=device)}
+        if self.label_dropout:  # drawn after the noise, so unconditional runs keep their draws
+            draws["label_keep"] = torch.rand(shape[0], device=device) >= self.label_dropout
+        return draws
 
     def set_iteration(self, iteration: int) -> None:
         if hasattr(self.loss_fn, "set_iteration"):
@@ -348,18 +361,81 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
         teacher_config = config.model_copy(update={"dropout": 0.0})
         teacher = wrap_network(teacher_config, network(dropout=0.0)).to(device).eval().requires_grad_(False)
     return Method(recipe, wrap_network(config, net).to(device), loss, teacher, extra_modules,
-                  meta=checkpoint_meta(config, img_channels), conventions=method_conventions(config, img_channels))
+                  meta=checkpoint_meta(config, img_channels), conventions=method_conventions(config, img_channels),
+                  label_dim=config.label_dim, label_dropout=config.label_dropout)
 
 
 def model_from_checkpoint(config: RunConfig, payload: dict[str, Any], device: torch.device | str) -> nn.Module:
     """The network of a final checkpoint (``ckpt/final.pt``'s payload) in the method's wrapper, frozen."""
     net = build_unet(payload.get("preset", config.preset), payload.get("resolution", config.resolution),
-                     payload["img_channels"])
+                     payload["img_channels"], label_dim=payload.get("label_dim", config.label_dim))
     net.load_state_dict(payload["net"])
     return wrap_network(config, net).to(device).eval().requires_grad_(False)
 
 
+def guide_from_checkpoint(config: RunConfig, img_channels: int, device: torch.device | str) -> nn.Module | None:
+    """Autoguidance's weaker network (``config.guide_ckpt``) in the run's wrapper, frozen; None without one.
+
+    Its preset may differ (a smaller size); its resolution, channels and label_dim must be the run's."""
+    if config.guide_ckpt is None:
+        return None
+    path = Path(config.guide_ckpt)
+    if not path.is_file():
+        raise TeacherCheckpointError(f"guide_ckpt {path} not found; point it at a finished run's ckpt/final.pt")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    expected = {"resolution": config.resolution, "img_channels": img_channels, "label_dim": config.label_dim}
+    problems = metadata_mismatches(payload, expected)
+    if problems:
+        raise TeacherCheckpointError(f"guide_ckpt {path} does not fit this run: {'; '.join(problems)}; autoguidance "
+                                     "needs a network of the same resolution, channels and label_dim")
+    return model_from_checkpoint(config, payload, device)
+
+
+def balanced_labels(start: int, count: int, label_dim: int, device: torch.device | str) -> torch.Tensor | None:
+    """Class labels of samples ``start .. start + count - 1``: sample i has class i mod label_dim, so every
+    class appears equally often in a multiple of label_dim samples (None when unconditional)."""
+    if not label_dim:
+        return None
+    return torch.arange(start, start + count, device=device) % label_dim
+
+
+class Guided(nn.Module):
+    """A model called with fixed class labels, and guided: out = out_u + w (out_c - out_u).
+
+    ``out_c`` is the model with ``labels``; ``out_u`` is ``guide`` with the same labels (autoguidance,
+    EDM2) or, without a guide, the model with the all-zero label (classifier-free guidance on the
+    branch label dropout trained). w = 1 is the conditional model alone (one evaluation).
+    """
+
+    def __init__(self, model: nn.Module, labels: torch.Tensor | None, guidance: float = 1.0,
+                 guide: nn.Module | None = None, label_dim: int = 0):
+        super().__init__()
+        self.model, self.guide = model, guide
+        self.guidance = guidance
+        self.labels = None if labels is None else label_vector(labels, label_dim, labels.shape[0], torch.zeros(()))
+        self.evaluations = 1 if guidance == 1 else 2
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        labels = None if self.labels is None else self.labels.to(x.device, x.dtype)
+        conditional = self.model(x, time, labels)
+        if self.guidance == 1:
+            return conditional
+        if self.guide is not None:
+            reference = self.guide(x, time, labels)
+        else:
+            reference = self.model(x, time, None if labels is None else torch.zeros_like(labels))
+        return reference.lerp(conditional, self.guidance)
+
+
 def sample(config: RunConfig, model: nn.Module, shape: tuple[int, ...], steps: int, generator: torch.Generator,
-           device: torch.device | str) -> tuple[torch.Tensor, int]:
-    """Draw images with the method's sampler: Heun for EDM teachers, n-step CM sampling otherwise."""
-    return recipe_of(config).sample(config, model, shape, steps, generator, device)
+           device: torch.device | str, labels: torch.Tensor | None = None,
+           guide: nn.Module | None = None) -> tuple[torch.Tensor, int]:
+    """Draw images with the method's sampler: Heun for EDM teachers, n-step CM sampling otherwise.
+
+    ``labels`` (one per image) condition a class-conditional model, guided by ``config.guidance``
+    (with ``guide``, autoguidance); the returned count of network evaluations includes the guide's."""
+    if labels is None and config.guidance == 1:
+        return recipe_of(config).sample(config, model, shape, steps, generator, device)
+    guided = Guided(model, labels, config.guidance, guide, config.label_dim)
+    images, nfe = recipe_of(config).sample(config, guided, shape, steps, generator, device)
+    return images, nfe * guided.evaluations

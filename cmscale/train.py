@@ -136,6 +136,9 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution,
                                  vae_path=config.vae_path)
+        if config.label_dim and config.label_dim != self.data.label_dim:
+            raise ValueError(f"label_dim {config.label_dim} does not fit the data: {config.dataset} has "
+                             f"{self.data.label_dim or 'no'} class labels; set label_dim = {self.data.label_dim}")
         self.batches = StepBatches(self.data, config.batch_size, config.seed, self.rank, self.world, self.device)
         if self.is_writer and config.dataset == "imagefolder":  # held in memory or streamed: the log says which
             print(describe_storage(self.data, self.batches.num_workers or None), file=sys.stderr, flush=True)
@@ -238,8 +241,9 @@ class Trainer:
         autocast = torch.autocast(
             device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"
         )
+        labels = self.batches.labels(self.step) if self.config.label_dim else None
         with autocast:
-            loss = self.method.loss(x0, **draws).mean()
+            loss = self.method.loss(x0, labels, **draws).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.params, self.world)

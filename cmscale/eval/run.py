@@ -45,7 +45,15 @@ from cmscale.eval.fid import (
     to_uint8,
 )
 from cmscale.eval.reference import PublishedReference, ReferenceStatsError, is_stats_file, read_reference_stats
-from cmscale.methods import model_from_checkpoint, network_of, sample, sampler_steps, with_sampler_steps
+from cmscale.methods import (
+    balanced_labels,
+    guide_from_checkpoint,
+    model_from_checkpoint,
+    network_of,
+    sample,
+    sampler_steps,
+    with_sampler_steps,
+)
 from cmscale.models.flops import forward_flops
 from cmscale.rundir import (
     METRICS_FILE,
@@ -72,17 +80,30 @@ def eval_num_samples(config: RunConfig) -> int:
 
 @torch.no_grad()
 def generate(config: RunConfig, model: nn.Module, num_samples: int, steps: int, channels: int,
-             device: torch.device, batch_size: int, seed: int, decode=to_uint8) -> tuple[torch.Tensor, int]:
+             device: torch.device, batch_size: int, seed: int, decode=to_uint8,
+             guide: nn.Module | None = None) -> tuple[torch.Tensor, int]:
     """``num_samples`` uint8 images from the method's sampler at ``steps``; returns (images, nfe).
-    ``decode`` turns the sampler's output into uint8 pixels (a VAE's decoder for latent runs)."""
+    ``decode`` turns the sampler's output into uint8 pixels (a VAE's decoder for latent runs).
+    A class-conditional run samples class-balanced labels (:func:`cmscale.methods.balanced_labels`),
+    guided by ``config.guidance`` (with ``guide``, autoguidance)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks, nfe = [], 0
     for start in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - start)
         shape = (count, channels, config.resolution, config.resolution)
-        images, nfe = sample(config, model, shape, steps, generator, device)
+        labels = balanced_labels(start, count, config.label_dim, device)
+        images, nfe = sample(config, model, shape, steps, generator, device, labels, guide)
         chunks.append(decode(images))
     return torch.cat(chunks), nfe
+
+
+def conditioning_keys(config: RunConfig) -> dict[str, Any]:
+    """Eval-row keys of a class-conditional or guided run: the guidance scale, its kind and the class balance."""
+    if not config.label_dim and config.guidance == 1:
+        return {}
+    kind = "none" if config.guidance == 1 else "autoguidance" if config.guide_ckpt else "classifier-free"
+    return {"guidance": float(config.guidance), "guidance_kind": kind,
+            "class_balance": "balanced" if config.label_dim else None}
 
 
 def sample_decoder(config: RunConfig, device: torch.device):
@@ -161,6 +182,7 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
     num_samples = eval_num_samples(config)
     resolution = pixel_resolution(config)
     held_in_memory = num_samples * 3 * resolution**2 <= MAX_SAMPLE_BYTES
+    guide = guide_from_checkpoint(config, net.img_channels, device)
     rows = []
     was_training = model.training
     model.eval()
@@ -171,11 +193,11 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
                 started = time.time()
                 if held_in_memory:
                     images, nfe = generate(config, model, num_samples, steps, net.img_channels, device, batch_size,
-                                           config.eval.seed, decode)
+                                           config.eval.seed, decode, guide)
                     scores = score(images, reference, device, batch_size, config.eval.kid_subsets)
                 else:
                     images, scores, nfe = _streamed_fid(config, model, num_samples, steps, net.img_channels, device,
-                                                        decode, reference, space)
+                                                        decode, reference, space, guide)
                 if config.eval.grid_images:
                     save_grid(
                         images, run_dir / SAMPLES_DIR / f"step{step:08d}-{steps}steps.png", config.eval.grid_images
@@ -196,6 +218,7 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
                         "reference": reference.id,
                         "sampling_flops_per_image": float(nfe * flops_forward),
                         "wall_s": time.time() - started,
+                        **conditioning_keys(config),
                     }
                 )
     finally:
@@ -205,15 +228,17 @@ def evaluate_model(config: RunConfig, model: nn.Module, step: int, train_flops: 
 
 @torch.no_grad()
 def _streamed_fid(config: RunConfig, model: nn.Module, num_samples: int, steps: int, channels: int,
-                  device: torch.device, decode, reference, space) -> tuple[torch.Tensor, Scores, int]:
+                  device: torch.device, decode, reference, space,
+                  guide: nn.Module | None = None) -> tuple[torch.Tensor, Scores, int]:
     """FID of the samples ``generate`` would draw, keeping only their features (and the grid's
     images): 50,000 decoded 512x512 samples would take 39 GB. FID only; KID needs the image sets."""
     generator = torch.Generator(device=device).manual_seed(config.eval.seed)
     features, grid, nfe = [], None, 0
     for start in range(0, num_samples, config.eval.batch_size):
         count = min(config.eval.batch_size, num_samples - start)
+        labels = balanced_labels(start, count, config.label_dim, device)
         samples, nfe = sample(config, model, (count, channels, config.resolution, config.resolution), steps,
-                              generator, device)
+                              generator, device, labels, guide)
         pixels = decode(samples)
         grid = pixels[: config.eval.grid_images] if grid is None else grid
         features.append(features_of(pixels, space, device, config.eval.batch_size))

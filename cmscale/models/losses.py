@@ -17,16 +17,10 @@ from torch.autograd import forward_ad
 from torch.nn import functional as F
 
 from cmscale.models.dropout import clear_masks, record_masks, replay_masks
+from cmscale.models.edm2 import no_forced_weight_norm
 from cmscale.models.jvp import lean_jvp
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond, _per_sample
 from cmscale.models.unet import PositionalEmbedding
-
-
-def _no_labels(labels: torch.Tensor | None) -> None:
-    """Class labels reach the losses through ``Method.loss``; the networks here are unconditional."""
-    if labels is not None:
-        raise ValueError("class labels were given, but this network is unconditional; train without labels "
-                         "or use a class-conditional preset")
 
 
 def _sum_per_sample(x: torch.Tensor) -> torch.Tensor:
@@ -66,10 +60,9 @@ class EDMLoss:
 
     def __call__(self, model: EDMPrecond, x0: torch.Tensor, sigma: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        _no_labels(labels)
         sigma = self.sample_sigma(x0.shape[0], x0.device) if sigma is None else sigma
         noise = torch.randn_like(x0) if noise is None else noise
-        denoised = model(x0 + _per_sample(sigma, x0) * noise, sigma)
+        denoised = model(x0 + _per_sample(sigma, x0) * noise, sigma, labels)
         return self.weight(sigma) * _sum_per_sample((denoised - x0) ** 2)
 
 
@@ -160,18 +153,19 @@ class ECTLoss:
 
     def __call__(self, model: EDMPrecond, x0: torch.Tensor, t: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        _no_labels(labels)
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         r = self.t_to_r(t)
         with record_masks(model):
-            online = model(x0 + _per_sample(t, x0) * noise, t)
+            online = model(x0 + _per_sample(t, x0) * noise, t, labels)
         target = x0
         rows = torch.nonzero(r > 0).flatten()  # (one host sync, as locuslab/ect's `r.max() > 0`)
         if rows.numel():
-            with torch.no_grad(), replay_masks(model, rows):
+            # EDM2's networks must not renormalise their weights in place in the target pass (methods.md)
+            with torch.no_grad(), replay_masks(model, rows), no_forced_weight_norm(model):
                 x0_rows, r_rows = x0[rows], r[rows]
-                target_rows = model(x0_rows + _per_sample(r_rows, x0_rows) * noise[rows], r_rows)
+                target_rows = model(x0_rows + _per_sample(r_rows, x0_rows) * noise[rows], r_rows,
+                                    None if labels is None else labels[rows])
             target = x0.index_put((rows,), torch.nan_to_num(target_rows).to(x0.dtype))
         clear_masks(model)
         return self.distance(_sum_per_sample((online - target) ** 2)) * self.weight(t, r)
@@ -292,8 +286,8 @@ class SCMLoss:
         tau = torch.randn(batch, device=device) * self.P_std + self.P_mean
         return torch.atan(tau.exp() / self.sigma_data).clamp(self.t_min, self.t_max)
 
-    def tangent(self, model, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                torch.Tensor]:
+    def tangent(self, model, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(F-, sd cos t sin t dF-/dt) by forward-mode AD, in fp32 (or fp64 if given) and without a graph.
 
         d/dt F(x_t/sd, t) = J_x (dx_t/dt / sd) + J_t; scaling both tangents by sd cos t sin t keeps
@@ -304,13 +298,15 @@ class SCMLoss:
         cos_t, sin_t = _per_sample(t.cos(), x_t), _per_sample(t.sin(), x_t)
         x_tangent, t_tangent = (cos_t * sin_t * dxt_dt).to(dtype), (sd * t.cos() * t.sin()).to(dtype)
         x_scaled, t = x_t.to(dtype) / sd, t.to(dtype)
-        with torch.no_grad(), torch.autocast(device_type="cuda" if x_t.is_cuda else "cpu", enabled=False):
+        # the online pass has renormalised EDM2's weights already; the tangent pass must not again
+        with torch.no_grad(), torch.autocast(device_type="cuda" if x_t.is_cuda else "cpu", enabled=False), \
+                no_forced_weight_norm(model):
             if self.jvp_rule == "torch":
-                return torch.func.jvp(model.F, (x_scaled, t), (x_tangent, t_tangent))
+                return torch.func.jvp(lambda x, time: model.F(x, time, labels), (x_scaled, t), (x_tangent, t_tangent))
             # The dual-number API has less per-op overhead than torch.func.jvp (no functorch levels).
             with lean_jvp(), forward_ad.dual_level():
                 out = forward_ad.unpack_dual(model.F(forward_ad.make_dual(x_scaled, x_tangent),
-                                                     forward_ad.make_dual(t, t_tangent)))
+                                                     forward_ad.make_dual(t, t_tangent), labels))
             return out.primal, out.tangent
 
     def normalize(self, g: torch.Tensor) -> torch.Tensor:
@@ -328,7 +324,8 @@ class SCMLoss:
         return self.tangent_norm_c * (1.0 if self.tangent_norm == "l2" else math.sqrt(dimension))
 
     def terms(self, model: TrigFlowPrecond | EDMAsTrigFlow, x0: torch.Tensor, teacher: EDMAsTrigFlow | None = None,
-              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> SCMTerms:
+              t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None) -> SCMTerms:
         sd = self.sigma_data
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         z = (torch.randn_like(x0) if noise is None else noise) * sd
@@ -340,10 +337,10 @@ class SCMLoss:
             if teacher is None:
                 raise ValueError("sCD needs a teacher")
             with torch.no_grad():
-                dxt_dt = sd * teacher.F(x_t / sd, t)
+                dxt_dt = sd * teacher.F(x_t / sd, t, labels)
         with same_random_state(x0.device):
-            F_theta = model.F(x_t / sd, t)
-        F_minus, scaled_dF_dt = self.tangent(model, x_t, t, dxt_dt)
+            F_theta = model.F(x_t / sd, t, labels)
+        F_minus, scaled_dF_dt = self.tangent(model, x_t, t, dxt_dt, labels)
         g = -cos_t**2 * (sd * F_minus - dxt_dt) - self.warmup * (cos_t * sin_t * x_t + scaled_dF_dt)
         g = self.normalize(g)
         residual = F_theta - F_theta.detach() - g
@@ -352,7 +349,6 @@ class SCMLoss:
     def __call__(self, model: TrigFlowPrecond | EDMAsTrigFlow, x0: torch.Tensor, teacher: EDMAsTrigFlow | None = None,
                  t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
-        _no_labels(labels)
-        terms = self.terms(model, x0, teacher, t, noise)
+        terms = self.terms(model, x0, teacher, t, noise, labels)
         squared = _sum_per_sample(terms.residual**2) / self.dimension_divisor(x0[0].numel())
         return squared / (self.sigma_data * terms.t.tan()) * torch.exp(-terms.log_var) + terms.log_var

@@ -30,6 +30,14 @@ def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor
     return value.reshape(-1).expand(like.shape[0]).reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def call_net(net: nn.Module, x: torch.Tensor, c_noise: torch.Tensor,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``net(x, c_noise)``, with ``class_labels`` passed only when given (unconditional networks take none)."""
+    if class_labels is None:
+        return net(x, c_noise)
+    return net(x, c_noise, class_labels)
+
+
 BOUNDARY_SHIFT_MODES = ("eval", "always", "off")
 
 
@@ -68,9 +76,7 @@ class EDMPrecond(nn.Module):
         c_out = shifted * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = sigma.log().reshape(-1) / 4
-        if class_labels is None:
-            return c_skip * x + c_out * self.net(c_in * x, c_noise)
-        return c_skip * x + c_out * self.net(c_in * x, c_noise, class_labels)
+        return c_skip * x + c_out * call_net(self.net, c_in * x, c_noise, class_labels)
 
 
 class TrigFlowPrecond(nn.Module):
@@ -81,12 +87,13 @@ class TrigFlowPrecond(nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def F(self, x_scaled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x_scaled, t.reshape(-1))
+    def F(self, x_scaled: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return call_net(self.net, x_scaled, t.reshape(-1), class_labels)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         t = _per_sample(t, x_t)
-        return t.cos() * x_t - t.sin() * self.sigma_data * self.F(x_t / self.sigma_data, t)
+        return t.cos() * x_t - t.sin() * self.sigma_data * self.F(x_t / self.sigma_data, t, class_labels)
 
 
 class EDMAsTrigFlow(nn.Module):
@@ -97,21 +104,22 @@ class EDMAsTrigFlow(nn.Module):
         self.edm = edm
         self.sigma_data = edm.sigma_data
 
-    def F(self, x_scaled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def F(self, x_scaled: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         t = _per_sample(t, x_scaled)
         sd = self.sigma_data
         if self.edm.active_sigma_min() == 0:
             # With sigma = sd tan t: c_skip = cos^2 t, c_out = sd sin t and c_in x_sigma = x_t / sd, so
             # sd F = (cos t x_t - D) / sin t = -sd net(x_t / sd, ln(sigma) / 4) exactly. Evaluating it
             # this way avoids the cancellation in cos t x_t - D near t = 0 and x_t / cos t near pi/2.
-            return -self.edm.net(x_scaled, (sd * t.tan()).log().reshape(-1) / 4)
+            return -call_net(self.edm.net, x_scaled, (sd * t.tan()).log().reshape(-1) / 4, class_labels)
         x_t = sd * x_scaled
-        denoised = self.edm(x_t / t.cos(), sd * t.tan())
+        denoised = self.edm(x_t / t.cos(), sd * t.tan(), class_labels)
         return (t.cos() * x_t - denoised) / (sd * t.sin())
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         t = _per_sample(t, x_t)
-        return t.cos() * x_t - t.sin() * self.sigma_data * self.F(x_t / self.sigma_data, t)
+        return t.cos() * x_t - t.sin() * self.sigma_data * self.F(x_t / self.sigma_data, t, class_labels)
 
 
 def trigflow_time(sigma: torch.Tensor | float, sigma_data: float = 0.5) -> torch.Tensor:

@@ -91,6 +91,11 @@ PRESETS: dict[str, Preset] = {
         # EDM's ADM at ImageNet-64 (192 channels, mult (1, 2, 3, 4), 3 blocks, attention at 32, 16, 8).
         Preset("adm", model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_levels=(1, 2, 3),
                architecture="adm"),
+        # EDM2's architecture at CPU scale (two levels, one block, attention at level 1): digits-sized ladders.
+        Preset("edm2-t16", model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,),
+               architecture="edm2"),
+        Preset("edm2-t32", model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,),
+               architecture="edm2"),
         # EDM2 (train_edm2.py's config_presets): channel_mult (1, 2, 3, 4), 3 blocks, attention at 16 and 8
         # (levels 2, 3 at 64x64), 1,000 ImageNet classes; XS..XXL differ in width only.
         *[
