@@ -131,7 +131,7 @@ def test_only_the_cli_package_imports_click():
 # sweep/, cluster/, train.py and rundir.py, and its results from results/ to analysis/, without an
 # arrow pointing back. Entry points (``__main__``) sit above everything.
 LAYERS = [
-    ("cmscale", "cmscale.rundir"),
+    ("cmscale", "cmscale.rundir", "cmscale.safe_pickle"),
     ("cmscale.models", "cmscale.data", "cmscale.distributed", "cmscale.teacher", "cmscale.checkpoint"),
     ("cmscale.config",),
     ("cmscale.methods",),
