@@ -142,6 +142,10 @@ class Trainer:
         self.batches = StepBatches(self.data, config.batch_size, config.seed, self.rank, self.world, self.device)
         if self.is_writer and config.dataset == "imagefolder":  # held in memory or streamed: the log says which
             print(describe_storage(self.data, self.batches.num_workers or None), file=sys.stderr, flush=True)
+        if config.fid_reference is not None:  # a wrong reference fails now, not at the first eval
+            from cmscale.eval.run import check_reference
+
+            check_reference(config)
         if self.device.type == "cuda":
             # TF32 tensor cores for fp32 matmuls and convolutions (tf32 = false keeps full fp32).
             torch.backends.cuda.matmul.allow_tf32 = config.tf32

@@ -210,3 +210,25 @@ def test_cli_eval_in_shards_then_reduce_appends_the_eval_rows(tmp_path, space):
             if row["kind"] == "eval" and row["num_samples"] == 40]
     assert len(rows) == 1 and rows[0]["fid"] > 0 and rows[0]["kid"] is not None and rows[0]["nfe"] == 1
     assert rows[0]["sampling_flops_per_image"] > 0
+
+
+def test_a_reference_of_another_resolution_or_extractor_fails_before_training(tmp_path, space):
+    import pickle
+
+    from cmscale.config import RunConfig
+    from cmscale.eval.reference import ReferenceStatsError
+    from cmscale.train import train
+
+    base = {**SHARD_CONFIG, "budget_iters": 2}
+    with open(tmp_path / "img64.pkl", "wb") as handle:
+        pickle.dump({"fid": {"mu": np.zeros(64), "sigma": np.eye(64)}}, handle)
+    np.savez(tmp_path / "inception.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    write_digits_zip(tmp_path / "digits16.zip", 10)
+    cases = [("img64.pkl", "statistics of 64x64 images .* samples are 8x8"),
+             ("inception.npz", "2048-d features, but digits-cnn gives 64-d"),
+             ("digits16.zip", "digits16.zip holds pixels of 1x16x16, but this run.s samples are 8x8 images")]
+    for name, message in cases:
+        run_dir = tmp_path / f"run-{name}"
+        with pytest.raises(ReferenceStatsError, match=message):
+            train(RunConfig(**base, fid_reference=str(tmp_path / name)), run_dir)
+        assert not run_dir.exists()

@@ -33,9 +33,9 @@ from torch import nn
 
 from cmscale.accounting import train_flops_at
 from cmscale.config import RunConfig
-from cmscale.data import load_dataset
+from cmscale.data import ArchiveDataset, load_dataset
 from cmscale.distributed import pick_device
-from cmscale.eval.features import feature_space
+from cmscale.eval.features import DIGITS_CNN, INCEPTION, FeatureSpace, feature_space
 from cmscale.eval.fid import (
     Scores,
     features_of,
@@ -140,6 +140,26 @@ def load_reference(config: RunConfig, space, device: torch.device, batch_size: i
         data = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution)
     reference, _ = reference_statistics(data, space, device, batch_size)
     return reference
+
+
+def check_reference(config: RunConfig) -> None:
+    """Before training: ``fid_reference`` (and a latent run's VAE) fit the samples this run will
+    score, so a wrong file fails now, naming it, rather than at the first eval hours later."""
+    if config.fid_reference is None or not config.eval.at_fractions:
+        return
+    resolution = pixel_resolution(config)
+    if is_stats_file(config.fid_reference):
+        name = DIGITS_CNN if config.eval.extractor == "auto" and config.dataset == "digits" else config.eval.extractor
+        layer = "features" if name == DIGITS_CNN else "2048"
+        extractor = INCEPTION if name == "auto" else name
+        read_reference_stats(config.fid_reference, FeatureSpace(extractor, "check", Path(), layer, 3), resolution)
+        return
+    images = ArchiveDataset(config.fid_reference)
+    if images.kind != "pixels" or images.resolution != resolution:
+        raise ReferenceStatsError(
+            f"fid_reference {config.fid_reference} holds {images.kind} of "
+            f"{'x'.join(map(str, images.item_shape))}, but this run's samples are {resolution}x{resolution} "
+            "images; give the image set at the samples' resolution (or its published statistics)")
 
 
 def score(images: torch.Tensor, reference, device: torch.device, batch_size: int, kid_subsets: int) -> Scores:
