@@ -27,6 +27,11 @@ class CheckpointError(RuntimeError):
     """No checkpoint of the run could be loaded; the message names each file and what was wrong."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder); its temporary file is gone,
+    the checkpoint before it is untouched, and the message names the file and the fix."""
+
+
 def first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0][:300] if lines else type(error).__name__
@@ -38,12 +43,19 @@ def save_checkpoint(path: Path, payload: dict[str, Any], previous: Path | None =
     With ``previous``, the checkpoint being replaced is first renamed there, so a good one stays
     on disk until the new one is complete (a crash between the two renames leaves only ``previous``,
     which a resume finds)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp_path, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp_path, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        tmp_path.unlink(missing_ok=True)  # the partial file would only hold the space the disk lacks
+        reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else first_line(error)
+        raise CheckpointWriteError(
+            f"{path}: cannot write the checkpoint ({reason}); the previous checkpoint is intact. Free space on "
+            "that file system (or make it writable), then run the same command again to resume") from None
     if previous is not None and path.is_file():
         os.replace(path, previous)
     os.replace(tmp_path, path)

@@ -392,7 +392,10 @@ def train(config: RunConfig, run_dir: Path | str, on_eval=None, iterations: int 
             _ACTIVE = None
     except Exception as error:
         if record_failures and not (run_dir / DONE_FILE).is_file():
-            record_failure(run_dir, f"{phase} failed: {type(error).__name__}: {error}", phase)
+            try:
+                record_failure(run_dir, f"{phase} failed: {type(error).__name__}: {error}", phase)
+            except OSError as write_error:  # the disk that failed the run may refuse done.json too
+                print(f"warning: {run_dir}: could not record the failure ({write_error})", file=sys.stderr)
         raise
 
 

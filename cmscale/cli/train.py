@@ -17,7 +17,7 @@ from cmscale.config import (
     resolve_path,
     safe_path_component,
 )
-from cmscale.rundir import DONE_FILE, read_json
+from cmscale.rundir import DONE_FILE, RunState, read_json, write_status
 
 
 def _overrides(texts: tuple[str, ...]) -> dict:
@@ -74,6 +74,7 @@ def train_command(run_toml: Path, out: Path | None, root: Path, overrides: tuple
     are looked up in the working directory, then beside RUN_TOML.
     """
     from cmscale.accounting import BudgetError
+    from cmscale.checkpoint import CheckpointWriteError
     from cmscale.data.datasets import DatasetNotFoundError
     from cmscale.methods import TeacherCheckpointError
     from cmscale.progress import TensorBoardMissingError
@@ -103,6 +104,12 @@ def train_command(run_toml: Path, out: Path | None, root: Path, overrides: tuple
         raise click.ClickException(str(error)) from None
     except TensorBoardMissingError as error:
         raise click.ClickException(f"{run_toml}: {error}") from None
+    except CheckpointWriteError as error:
+        try:  # no longer running; no done.json either, so the same command resumes once there is space
+            write_status(run_dir, RunState.FAILED, reason=str(error))
+        except OSError:
+            pass
+        raise click.ClickException(str(error)) from None
     click.echo(json.dumps(done, indent=2, default=str))
     if done.get("status") == "interrupted":
         signal_name = str(done.get("reason", "")).removeprefix("signal ")
