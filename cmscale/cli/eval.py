@@ -64,6 +64,10 @@ def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weight
     from cmscale.eval.features import InceptionWeightsNotFoundError
     from cmscale.eval.run import RunDirError, evaluate_run_dir
 
+    if not run_dir.is_absolute() and ".." in run_dir.parts:
+        # Rows are appended to the run's metrics.jsonl: a relative path may not climb out of the root.
+        raise click.ClickException(f"RUN_DIR {run_dir} climbs out with '..'; give SWEEP/RUN_ID under --root "
+                                   f"({root}) or the run folder's absolute path")
     if not run_dir.is_dir() and (root / run_dir).is_dir():
         run_dir = root / run_dir
     if not run_dir.is_dir():
