@@ -117,7 +117,9 @@ class ECTOptions(StrictModel):
     b: float = Field(1.0, ge=0)
     c: float = Field(0.0, ge=0, description="pseudo-Huber constant; 0 gives the plain L2 distance")
     mapping: Literal["sigmoid", "const"] = "sigmoid"
-    weighting: Literal["inv_dt", "snr"] = "inv_dt"
+    weighting: Literal["inv_dt", "snr", "snrpk"] = Field(
+        "inv_dt", description="w(t, r): 1/(t - r) ('inv_dt', CIFAR-10), or (t^2 + sd^2)/(t sd)^2 = 1/t^2 + 1/sd^2 "
+        "('snrpk', locuslab/ect's ImageNet-64 branch; 'snr' is the same formula)")
     num_stages: int = Field(8, ge=1, description="stages over the run; the stage length is budget_iters / num_stages")
     iters_per_stage: int | None = Field(
         None, ge=1, description="fixed stage length in iterations; overrides num_stages"
@@ -188,10 +190,12 @@ class RunConfig(StrictModel):
     optimizer: Literal["adam", "radam"] = "adam"
     adam_betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     lr_warmup_iters: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = Field(
+    lr_schedule: Literal["constant", "cosine", "inv_sqrt"] = Field(
         "constant", description="after the warm-up: constant, or a cosine decay over the run's iterations to "
         "lr * lr_final_ratio at its last step (each budget of an iso-FLOP sweep then ends annealed, as in "
-        "Chinchilla's runs)")
+        "Chinchilla's runs), or EDM2's inverse square root lr / sqrt(max(step / lr_ref_batches, 1))")
+    lr_ref_batches: int = Field(70_000, ge=1, description="inv_sqrt schedule: the step where the decay starts "
+                                "(EDM2's ref_batches; ECT's ImageNet-64 runs: 2000)")
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule: the last step's lr over lr")
     ema_rates: list[Fraction] = Field(default_factory=lambda: [0.999], description="each in [0, 1)")
     ema_sigma_rels: list[Annotated[float, Field(gt=0, lt=MAX_SIGMA_REL)]] = Field(
@@ -202,6 +206,8 @@ class RunConfig(StrictModel):
                              "each ema_sigma_rels average under phema/ (EDM2 uses widths 0.05 and 0.10); "
                              "`cmscale ema reconstruct RUN --sigma-rel ...` then builds any width. 0: off")
     dropout: float = Field(0.0, ge=0, lt=1)
+    dropout_res: int | None = Field(None, ge=1, description="EDM2 networks: dropout only in blocks at feature "
+                                    "resolutions <= this (ECT's ImageNet-64 runs: 16); None: every block")
     label_dim: int = Field(0, ge=0, description="class-conditional training on the data set's labels: its class "
                            "count (digits and CIFAR-10: 10; an EDM dataset.json: its labels); 0: unconditional")
     label_dropout: float = Field(0.0, ge=0, lt=1, description="probability of training a row without its label "
@@ -255,6 +261,9 @@ class RunConfig(StrictModel):
         if self.label_dim and family == "unet":
             raise ValueError(f"label_dim {self.label_dim}: preset {self.preset!r} is cmscale's unconditional UNet; "
                              "use an edm2-*, ddpmpp* or adm preset for class-conditional training, or label_dim = 0")
+        if self.dropout_res is not None and family != "edm2":
+            raise ValueError(f"dropout_res applies to EDM2 networks; preset {self.preset!r} is {family}: remove "
+                             "dropout_res or use an edm2-* preset")
         if self.label_dropout and not self.label_dim:
             raise ValueError("label_dropout drops class labels, but label_dim is 0; set label_dim (the data's class "
                              "count) or label_dropout = 0")
@@ -305,7 +314,8 @@ class RunConfig(StrictModel):
 EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32", "tensorboard"}
 # Options added after the run ids of issue 14, with the default that keeps an id unchanged.
 LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": [], "phema_every": 0,
-                "label_dim": 0, "label_dropout": 0.0, "guidance": 1.0, "guide_ckpt": None}
+                "label_dim": 0, "label_dropout": 0.0, "guidance": 1.0, "guide_ckpt": None, "lr_ref_batches": 70_000,
+                "dropout_res": None}
 LATER_FIELDS |= {"vae_path": None, "fid_reference": None}  # issue 24: latent space, published FID references
 
 

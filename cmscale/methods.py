@@ -218,7 +218,8 @@ def build_network(config: RunConfig, img_channels: int, dropout: float | None = 
     """The bare network of ``config.preset`` (the preset table decides its family and size), with
     ``config.label_dim`` classes."""
     return build_unet(config.preset, config.resolution, img_channels,
-                      dropout=config.dropout if dropout is None else dropout, label_dim=config.label_dim)
+                      dropout=config.dropout if dropout is None else dropout, label_dim=config.label_dim,
+                      dropout_res=config.dropout_res)
 
 
 def wrap_network(config: RunConfig, net: nn.Module) -> nn.Module:

@@ -75,7 +75,8 @@ class ECTLoss:
                                              (q^-(s+1) floored at 2^-20, the fp32 limit)
         x_t = x0 + t n,  x_r = x0 + r n  (shared noise n)
         d = || f(x_t, t) - sg[f(x_r, r)] ||^2  (per-sample sum; f(x_r, 0) := x0)
-        L = (sqrt(d + c^2) - c) * w(t, r),   w = 1 / (t - r)  ('inv_dt')  or  (t^2 + sd^2) / (t sd)^2  ('snr')
+        L = (sqrt(d + c^2) - c) * w(t, r),   w = 1 / (t - r)  ('inv_dt')  or  (t^2 + sd^2) / (t sd)^2
+                                             ('snrpk', ImageNet-64, = 1/t^2 + 1/sd^2; 'snr' is the same)
 
     The target runs under no_grad and only on the rows with r > 0 (none: no target pass at all);
     rows with r = 0 take the clean image. Its dropout masks are the online pass's own, recorded

@@ -115,10 +115,11 @@ def get_preset(name: str) -> Preset:
 
 
 def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: float = 0.0,
-               label_dim: int | None = None) -> nn.Module:
+               label_dim: int | None = None, dropout_res: int | None = None) -> nn.Module:
     """The network of ``preset``: ``forward(x, c_noise) -> F``, with ``img_resolution``/``img_channels`` attributes.
 
     ``label_dim`` None takes the preset's own (see :class:`Preset`); cmscale's own ``unet`` takes no labels.
+    ``dropout_res`` (EDM2 only): dropout only at feature resolutions <= this.
     """
     spec = get_preset(preset)
     label_dim = spec.label_dim if label_dim is None else label_dim
@@ -126,7 +127,7 @@ def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: flo
                   channel_mult=spec.channel_mult, num_blocks=spec.num_blocks,
                   attn_resolutions=spec.attn_resolutions(img_resolution), dropout=dropout)
     if spec.architecture == "edm2":
-        return EDM2Net(**common, label_dim=label_dim)
+        return EDM2Net(**common, label_dim=label_dim, dropout_res=dropout_res)
     if spec.architecture == "ddpmpp":
         return SongUNet(**common, augment_dim=spec.augment_dim, label_dim=label_dim)
     if spec.architecture == "adm":
