@@ -124,12 +124,12 @@ def test_an_interrupted_sharded_evaluation_resumes_from_its_finished_chunks(tmp_
         _write(other, model, channels, space, tmp_path, (0, 2))
 
 
-def test_class_labels_are_balanced_over_fifty_thousand_samples():
-    from cmscale.eval.shards import class_labels
+def test_the_chunks_of_fifty_thousand_samples_are_class_balanced():
+    from cmscale.methods import balanced_labels
 
-    labels = np.concatenate([class_labels(start, 250, 1000).numpy() for start in range(0, 50_000, 250)])
+    labels = np.concatenate([balanced_labels(start, 250, 1000, "cpu").numpy() for start in range(0, 50_000, 250)])
     assert np.bincount(labels, minlength=1000).tolist() == [50] * 1000
-    assert class_labels(0, 4, 0) is None
+    assert balanced_labels(0, 4, 0, "cpu") is None
 
 
 # -- published reference statistics -------------------------------------------------------------------

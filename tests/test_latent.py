@@ -170,3 +170,10 @@ def test_a_latent_run_trains_samples_decodes_and_evaluates_end_to_end(vae_folder
     assert grid.size == (2 * SIDE + 3, 2 * SIDE + 3)  # 2x2 decoded 16x16 samples, padding 1
     config_json = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config_json["img_channels"] == 4 and config_json["vae_path"] == str(vae_folder)
+    # The 50k path on the same run: one shard, then the reduction (decoded samples against the image zip).
+    for arguments in (["--shard", "0/1"], ["--reduce"]):
+        result = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--num-samples", "6", *arguments])
+        assert result.exit_code == 0, result.output
+    reduced = [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if row["kind"] == "eval"]
+    assert len(reduced) == 2 and reduced[1]["reference"] == rows[0]["reference"]
+    assert np.isfinite(reduced[1]["fid"]) and reduced[1]["num_samples"] == 6 and reduced[1]["nfe"] == 1

@@ -353,12 +353,11 @@ def _sharded_eval(config: RunConfig, run_dir: Path, space, device: torch.device,
     net = network_of(model)
     rows = []
     if shard is not None:
-        label_dim = load_dataset(config.dataset, path=config.data_path, resolution=config.resolution,
-                                 vae_path=config.vae_path).label_dim
         decode = sample_decoder(config, device)
+        guide = guide_from_checkpoint(config, net.img_channels, device)
         for steps in sampler_steps(config):
             plan = shard_plan(run_dir, config, step, steps, num_samples)
-            written = write_shard(config, model, plan, shard, space, decode, device, net.img_channels, label_dim)
+            written = write_shard(config, model, plan, shard, space, decode, device, net.img_channels, guide)
             rows.append({"kind": "eval-shard", "step": step, "sampler_steps": steps, "shard": list(shard),
                          "chunks_written": written, "chunks_missing": len(plan.missing()), "folder": str(plan.folder)})
     if reduce:
@@ -372,7 +371,8 @@ def _sharded_eval(config: RunConfig, run_dir: Path, space, device: torch.device,
                          "fid": scores.fid, "kid": scores.kid, "kid_std": scores.kid_std,
                          "num_samples": int(num_samples),
                          "extractor": space.extractor, "reference": reference.id,
-                         "sampling_flops_per_image": float(nfe * flops_forward), "wall_s": time.time() - started})
+                         "sampling_flops_per_image": float(nfe * flops_forward), "wall_s": time.time() - started,
+                         **conditioning_keys(config)})
         with MetricsWriter(run_dir / METRICS_FILE) as writer:
             for row in rows:
                 if row["kind"] == "eval":

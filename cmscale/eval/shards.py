@@ -1,10 +1,11 @@
 """FID over 50,000 samples split across ranks or array tasks: shards write features, one task reduces.
 
 The samples of an evaluation are cut into chunks of ``eval.batch_size``; chunk k is drawn from a
-generator seeded by (``eval.seed``, k) and, for a class-conditional set, sample j has class
-``j mod label_dim`` (class-balanced: every class gets ``num_samples / label_dim`` samples, within
-one). Shard i of n samples the chunks k with ``k mod n = i``, decodes them to pixels (through the
-VAE in a latent run), and writes each chunk's features to its own file (atomically), so a killed
+generator seeded by (``eval.seed``, k) and, in a class-conditional run, sample j has class
+``j mod label_dim`` (:func:`cmscale.methods.balanced_labels`: every class gets
+``num_samples / label_dim`` samples, within one), guided as the run's evals are. Shard i of n
+samples the chunks k with ``k mod n = i``, decodes them to pixels (through the VAE in a latent
+run), and writes each chunk's features to its own file (atomically), so a killed
 task that runs again skips the chunks already written. Because a chunk's samples depend on
 nothing but (seed, k), the features, and so the statistics reduced from them in chunk order, are
 the same however the chunks were split.
@@ -16,7 +17,6 @@ reference images' cached features) when the reference is a local image set.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ from cmscale.eval.fid import (
     reference_statistics,
 )
 from cmscale.eval.reference import PublishedReference
-from cmscale.methods import sample
+from cmscale.methods import balanced_labels, sample
 
 SHARDS_DIR = "eval-shards"
 META_FILE = "meta.json"
@@ -49,13 +49,6 @@ class ShardError(ValueError):
 
 def chunk_seed(seed: int, chunk: int) -> int:
     return (seed * 1_000_003 + chunk * 7919 + 17) % (2**63)
-
-
-def class_labels(start: int, count: int, label_dim: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
-    """Classes of samples ``start .. start + count - 1``: ``j mod label_dim`` (None when unlabelled)."""
-    if not label_dim:
-        return None
-    return torch.arange(start, start + count, device=device) % label_dim
 
 
 def shard_from_environment() -> tuple[int, int]:
@@ -109,20 +102,20 @@ def _check_meta(plan: ShardPlan, meta: dict) -> None:
     os.replace(tmp, path)
 
 
-def _meta(config: RunConfig, plan: ShardPlan, space: FeatureSpace, label_dim: int) -> dict:
+def _meta(config: RunConfig, plan: ShardPlan, space: FeatureSpace) -> dict:
     return {"num_samples": plan.num_samples, "chunk": plan.chunk, "seed": config.eval.seed, "steps": plan.steps,
-            "extractor": space.registered_name, "label_dim": label_dim, "method": config.method}
+            "extractor": space.registered_name, "label_dim": config.label_dim, "guidance": config.guidance,
+            "method": config.method}
 
 
 @torch.no_grad()
 def write_shard(config: RunConfig, model: nn.Module, plan: ShardPlan, shard: tuple[int, int], space: FeatureSpace,
-                decode, device: torch.device, channels: int, label_dim: int = 0) -> list[int]:
+                decode, device: torch.device, channels: int, guide: nn.Module | None = None) -> list[int]:
     """Sample, decode and extract the features of this shard's chunks not on disk; returns those written."""
     index, count = shard
     if not 0 <= index < count:
         raise ShardError(f"shard {index}/{count}: the index must lie in [0, {count})")
-    _check_meta(plan, _meta(config, plan, space, label_dim))
-    takes_labels = "labels" in inspect.signature(sample).parameters
+    _check_meta(plan, _meta(config, plan, space))
     written = []
     was_training = model.training
     model.eval()
@@ -134,10 +127,9 @@ def write_shard(config: RunConfig, model: nn.Module, plan: ShardPlan, shard: tup
             start, stop = plan.chunk_range(chunk_index)
             generator = torch.Generator(device=device).manual_seed(chunk_seed(config.eval.seed, chunk_index))
             shape = (stop - start, channels, config.resolution, config.resolution)
-            labels = class_labels(start, stop - start, label_dim, device)
-            extra = {"labels": labels} if takes_labels and labels is not None else {}
+            labels = balanced_labels(start, stop - start, config.label_dim, device)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                samples, nfe = sample(config, model, shape, plan.steps, generator, device, **extra)
+                samples, nfe = sample(config, model, shape, plan.steps, generator, device, labels, guide)
             features = features_of(decode(samples), space, device, plan.chunk).cpu().numpy()
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             with open(tmp, "wb") as handle:
