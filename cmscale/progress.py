@@ -36,18 +36,17 @@ def check_tensorboard_installed() -> None:
 class Progress:
     """Reports the progress of the run in ``run_dir`` (the writer rank only) from step ``start_step``.
 
-    ``status_extra`` (the resume facts) is kept in every status.json written.
+    (The status written when the run starts, with ``resumed_from``, marks each resume; progress
+    writes after it carry the progress fields only.)
     """
 
     def __init__(self, run_dir: Path, total_steps: int, batch_size: int, log_every: int, start_step: int,
-                 tensorboard: bool = False, status_extra: dict[str, Any] | None = None,
-                 interval_s: float = STATUS_INTERVAL_S):
+                 tensorboard: bool = False, interval_s: float = STATUS_INTERVAL_S):
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.batch_size = batch_size
         self.log_every = log_every
         self.interval_s = interval_s
-        self.status_extra = dict(status_extra or {})
         self.reported_step, self.reported_at = start_step, time.time()
         self.written_at = 0.0
         self.images_per_s: float | None = None
@@ -70,7 +69,7 @@ class Progress:
         eta_s = (self.total_steps - step) * self.batch_size / self.images_per_s if self.images_per_s else None
         fields = {"step": step, "total_steps": self.total_steps, "images_per_s": self.images_per_s,
                   "loss": loss, "eta_s": eta_s}
-        write_status(self.run_dir, RunState.RUNNING, **fields, **self.status_extra)
+        write_status(self.run_dir, RunState.RUNNING, **fields)
         self.written_at = now
         if logged:
             rate = f"{self.images_per_s:.1f} img/s" if self.images_per_s else "- img/s"

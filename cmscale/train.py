@@ -416,7 +416,7 @@ def _run(trainer: Trainer, stop: StopSignals, on_eval) -> dict[str, Any]:
         write_status(run_dir, RunState.RUNNING, step=trainer.step, **resume_facts)
         metrics = MetricsWriter(run_dir / METRICS_FILE)
         progress = Progress(run_dir, trainer.iterations, config.batch_size, config.log_every, trainer.step,
-                            config.tensorboard, status_extra=resume_facts)
+                            config.tensorboard)
     try:
         with Heartbeat(run_dir, config.heartbeat_s) if trainer.is_writer else nullcontext():
             while trainer.step < trainer.iterations:

@@ -20,11 +20,10 @@ PROGRESS_FIELDS = {"step", "total_steps", "images_per_s", "loss", "eta_s", "upda
 
 
 def test_status_holds_the_progress_fields_at_log_steps_and_at_most_once_per_interval_between(tmp_path, capsys):
-    progress = Progress(tmp_path, total_steps=100, batch_size=8, log_every=10, start_step=0,
-                        status_extra={"resumed_from": None}, interval_s=3600)
+    progress = Progress(tmp_path, total_steps=100, batch_size=8, log_every=10, start_step=0, interval_s=3600)
     progress.step(1, 2.5)  # the first report: written (no earlier write to wait for)
     first = read_json(tmp_path / "status.json")
-    assert PROGRESS_FIELDS <= set(first) and first["state"] == "running" and first["resumed_from"] is None
+    assert PROGRESS_FIELDS <= set(first) and first["state"] == "running"
     assert first["step"] == 1 and first["total_steps"] == 100 and first["loss"] == 2.5
     assert first["images_per_s"] > 0 and first["eta_s"] == pytest.approx(99 * 8 / first["images_per_s"])
     progress.step(2, 2.4)  # neither a log step nor an interval later: not written
