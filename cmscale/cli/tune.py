@@ -43,6 +43,18 @@ TUNE_KEYS = ("the spec's own keys, dotted: n_trials=20, base.batch_size=64 (ever
              "objective.metrics=[\"fid_1step\"], sampler.seed=1, executor.timeout_min=30")
 
 
+def _worker_error(error: Exception) -> str:
+    """One line for a dead worker: a raised exception's last line (the error itself), else the
+    first (submitit's "has not produced any output (state: ...)" for a killed process)."""
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return repr(error)
+    if any(line.lstrip().startswith("Traceback") for line in lines):
+        return lines[-1].strip()
+    return " ".join(text.split("Error stream produced")[0].split())
+
+
 def _follow(spec, root: Path, jobs: list, poll_s: float, out=console) -> list[dict]:
     """Print the state counts whenever they change, until every worker has ended; returns the
     workers that died ({"job_id", "error"})."""
@@ -72,8 +84,7 @@ def _follow(spec, root: Path, jobs: list, poll_s: float, out=console) -> list[di
         try:
             job.result()
         except Exception as error:  # noqa: BLE001 - report each dead worker, keep the others' results
-            last_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-            dead.append({"job_id": str(job.job_id), "error": last_line})
+            dead.append({"job_id": str(job.job_id), "error": _worker_error(error)})
     return dead
 
 
