@@ -244,6 +244,8 @@ def test_streaming_200k_images_grows_resident_memory_by_less_than_500_mb(tmp_pat
                 worker_start.setdefault(child, rss)
                 worker_peak[child] = max(worker_peak.get(child, 0), rss)
     assert seen == count and labels.shape == (500,) and data.label_dim == 1000
+    growth = {child: (peak - worker_start[child]) / 2**20 for child, peak in worker_peak.items()}
+    print(f"main process grew {(peak_main - before) / 2**20:.0f} MiB; workers {sorted(growth.values())} MiB")
     assert peak_main - before < 500 * 2**20, f"main process grew by {(peak_main - before) / 2**20:.0f} MiB"
     for child, peak in worker_peak.items():
         grown = peak - worker_start[child]
