@@ -328,3 +328,18 @@ class Heartbeat:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def sweep_dir(root: Path | str, sweep: str) -> Path:
+    """Where sweep ``sweep`` keeps its plan (``sweep.json``) and its runs' folders."""
+    return Path(root) / sweep
+
+
+def read_sweep_file(root: Path | str, sweep: str) -> dict[str, Any]:
+    """The plan on disk (written by :func:`cmscale.sweep.plan.write_sweep_file`); read here, with
+    no torch import, so that status works in the light install."""
+    path = sweep_dir(root, sweep) / SWEEP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no sweep {sweep!r} under {root} ({path} missing); launch it first with `cmscale sweep launch SPEC`")
+    return read_json(path)

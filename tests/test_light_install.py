@@ -87,6 +87,16 @@ def test_results_fit_and_report_run_without_torch(light, tmp_path):
     assert (tmp_path / "report" / "report.html").is_file()
 
 
+def test_sweep_status_runs_without_torch(light):
+    cmscale, root = light
+    runs = [{"run_id": folder.name, "config": json.loads((folder / "config.json").read_text())}
+            for folder in sorted((root / SWEEP).iterdir()) if (folder / "config.json").is_file()]
+    (root / SWEEP / "sweep.json").write_text(json.dumps({"sweep": SWEEP, "runs": runs}))
+    status = cmscale("sweep", "status", SWEEP, "--root", str(root), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"] == {"done": 28, "failed": 1}
+
+
 def test_every_imported_package_is_declared_in_pyproject():
     """Each third-party module that cmscale imports belongs to a distribution that pyproject.toml
     declares (in the base dependencies or an extra): nothing works only because torch brought it."""

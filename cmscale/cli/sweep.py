@@ -371,7 +371,7 @@ def _watch(root: Path, name: str, interval: float, refreshes: int | None, as_jso
 @json_option("Print the states as JSON (with --watch: one JSON line per refresh).")
 def status_command(name: str, root: Path, watch: bool, interval: float, refreshes: int | None, as_json: bool) -> None:
     """Count runs per state (from run directories and the scheduler) and list failures."""
-    from cmscale.sweep.plan import sweep_dir
+    from cmscale.rundir import sweep_dir
     from cmscale.sweep.status import count_states, sweep_progress, sweep_states
 
     if not (sweep_dir(root, name) / SWEEP_FILE).is_file():

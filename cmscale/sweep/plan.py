@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from cmscale.accounting import BudgetError, FlopsCache, flops_per_step, iterations_for_budget
 from cmscale.config import STUDENT_METHODS, RunConfig, format_validation_error, merge_settings
 from cmscale.methods import recipe_of
-from cmscale.rundir import SWEEP_FILE, atomic_write_json, final_checkpoint, read_json
+from cmscale.rundir import SWEEP_FILE, atomic_write_json, final_checkpoint, read_json, sweep_dir
 from cmscale.sweep.spec import SpecError, SweepSpec
 
 
@@ -200,10 +200,6 @@ def plan_sweep(
 # The plan on disk
 
 
-def sweep_dir(root: Path, sweep: str) -> Path:
-    return Path(root) / sweep
-
-
 def spec_digest(spec: SweepSpec) -> str:
     """What makes two specs the same sweep: every field but how the runs are executed."""
     identity = spec.model_dump(mode="json", exclude={"executor"})
@@ -277,11 +273,3 @@ def write_sweep_file(root: Path, sweep: str, runs: list[PlannedRun], spec_path: 
             "runs": entries,
         },
     )
-
-
-def read_sweep_file(root: Path, sweep: str) -> dict[str, Any]:
-    path = sweep_dir(root, sweep) / SWEEP_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no sweep {sweep!r} under {root} ({path} missing); launch it first with `cmscale sweep launch SPEC`")
-    return read_json(path)

@@ -25,9 +25,10 @@ from cmscale.rundir import (
     pid_alive,
     read_job,
     read_json,
+    read_sweep_file,
     same_process,
+    sweep_dir,
 )
-from cmscale.sweep.plan import read_sweep_file, sweep_dir
 
 # How many heartbeat intervals of silence make a running run suspect.
 STALE_HEARTBEATS = 2
