@@ -27,7 +27,7 @@ from cmscale.methods import build_method, network_of
 from cmscale.models.execution import compile_network
 from cmscale.models.presets import build_unet
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def step_times(config: RunConfig, teacher: str | None, compiled: bool, backend: str, steps: int) -> tuple[float, float]:
@@ -65,7 +65,11 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    if args.smoke:  # the eager backend: no compiler build, so seconds on a CPU
+        args.method, args.preset, args.batch_size, args.resolution, args.steps = "edm", "xxs", 4, 8, 2
+        args.backend = "eager"
     if os.environ.get("CMSCALE_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["CMSCALE_NUM_THREADS"]))
     config = RunConfig(method="edm", preset=args.preset, batch_size=args.batch_size, resolution=args.resolution,

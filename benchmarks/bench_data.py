@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def write_zip(path: Path, count: int, side: int = 64, seed: int = 0) -> float:
@@ -151,7 +151,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--edm2-path", type=Path, default=os.environ.get("EDM2_PATH") or None,
                         help="a checkout of NVlabs/edm2 (default $EDM2_PATH; without it EDM2's row is skipped)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.quick, args.images, args.steps, args.warmup, args.batch, args.workers = True, 256, 3, 1, 32, 1
     images = args.images or (2_000 if args.quick else 20_000)
     steps = args.steps or (20 if args.quick else 60)
 

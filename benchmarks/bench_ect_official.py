@@ -45,7 +45,7 @@ from cmscale.models.losses import ECTLoss
 from cmscale.models.precond import EDMPrecond
 from cmscale.models.presets import get_preset
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def synchronize(device: torch.device) -> None:
@@ -97,7 +97,10 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.resolution, args.batch_size, args.steps, args.warmup = 16, 4, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.ect_path:
@@ -192,6 +195,7 @@ def main() -> None:
             method="ect",
             preset=args.preset,
             dataset="cifar10",
+            data_path="unused",  # the step parts depend on the shapes only
             resolution=args.resolution,
             batch_size=args.batch_size,
             dropout=args.dropout,

@@ -38,7 +38,7 @@ from cmscale.models.edm2 import EDM2Net
 from cmscale.models.edm2_loss import EDM2Loss
 from cmscale.models.precond import EDMPrecond
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def import_official(path: Path):
@@ -71,7 +71,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="the smallest setting (a few seconds)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    args.quick = args.quick or args.smoke
     if args.quick:
         args.model_channels, args.resolution, args.batch_size, args.steps, args.warmup = 16, 16, 4, 3, 1
     if args.threads:

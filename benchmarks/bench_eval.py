@@ -24,14 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 samples instead of 1,000")
     parser.add_argument("--num-samples", type=int, default=None)
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.num_samples = args.num_samples or 50
     num_samples = args.num_samples or (200 if args.quick else 1000)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ from rich.table import Table
 from cmscale.analysis.fit import fit_with_bootstrap
 from cmscale.analysis.synthetic import coverage_study, joint_data, saturating_data
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 GOAL_S = 5.0
 COVERAGE_GOAL = 0.88
 
@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--noise", default="0.03", help="comma-separated noise levels for the coverage study")
     parser.add_argument("--laws", default="saturating,joint", help="comma-separated laws for the coverage study")
     parser.add_argument("--out", default="fit.json", help="result file name under benchmarks/results")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.replicates, args.draws, args.repeats = 2, 50, 1
     replicates = args.replicates if args.replicates is not None else (40 if args.quick else 200)
     console = Console()
     cores = os.cpu_count() or 1

@@ -41,7 +41,7 @@ from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond
 from cmscale.models.presets import build_unet
 from cmscale.models.unet import count_parameters
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 METHODS = ("edm", "ect", "sct", "scd")
 
 
@@ -170,7 +170,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--no-steps", action="store_true", help="skip the training-step timings")
     parser.add_argument("--quick", action="store_true", help="xxs, 3 rounds, no step timing (used by run_all --quick)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.quick, args.rounds, args.batch_size, args.resolution = True, 1, 4, 8
     if args.quick:
         args.presets, args.rounds, args.no_steps = "xxs", min(args.rounds, 3), True
     if os.environ.get("CMSCALE_NUM_THREADS"):

@@ -25,13 +25,19 @@ from rich.table import Table
 HERE = Path(__file__).resolve().parent
 
 
-def time_sweep(runs_per_job: int) -> dict:
+# --smoke: two one-step EDM runs instead of the quick demo (the code path, in seconds)
+SMOKE_SPEC = {"name": "bench_packing_smoke", "presets": ["xxs"], "seeds": [0, 1], "budgets_flops": [1e9],
+              "methods": {"edm": {}}, "defaults": {"batch_size": 4, "eval": {"at_fractions": []}},
+              "executor": {"name": "local", "max_parallel": 2}}
+
+
+def time_sweep(runs_per_job: int, smoke: bool = False) -> dict:
     from cmscale.demo import spec_path
     from cmscale.sweep.launch import submit_runs
     from cmscale.sweep.plan import plan_sweep
-    from cmscale.sweep.spec import load_spec
+    from cmscale.sweep.spec import load_spec, parse_spec
 
-    spec = load_spec(spec_path(quick=True))
+    spec = parse_spec(SMOKE_SPEC, "<smoke>") if smoke else load_spec(spec_path(quick=True))
     spec.executor.runs_per_job = runs_per_job
     with tempfile.TemporaryDirectory(prefix="bench_packing_") as root:
         load_before = os.getloadavg()[0]
@@ -47,8 +53,11 @@ def time_sweep(runs_per_job: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packed", type=int, default=6, help="runs_per_job of the packed sweep")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
-    rows = [time_sweep(1), time_sweep(args.packed)]
+    if args.smoke:
+        args.packed = 2
+    rows = [time_sweep(1, args.smoke), time_sweep(args.packed, args.smoke)]
     table = Table(title=f"quick demo sweep, local executor, {os.cpu_count()} cores")
     for column in ("runs_per_job", "runs", "done", "wall_s", "load_before", "load_after"):
         table.add_column(column, justify="right")
@@ -58,8 +67,8 @@ def main() -> None:
     Console().print(table)
     ratio = rows[1]["wall_s"] / rows[0]["wall_s"]
     print(f"packed / unpacked wall time: {ratio:.2f}")
-    out = HERE / "results" / "packing.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or HERE / "results") / "packing.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "packed_over_unpacked": ratio, "cpus": os.cpu_count()}, indent=2) + "\n")
 
 

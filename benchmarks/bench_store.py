@@ -76,16 +76,22 @@ def append(root: Path, runs: int, per_run: int, extra: int) -> int:
     return runs * extra
 
 
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="train rows in all")
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="no-op re-ingests timed (median reported)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "store.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "store.json")
     parser.add_argument(
         "--quick", action="store_true", help="100,000 rows over 50 runs (for benchmarks/run_all.py --quick)"
     )
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.runs, args.repeats = 2_000, 10, 1
     if args.quick:
         args.rows, args.runs = 100_000, 50
     console = Console()

@@ -33,7 +33,7 @@ from cmscale.methods import build_method
 from cmscale.models.presets import build_unet
 from cmscale.models.unet import count_parameters
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 METHODS = ("edm", "ect", "sct", "scd")
 
 
@@ -111,7 +111,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="xxs and xs only, 3 steps (used by run_all --quick)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.presets, args.steps, args.warmup, args.batch_size, args.resolution = "xxs", 1, 0, 4, 8
     if args.quick:
         args.presets, args.steps = "xxs,xs", min(args.steps, 3)
     if os.environ.get("CMSCALE_NUM_THREADS"):

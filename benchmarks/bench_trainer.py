@@ -38,7 +38,7 @@ from bench_train_step import random_teacher  # noqa: E402
 from cmscale.config import RunConfig  # noqa: E402
 from cmscale.train import Trainer, seed_generator  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("CMSCALE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def time_trainer_steps(config: RunConfig, run_dir: Path, steps: int, warmup: int) -> tuple[float, float]:
@@ -93,7 +93,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="t6 only, 20 steps (used by run_all --quick)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting, seconds (the CI smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.presets, args.steps, args.warmup = "t6", 2, 1
     if args.quick:
         args.presets, args.steps = "t6", min(args.steps, 20)
     if os.environ.get("CMSCALE_NUM_THREADS"):
