@@ -1,4 +1,4 @@
-"""cmscale's methods against the official recipes where they used to differ (issue 14).
+"""The losses (cmscale.models.losses) against the official recipes where they used to differ (issue 14).
 
 ECT against locuslab/ect's ECMLoss and ECMPrecond (main branch, CIFAR-10 setting), written out here
 independently from their equations; sCM's residual under bf16, its learned log-variance head and

@@ -1,5 +1,6 @@
-"""Runs and checkpoints (issue 13, items 4-7): bad checkpoints, mismatched teachers, changed configs on resume,
-and re-running a failed run's folder. Real tiny runs on the CPU (xxs, 16x16 digits, batch 4, a few steps)."""
+"""Resuming a run (cmscale.resume, Trainer.resume): bad checkpoints set aside, mismatched teachers, changed
+configs on resume (refused, or forced and recorded), and re-running a failed run's folder. Real tiny runs on
+the CPU (xxs, 16x16 digits, batch 4, a few steps)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Execution options (compile, channels_last, bf16 autocast), the step loader, and the GPU check script.
+"""Execution options (cmscale.models.execution: compile, channels_last; bf16 autocast), the step loader, and
+the GPU check script.
 
 None of these may change what is computed: compiled and eager losses agree, a channels_last run logs
 the losses of a contiguous run, bf16 autocast trains every method, the loader gives the batches the
