@@ -26,7 +26,14 @@ from pydantic import ValidationError
 from cmscale.accounting import BudgetError, FlopsCache, flops_per_step, iterations_for_budget
 from cmscale.config import STUDENT_METHODS, RunConfig, format_validation_error, merge_settings
 from cmscale.methods import recipe_of
-from cmscale.rundir import SWEEP_FILE, atomic_write_json, final_checkpoint, read_json, sweep_dir
+from cmscale.rundir import (
+    SWEEP_FILE,
+    atomic_write_json,
+    final_checkpoint,
+    read_json,
+    read_sweep_file,  # noqa: F401 - re-exported: the sweep commands and tests read the plan from here
+    sweep_dir,
+)
 from cmscale.sweep.spec import SpecError, SweepSpec
 
 
