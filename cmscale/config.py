@@ -177,11 +177,27 @@ class EvalConfig(StrictModel):
         return self
 
 
+class ModelSpec(StrictModel):
+    """A network defined by family and size instead of a named preset (a sweep spec's ``[models.NAME]``).
+
+    Unset ``channel_mult`` and ``attn_levels`` take the family's published layout
+    (:data:`cmscale.models.presets.FAMILY_LAYOUTS`). ``channels`` may be a list in a spec (one model per width).
+    """
+
+    family: Literal["unet", "ddpmpp", "adm", "edm2"]
+    channels: int = Field(ge=1, description="base width (model_channels)")
+    blocks: int = Field(ge=1, description="residual blocks per resolution level")
+    channel_mult: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)
+    attn_levels: list[Annotated[int, Field(ge=0)]] | None = None
+
+
 class RunConfig(StrictModel):
     """One training run, end to end."""
 
     method: MethodName
     preset: str
+    architecture: ModelSpec | None = Field(None, description="the network by family and width (a spec-defined "
+                                           "model, which `preset` then names); None: the preset table's")
     dataset: Dataset = "digits"
     data_path: str | None = Field(None, validate_default=True)
     resolution: int = Field(16, ge=4)
@@ -251,13 +267,16 @@ class RunConfig(StrictModel):
     def _check_budget_and_teacher(self) -> RunConfig:
         from cmscale.models.presets import PRESETS
 
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.architecture is None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}, or define the "
+                             "model by family and width (a spec's [models.NAME], or architecture)")
+        if self.architecture is not None:
+            check_levels(self.resolution, self.preset, len(self.network_preset().channel_mult))
         if (self.budget_iters is None) == (self.budget_flops is None):
             raise ValueError("give exactly one of budget_iters or budget_flops")
         if self.method in STUDENT_METHODS and not self.teacher_ckpt:
             raise ValueError(f"method {self.method!r} needs teacher_ckpt (a pretrained EDM checkpoint)")
-        family = PRESETS[self.preset].architecture
+        family = self.network_preset().architecture
         if self.label_dim and family == "unet":
             raise ValueError(f"label_dim {self.label_dim}: preset {self.preset!r} is cmscale's unconditional UNet; "
                              "use an edm2-*, ddpmpp* or adm preset for class-conditional training, or label_dim = 0")
@@ -299,6 +318,15 @@ class RunConfig(StrictModel):
                              "to published reference statistics (EDM2's fid-refs img512.pkl)")
         return self
 
+    def network_preset(self):
+        """The run's network as a :class:`cmscale.models.presets.Preset`: the spec-defined ``architecture``
+        (named ``preset``) or the preset table's entry."""
+        from cmscale.models.presets import defined_preset, get_preset
+
+        if self.architecture is None:
+            return get_preset(self.preset)
+        return defined_preset(self.preset, **self.architecture.model_dump())
+
     def identity(self) -> dict:
         """The fields that define the run (everything but bookkeeping), for hashing.
 
@@ -315,7 +343,7 @@ EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32",
 # Options added after the run ids of issue 14, with the default that keeps an id unchanged.
 LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": [], "phema_every": 0,
                 "label_dim": 0, "label_dropout": 0.0, "guidance": 1.0, "guide_ckpt": None, "lr_ref_batches": 70_000,
-                "dropout_res": None}
+                "dropout_res": None, "architecture": None}
 LATER_FIELDS |= {"vae_path": None, "fid_reference": None}  # issue 24: latent space, published FID references
 
 
@@ -340,10 +368,14 @@ def check_resolution(dataset: str | None, resolution: int, preset: str | None) -
                          "the data set is "
                          f"held in memory at this resolution. Use resolution <= {bound}")
     if preset in PRESETS:
-        factor = 2 ** (len(PRESETS[preset].channel_mult) - 1)
-        if resolution % factor:
-            raise ValueError(f"resolution {resolution} is not divisible by {factor}, the downsampling of preset "
-                             f"{preset!r} ({len(PRESETS[preset].channel_mult)} levels); use a multiple of {factor}")
+        check_levels(resolution, preset, len(PRESETS[preset].channel_mult))
+
+
+def check_levels(resolution: int, preset: str, levels: int) -> None:
+    factor = 2 ** (levels - 1)
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not divisible by {factor}, the downsampling of preset "
+                         f"{preset!r} ({levels} levels); use a multiple of {factor}")
 
 
 class ConfigError(ValueError):

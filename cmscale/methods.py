@@ -178,8 +178,11 @@ def sigma_data_of(config: RunConfig) -> float:
 
 
 def checkpoint_meta(config: RunConfig, img_channels: int) -> dict:
-    return {"preset": config.preset, "resolution": config.resolution, "img_channels": img_channels,
+    meta = {"preset": config.preset, "resolution": config.resolution, "img_channels": img_channels,
             "sigma_data": sigma_data_of(config), "method": config.method, "label_dim": config.label_dim}
+    if config.architecture is not None:  # a spec-defined model: its checkpoints say what it is
+        meta["architecture"] = config.architecture.model_dump()
+    return meta
 
 
 def uses_teacher(config: RunConfig) -> bool:
@@ -217,7 +220,7 @@ def method_conventions(config: RunConfig, img_channels: int) -> dict:
 def build_network(config: RunConfig, img_channels: int, dropout: float | None = None) -> nn.Module:
     """The bare network of ``config.preset`` (the preset table decides its family and size), with
     ``config.label_dim`` classes."""
-    return build_unet(config.preset, config.resolution, img_channels,
+    return build_unet(config.network_preset(), config.resolution, img_channels,
                       dropout=config.dropout if dropout is None else dropout, label_dim=config.label_dim,
                       dropout_res=config.dropout_res)
 
@@ -368,8 +371,14 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
 
 def model_from_checkpoint(config: RunConfig, payload: dict[str, Any], device: torch.device | str) -> nn.Module:
     """The network of a final checkpoint (``ckpt/final.pt``'s payload) in the method's wrapper, frozen."""
-    net = build_unet(payload.get("preset", config.preset), payload.get("resolution", config.resolution),
-                     payload["img_channels"], label_dim=payload.get("label_dim", config.label_dim))
+    stored = payload.get("preset", config.preset)
+    preset = config.network_preset() if stored == config.preset else stored  # a guide may be another preset
+    if payload.get("architecture"):  # a spec-defined model (its checkpoint carries the family and width)
+        from cmscale.models.presets import defined_preset
+
+        preset = defined_preset(stored, **payload["architecture"])
+    net = build_unet(preset, payload.get("resolution", config.resolution), payload["img_channels"],
+                     label_dim=payload.get("label_dim", config.label_dim))
     net.load_state_dict(payload["net"])
     return wrap_network(config, net).to(device).eval().requires_grad_(False)
 

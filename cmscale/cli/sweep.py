@@ -59,22 +59,23 @@ def _plan_table(runs, title: str) -> Table:
 
     params: dict[tuple, int] = {}
     table = Table(title=title)
-    for column in ("run", "method", "preset", "params", "budget FLOPs", "iterations", "est. images seen", "after"):
+    for column in ("run", "method", "preset", "params", "FLOPs/step", "budget FLOPs", "iterations",
+                   "est. images seen", "after"):
         table.add_column(column, justify="left" if column in ("run", "method", "preset", "after") else "right")
     for run in runs:
         config = run.config
-        key = (config.preset, config.resolution)
+        key = (config.preset, config.resolution, config.label_dim)
         if key not in params:
             channels = dataset_channels(config.dataset, config.vae_path)
-            params[key] = count_parameters(
-                meta_copy(lambda c=config, ch=channels: build_unet(c.preset, c.resolution, ch))
-            )
+            params[key] = count_parameters(meta_copy(
+                lambda c=config, ch=channels: build_unet(c.network_preset(), c.resolution, ch, label_dim=c.label_dim)))
         budget = budget_in_flops(config.budget_flops, run.iterations, run.flops_per_step)
         table.add_row(
             run.run_id,
             config.method,
             config.preset,
             f"{params[key]:,}",
+            f"{run.flops_per_step:.3g}",
             f"{budget:.3g}",
             f"{run.iterations:,}",
             f"{run.images_seen:,}",

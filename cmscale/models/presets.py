@@ -36,6 +36,7 @@ minutes, which is what the demo study (``cmscale demo``) needs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -114,14 +115,36 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: float = 0.0,
+# Each family's layout where a spec-defined model gives only its width and depth (its published setting).
+FAMILY_LAYOUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
+    # family: (channel_mult, attention levels, augment_dim)
+    "unet": ((1, 2, 2), (1,), 0),
+    "ddpmpp": ((2, 2, 2), (1,), 9),
+    "adm": ((1, 2, 3, 4), (1, 2, 3), 0),
+    "edm2": ((1, 2, 3, 4), (2, 3), 0),
+}
+
+
+def defined_preset(name: str, family: str, channels: int, blocks: int, channel_mult: Sequence[int] | None = None,
+                   attn_levels: Sequence[int] | None = None) -> Preset:
+    """A model a sweep spec defines by family and width (``[models.NAME]``), as a :class:`Preset`;
+    unset layout fields take the family's (:data:`FAMILY_LAYOUTS`)."""
+    if family not in FAMILY_LAYOUTS:
+        raise ValueError(f"model {name!r}: family {family!r} is not one of {', '.join(FAMILY_LAYOUTS)}")
+    mult, levels, augment_dim = FAMILY_LAYOUTS[family]
+    return Preset(name, model_channels=channels, channel_mult=tuple(channel_mult or mult), num_blocks=blocks,
+                  attn_levels=tuple(levels if attn_levels is None else attn_levels), architecture=family,
+                  augment_dim=augment_dim)
+
+
+def build_unet(preset: str | Preset, img_resolution: int, img_channels: int, dropout: float = 0.0,
                label_dim: int | None = None, dropout_res: int | None = None) -> nn.Module:
     """The network of ``preset``: ``forward(x, c_noise) -> F``, with ``img_resolution``/``img_channels`` attributes.
 
     ``label_dim`` None takes the preset's own (see :class:`Preset`); cmscale's own ``unet`` takes no labels.
     ``dropout_res`` (EDM2 only): dropout only at feature resolutions <= this.
     """
-    spec = get_preset(preset)
+    spec = preset if isinstance(preset, Preset) else get_preset(preset)
     label_dim = spec.label_dim if label_dim is None else label_dim
     common = dict(img_resolution=img_resolution, img_channels=img_channels, model_channels=spec.model_channels,
                   channel_mult=spec.channel_mult, num_blocks=spec.num_blocks,
@@ -133,7 +156,7 @@ def build_unet(preset: str, img_resolution: int, img_channels: int, dropout: flo
     if spec.architecture == "adm":
         return DhariwalUNet(**common, augment_dim=spec.augment_dim, label_dim=label_dim)
     if label_dim:
-        raise ValueError(f"preset {preset!r} (cmscale's unet) takes no class labels; label_dim {label_dim} needs an "
+        raise ValueError(f"preset {spec.name!r} (cmscale's unet) takes no class labels; label_dim {label_dim} needs an "
                          "edm2-*, ddpmpp* or adm preset")
     return UNet(**common)
 

@@ -84,6 +84,7 @@ class Planner:
         # The real counter goes through the process-wide cache the trainer uses; a custom
         # flops_fn (tests, benchmarks) gets a cache of its own, in memory only.
         self._flops: Callable[[RunConfig], int] = flops_per_step if flops_fn is None else FlopsCache(flops_fn)
+        self._models = spec.defined_models()
 
     def _config(self, fields: dict[str, Any], where: str) -> RunConfig:
         try:
@@ -99,6 +100,9 @@ class Planner:
         return merge_settings(base, spec.defaults)
 
     def _planned(self, fields: dict[str, Any], stage: int, where: str, depends_on: list[str]) -> PlannedRun:
+        model = self._models.get(fields.get("preset"))
+        if model is not None:  # a size the spec defines: its architecture travels with (and identifies) the run
+            fields = fields | {"architecture": model.model_dump()}
         config = self._config(fields, where)
         try:
             iterations = iterations_for_budget(config, self._flops)
@@ -113,7 +117,7 @@ class Planner:
         spec = self.spec
         if not spec.teacher.train:
             return {}
-        pairs = [(preset, seed) for preset in spec.presets for seed in spec.seeds]
+        pairs = [(preset, seed) for preset in spec.grid_presets() for seed in spec.seeds]
         pairs += [(r.preset, r.seed) for r in spec.runs if r.method in STUDENT_METHODS]
         planned = {}
         for preset, seed in dict.fromkeys(pairs):
@@ -157,7 +161,7 @@ class Planner:
         grid = [
             (method, preset, budget, seed)
             for method in spec.methods
-            for preset in spec.presets
+            for preset in spec.grid_presets()
             for budget in spec.budget_values()
             for seed in spec.seeds
         ]

@@ -30,13 +30,20 @@ Example (``examples/sweep_digits_tiny.toml``)::
     method = "sct"
     preset = "xs"
     budget_flops = 3e12
+
+    [models.w96]                          # a size of the spec's own: family and width (and depth)
+    family = "edm2"                       # unet | ddpmpp | adm | edm2 (layout: the family's published one)
+    channels = 96                         # a list, e.g. [32, 64, 128], defines w96-c32, w96-c64, ...
+    blocks = 3                            # optional: channel_mult = [1, 2], attn_levels = [1]
+
+Every model a spec defines joins the grid's presets; its architecture is part of each run's identity.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -47,6 +54,7 @@ from cmscale.config import (
     ConfigError,
     Dataset,
     MethodName,
+    ModelSpec,
     ProfileRef,
     RunConfig,
     SafeName,
@@ -126,6 +134,22 @@ class ExplicitRun(StrictModel):
     seed: Seed = 0
 
 
+class SpecModel(StrictModel):
+    """``[models.NAME]``: a network by family and width; ``channels`` a list defines one model per width."""
+
+    family: Literal["unet", "ddpmpp", "adm", "edm2"]
+    channels: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=1)]]
+    blocks: int = Field(ge=1)
+    channel_mult: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)
+    attn_levels: list[Annotated[int, Field(ge=0)]] | None = None
+
+    def expand(self, name: str) -> dict[str, ModelSpec]:
+        fields = self.model_dump(exclude={"channels"})
+        if isinstance(self.channels, int):
+            return {name: ModelSpec(channels=self.channels, **fields)}
+        return {f"{name}-c{width}": ModelSpec(channels=width, **fields) for width in self.channels}
+
+
 class SweepSpec(StrictModel):
     name: SafeName
     dataset: Dataset = "digits"
@@ -140,6 +164,18 @@ class SweepSpec(StrictModel):
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     runs: list[ExplicitRun] = Field(default_factory=list)
+    models: dict[SafeName, SpecModel] = Field(default_factory=dict, description="sizes defined by family and width")
+
+    def defined_models(self) -> dict[str, ModelSpec]:
+        """The spec's own models by name (a list of widths expanded to one model each)."""
+        defined: dict[str, ModelSpec] = {}
+        for name, model in self.models.items():
+            defined |= model.expand(name)
+        return defined
+
+    def grid_presets(self) -> list[str]:
+        """The grid's sizes: ``presets`` and then every model the spec defines."""
+        return list(dict.fromkeys([*self.presets, *self.defined_models()]))
 
     @field_validator("methods")
     @classmethod
@@ -154,15 +190,22 @@ class SweepSpec(StrictModel):
                 raise ValueError(f"methods.{path} = {value} is not a finite number; give a finite value")
         return methods
 
-    @field_validator("presets")
-    @classmethod
-    def _known_presets(cls, presets: list[str]) -> list[str]:
+    @model_validator(mode="after")
+    def _known_presets(self) -> SweepSpec:
         from cmscale.models.presets import PRESETS
 
-        unknown = [name for name in presets if name not in PRESETS]
+        defined = self.defined_models()
+        clash = sorted(set(defined) & set(PRESETS))
+        if clash:
+            raise ValueError(f"models.{clash[0]}: the name is a built-in preset; name the spec's model otherwise")
+        named = [("presets", name) for name in self.presets]
+        named += [(f"runs[{index}].preset", run.preset) for index, run in enumerate(self.runs)]
+        unknown = [(where, name) for where, name in named if name not in PRESETS and name not in defined]
         if unknown:
-            raise ValueError(f"unknown preset {unknown[0]!r}; allowed: {', '.join(PRESETS)}")
-        return presets
+            where, name = unknown[0]
+            raise ValueError(f"{where}: unknown preset {name!r}; allowed: {', '.join(PRESETS)}, or a model the "
+                             "spec defines under [models.NAME] (family, channels, blocks)")
+        return self
 
     @field_validator("data_path")
     @classmethod
@@ -204,13 +247,13 @@ class SweepSpec(StrictModel):
         if not self.methods and not self.runs:
             raise ValueError("methods: no methods and no [[runs]]; the sweep would plan nothing")
         if self.methods:
-            empty = [name for name, values in (("presets", self.presets), ("seeds", self.seeds)) if not values]
+            empty = [name for name, values in (("presets", self.grid_presets()), ("seeds", self.seeds)) if not values]
             if not self.budget_values():
                 empty.append("budgets_flops (or budgets)")
             if empty:
                 raise ValueError(f"{', '.join(empty)} empty: the grid of methods x presets x budgets x seeds "
                                  "would plan no runs; give at least one value each")
-            for preset in self.presets:
+            for preset in self.grid_presets():
                 check_resolution(self.dataset, self.resolution, preset)
         return self
 
@@ -220,7 +263,7 @@ class SweepSpec(StrictModel):
             r.method for r in self.runs if r.method in STUDENT_METHODS
         }
         if students and not self.teacher.train:
-            needed = set(self.presets) | {r.preset for r in self.runs if r.method in STUDENT_METHODS}
+            needed = set(self.grid_presets()) | {r.preset for r in self.runs if r.method in STUDENT_METHODS}
             missing = sorted(needed - set(self.teacher.checkpoints))
             if missing:
                 raise ValueError(
