@@ -28,6 +28,7 @@ from torch import nn
 
 from cmscale.checkpoint import metadata_mismatches
 from cmscale.config import RunConfig
+from cmscale.models.edm2_loss import EDM2Loss
 from cmscale.models.labels import label_vector
 from cmscale.models.losses import ECTLoss, EDMLoss, SCMLoss
 from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond, network_of
@@ -68,9 +69,11 @@ def _scm_wrap(config: RunConfig, net: nn.Module) -> nn.Module:
     return TrigFlowPrecond(net, config.scm.sigma_data)
 
 
-def _edm_loss(config: RunConfig, iterations: int) -> EDMLoss:  # noqa: ARG001 - one signature for every recipe
+def _edm_loss(config: RunConfig, iterations: int) -> EDMLoss | EDM2Loss:  # noqa: ARG001 - one signature for all
     options = config.edm
-    return EDMLoss(P_mean=options.P_mean, P_std=options.P_std, sigma_data=options.sigma_data)
+    # EDM2's networks train with EDM2's loss: weighted by their own learned log-variance head
+    loss = EDM2Loss if config.network_preset().architecture == "edm2" else EDMLoss
+    return loss(P_mean=options.P_mean, P_std=options.P_std, sigma_data=options.sigma_data)
 
 
 def ect_loss(config: RunConfig, iterations: int) -> ECTLoss:
@@ -225,6 +228,21 @@ def build_network(config: RunConfig, img_channels: int, dropout: float | None = 
                       dropout_res=config.dropout_res)
 
 
+class NetworkLogvar(nn.Module):
+    """sCM's adaptive weight w(t) from a network's log-variance head (EDM2's u): w(t) = u(ln(sd tan t) / 4).
+
+    The head sits on the EDM noise label, as EDM2 trains it, whatever the wrapper (TrigFlow or EDM)."""
+
+    def __init__(self, net: nn.Module, sigma_data: float):
+        super().__init__()
+        self.net_ref = [net]  # not a submodule: its parameters are the network's, trained and saved with it
+        self.sigma_data = sigma_data
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        label = (self.sigma_data * t.reshape(-1).tan()).log() / 4
+        return self.net_ref[0].logvar(label)
+
+
 def wrap_network(config: RunConfig, net: nn.Module) -> nn.Module:
     """The method's preconditioner around ``net`` (see :class:`Recipe`)."""
     return recipe_of(config).wrap(config, net)
@@ -360,6 +378,9 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
     loss = recipe.make_loss(config, iterations)  # first: sCM's learned weight draws its initial values
     extra_modules = [loss.adaptive_weight.to(device)] if recipe.learned_weight else []
     net = network()
+    if recipe.learned_weight and hasattr(net, "logvar"):
+        # sCM on EDM2: the adaptive weight is the network's own log-variance head (trained with it)
+        loss.adaptive_weight, extra_modules = NetworkLogvar(net, loss.sigma_data), []
     teacher = None
     if recipe.teacher_in_loss:
         teacher_config = config.model_copy(update={"dropout": 0.0})

@@ -134,3 +134,23 @@ def test_a_label_dim_the_data_does_not_have_is_refused_before_training(tmp_path)
     with pytest.raises(ValueError, match="label_dim 7 does not fit the data: digits has 10 class labels"):
         train(RunConfig(method="edm", budget_iters=1, **{**BASE, "label_dim": 7}), tmp_path / "run")
     assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_edm2_networks_train_with_their_log_variance_head():
+    """EDM: EDM2's uncertainty-weighted loss; sCT/sCD: the adaptive weight is the network's own head."""
+    from cmscale.methods import NetworkLogvar
+    from cmscale.models.edm2_loss import EDM2Loss
+
+    edm = build_method(RunConfig(method="edm", budget_iters=1, **BASE), img_channels=1)
+    assert isinstance(edm.loss_fn, EDM2Loss)
+    sct = build_method(RunConfig(method="sct", budget_iters=1, **BASE), img_channels=1)
+    assert isinstance(sct.loss_fn.adaptive_weight, NetworkLogvar) and sct.extra_modules == []
+    t = torch.tensor([0.1, 0.7, 1.4])
+    with torch.no_grad():
+        torch.testing.assert_close(sct.loss_fn.adaptive_weight(t), sct.network.logvar((0.5 * t.tan()).log() / 4))
+    head = sct.network.logvar_linear.weight
+    before = head.detach().clone()
+    torch.manual_seed(0)
+    draws = sct.sample_draws((4, 1, 8, 8), torch.device("cpu"))
+    sct.loss(torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), **draws).mean().backward()
+    assert head.grad is not None and head.grad.abs().max() > 0 and torch.equal(head.detach(), before)
