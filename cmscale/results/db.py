@@ -75,6 +75,9 @@ def unusable_store(path: Path, error: BaseException) -> StoreError:
     if isinstance(error, OSError) and error.errno is not None:
         reason = os.strerror(error.errno)
     lowered = reason.lower()
+    if "different configuration" in lowered:
+        return StoreError(f"{path}: a connection this process holds on the store (cmscale.results.connect()) "
+                          "stops the sandboxed query connection from opening; close it first")
     if "no space left" in lowered or "disk full" in lowered:
         fix = "free space on that file system, then run `cmscale results ingest` again (the run folders keep every row)"
     elif "read-only" in lowered or "permission" in lowered:
