@@ -47,7 +47,7 @@ def test_reconstruction_of_a_directly_tracked_width_equals_it(tmp_path):
     assert (same["w"].double() - emas[0.10]).norm() <= 1e-3 * spread
 
 
-def test_a_run_stores_snapshots_and_the_cli_reconstructs_the_exported_width(tmp_path):
+def test_a_run_stores_snapshots_and_the_cli_reconstructs_the_exported_width(tmp_path, monkeypatch):
     """A real run tracks widths 0.075 (exported in final.pt), 0.05 and 0.10, storing snapshots of each every
     4 steps; with the 0.075 snapshots removed, `cmscale ema reconstruct` rebuilds 0.075 from the other two."""
     import json
@@ -81,6 +81,15 @@ def test_a_run_stores_snapshots_and_the_cli_reconstructs_the_exported_width(tmp_
     error = sum((rebuilt["net"][k] - final["net"][k]).double().square().sum() for k in final["net"]).sqrt()
     spread = sum((narrow[k] - wide[k]).double().square().sum() for k in final["net"]).sqrt()
     assert error <= 0.05 * spread, (float(error), float(spread))
+    # the reconstruction is evaluated beside the run's own evals, its rows naming the width
+    monkeypatch.setenv("CMSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["eval", str(run), "--ema-sigma-rel", "0.15", "--num-samples", "40", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert rows and all(row["kind"] == "eval-ema" and row["ema_sigma_rel"] == 0.15 and row["fid"] > 0
+                        for row in rows)
+    missing = CliRunner().invoke(main, ["eval", str(run), "--ema-sigma-rel", "0.2"])
+    assert missing.exit_code != 0 and "cmscale ema reconstruct" in missing.output
 
 
 def test_bad_widths_and_a_run_without_snapshots_get_clear_errors(tmp_path):

@@ -50,10 +50,13 @@ def _parse_steps(ctx, param, value: str | None) -> list[int] | None:  # noqa: AR
               help="Draw only this task's chunks of samples and write their features under RUN_DIR/eval-shards "
                    "(resumable); 'auto' reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE. Then --reduce.")
 @click.option("--reduce", is_flag=True, help="Score the features of every shard and append the eval rows.")
+@click.option("--ema-sigma-rel", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Evaluate the post-hoc EMA of this width (RUN_DIR/phema/ema-<width>.pt, written by "
+                   "`cmscale ema reconstruct`); rows are kind 'eval-ema' with ema_sigma_rel.")
 @json_option("Print the rows as JSON.")
 @ROOT_OPTION
-def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weights, device, shard, reduce, as_json,
-                 root: Path) -> None:
+def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weights, device, shard, reduce,
+                 ema_sigma_rel, as_json, root: Path) -> None:
     """Evaluate RUN_DIR's ckpt/final.pt (EMA weights) and append eval rows to its metrics.jsonl.
 
     RUN_DIR is a run directory, or a path relative to --root such as SWEEP/RUN_ID. For 50,000
@@ -92,6 +95,7 @@ def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weight
                 device=device,
                 shard=shard_index,
                 reduce=reduce,
+                ema_sigma_rel=ema_sigma_rel,
             )
     except (InceptionWeightsNotFoundError, DatasetNotFoundError, RunDirError, ValueError) as error:
         raise click.ClickException(str(error)) from None
@@ -103,7 +107,7 @@ def eval_command(run_dir: Path, steps, num_samples, batch_size, inception_weight
             console.print(f"shard {row['shard'][0]}/{row['shard'][1]}, {row['sampler_steps']} steps: "
                           f"{len(row['chunks_written'])} chunks written, {row['chunks_missing']} still missing "
                           f"({row['folder']})")
-    rows = [row for row in rows if row["kind"] == "eval"]
+    rows = [row for row in rows if row["kind"] in ("eval", "eval-ema")]
     if not rows:
         return
     table = Table(title=f"eval of {run_dir} (appended to metrics.jsonl)")

@@ -309,8 +309,12 @@ def model_from_final_checkpoint(
 def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_samples: int | None = None,
                      inception_weights: str | None = None, batch_size: int | None = None,
                      device: str = "auto", shard: tuple[int, int] | None = None,
-                     reduce: bool = False) -> list[dict[str, Any]]:
+                     reduce: bool = False, ema_sigma_rel: float | None = None) -> list[dict[str, Any]]:
     """Evaluate ``run_dir/ckpt/final.pt`` and append the rows to its ``metrics.jsonl``.
+
+    ``ema_sigma_rel``: evaluate the post-hoc EMA of that width instead (``phema/ema-<width>.pt``, from
+    ``cmscale ema reconstruct``); its rows are ``kind = "eval-ema"`` with ``ema_sigma_rel``, beside (not
+    replacing) the run's own evals.
 
     With ``shard=(i, n)`` only this task's chunks of samples are drawn and their features written
     under ``eval-shards/`` (rows: what was written); ``reduce`` then scores all chunks and appends
@@ -331,12 +335,24 @@ def evaluate_run_dir(run_dir: Path | str, steps: list[int] | None = None, num_sa
     # Resolve the feature space first: a missing Inception file fails before the checkpoint loads.
     space = feature_space(config.dataset, config.eval.extractor, config.eval.inception_weights)
     if shard is not None or reduce:
+        if ema_sigma_rel is not None:
+            raise RunDirError("--ema-sigma-rel evaluates in one process; leave out --shard/--reduce")
         return _sharded_eval(config, run_dir, space, torch_device, shard, reduce)
-    model, payload = model_from_final_checkpoint(config, final_checkpoint(run_dir), torch_device)
+    checkpoint = final_checkpoint(run_dir)
+    if ema_sigma_rel is not None:
+        from cmscale.models.phema import reconstruction_path
+
+        checkpoint = reconstruction_path(run_dir, ema_sigma_rel)
+        if not checkpoint.is_file():
+            raise RunDirError(f"{checkpoint} not found: reconstruct that width first "
+                              f"(cmscale ema reconstruct {run_dir} --sigma-rel {ema_sigma_rel})")
+    model, payload = model_from_final_checkpoint(config, checkpoint, torch_device)
     step = int(payload["step"])
     # the trainer's own count (ECT's step cost depends on its stage, so not step x the average)
     rows = evaluate_model(config, model, step=step, train_flops=train_flops_at(config, step),
                           images_seen=step * config.batch_size, run_dir=run_dir, device=torch_device)
+    if ema_sigma_rel is not None:
+        rows = [row | {"kind": "eval-ema", "ema_sigma_rel": ema_sigma_rel} for row in rows]
     with MetricsWriter(run_dir / METRICS_FILE) as writer:
         for row in rows:
             writer.write(row)
