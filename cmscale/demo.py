@@ -103,7 +103,7 @@ def run_demo(out: Path, executor: str = "local", quick: bool = False, profile: s
             def on_poll(states):
                 progress.update(task, completed=sum(s.state in TERMINAL_STATES for s in states))
 
-            wait_for_sweep(out, spec.name, poll_s=3.0, on_poll=on_poll)
+            wait_for_sweep(out, spec.name, poll_s=3.0, max_poll_s=10.0, on_poll=on_poll)  # a short study: keep up
     timings["runs_s"] = time.time() - started
 
     with console.status("ingesting metrics into DuckDB"):
