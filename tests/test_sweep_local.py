@@ -1,6 +1,6 @@
 """The local executor runs the example sweep with the same results structure as SLURM: the planned
 run ids, every run done with the same files, teachers before students, and a second launch
-submitting nothing. (tests/test_sweep_slurm.py checks the same on the localhost cluster.)"""
+submitting nothing. (tests/test_slurm_sweep.py checks the same on the localhost cluster.)"""
 
 from __future__ import annotations
 
