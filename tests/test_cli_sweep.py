@@ -124,6 +124,14 @@ def test_a_local_launch_with_a_failed_run_exits_1_and_names_it(tmp_path):
     failed = {run["run_id"]: run for run in payload["failed"]}
     assert len(failed) == 2 and any(run_id.startswith("edm-") for run_id in failed)
     assert "did not finish" in result.stderr and all(run_id in result.stderr for run_id in failed)
+    # relaunch re-plans from the spec as launched (with its --set, kept in sweep.json): the same
+    # teacher fails again the same way, and relaunch says so with its exit code and JSON
+    again = cmscale("sweep", "relaunch", "digits_tiny", "--root", tmp_path, "--failed", "--json")
+    assert again.exit_code == 1, again.output
+    payload = json.loads(again.stdout)
+    assert payload["overrides"]["teacher.overrides.lr"] == 1e30
+    assert payload["submitted"] == [run_id for run_id in failed if run_id.startswith("edm-")]
+    assert {run["run_id"] for run in payload["failed"]} == set(failed)
 
 
 def test_a_dead_workers_error_is_one_line_that_says_what_happened():
@@ -174,3 +182,11 @@ def test_tune_run_exits_1_and_names_a_worker_that_died(tmp_path, teacher_ckpt):
     (dead,) = payload["dead_workers"]
     assert "has not produced any output" in dead["error"]
     assert f"worker {dead['job_id']} died" in " ".join(err.split()) and "1 of 1 worker(s) died" in err
+
+
+def test_status_lists_running_runs_with_their_progress(tmp_path):
+    write_watched_sweep(tmp_path)
+    result = cmscale("sweep", "status", "w", "--root", tmp_path)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.startswith("running-run,")]
+    assert rows == ["running-run,50%,50/100,123.4,0.0421,1:40,0:00 ago"]  # CSV into a pipe

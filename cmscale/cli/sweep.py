@@ -291,10 +291,36 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def _progress_table(progress, bars: bool) -> Table:
+    """One row per running run: progress (a bar live, a percentage in print), step, images/s, loss, ETA."""
+    from rich.progress_bar import ProgressBar
+
+    table = Table(title=f"{len(progress)} running")
+    for column in ("run", "progress", "step", "images/s", "loss", "ETA", "updated"):
+        table.add_column(column, justify="left" if column in ("run", "progress") else "right", overflow="fold")
+    now = time.time()
+    for run in progress:
+        if run.fraction is None:
+            shown = "-"
+        elif bars:
+            shown = ProgressBar(total=1.0, completed=run.fraction, width=20)
+        else:
+            shown = f"{100 * run.fraction:.0f}%"
+        table.add_row(
+            run.run_id,
+            shown,
+            f"{run.step:,}/{run.total_steps:,}" if run.step is not None and run.total_steps else "-",
+            f"{run.images_per_s:,.1f}" if run.images_per_s is not None else "-",
+            f"{run.loss:.4g}" if run.loss is not None else "-",
+            _duration(run.eta_s),
+            f"{_duration(now - run.updated)} ago" if run.updated is not None else "-",
+        )
+    return table
+
+
 def _watch_view(name: str, states, progress, interval: float):
     """The live view: state counts, then one row per running run with its progress and ETA."""
     from rich.console import Group
-    from rich.progress_bar import ProgressBar
     from rich.text import Text
 
     from cmscale.sweep.status import count_states
@@ -302,23 +328,7 @@ def _watch_view(name: str, states, progress, interval: float):
     counts = count_states(states)
     header = Text(f"sweep {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                   + f"   (every {interval:g} s; Ctrl-C stops watching, the runs go on)")
-    table = Table(title=f"{len(progress)} running")
-    for column in ("run", "progress", "step", "images/s", "loss", "ETA", "updated"):
-        table.add_column(column, justify="left" if column in ("run", "progress") else "right",
-                         overflow="fold")
-    now = time.time()
-    for run in progress:
-        bar = ProgressBar(total=1.0, completed=run.fraction or 0.0, width=20) if run.fraction is not None else "-"
-        table.add_row(
-            run.run_id,
-            bar,
-            f"{run.step:,}/{run.total_steps:,}" if run.step is not None and run.total_steps else "-",
-            f"{run.images_per_s:,.1f}" if run.images_per_s is not None else "-",
-            f"{run.loss:.4g}" if run.loss is not None else "-",
-            _duration(run.eta_s),
-            f"{_duration(now - run.updated)} ago" if run.updated is not None else "-",
-        )
-    return Group(header, table)
+    return Group(header, _progress_table(progress, bars=True))
 
 
 def _watch(root: Path, name: str, interval: float, refreshes: int | None, as_json: bool) -> None:
@@ -397,6 +407,9 @@ def status_command(name: str, root: Path, watch: bool, interval: float, refreshe
                               indent=2))
         return
     console.print(f"sweep {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    running = sweep_progress(root, name, states)
+    if running:
+        print_table(_progress_table(running, bars=False))
     problems = [s for s in states if s.state in (RunState.FAILED, RunState.LOST)]
     if problems:
         table = Table(title="failed and lost runs")
