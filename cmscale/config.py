@@ -231,6 +231,8 @@ class RunConfig(StrictModel):
     guidance: float = Field(1.0, ge=0, description="guidance scale w of sampling: D = D_u + w (D_c - D_u), with "
                             "D_u the unconditional branch (label_dropout) or, with guide_ckpt, a weaker network "
                             "(EDM2's autoguidance); 1: no guidance")
+    teacher_guidance: float = Field(1.0, ge=0, description="sCD: distil the teacher guided at this scale "
+                                    "(classifier-free; the teacher must have trained with label_dropout); 1: none")
     guide_ckpt: str | None = Field(None, description="autoguidance: a cmscale checkpoint of a weaker network of the "
                                    "same preset family, resolution and label_dim (e.g. a smaller, shorter run)")
     seed: Seed = 0
@@ -290,6 +292,9 @@ class RunConfig(StrictModel):
             raise ValueError(f"guidance {self.guidance} needs an unconditional branch: this run never trains one "
                              "(label_dropout = 0); set label_dropout (e.g. 0.1), give guide_ckpt (autoguidance) "
                              "or guidance = 1")
+        if self.teacher_guidance != 1 and not self.label_dim:
+            raise ValueError(f"teacher_guidance {self.teacher_guidance} guides sCD's teacher on class labels, but "
+                             "label_dim is 0; set label_dim or teacher_guidance = 1")
         if self.phema_every and not self.ema_sigma_rels:
             raise ValueError("phema_every stores snapshots of the power EMAs, but ema_sigma_rels is empty; set "
                              "ema_sigma_rels = [0.05, 0.1] (EDM2's two widths) or phema_every = 0")
@@ -342,7 +347,8 @@ class RunConfig(StrictModel):
 EXECUTION_FIELDS = {"device", "heartbeat_s", "compile", "channels_last", "tf32", "tensorboard"}
 # Options added after the run ids of issue 14, with the default that keeps an id unchanged.
 LATER_FIELDS = {"lr_schedule": "constant", "lr_final_ratio": 0.1, "ema_sigma_rels": [], "phema_every": 0,
-                "label_dim": 0, "label_dropout": 0.0, "guidance": 1.0, "guide_ckpt": None, "lr_ref_batches": 70_000,
+                "label_dim": 0, "label_dropout": 0.0, "guidance": 1.0, "guide_ckpt": None, "teacher_guidance": 1.0,
+                "lr_ref_batches": 70_000,
                 "dropout_res": None, "architecture": None}
 LATER_FIELDS |= {"vae_path": None, "fid_reference": None}  # issue 24: latent space, published FID references
 

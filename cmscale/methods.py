@@ -248,8 +248,9 @@ def wrap_network(config: RunConfig, net: nn.Module) -> nn.Module:
     return recipe_of(config).wrap(config, net)
 
 
-def load_network_weights(net: nn.Module, path: str | Path, expected: dict | None = None) -> None:
-    """Load a teacher's network weights, after checking its metadata against ``expected``.
+def load_network_weights(net: nn.Module, path: str | Path, expected: dict | None = None) -> dict[str, Any]:
+    """Load a teacher's network weights, after checking its metadata against ``expected``; returns the
+    checkpoint (its metadata for further checks).
 
     ``expected`` holds the run's values of CHECKPOINT_META_KEYS (the teacher's method must be edm);
     a checkpoint without metadata (a bare state dict) is checked by its tensor shapes alone."""
@@ -283,6 +284,45 @@ def load_network_weights(net: nn.Module, path: str | Path, expected: dict | None
             f"teacher checkpoint {path} does not fit this run's network ({detail}); use a teacher trained with the "
             "same preset, resolution and channels"
         ) from None
+    return state
+
+
+def check_teacher_fits(config: RunConfig, payload: dict[str, Any], path: str | Path) -> None:
+    """What the teacher's metadata says beyond the network: its data space, and (for a guided sCD teacher)
+    whether it trained the unconditional branch that guidance needs."""
+    encoder = (payload.get("encoder") or {}).get("class_name")
+    if encoder == "StabilityVAEEncoder" and config.vae_path is None:
+        raise TeacherCheckpointError(f"teacher checkpoint {path} is a latent-space network (EDM2's "
+                                     "StabilityVAEEncoder) but this run trains on pixels; set vae_path and "
+                                     "data_path to latents (cmscale data encode), or use a pixel-space teacher")
+    if encoder == "StandardRGBEncoder" and config.vae_path is not None:
+        raise TeacherCheckpointError(f"teacher checkpoint {path} is a pixel-space network (EDM2's "
+                                     "StandardRGBEncoder) but this run trains in a VAE's latent space (vae_path); "
+                                     "use a latent-space teacher or leave vae_path unset")
+    if config.teacher_guidance != 1 and not payload.get("label_dropout"):
+        raise TeacherCheckpointError(f"teacher_guidance {config.teacher_guidance}: teacher checkpoint {path} never "
+                                     "trained its unconditional branch (no label_dropout recorded); train the teacher "
+                                     "with label_dropout (e.g. 0.1) or set teacher_guidance = 1")
+
+
+class GuidedTeacher(nn.Module):
+    """sCD's teacher at a fixed guidance scale: F = F_u + w (F_c - F_u), F_u with the all-zero label.
+
+    F is affine in the denoiser at fixed (x_t, t), so this is the guided denoiser D_u + w (D_c - D_u)
+    in TrigFlow form; the student distils the guided teacher, as sCM does on ImageNet 512."""
+
+    def __init__(self, teacher: nn.Module, guidance: float):
+        super().__init__()
+        self.teacher = teacher
+        self.guidance = guidance
+        self.sigma_data = teacher.sigma_data
+
+    def F(self, x_scaled: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        conditional = self.teacher.F(x_scaled, t, class_labels)
+        if class_labels is None:
+            return conditional
+        unconditional = self.teacher.F(x_scaled, t, torch.zeros_like(class_labels))
+        return unconditional.lerp(conditional, self.guidance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +401,9 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
     every network randomly initialised (FLOP counting on the meta device, where only shapes matter).
     """
     recipe = recipe_of(config)
+    if config.teacher_guidance != 1 and not recipe.teacher_in_loss:
+        raise ValueError(f"teacher_guidance {config.teacher_guidance}: method {config.method!r} consults no teacher "
+                         "in its loss (sCD does); set teacher_guidance = 1")
     if iterations is None:
         if config.budget_iters is None:
             raise ValueError("build_method needs the run's iterations for a FLOP budget; pass "
@@ -372,7 +415,8 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
     def network(dropout: float | None = None) -> nn.Module:
         net = build_network(config, img_channels, dropout)
         if load_weights and uses_teacher(config):
-            load_network_weights(net, config.teacher_ckpt, teacher_meta)
+            payload = load_network_weights(net, config.teacher_ckpt, teacher_meta)
+            check_teacher_fits(config, payload, config.teacher_ckpt)
         return net
 
     loss = recipe.make_loss(config, iterations)  # first: sCM's learned weight draws its initial values
@@ -385,6 +429,8 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
     if recipe.teacher_in_loss:
         teacher_config = config.model_copy(update={"dropout": 0.0})
         teacher = wrap_network(teacher_config, network(dropout=0.0)).to(device).eval().requires_grad_(False)
+        if config.teacher_guidance != 1:
+            teacher = GuidedTeacher(teacher, config.teacher_guidance)
     return Method(recipe, wrap_network(config, net).to(device), loss, teacher, extra_modules,
                   meta=checkpoint_meta(config, img_channels), conventions=method_conventions(config, img_channels),
                   label_dim=config.label_dim, label_dropout=config.label_dropout)

@@ -211,7 +211,8 @@ class Trainer:
 
     def save_final(self) -> None:
         if self.is_writer:
-            payload = self.method.meta | {"net": network_of(self.ema.evaluated).state_dict(), "step": self.step}
+            payload = self.method.meta | {"net": network_of(self.ema.evaluated).state_dict(), "step": self.step,
+                                          "label_dropout": self.config.label_dropout}  # guidance needs to know
             save_checkpoint(final_checkpoint(self.run_dir), payload)
 
     def save_phema_snapshots(self) -> None:

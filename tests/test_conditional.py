@@ -154,3 +154,44 @@ def test_edm2_networks_train_with_their_log_variance_head():
     draws = sct.sample_draws((4, 1, 8, 8), torch.device("cpu"))
     sct.loss(torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), **draws).mean().backward()
     assert head.grad is not None and head.grad.abs().max() > 0 and torch.equal(head.detach(), before)
+
+
+def test_scd_distils_the_teacher_guided_at_a_fixed_scale(runs):
+    from cmscale.methods import GuidedTeacher
+
+    root, _ = runs
+    checkpoint = str(root / "edm" / "ckpt" / "final.pt")
+    config = RunConfig(method="scd", budget_iters=1, teacher_ckpt=checkpoint, teacher_guidance=2.0, **BASE)
+    method = build_method(config, img_channels=1)
+    assert isinstance(method.teacher, GuidedTeacher)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0.3, 0.7, 1.0, 1.3])
+    onehot = torch.nn.functional.one_hot(torch.tensor([1, 2, 3, 4]), 10).float()
+    with torch.no_grad():
+        conditional = method.teacher.teacher.F(x, t, onehot)
+        unconditional = method.teacher.teacher.F(x, t, torch.zeros_like(onehot))
+        torch.testing.assert_close(method.teacher.F(x, t, onehot), unconditional + 2.0 * (conditional - unconditional))
+
+
+def test_a_guided_teacher_without_an_unconditional_branch_is_refused(tmp_path):
+    from cmscale.methods import TeacherCheckpointError
+
+    teacher = RunConfig(method="edm", budget_iters=1, eval={"at_fractions": []}, **BASE)  # label_dropout 0
+    assert train(teacher, tmp_path / "edm")["status"] == "done"
+    config = RunConfig(method="scd", budget_iters=1, teacher_ckpt=str(tmp_path / "edm" / "ckpt" / "final.pt"),
+                       teacher_guidance=2.0, **BASE)
+    with pytest.raises(TeacherCheckpointError, match="never trained its unconditional branch"):
+        build_method(config, img_channels=1)
+    with pytest.raises(ValueError, match="method 'ect' consults no teacher in its loss"):
+        build_method(RunConfig(method="ect", budget_iters=1, teacher_ckpt="x", teacher_guidance=2.0, **BASE), 1)
+    with pytest.raises(ValueError, match="label_dim is 0"):
+        RunConfig(method="scd", budget_iters=1, teacher_ckpt="x", teacher_guidance=2.0, **{**BASE, "label_dim": 0})
+
+
+def test_a_latent_space_teacher_on_pixel_data_is_refused(tmp_path):
+    from cmscale.methods import TeacherCheckpointError
+
+    config = RunConfig(method="ect", budget_iters=1, teacher_ckpt=str(tmp_path / "t.pt"), **BASE)
+    net = build_method(config, img_channels=1, load_weights=False).network
+    torch.save({"net": net.state_dict(), "encoder": {"class_name": "StabilityVAEEncoder"}}, tmp_path / "t.pt")
+    with pytest.raises(TeacherCheckpointError, match="latent-space network .* this run trains on pixels"):
+        build_method(config, img_channels=1)
