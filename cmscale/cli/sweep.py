@@ -260,7 +260,7 @@ def launch_command(spec_path: Path, root: Path, executor: str | None, profile: s
     out = err_console if as_json else console
     # A progress bar over the SLURM submissions; local runs print a line as each one finishes.
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=out, transient=True, disable=not detaches(executor)) as progress:
+                  console=out, transient=True, disable=not (detaches(executor) and out.is_terminal)) as progress:
         task = progress.add_task("submitting arrays", total=None)
 
         def on_progress(done: int, total: int) -> None:
