@@ -21,8 +21,8 @@ def models_group() -> None:
 @click.option("--resolution", default=16, show_default=True, type=click.IntRange(min=4), help="Image resolution.")
 @click.option("--channels", default=1, show_default=True, type=click.IntRange(min=1), help="Image channels.")
 @click.option("--label-dim", type=click.IntRange(min=0), default=None,
-              help="Class count for the presets that take labels (edm2-*); default: each preset's own "
-                   "(1000 for EDM2's ImageNet presets).")
+              help="Class count for the presets that take labels (edm2, ddpmpp, adm); default: each preset's "
+                   "own (1000 for EDM2's ImageNet presets, else 0).")
 @json_option("Print JSON instead of a table.")
 def models_list(resolution: int, channels: int, label_dim: int | None, as_json: bool) -> None:
     """List the presets with parameter counts and forward FLOPs per image (whole numbers).
@@ -35,7 +35,8 @@ def models_list(resolution: int, channels: int, label_dim: int | None, as_json: 
 
     rows = []
     for name, preset in PRESETS.items():
-        labels = (preset.label_dim if label_dim is None else label_dim) if preset.architecture == "edm2" else 0
+        # every family but cmscale's own unet takes class labels
+        labels = (preset.label_dim if label_dim is None else label_dim) if preset.architecture != "unet" else 0
         try:
             net = meta_copy(lambda name=name, labels=labels: build_unet(name, resolution, channels, label_dim=labels))
         except ValueError as error:
