@@ -151,7 +151,8 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in times.items()}
     ratio = statistics.median(c / o for c, o in zip(times["cmscale"], times["EDM2 (official)"]))
     params = sum(p.numel() for p in ours.parameters())
-    print(f"EDM2 training step (loss, backward, Adam) of EDM2's loss (and cmscale's ECT, sCD), {args.model_channels} channels, mult (1, 2, 2), 2 blocks, "
+    print(f"EDM2 training step (loss, backward, Adam) of EDM2's loss (and cmscale's ECT, sCD), "
+          f"{args.model_channels} channels, mult (1, 2, 2), 2 blocks, "
           f"{params:,} parameters, {args.resolution}x{args.resolution}x{args.img_channels}, {args.label_dim} classes, "
           f"batch {args.batch_size}, fp32, cpu, {torch.get_num_threads()} threads; {args.steps} interleaved rounds")
     print(f"{'variant':<18} {'median s/step':>14} {'min s/step':>11} {'/ EDM2 (paired)':>16}")
