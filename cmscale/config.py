@@ -158,7 +158,7 @@ class EvalConfig(StrictModel):
     )
     cm_steps: list[int] = Field(default_factory=lambda: [1, 2])
     num_samples: int | None = Field(
-        None, ge=2, description="FID/KID samples; None: 50,000 for real data, 1,000 for digits"
+        None, ge=2, lt=INT32_LIMIT, description="FID/KID samples; None: 50,000 for real data, 1,000 for digits"
     )
     kid_subsets: int = Field(100, ge=0, description="KID random subsets (torch-fidelity's default); 0: no KID")
     batch_size: int = Field(250, ge=1)
@@ -247,7 +247,7 @@ class RunConfig(StrictModel):
                               "folder (needs pip install 'cmscale[tensorboard]')")
     teacher_ckpt: str | None = None
     teacher_run_id: SafeName | None = None
-    budget_iters: int | None = Field(None, gt=0)
+    budget_iters: int | None = Field(None, gt=0, lt=2**63)
     budget_flops: float | None = Field(None, gt=0)
     ckpt_every: int = Field(200, ge=1, description="iterations between periodic checkpoints")
     log_every: int = Field(10, ge=1)

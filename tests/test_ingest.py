@@ -69,3 +69,12 @@ def test_a_deleted_sweep_folder_leaves_the_store(tmp_path):
     counts = query("SELECT (SELECT count(*) FROM sweeps), (SELECT count(*) FROM runs), (SELECT count(*) FROM train)",
                    tmp_path, ingest_first=False).rows()
     assert counts == [(0, 0, 0)]
+
+
+def test_an_eval_row_beyond_the_stores_integer_columns_is_skipped_alone(tmp_path):
+    make_run(tmp_path, 0, 5, evals=(eval_row(4, 1, 10.0), eval_row(4, 2, 20.0) | {"sampler_steps": 2**40}))
+    make_run(tmp_path, 1, 3)
+    report = ingest(tmp_path)
+    assert any("beyond 32 bits" in problem.message for problem in report.errors)
+    assert query("SELECT sampler_steps, fid FROM evals", tmp_path, ingest_first=False).rows() == [(1, 10.0)]
+    assert query("SELECT count(*) FROM train", tmp_path, ingest_first=False).item() == 8

@@ -250,6 +250,7 @@ def _first_value_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+EVAL_INT32_COLUMNS = ("sampler_steps", "nfe", "num_samples")
 BLOCK_LINES = 2048  # a chunk the fast reader rejects is retried in blocks of this many lines
 
 
@@ -365,6 +366,14 @@ def split_rows(frame: pl.DataFrame, report: IngestReport) -> tuple[pl.DataFrame,
     no_sampler = evals.filter(pl.col("sampler_steps").is_null())
     if no_sampler.height:
         report.warn(f"{no_sampler.height} eval rows without sampler_steps skipped")
+    # evals keeps these in 32-bit INTEGER columns: a value beyond them would fail the whole batch.
+    too_large = pl.any_horizontal(pl.col(name).abs() >= 2**31 for name in EVAL_INT32_COLUMNS).fill_null(False)
+    outside = evals.filter(too_large)
+    if outside.height:
+        runs = ", ".join(sorted(set(outside["run_id"])))
+        report.error(f"metrics.jsonl of runs {runs}", f"{outside.height} eval rows with {'/'.join(EVAL_INT32_COLUMNS)} "
+                     "beyond 32 bits skipped (no sampler or sample count is that large: the rows are damaged)")
+        evals = evals.filter(~too_large)
     evals = (
         evals.filter(pl.col("sampler_steps").is_not_null())
         .with_columns(pl.col("extractor").fill_null(""), pl.col("num_samples").fill_null(0))
