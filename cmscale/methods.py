@@ -184,7 +184,7 @@ def checkpoint_meta(config: RunConfig, img_channels: int) -> dict:
     meta = {"preset": config.preset, "resolution": config.resolution, "img_channels": img_channels,
             "sigma_data": sigma_data_of(config), "method": config.method, "label_dim": config.label_dim}
     if config.architecture is not None:  # a spec-defined model: its checkpoints say what it is
-        meta["architecture"] = config.architecture.model_dump()
+        meta["model_spec"] = config.architecture.model_dump()
     return meta
 
 
@@ -438,14 +438,19 @@ def build_method(config: RunConfig, img_channels: int, device: torch.device | st
 
 def model_from_checkpoint(config: RunConfig, payload: dict[str, Any], device: torch.device | str) -> nn.Module:
     """The network of a final checkpoint (``ckpt/final.pt``'s payload) in the method's wrapper, frozen."""
-    stored = payload.get("preset", config.preset)
-    preset = config.network_preset() if stored == config.preset else stored  # a guide may be another preset
-    if payload.get("architecture"):  # a spec-defined model (its checkpoint carries the family and width)
-        from cmscale.models.presets import defined_preset
+    from cmscale.models.presets import build_network as network_from_record
+    from cmscale.models.presets import defined_preset
 
-        preset = defined_preset(stored, **payload["architecture"])
-    net = build_unet(preset, payload.get("resolution", config.resolution), payload["img_channels"],
-                     label_dim=payload.get("label_dim", config.label_dim))
+    stored = payload.get("preset") or config.preset
+    if payload.get("model_spec"):  # a spec-defined model (its checkpoint carries the family and width)
+        preset = defined_preset(stored, **payload["model_spec"])
+    else:
+        preset = config.network_preset() if stored == config.preset else stored  # a guide may be another preset
+    if payload.get("architecture"):  # an imported EDM/EDM2 network: its own constructor arguments
+        net = network_from_record(payload["architecture"])
+    else:
+        net = build_unet(preset, payload.get("resolution", config.resolution), payload["img_channels"],
+                         label_dim=payload.get("label_dim", config.label_dim))
     net.load_state_dict(payload["net"])
     return wrap_network(config, net).to(device).eval().requires_grad_(False)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from cmscale.models.edm_import import EDMPickleError, import_edm_network, teacher_checkpoint
 from cmscale.models.precond import EDMPrecond
-from cmscale.models.presets import build_network, build_unet
+from cmscale.models.presets import build_network, build_unet, defined_preset
 
 
 class Denoiser(nn.Module):
@@ -63,10 +63,14 @@ def load_denoiser(path: str | Path) -> Denoiser:
     """The imported network's denoiser, fp32, in eval mode, with its weights loaded strictly."""
     checkpoint = _read_checkpoint(Path(path))
     architecture = checkpoint.get("architecture")
-    if architecture:
+    shape = (int(checkpoint.get("resolution") or 0), int(checkpoint.get("img_channels") or 0))
+    if architecture:  # an imported network: its constructor arguments
         net = build_network(architecture)
+    elif checkpoint.get("model_spec"):  # a run of a spec-defined size
+        net = build_unet(defined_preset(checkpoint["preset"], **checkpoint["model_spec"]), *shape,
+                         label_dim=int(checkpoint.get("label_dim") or 0))
     elif checkpoint.get("preset"):
-        net = build_unet(checkpoint["preset"], int(checkpoint["resolution"]), int(checkpoint["img_channels"]))
+        net = build_unet(checkpoint["preset"], *shape, label_dim=int(checkpoint.get("label_dim") or 0))
     else:
         raise EDMPickleError(f"{path}: the checkpoint has neither 'architecture' nor 'preset'; re-import the pickle "
                              "with `cmscale teacher import`")

@@ -104,3 +104,28 @@ def test_a_pickle_whose_network_is_neither_edm_nor_edm2_is_refused_naming_the_fi
     assert not out.exists()
     with pytest.raises(EDMPickleError, match="ema"):
         import_edm_network(path)
+
+
+def test_an_imported_edm2_network_serves_as_autoguidance_guide(tmp_path):
+    from cmscale.config import RunConfig
+    from cmscale.methods import TeacherCheckpointError, guide_from_checkpoint
+
+    torch.manual_seed(0)
+    guide_net = EDM2Net(8, 1, 10, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    path = tmp_path / "edm2-xs-like.pkl"
+    write_edm2_pickle(path, guide_net, dict(model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                                            attn_resolutions=[4]))
+    out = tmp_path / "guide.pt"
+    assert CliRunner().invoke(main, ["teacher", "import", str(path), "--out", str(out)]).exit_code == 0
+    config = RunConfig(method="edm", preset="edm2-t16", resolution=8, budget_iters=1, label_dim=10, guidance=1.5,
+                       guide_ckpt=str(out))
+    guide = guide_from_checkpoint(config, img_channels=1, device="cpu")
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 2.0])
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 2]), 10).float()
+    with torch.no_grad():
+        want = edm2_denoiser({k: v.half().float() for k, v in guide_net.state_dict().items()}, x, sigma, labels)
+        got = guide(x, sigma, labels)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    wrong = config.model_copy(update={"label_dim": 0, "guidance": 1.0})
+    with pytest.raises(TeacherCheckpointError, match="label_dim: the checkpoint has 10, the run has 0"):
+        guide_from_checkpoint(wrong, img_channels=1, device="cpu")

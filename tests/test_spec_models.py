@@ -72,7 +72,12 @@ def test_a_spec_defined_ladder_plans_lists_and_trains(spec_file, tmp_path):
     teacher = by_preset["edm", "w-c16"].config
     assert train(teacher, tmp_path / "teacher")["status"] == "done"
     final = torch.load(tmp_path / "teacher" / "ckpt" / "final.pt", weights_only=True)
-    assert final["architecture"]["channels"] == 16
+    assert final["model_spec"]["channels"] == 16
+    from cmscale.teacher import load_denoiser
+
+    denoiser = load_denoiser(tmp_path / "teacher" / "ckpt" / "final.pt")  # the public loader rebuilds it too
+    assert denoiser.label_dim == 10 and denoiser(torch.zeros(2, 1, 8, 8), 1.0, torch.tensor([3, 4])).shape == (
+        2, 1, 8, 8)
     student = student.model_copy(update={"teacher_ckpt": str(tmp_path / "teacher" / "ckpt" / "final.pt")})
     assert train(student, tmp_path / "student")["status"] == "done"
     resolved = json.loads((tmp_path / "student" / "config.json").read_text())
