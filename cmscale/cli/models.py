@@ -77,10 +77,14 @@ def models_list(resolution: int, channels: int, label_dim: int | None, as_json: 
         for cell in cells:
             click.echo(",".join(f'"{value}"' if "," in value else value for value in cell))
         return
+    # The terminal table: the counts keep their full width and the layout shares one column that a
+    # narrow terminal folds (80 columns hold it); the plain output above keeps one field per column.
     table = Table(title=title)
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "preset" else "right", no_wrap=column != "attention at",
-                         overflow="fold")
-    for cell in cells:
-        table.add_row(*cell)
+    table.add_column("preset", overflow="fold")
+    for index, column in ((1, "params"), (2, "fwd FLOPs/image")):
+        table.add_column(column, justify="right", min_width=max(len(cell[index]) for cell in cells), no_wrap=True)
+    table.add_column("layout: channels, mult, blocks, attention at", overflow="fold")
+    table.add_column("labels", justify="right", overflow="fold")
+    for name, params, flops, channels, mult, blocks, attention, labels in cells:
+        table.add_row(name, params, flops, f"{channels}, {mult}, {blocks}, {attention}", labels)
     console.print(table)
