@@ -241,7 +241,7 @@ class Block(nn.Module):
             y = (v @ weights.transpose(2, 3)).reshape(x.shape)
             x = mp_sum(x, self.attn_proj(y), t=self.attn_balance)
         if self.clip_act is not None:
-            x = x.clamp(-self.clip_act, self.clip_act)
+            x = x.clamp_(-self.clip_act, self.clip_act)  # in place: x is the fresh output of mp_sum
         return x
 
     def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, emb: torch.Tensor, demb: torch.Tensor) -> Pair:
