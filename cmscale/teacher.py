@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmscale.models.edm_import import EDMPickleError, import_edm_network, teacher_checkpoint
+from cmscale.models.edm_import import import_edm_network, teacher_checkpoint
+from cmscale.models.edm_pickle import EDMPickleError
 from cmscale.models.precond import EDMPrecond
 from cmscale.models.presets import build_network, build_unet, defined_preset
 

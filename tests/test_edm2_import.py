@@ -12,7 +12,9 @@ from edm2_reference import edm2_denoiser
 
 from cmscale.cli import main
 from cmscale.models.edm2 import EDM2Net
-from cmscale.models.edm_import import EDMPickleError, _edm2_preset, import_edm_network
+from cmscale.models.edm2_import import _edm2_preset
+from cmscale.models.edm_import import import_edm_network
+from cmscale.models.edm_pickle import EDMPickleError
 from cmscale.teacher import load_denoiser
 
 # A width no preset has: the architecture must come from the pickle's constructor arguments.

@@ -11,7 +11,8 @@ from edm_format import ddpmpp_reference, write_edm_pickle
 from cmscale.cli import main
 from cmscale.config import RunConfig
 from cmscale.methods import build_method
-from cmscale.models.edm_import import EDMPickleError, import_edm_network, read_edm_pickle
+from cmscale.models.edm_import import import_edm_network
+from cmscale.models.edm_pickle import EDMPickleError, read_edm_pickle
 from cmscale.models.presets import PRESETS, build_unet
 from cmscale.rundir import METRICS_FILE
 from cmscale.train import train

@@ -1,4 +1,4 @@
-"""Pickles cmscale did not write (cmscale.safe_pickle, read by models.edm_import and the CIFAR-10
+"""Pickles cmscale did not write (cmscale.safe_pickle, read by models.edm_pickle and the CIFAR-10
 reader in data.datasets): no code runs from them, and no small file makes a reader hang or blow up
 (billion laughs, a list that contains itself, a memo bomb, deep nesting). Each ends quickly in one
 error naming the file."""
@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from cmscale.cli.main import main
 from cmscale.data.archive import DataFormatError
 from cmscale.data.datasets import load_cifar10
-from cmscale.models.edm_import import EDMPickleError, read_edm_pickle
+from cmscale.models.edm_pickle import EDMPickleError, read_edm_pickle
 
 
 def billion_laughs(levels: int = 98) -> bytes:

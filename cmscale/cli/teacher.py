@@ -31,7 +31,8 @@ def import_command(edm_pickle: str, out: str, as_json: bool) -> None:
     persistence records of EDM/EDM2 are accepted; anything else is refused. The architecture comes
     from the pickle's constructor arguments (any width, depth, resolution and label_dim).
     """
-    from cmscale.models.edm_import import EDMPickleError, import_edm_pickle
+    from cmscale.models.edm_import import import_edm_pickle
+    from cmscale.models.edm_pickle import EDMPickleError
 
     try:
         summary = import_edm_pickle(edm_pickle, out)

@@ -5,7 +5,7 @@ EDM's layout, whose statistics are computed once and cached like the training se
 (:func:`cmscale.eval.fid.reference_statistics`), or published statistics: EDM's ``fid-refs/*.npz``
 (``mu``, ``sigma``) or EDM2's ``dataset-refs/*.pkl`` (``{"fid": {"mu", "sigma"}, "fd_dinov2": ...}``).
 Those are read without running pickled code: the unpickler admits numpy arrays, dtypes and plain
-containers, nothing else (the allow-list of :mod:`cmscale.models.edm_import` cut to numpy).
+containers, nothing else (the allow-list of :mod:`cmscale.models.edm_pickle` cut to numpy).
 
 Only FID can be scored against published statistics (KID needs the reference's features). Such a
 file records neither the resolution nor the extractor, so they are checked from what it does
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cmscale.eval.features import DIGITS_CNN, DigitsCNNConfig, FeatureSpace
-from cmscale.models.edm_import import RestrictedUnpickler, _allowed_globals
+from cmscale.models.edm_pickle import RestrictedUnpickler, _allowed_globals
 
 STATS_SUFFIXES = (".pkl", ".npz")
 
