@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cmscale.config import RunConfig
-from cmscale.methods import Guided, balanced_labels, build_method, model_from_checkpoint, sample
+from cmscale.methods import build_method
 from cmscale.models.edm2 import normalize
 from cmscale.rundir import read_metrics
+from cmscale.sampling import Guided, balanced_labels, model_from_checkpoint, sample
 from cmscale.train import train
 
 BASE = dict(preset="edm2-t16", resolution=8, batch_size=16, label_dim=10, log_every=1, ckpt_every=100,

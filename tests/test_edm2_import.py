@@ -110,7 +110,8 @@ def test_a_pickle_whose_network_is_neither_edm_nor_edm2_is_refused_naming_the_fi
 
 def test_an_imported_edm2_network_serves_as_autoguidance_guide(tmp_path):
     from cmscale.config import RunConfig
-    from cmscale.methods import TeacherCheckpointError, guide_from_checkpoint
+    from cmscale.methods import TeacherCheckpointError
+    from cmscale.sampling import guide_from_checkpoint
 
     torch.manual_seed(0)
     guide_net = EDM2Net(8, 1, 10, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])

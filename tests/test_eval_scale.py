@@ -87,7 +87,7 @@ def test_a_sharded_evaluation_equals_an_unsharded_one_on_the_same_samples(tmp_pa
 
     from cmscale.eval.fid import scores_to_reference, to_uint8
     from cmscale.eval.shards import chunk_seed, reduce_shards
-    from cmscale.methods import sample
+    from cmscale.sampling import sample
 
     config, model, channels, reference = shard_setup
     whole, written = _write(config, model, channels, space, tmp_path / "one", (0, 1))
@@ -125,7 +125,7 @@ def test_an_interrupted_sharded_evaluation_resumes_from_its_finished_chunks(tmp_
 
 
 def test_the_chunks_of_fifty_thousand_samples_are_class_balanced():
-    from cmscale.methods import balanced_labels
+    from cmscale.sampling import balanced_labels
 
     labels = np.concatenate([balanced_labels(start, 250, 1000, "cpu").numpy() for start in range(0, 50_000, 250)])
     assert np.bincount(labels, minlength=1000).tolist() == [50] * 1000

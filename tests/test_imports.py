@@ -135,6 +135,7 @@ LAYERS = [
     ("cmscale.models", "cmscale.data", "cmscale.distributed", "cmscale.teacher", "cmscale.checkpoint"),
     ("cmscale.config",),
     ("cmscale.methods",),
+    ("cmscale.sampling",),
     ("cmscale.accounting",),
     ("cmscale.eval",),
     ("cmscale.schedule", "cmscale.resume", "cmscale.stopping", "cmscale.progress"),

@@ -45,15 +45,7 @@ from cmscale.eval.fid import (
     to_uint8,
 )
 from cmscale.eval.reference import PublishedReference, ReferenceStatsError, is_stats_file, read_reference_stats
-from cmscale.methods import (
-    balanced_labels,
-    guide_from_checkpoint,
-    model_from_checkpoint,
-    network_of,
-    sample,
-    sampler_steps,
-    with_sampler_steps,
-)
+from cmscale.methods import network_of, sampler_steps, with_sampler_steps
 from cmscale.models.flops import forward_flops
 from cmscale.rundir import (
     METRICS_FILE,
@@ -62,6 +54,7 @@ from cmscale.rundir import (
     atomic_write_bytes,
     final_checkpoint,
 )
+from cmscale.sampling import balanced_labels, guide_from_checkpoint, model_from_checkpoint, sample
 
 DIGITS_DEFAULT_SAMPLES = 1_000
 REAL_DATA_DEFAULT_SAMPLES = 50_000  # the FID-50k convention of published numbers
@@ -84,7 +77,7 @@ def generate(config: RunConfig, model: nn.Module, num_samples: int, steps: int, 
              guide: nn.Module | None = None) -> tuple[torch.Tensor, int]:
     """``num_samples`` uint8 images from the method's sampler at ``steps``; returns (images, nfe).
     ``decode`` turns the sampler's output into uint8 pixels (a VAE's decoder for latent runs).
-    A class-conditional run samples class-balanced labels (:func:`cmscale.methods.balanced_labels`),
+    A class-conditional run samples class-balanced labels (:func:`cmscale.sampling.balanced_labels`),
     guided by ``config.guidance`` (with ``guide``, autoguidance)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks, nfe = [], 0

@@ -2,7 +2,7 @@
 
 The samples of an evaluation are cut into chunks of ``eval.batch_size``; chunk k is drawn from a
 generator seeded by (``eval.seed``, k) and, in a class-conditional run, sample j has class
-``j mod label_dim`` (:func:`cmscale.methods.balanced_labels`: every class gets
+``j mod label_dim`` (:func:`cmscale.sampling.balanced_labels`: every class gets
 ``num_samples / label_dim`` samples, within one), guided as the run's evals are. Shard i of n
 samples the chunks k with ``k mod n = i``, decodes them to pixels (through the VAE in a latent
 run), and writes each chunk's features to its own file (atomically), so a killed
@@ -37,7 +37,7 @@ from cmscale.eval.fid import (
     reference_statistics,
 )
 from cmscale.eval.reference import PublishedReference
-from cmscale.methods import balanced_labels, sample
+from cmscale.sampling import balanced_labels, sample
 
 SHARDS_DIR = "eval-shards"
 META_FILE = "meta.json"
