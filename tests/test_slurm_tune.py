@@ -9,7 +9,8 @@ from optuna.trial import TrialState
 
 from cmscale.cli import main
 from cmscale.rundir import read_json
-from cmscale.tune.study import load_study, read_tune_file, stored_spec
+from cmscale.tune.storage import read_tune_file, stored_spec
+from cmscale.tune.study import load_study
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -24,7 +24,8 @@ from cmscale.cli import main
 from cmscale.config import RunConfig, load_run_config
 from cmscale.rundir import read_json
 from cmscale.tune.spec import TuneSpecError, load_tune_spec, parse_tune_spec
-from cmscale.tune.study import claim_trial, create_study, load_study, open_search, stored_spec
+from cmscale.tune.storage import stored_spec
+from cmscale.tune.study import claim_trial, create_study, load_study, open_search
 
 REPO = Path(__file__).resolve().parents[1]
 

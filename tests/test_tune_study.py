@@ -11,15 +11,8 @@ from click.testing import CliRunner
 from cmscale.cli import main
 from cmscale.rundir import atomic_write_json
 from cmscale.tune.spec import TuneSpecError, parse_tune_spec
-from cmscale.tune.study import (
-    TuneError,
-    best_run_config,
-    claim_trial,
-    create_study,
-    default_storage_path,
-    open_search,
-    study_summary,
-)
+from cmscale.tune.storage import TuneError, default_storage_path
+from cmscale.tune.study import best_run_config, claim_trial, create_study, open_search, study_summary
 
 BASE = {"method": "edm", "preset": "xxs", "budget_iters": 2}
 

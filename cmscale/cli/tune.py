@@ -133,7 +133,8 @@ def run_command(
 
     Exits 1 naming them when workers died (a trial's own failure is a FAIL trial, not a dead worker)."""
     from cmscale.tune.spec import load_tune_spec
-    from cmscale.tune.study import TuneError, create_study, pruning_note, study_summary
+    from cmscale.tune.storage import TuneError
+    from cmscale.tune.study import create_study, pruning_note, study_summary
     from cmscale.tune.worker import launch_workers
 
     given = parse_overrides(overrides)
@@ -209,7 +210,8 @@ def _print_summary(summary: dict) -> None:
 @JSON_OPTION
 def status_command(name: str, root: Path, as_json: bool) -> None:
     """Counts of trials per state and the best trial (or the Pareto front) of study NAME."""
-    from cmscale.tune.study import TuneError, study_summary
+    from cmscale.tune.storage import TuneError
+    from cmscale.tune.study import study_summary
 
     try:
         summary = study_summary(root, name)
@@ -240,7 +242,8 @@ def best_command(name: str, root: Path, write_path: Path | None, trial_number: i
     trial with the best first metric unless --trial is given."""
     import tomli_w
 
-    from cmscale.tune.study import TuneError, best_run_config
+    from cmscale.tune.storage import TuneError
+    from cmscale.tune.study import best_run_config
 
     try:
         config, trial = best_run_config(root, name, trial_number)

@@ -210,7 +210,6 @@ def plain_data(value: Any) -> Any:
     return repr(value)
 
 
-
 @dataclass
 class ImportedNetwork:
     preset: str | None

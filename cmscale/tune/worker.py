@@ -46,6 +46,7 @@ from cmscale.tune.spec import (
     IntParam,
     TuneSpec,
 )
+from cmscale.tune.storage import read_tune_file, study_dir, write_tune_file
 from cmscale.tune.study import (
     PROGRESS_STEPS,
     REASON_ATTR,
@@ -54,11 +55,8 @@ from cmscale.tune.study import (
     claim_trial,
     fail_trial,
     open_search,
-    read_tune_file,
-    study_dir,
     trial_run_id,
     write_trial_file,
-    write_tune_file,
 )
 
 # ----------------------------------------------------------------------------------------------
