@@ -50,6 +50,7 @@ from cmscale.results.rows import (
     MetricsChunk,
     RunFiles,
     Seen,
+    evaluated_ema_sigma_rel,
     fit_integers,
     load_object,
     parse_chunks,
@@ -352,18 +353,23 @@ def _batches(root: Path, known: dict[str, Known], report: IngestReport, batch_by
 
 def _upsert(
     con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame | list[dict[str, Any]],
-    schema: dict[str, pl.DataType] | None = None, key: list[str] | None = None,
+    schema: dict[str, pl.DataType] | None = None, key: list[str] | None = None, null_safe: bool = False,
 ) -> None:
     """Insert rows, replacing those with the same key. ``key`` given: the table declares no primary
-    key, so rows with these keys are deleted first (same transaction)."""
+    key, so rows with these keys are deleted first (same transaction); ``null_safe``: key columns
+    may hold nulls, and a null matches a null (IS NOT DISTINCT FROM)."""
     frame = pl.from_dicts(rows, schema=schema) if isinstance(rows, list) else rows
     if frame.height == 0:
         return
     columns = ", ".join(f'"{c}"' for c in frame.columns)
     con.register("_incoming", frame)
     try:
-        if key:
-            # Key columns hold no nulls (split_rows fills them), so IN matches every replaced row.
+        if key and null_safe:
+            same = " AND ".join(f"{table}.{name} IS NOT DISTINCT FROM i.{name}" for name in key)
+            con.execute(f"DELETE FROM {table} WHERE EXISTS (SELECT 1 FROM _incoming i WHERE {same})")
+            con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _incoming")
+        elif key:
+            # Key columns hold no nulls, so IN matches every replaced row.
             names = ", ".join(key)
             con.execute(f"DELETE FROM {table} WHERE ({names}) IN (SELECT {names} FROM _incoming)")
             con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _incoming")
@@ -398,7 +404,8 @@ def _runs_frame(runs: list[tuple[str, str]]) -> pl.DataFrame:
 
 def _write_batch(path: Path, batch: _Batch, known: dict[str, Known], report: IngestReport, timeout_s: float) -> None:
     chunks = _read_batch(batch, report)
-    train, evals = split_rows(parse_chunks(chunks, report), report)
+    widths = {(c.sweep, c.run_id): evaluated_ema_sigma_rel(Path(c.seen.path).parent) for c in chunks}
+    train, evals = split_rows(parse_chunks(chunks, report), report, widths)
     stamp = now()
     file_rows = [
         {"path": c.seen.rel, "sweep": c.sweep, "run_id": c.run_id, "size": c.seen.size, "mtime_ns": c.seen.mtime_ns,
@@ -446,7 +453,7 @@ def _write_batch(path: Path, batch: _Batch, known: dict[str, Known], report: Ing
                 con.execute("DELETE FROM evals WHERE (sweep, run_id) IN (SELECT sweep, run_id FROM _reset)")
                 con.unregister("_reset")
             _upsert(con, "train", train, key=TRAIN_KEY)
-            _upsert(con, "evals", evals, key=EVAL_KEY)
+            _upsert(con, "evals", evals, key=EVAL_KEY, null_safe=True)
             _upsert(con, "runs", batch.run_rows, RUN_SCHEMA)
             _upsert(con, "sweeps", batch.sweep_rows, SWEEP_SCHEMA)
             _upsert(con, "trials", batch.trial_rows, TRIAL_SCHEMA)

@@ -347,9 +347,35 @@ def parse_chunks(chunks: list[MetricsChunk], report: IngestReport) -> pl.DataFra
     return pl.concat(frames, how="vertical")
 
 
-def split_rows(frame: pl.DataFrame, report: IngestReport) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Train and eval rows, each deduplicated on its key (a later line wins)."""
-    is_train, is_eval, has_step = pl.col("kind") == "train", pl.col("kind") == "eval", pl.col("step").is_not_null()
+EVAL_KINDS = ("eval", "eval-ema")  # the run's own EMA (trainer, `cmscale eval`); a post-hoc EMA (--ema-sigma-rel)
+
+
+def evaluated_ema_sigma_rel(run_dir: Path | str) -> float | None:
+    """The width of the power EMA that a run's own evals measure: ``ema_sigma_rels[0]`` of its
+    config.json (the first average is the one evaluated and exported); None for a classic
+    ``ema_rates`` average, or a config that cannot be read (its problem is reported with the runs row)."""
+    try:
+        with open(Path(run_dir) / CONFIG_FILE, "rb") as handle:
+            config = json.loads(handle.read())
+        widths = config.get("ema_sigma_rels") if isinstance(config, dict) else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(widths, list) or not widths:
+        return None
+    width = widths[0]
+    return float(width) if isinstance(width, int | float) and not isinstance(width, bool) else None
+
+
+def split_rows(
+    frame: pl.DataFrame, report: IngestReport, evaluated_widths: dict[tuple[str, str], float | None] | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Train and eval rows, each deduplicated on its key (a later line wins).
+
+    Eval rows of kind "eval" measure the run's own EMA: without an ``ema_sigma_rel`` of their own they
+    get ``evaluated_widths[(sweep, run_id)]`` (:func:`evaluated_ema_sigma_rel`); "eval-ema" rows
+    (a post-hoc reconstruction) are marked ``ema_posthoc``."""
+    is_train, has_step = pl.col("kind") == "train", pl.col("step").is_not_null()
+    is_eval = pl.col("kind").is_in(EVAL_KINDS)
     missing = frame.lazy().filter((is_train | is_eval) & ~has_step).select("run_id").collect()
     if missing.height:
         report.warn(
@@ -374,9 +400,22 @@ def split_rows(frame: pl.DataFrame, report: IngestReport) -> tuple[pl.DataFrame,
         report.error(f"metrics.jsonl of runs {runs}", f"{outside.height} eval rows with {'/'.join(EVAL_INT32_COLUMNS)} "
                      "beyond 32 bits skipped (no sampler or sample count is that large: the rows are damaged)")
         evals = evals.filter(~too_large)
+    posthoc = pl.col("kind") == "eval-ema"
+    widths = pl.DataFrame(
+        {"sweep": [key[0] for key in evaluated_widths or {}], "run_id": [key[1] for key in evaluated_widths or {}],
+         "_evaluated_width": list((evaluated_widths or {}).values())},
+        schema={"sweep": pl.String, "run_id": pl.String, "_evaluated_width": pl.Float64},
+    )
     evals = (
         evals.filter(pl.col("sampler_steps").is_not_null())
-        .with_columns(pl.col("extractor").fill_null(""), pl.col("num_samples").fill_null(0))
+        .join(widths, on=["sweep", "run_id"], how="left", maintain_order="left")
+        .with_columns(
+            pl.col("extractor").fill_null(""),
+            pl.col("num_samples").fill_null(0),
+            pl.when(posthoc).then(pl.col("ema_sigma_rel"))
+            .otherwise(pl.col("ema_sigma_rel").fill_null(pl.col("_evaluated_width"))).alias("ema_sigma_rel"),
+            posthoc.alias("ema_posthoc"),
+        )
         .select(EVAL_COLUMNS)
         .unique(subset=EVAL_KEY, keep="last", maintain_order=True)
     )

@@ -34,17 +34,25 @@ METRIC_SCHEMA: dict[str, pl.DataType] = {
     "extractor": pl.String,
     "reference": pl.String,
     "sampling_flops_per_image": pl.Float64,
+    "guidance": pl.Float64,
+    "guidance_kind": pl.String,
+    "class_balance": pl.String,
+    "ema_sigma_rel": pl.Float64,
 }
 TRAIN_COLUMNS = ["sweep", "run_id", "step", "images_seen", "train_flops", "loss", "wall_s"]
 EVAL_COLUMNS = [
     "sweep", "run_id", "step", "train_flops", "images_seen", "sampler_steps", "nfe", "fid", "num_samples",
     "extractor", "reference", "sampling_flops_per_image", "wall_s", "kid", "kid_std",
+    "guidance", "guidance_kind", "class_balance", "ema_sigma_rel", "ema_posthoc",
 ]
 RUN_KEY = ["sweep", "run_id"]  # a run's identity, in every table and view
 TRAIN_KEY = [*RUN_KEY, "step"]
 # What tells two evals of a run apart: a new eval with another of these values is a new row, never
-# a replacement. A column added here must exist in evals (add it with a migration).
-EVAL_KEY = [*RUN_KEY, "step", "sampler_steps", "extractor", "num_samples"]
+# a replacement. A column added here must exist in evals (add it with a migration). guidance,
+# guidance_kind and ema_sigma_rel may be null (an unguided or unconditional run; a run without a
+# power EMA): ingestion matches keys null-safely (IS NOT DISTINCT FROM).
+EVAL_KEY = [*RUN_KEY, "step", "sampler_steps", "extractor", "num_samples", "guidance", "guidance_kind",
+            "ema_sigma_rel", "ema_posthoc"]
 
 RUN_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String,
@@ -300,6 +308,57 @@ def _migration_3(con: duckdb.DuckDBPyConnection) -> None:
         LEFT JOIN last_fid USING (sweep, run_id)""")
 
 
+def _migration_4(con: duckdb.DuckDBPyConnection) -> None:
+    """Eval rows record how the samples were drawn: the guidance scale, its kind and the class balance
+    (class-conditional runs), and which EMA was evaluated: ema_sigma_rel (the power EMA's width; for
+    the run's own evals, the width of its evaluated EMA, config ema_sigma_rels[0], null for a
+    classic ema_rates average) and ema_posthoc (true for ``cmscale eval --ema-sigma-rel`` rows,
+    kind "eval-ema", a post-hoc reconstruction). guidance, guidance_kind, ema_sigma_rel and
+    ema_posthoc join the eval key, so a post-hoc EMA eval or a guided eval never replaces another's
+    number. latest_eval and run_summary read the run's own EMA only. The rows are rebuilt from the
+    run folders by the next ingest (eval-ema rows were not ingested before)."""
+    for view in ("run_summary", "latest_eval"):
+        con.execute(f"DROP VIEW IF EXISTS {view}")
+    con.execute("DROP TABLE IF EXISTS evals")
+    con.execute("""
+        CREATE TABLE evals (
+            sweep VARCHAR NOT NULL, run_id VARCHAR NOT NULL, step BIGINT NOT NULL, train_flops DOUBLE,
+            images_seen BIGINT, sampler_steps INTEGER NOT NULL, nfe INTEGER, fid DOUBLE, num_samples INTEGER,
+            extractor VARCHAR NOT NULL, reference VARCHAR, sampling_flops_per_image DOUBLE,
+            wall_s DOUBLE, kid DOUBLE, kid_std DOUBLE, guidance DOUBLE, guidance_kind VARCHAR,
+            class_balance VARCHAR, ema_sigma_rel DOUBLE, ema_posthoc BOOLEAN NOT NULL DEFAULT false)""")
+    # Forget what was read of every metrics file, so the next ingest reads them whole again.
+    con.execute("DELETE FROM ingest_files WHERE path LIKE '%/metrics.jsonl'")
+    con.execute("DELETE FROM train")
+    con.execute("""
+        CREATE VIEW latest_eval AS
+        SELECT * FROM evals
+        WHERE NOT ema_posthoc
+        QUALIFY step = max(step) OVER (PARTITION BY sweep, run_id, sampler_steps)
+            AND coalesce(num_samples, 0) = max(coalesce(num_samples, 0))
+                OVER (PARTITION BY sweep, run_id, sampler_steps, step, extractor)""")
+    con.execute("""
+        CREATE VIEW run_summary AS
+        WITH last_train AS (
+            SELECT sweep, run_id, arg_max(loss, step) AS final_loss, max(step) AS last_train_step,
+                   count(*) AS n_train_rows
+            FROM train GROUP BY sweep, run_id),
+        last_fid AS (
+            SELECT sweep, run_id,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 1) AS fid_1step,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 2) AS fid_2step,
+                   min(extractor) AS fid_extractor,
+                   max(step) AS last_eval_step,
+                   max(train_flops) AS eval_train_flops
+            FROM latest_eval GROUP BY sweep, run_id)
+        SELECT runs.*, last_train.final_loss, last_train.last_train_step, last_train.n_train_rows,
+               last_fid.fid_1step, last_fid.fid_2step, last_fid.fid_extractor,
+               last_fid.last_eval_step, last_fid.eval_train_flops
+        FROM runs
+        LEFT JOIN last_train USING (sweep, run_id)
+        LEFT JOIN last_fid USING (sweep, run_id)""")
+
+
 # (version, description, apply). Append new entries for schema changes; never edit old ones.
 MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
     (1, "tables sweeps, runs, train, evals, trials, ingest_files; views latest_eval, run_summary", _migration_1),
@@ -307,6 +366,9 @@ MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] =
         "kid_std; rebuilt from the run folders by the next ingest", _migration_2),
     (3, "num_samples in the eval key (kept by ingestion, no declared primary key); latest_eval keeps the eval "
         "with the most samples; evals rebuilt from the run folders by the next ingest", _migration_3),
+    (4, "evals gain guidance, guidance_kind, class_balance, ema_sigma_rel, ema_posthoc (post-hoc EMA evals are "
+        "ingested); guidance and the EMA in the eval key; evals rebuilt from the run folders by the next ingest",
+     _migration_4),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -321,8 +383,9 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0])
 
 
-def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
-    """Bring a read-write connection's database to :data:`SCHEMA_VERSION`; returns the versions applied."""
+def migrate(con: duckdb.DuckDBPyConnection, target: int = SCHEMA_VERSION) -> list[int]:
+    """Bring a read-write connection's database to :data:`SCHEMA_VERSION` (``target``: stop at that
+    version, as an older cmscale would have; for tests of the migrations); returns the versions applied."""
     current = schema_version(con)
     if current > SCHEMA_VERSION:
         raise StoreError(
@@ -332,7 +395,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
         )
     applied = []
     for version, description, apply in MIGRATIONS:
-        if version <= current:
+        if version <= current or version > target:
             continue
         con.execute("BEGIN TRANSACTION")
         try:
