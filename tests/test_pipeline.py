@@ -94,3 +94,121 @@ def test_a_sweep_not_in_the_store_is_named_with_the_fix(store):
         assert result.exit_code == 1 and "no finished run has fid_3step evals for method 'ect'" in result.output
     result = CliRunner().invoke(main, ["fit", "powerlaw", "--sweep", SWEEP, "--root", str(store / "empty")])
     assert result.exit_code == 1 and "no results store; run `cmscale results ingest" in result.output
+
+
+# ----------------------------------------------------------------------------- which EMA, which guidance
+
+# Post-hoc EMA evals (`cmscale eval RUN --ema-sigma-rel W`) at the final step of three ect runs, as
+# factors of the run's own final FID: A's best is the width 0.05, B's 0.15, C's its own EMA.
+POSTHOC = {"A": ("ect-s-1e12-s0", {0.05: 0.8, 0.15: 0.9}),
+           "B": ("ect-m-4e12-s0", {0.05: 1.1, 0.15: 0.85}),
+           "C": ("ect-xs-2e13-s0", {0.05: 1.2, 0.15: 1.3})}
+GUIDED = "ect-xxs-1e12-s0"  # also sampled at guidance 2 (not its configured scale)
+
+
+def _final_evals(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if row["kind"] == "eval"]
+    last = max(row["step"] for row in evals)
+    return [row for row in evals if row["step"] == last]
+
+
+@pytest.fixture(scope="module")
+def ema_store(tmp_path_factory):
+    """The pipeline's sweep, plus post-hoc EMA evals and a guided eval appended as the CLI writes them."""
+    from cmscale.results import ingest
+    from cmscale.rundir import MetricsWriter
+
+    root = tmp_path_factory.mktemp("ema") / "results"
+    build_sweep(root)
+    finals = {}
+    for run_id, factors in POSTHOC.values():
+        run_dir = root / SWEEP / run_id
+        own = _final_evals(run_dir)
+        with MetricsWriter(run_dir / "metrics.jsonl") as writer:
+            for width, factor in factors.items():
+                for row in own:
+                    writer.write(row | {"kind": "eval-ema", "ema_sigma_rel": width, "fid": row["fid"] * factor})
+        finals[run_id] = {row["sampler_steps"]: row["fid"] for row in own}
+    with MetricsWriter(root / SWEEP / GUIDED / "metrics.jsonl") as writer:
+        for row in _final_evals(root / SWEEP / GUIDED):
+            writer.write(row | {"guidance": 2.0, "guidance_kind": "classifier-free", "fid": row["fid"] / 4})
+    ingest(root)
+    return root, finals
+
+
+def test_the_default_reads_each_runs_own_ema_at_its_configured_guidance(ema_store, store, tmp_path):
+    root, _ = ema_store
+    common = ["--no-ingest", "--n-draws", "0"]
+    plain = cli_json("report", SWEEP, "--out", str(tmp_path / "plain"), "--root", str(store), *common)
+    report = cli_json("report", SWEEP, "--out", str(tmp_path / "ema"), "--root", str(root), *common)
+    # The post-hoc and guided evals change no number: the same fits as without them.
+    assert report["methods"] == plain["methods"] and report["ratio"] == plain["ratio"]
+    assert "ema" not in plain and "guidance" not in plain  # nothing to choose: report.json as before
+    assert report["ema"]["option"] == "trained"
+    assert {(t["ema_sigma_rel"], t["posthoc"]) for t in report["ema"]["taken"]} == {(None, False)}
+    assert report["guidance"]["left_out"] == [{"run_id": GUIDED, "guidance": 2.0, "configured": 1.0, "n_evals": 2}]
+    assert f"run {GUIDED}: 2 evals at guidance 2 left out" in json.dumps(report["warnings"])
+    text = (tmp_path / "ema" / "report.md").read_text()
+    assert "EMA: each run's own EMA" in text and "Guidance: each run's evals at its configured guidance" in text
+
+
+def test_ema_best_takes_each_runs_lowest_final_fid_in_the_report_and_the_fits(ema_store, tmp_path):
+    root, own = ema_store
+    common = ["--root", str(root), "--n-draws", "0"]
+    report = cli_json("report", SWEEP, "--out", str(tmp_path / "best"), "--no-ingest", "--ema", "best", *common)
+    taken = {(t["run_id"], t["sampler_steps"]): t for t in report["ema"]["taken"]}
+    expected = {"A": (0.05, True, 0.8), "B": (0.15, True, 0.85), "C": (None, False, 1.0)}
+    for key, (width, posthoc, factor) in expected.items():
+        run_id = POSTHOC[key][0]
+        for steps in (1, 2):
+            t = taken[run_id, steps]
+            assert (t["ema_sigma_rel"], t["posthoc"]) == (width, posthoc), (key, steps)
+            assert t["fid"] == pytest.approx(own[run_id][steps] * factor, rel=1e-12)
+    assert report["ema"]["option"] == "best"
+    # A and B contribute their post-hoc final eval alone (2 of their 3 evals fewer), C its whole run.
+    by_title = {m["title"]: m for m in report["methods"]}
+    assert by_title["ect, 2-step"]["n_evals"] == len(SIZES) * 3 * 3 - 2 * 2
+    text = (tmp_path / "best" / "report.md").read_text()
+    assert "EMA taken per run" in text and "0.05 (post-hoc)" in text and "(--ema best)" in text
+    # fit --sweep takes the same EMA per run and gives the report's numbers.
+    laws = cli_json("fit", "powerlaw", "--sweep", SWEEP, "--metric", "fid_2step", "--ema", "best", *common)
+    optima = cli_json("fit", "frontier", "--sweep", SWEEP, "--metric", "fid_2step", "--ema", "best", *common)
+    ect = {item["fit_of"]: item for item in laws if item["method"] == "ect"}
+    runs = ect["frontier"]["ema"]["runs"]
+    assert runs[POSTHOC["A"][0]] == "0.05 (post-hoc)" and runs[POSTHOC["B"][0]] == "0.15 (post-hoc)"
+    assert runs[POSTHOC["C"][0]] == "ema_rates (own)"
+    for preset, law in by_title["ect, 2-step"]["per_size"].items():
+        item = ect[f"size {preset}"]
+        assert {k: v for k, v in item.items() if k not in ("method", "metric", "fit_of", "size_params", "notes",
+                                                           "ema")} == law
+    [optimum] = [item for item in optima if item["of"] == "ect fid_2step"]
+    assert {k: v for k, v in optimum.items() if k not in ("of", "ema")} == by_title["ect, 2-step"]["compute_optimal"]
+    # Taking the best EMA moved the fitted numbers of the sizes whose runs it changed.
+    plain = cli_json("fit", "powerlaw", "--sweep", SWEEP, "--metric", "fid_2step", *common)
+    plain_ect = {item["fit_of"]: item for item in plain if item["method"] == "ect"}
+    assert "ema" not in plain_ect["size s"]
+    assert plain_ect["size s"]["params"] != ect["size s"]["params"]
+    assert plain_ect["size xxs"]["params"] == ect["size xxs"]["params"]  # its runs kept their own EMA
+
+
+def test_a_fixed_ema_width_takes_it_where_it_was_evaluated_and_names_the_runs_without(ema_store, tmp_path):
+    root, own = ema_store
+    result = CliRunner().invoke(main, ["fit", "powerlaw", "--sweep", SWEEP, "--metric", "fid_1step", "--method",
+                                       "ect", "--ema", "0.05", "--root", str(root), "--n-draws", "0"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("EMA: each run's evals at ema_sigma_rel = 0.05")
+    assert sorted(lines[1:4]) == sorted(f"  {POSTHOC[k][0]}: 0.05 (post-hoc)" for k in "ABC")
+    report = cli_json("report", SWEEP, "--out", str(tmp_path / "w"), "--no-ingest", "--ema", "0.05",
+                      "--root", str(root), "--n-draws", "0")
+    assert {t["run_id"] for t in report["ema"]["taken"]} == {POSTHOC[k][0] for k in "ABC"}
+    assert all(t["fid"] == pytest.approx(own[t["run_id"]][t["sampler_steps"]] * POSTHOC_FACTOR_005[t["run_id"]])
+               for t in report["ema"]["taken"])
+    missing = [w["text"] for w in report["warnings"] if w["kind"] == "no eval at this EMA width"]
+    assert len(missing) == 4 * 3 * 2 + 4 - 3 and "cmscale ema reconstruct RUN --sigma-rel 0.05" in missing[0]
+    bad = CliRunner().invoke(main, ["fit", "powerlaw", "--sweep", SWEEP, "--ema", "wide", "--root", str(root)])
+    assert bad.exit_code == 2 and "--ema 'wide': give 'best', 'trained' or an EMA width" in bad.output
+
+
+POSTHOC_FACTOR_005 = {run_id: factors[0.05] for run_id, factors in POSTHOC.values()}

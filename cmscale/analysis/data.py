@@ -18,7 +18,10 @@ the others are listed as warnings.
 
 Point table (one row per eval): run_id, method, preset, params, seed, budget_flops, status,
 teacher_run_id, step, train_flops, images_seen, sampler_steps, nfe, fid, extractor,
-sampling_flops_per_image.
+sampling_flops_per_image, ema_sigma_rel, ema_posthoc.
+
+Which evals: each run's at its configured guidance scale, of one EMA per run (:class:`EmaChoice`,
+``--ema``): by default the run's own EMA, the one evaluated during training.
 """
 
 from __future__ import annotations
@@ -67,41 +70,146 @@ def sql_literal(value: str) -> str:
 
 _POINT_COLUMNS = """r.run_id, r.method, r.preset, r.params, r.seed, r.budget_flops, r.status, r.teacher_run_id,
        e.step, e.train_flops, e.images_seen, e.sampler_steps, e.nfe, e.fid, e.extractor,
-       e.sampling_flops_per_image"""
+       e.sampling_flops_per_image, e.ema_sigma_rel, e.ema_posthoc"""
+
+# An eval's guidance scale (null: an unguided or unconditional run) against its run's configured one.
+_CONFIGURED_GUIDANCE = (
+    "coalesce(e.guidance, 1.0) = coalesce(TRY_CAST(json_extract_string(r.config_json, '$.guidance') AS DOUBLE), 1.0)"
+)
 
 
-def points_sql(sweep: str, method: str, metric: Metric) -> str:
+@dataclass(frozen=True)
+class EmaChoice:
+    """Which EMA of each run the analysis reads (``--ema``).
+
+    * ``trained`` (the default): the run's own EMA, the one evaluated during training and by
+      ``cmscale eval`` (``ema_posthoc`` false; its width, config ``ema_sigma_rels[0]``, is the
+      evals' ``ema_sigma_rel``), over the whole run;
+    * ``best``: per run (and sampler step count and feature extractor), the EMA whose last eval has
+      the lowest FID among the run's own EMA and its post-hoc reconstructions
+      (``cmscale eval --ema-sigma-rel``). The optimal width changes with model size (EDM2, fig. 5):
+      a study that fixes it biases its exponents;
+    * a width (``0.05``): each run's evals at that ``ema_sigma_rel``, its own EMA where that is the
+      width (the whole run), else the post-hoc reconstruction's; a run with neither is left out.
+
+    A post-hoc EMA exists where it was reconstructed (the run's last snapshot), so a run whose EMA
+    taken is post-hoc contributes that one eval."""
+
+    mode: str = "trained"  # trained | best | width
+    width: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | float | None) -> EmaChoice:
+        if text is None or (isinstance(text, str) and text.strip().lower() in ("", "trained")):
+            return cls()
+        if isinstance(text, str) and text.strip().lower() == "best":
+            return cls("best")
+        try:
+            width = float(text)
+        except ValueError:
+            raise ValueError(
+                f"--ema {text!r}: give 'best', 'trained' or an EMA width (ema_sigma_rel) such as 0.05") from None
+        if not 0 < width < 1 or not math.isfinite(width):
+            raise ValueError(f"--ema {text!r}: an EMA width (ema_sigma_rel) lies in (0, 1), e.g. 0.05 or 0.1")
+        return cls("width", width)
+
+    @property
+    def is_default(self) -> bool:
+        return self.mode == "trained"
+
+    @property
+    def option(self) -> str:
+        return f"{self.width:g}" if self.mode == "width" else self.mode
+
+    @property
+    def description(self) -> str:
+        if self.mode == "best":
+            return ("EMA: per run and sampler step count, the EMA width whose final eval has the lowest FID among "
+                    "the run's own EMA and its post-hoc reconstructions (--ema best)")
+        if self.mode == "width":
+            return (f"EMA: each run's evals at ema_sigma_rel = {self.width:g}: its own EMA where that is its width, "
+                    f"else the post-hoc reconstruction's (--ema {self.width:g})")
+        return ("EMA: each run's own EMA, the one evaluated during training (config ema_sigma_rels[0]); post-hoc "
+                "EMA evals are left out (choose with --ema best or --ema WIDTH)")
+
+
+GUIDANCE_DESCRIPTION = ("Guidance: each run's evals at its configured guidance scale (config guidance; 1 without "
+                        "guidance); evals at another scale are left out and counted in the warnings.")
+
+
+def chosen_evals_cte(sweep: str, ema: EmaChoice | None = None) -> str:
+    """``WITH`` clauses ending in ``chosen_evals``: the evals of the sweep's finished runs at each
+    run's configured guidance, of the EMA that ``ema`` picks (:class:`EmaChoice`)."""
+    ema = ema or EmaChoice()
+    s = sql_literal(sweep)
+    where = f"r.sweep = {s} AND r.status = 'done'\n    AND {_CONFIGURED_GUIDANCE}"
+    if ema.is_default:
+        return f"""WITH chosen_evals AS (  -- each run's own EMA, at its configured guidance
+  SELECT e.* FROM evals e JOIN runs r USING (sweep, run_id)
+  WHERE {where}
+    AND NOT e.ema_posthoc
+)"""
+    if ema.mode == "best":
+        pick = "WHERE fid IS NOT NULL"
+        order = "fid, ema_posthoc, ema_sigma_rel NULLS LAST"
+        comment = "the lowest final FID"
+    else:
+        pick = f"WHERE ema_sigma_rel = {float(ema.width)!r}"
+        order = "ema_posthoc"
+        comment = f"ema_sigma_rel = {ema.width:g}, the run's own EMA before a post-hoc one"
+    return f"""WITH ema_final AS (  -- the last eval of each EMA (own or post-hoc, by width) of each run
+  SELECT e.sweep, e.run_id, e.sampler_steps, e.extractor, e.ema_posthoc, e.ema_sigma_rel, e.fid
+  FROM evals e JOIN runs r USING (sweep, run_id)
+  WHERE {where}
+  QUALIFY e.step = max(e.step) OVER (
+    PARTITION BY e.sweep, e.run_id, e.sampler_steps, e.extractor, e.ema_posthoc, e.ema_sigma_rel)
+),
+ema_taken AS (  -- per run, sampler step count and extractor: {comment}
+  SELECT * FROM ema_final {pick}
+  QUALIFY row_number() OVER (PARTITION BY sweep, run_id, sampler_steps, extractor ORDER BY {order}) = 1
+),
+chosen_evals AS (
+  SELECT e.* FROM evals e JOIN runs r USING (sweep, run_id)
+  JOIN ema_taken t ON t.sweep = e.sweep AND t.run_id = e.run_id AND t.sampler_steps = e.sampler_steps
+    AND t.extractor = e.extractor AND t.ema_posthoc = e.ema_posthoc
+    AND t.ema_sigma_rel IS NOT DISTINCT FROM e.ema_sigma_rel
+  WHERE {where}
+)"""
+
+
+def points_sql(sweep: str, method: str, metric: Metric, ema: EmaChoice | None = None) -> str:
     """Every eval of ``method``'s finished runs at the metric's sampler steps (teachers: their
-    largest Heun step count), ordered by size and compute."""
+    largest Heun step count), of the EMA ``ema`` picks, ordered by size and compute."""
     if method == TEACHER_METHOD:
-        steps = ("e.sampler_steps = (SELECT max(x.sampler_steps) FROM evals x "
+        steps = ("e.sampler_steps = (SELECT max(x.sampler_steps) FROM chosen_evals x "
                  "WHERE x.sweep = r.sweep AND x.run_id = r.run_id)")
     else:
         steps = f"e.sampler_steps = {int(metric.sampler_steps)}"
-    return f"""SELECT {_POINT_COLUMNS}
-FROM evals e JOIN runs r USING (sweep, run_id)
-WHERE r.sweep = {sql_literal(sweep)} AND r.method = {sql_literal(method)} AND r.status = 'done'
-  AND {steps}
+    return f"""{chosen_evals_cte(sweep, ema)}
+SELECT {_POINT_COLUMNS}
+FROM chosen_evals e JOIN runs r USING (sweep, run_id)
+WHERE r.method = {sql_literal(method)} AND {steps}
 ORDER BY r.params, r.run_id, e.train_flops"""
 
 
-def final_evals_sql(sweep: str) -> str:
-    """The final eval (largest step) of every finished run, for every sampler step count."""
-    return f"""SELECT {_POINT_COLUMNS}
-FROM evals e JOIN runs r USING (sweep, run_id)
-WHERE r.sweep = {sql_literal(sweep)} AND r.status = 'done'
+def final_evals_sql(sweep: str, ema: EmaChoice | None = None) -> str:
+    """The final eval (largest step) of every finished run, for every sampler step count, of the
+    EMA ``ema`` picks."""
+    return f"""{chosen_evals_cte(sweep, ema)}
+SELECT {_POINT_COLUMNS}
+FROM chosen_evals e JOIN runs r USING (sweep, run_id)
 QUALIFY e.step = max(e.step) OVER (PARTITION BY e.sweep, e.run_id, e.sampler_steps, e.extractor)
 ORDER BY r.method, r.params, r.run_id, e.sampler_steps"""
 
 
-def ratio_pairs_sql(sweep: str) -> str:
+def ratio_pairs_sql(sweep: str, ema: EmaChoice | None = None) -> str:
     """Each finished student run's final evals beside its teacher's final Heun eval, paired by
-    preset and seed (and feature extractor, so both FIDs are in the same space)."""
-    s = sql_literal(sweep)
-    return f"""WITH final AS (
+    preset and seed (and feature extractor, so both FIDs are in the same space), each of the EMA
+    ``ema`` picks."""
+    return f"""{chosen_evals_cte(sweep, ema)},
+final AS (
   SELECT r.run_id, r.method, r.preset, r.params, r.seed, r.budget_flops, e.step, e.sampler_steps, e.fid, e.extractor
-  FROM evals e JOIN runs r USING (sweep, run_id)
-  WHERE r.sweep = {s} AND r.status = 'done'
+  FROM chosen_evals e JOIN runs r USING (sweep, run_id)
   QUALIFY e.step = max(e.step) OVER (PARTITION BY e.sweep, e.run_id, e.sampler_steps, e.extractor)
 ),
 teacher AS (
@@ -115,6 +223,37 @@ SELECT s.run_id, s.method, s.preset, s.params, s.seed, s.budget_flops, s.sampler
 FROM final s JOIN teacher t USING (preset, seed, extractor)
 WHERE s.method <> '{TEACHER_METHOD}'
 ORDER BY s.method, s.sampler_steps, s.params, s.seed"""
+
+
+def other_guidance_sql(sweep: str) -> str:
+    """Per finished run, its evals at a guidance scale other than its configured one (left out)."""
+    return f"""SELECT r.run_id, coalesce(e.guidance, 1.0) AS guidance,
+       coalesce(TRY_CAST(json_extract_string(r.config_json, '$.guidance') AS DOUBLE), 1.0) AS configured,
+       count(*) AS n_evals
+FROM evals e JOIN runs r USING (sweep, run_id)
+WHERE r.sweep = {sql_literal(sweep)} AND r.status = 'done' AND NOT ({_CONFIGURED_GUIDANCE})
+GROUP BY ALL ORDER BY r.run_id, guidance"""
+
+
+def run_guidance_sql(sweep: str) -> str:
+    """Each finished run's configured guidance scale (config guidance; 1 without guidance)."""
+    return f"""SELECT run_id,
+       coalesce(TRY_CAST(json_extract_string(config_json, '$.guidance') AS DOUBLE), 1.0) AS guidance
+FROM runs WHERE sweep = {sql_literal(sweep)} AND status = 'done' ORDER BY run_id"""
+
+
+def ema_widths_sql(sweep: str) -> str:
+    """The EMAs evaluated per finished run: its own and each post-hoc width, with their eval counts."""
+    return f"""SELECT r.run_id, e.ema_posthoc, e.ema_sigma_rel, count(*) AS n_evals
+FROM evals e JOIN runs r USING (sweep, run_id)
+WHERE r.sweep = {sql_literal(sweep)} AND r.status = 'done'
+GROUP BY ALL ORDER BY r.run_id, e.ema_posthoc, e.ema_sigma_rel"""
+
+
+def ema_text(width, posthoc) -> str:
+    """An EMA in words: ``0.05 (post-hoc)``, ``0.1 (own)``; a classic EMA has no width."""
+    shown = "ema_rates" if width is None or (isinstance(width, float) and math.isnan(width)) else f"{float(width):g}"
+    return f"{shown} ({'post-hoc' if bool(posthoc) else 'own'})"
 
 
 def runs_sql(sweep: str) -> str:
@@ -156,10 +295,12 @@ def sweep_runs(root: Path | str, sweep: str) -> pd.DataFrame:
     return runs
 
 
-def method_points(root: Path | str, sweep: str, method: str, metric: Metric) -> tuple[str, pd.DataFrame, str | None]:
+def method_points(
+    root: Path | str, sweep: str, method: str, metric: Metric, ema: EmaChoice | None = None
+) -> tuple[str, pd.DataFrame, str | None]:
     """(the SQL, the point table of one feature extractor, a note when others were dropped) for
-    ``method``'s finished runs at ``metric``."""
-    sql = points_sql(sweep, method, metric)
+    ``method``'s finished runs at ``metric``, of the EMA ``ema`` picks (default: the run's own)."""
+    sql = points_sql(sweep, method, metric, ema)
     points, note = pick_extractor(run_query(sql, root))
     return sql, points, note
 

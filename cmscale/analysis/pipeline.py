@@ -326,17 +326,27 @@ def analyse_method(
     return result
 
 
+def ema_taken(points: pd.DataFrame) -> dict[str, str]:
+    """Per run, the EMA its points are of (:func:`cmscale.analysis.data.ema_text`)."""
+    finals = final_evals(points)
+    return {str(row.run_id): D.ema_text(row.ema_sigma_rel, row.ema_posthoc) for row in finals.itertuples()}
+
+
 def sweep_power_laws(
-    root, sweep: str, metric: D.Metric, methods: list[str], *, n_draws: int, seed: int, **law_kwargs
+    root, sweep: str, metric: D.Metric, methods: list[str], *, n_draws: int, seed: int,
+    ema: D.EmaChoice | None = None, **law_kwargs
 ) -> list[dict]:
     """Per method: the per-size laws and the frontier law, as :func:`analyse_method` fits them,
-    one JSON-ready item each (``fit_of``: ``size <preset>`` or ``frontier``) with the notes."""
+    one JSON-ready item each (``fit_of``: ``size <preset>`` or ``frontier``) with the notes; with
+    an ``ema`` other than the default, each item names it and the EMA taken per run (``ema``)."""
     out = []
     for method in methods:
-        sql, points, _ = D.method_points(root, sweep, method, metric)
+        sql, points, _ = D.method_points(root, sweep, method, metric, ema)
         if points.empty:
             continue
         head = {"method": method, "metric": metric.name}
+        if ema is not None and not ema.is_default:
+            head["ema"] = {"option": ema.option, "runs": ema_taken(points)}
         if is_size_ladder(method, points):
             out.append({**head, "fit_of": "size ladder", "status": "not_fitted", "reason": LADDER_REASON})
             continue
@@ -361,20 +371,24 @@ def _law_item(item: dict, choice: LawChoice | None, notes: list[Warning_]) -> di
 
 
 def sweep_compute_optimal(
-    root, sweep: str, metric: D.Metric, methods: list[str], *, n_draws: int, seed: int
+    root, sweep: str, metric: D.Metric, methods: list[str], *, n_draws: int, seed: int,
+    ema: D.EmaChoice | None = None,
 ) -> list[dict]:
     """Per method: the compute-optimal size as :func:`analyse_method` finds it (``of``: method and
-    metric), or why none is fitted (a size ladder)."""
+    metric), or why none is fitted (a size ladder); ``ema`` as in :func:`sweep_power_laws`."""
     out = []
     for method in methods:
-        _, points, _ = D.method_points(root, sweep, method, metric)
+        _, points, _ = D.method_points(root, sweep, method, metric, ema)
         if points.empty:
             continue
         label = f"{method} {metric.name}"
+        head = {"of": label}
+        if ema is not None and not ema.is_default:
+            head["ema"] = {"option": ema.option, "runs": ema_taken(points)}
         if is_size_ladder(method, points):
-            out.append({"of": label, "status": "not_fitted", "reason": LADDER_REASON})
+            out.append({**head, "status": "not_fitted", "reason": LADDER_REASON})
             continue
         with single_threaded_blas():
             optimal = optimal_sizes(points, [], n_draws=n_draws, seed=seed)
-        out.append({"of": label, **optimal.to_json()})
+        out.append({**head, **optimal.to_json()})
     return out

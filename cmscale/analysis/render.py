@@ -29,6 +29,7 @@ from cmscale.analysis.report import (
     SweepAnalysis,
     analyse_sweep,
     choice_param,
+    ema_section,
     finding,
     findings,
     joint_n_opt_text,
@@ -335,6 +336,9 @@ def _table(title: str, header: list[str], rows: list[list[str]], note: str = "")
     return {"title": title, "header": header, "rows": rows, "note": note}
 
 
+EMA_HEADER = ["run", "method", "size", "sampler steps", "EMA (ema_sigma_rel)", "step", "final FID"]
+
+
 def tables(analysis: SweepAnalysis) -> list[dict]:
     """Every table below the summary: title, header, rows (text) and note."""
     out = [table for result in analysis.methods for table in _method_tables(result, analysis.n_draws)]
@@ -349,6 +353,14 @@ def tables(analysis: SweepAnalysis) -> list[dict]:
             "Pairs: student run and teacher of the same preset and seed; each student's largest budget. "
             "OLS of log r on log params (statsmodels).",
         ))
+    section = ema_section(analysis)
+    if section is not None:
+        rows = [
+            [t["run_id"], t["method"], t["preset"], str(t["sampler_steps"]),
+             D.ema_text(t["ema_sigma_rel"], t["posthoc"]), f"{t['step']:,}", num(t["fid"])]
+            for t in section["taken"]
+        ]
+        out.append(_table("EMA taken per run", EMA_HEADER, rows, section["description"] + "."))
     return out
 
 
@@ -390,7 +402,8 @@ def page_context(analysis: SweepAnalysis, figures: list[FigureRecord], out_dir: 
             f"{len(runs)} runs ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}); sizes "
             f"{', '.join(runs.sort_values('params')['preset'].drop_duplicates())}. "
             f"Store: {Path(analysis.root) / DB_FILE}. {analysis.n_draws} bootstrap draws per fit (runs resampled, "
-            f"seed {analysis.seed}); analysis took {analysis.seconds:.1f} s."
+            f"seed {analysis.seed}); analysis took {analysis.seconds:.1f} s. {analysis.ema.description}. "
+            f"{D.GUIDANCE_DESCRIPTION}"
         ),
         "compute_note": (
             "Training compute is the student's own counted FLOPs (forward, backward, JVP and teacher forwards per "
@@ -419,13 +432,15 @@ def page_context(analysis: SweepAnalysis, figures: list[FigureRecord], out_dir: 
 
 
 def write_report(
-    root: Path | str, sweep: str, out_dir: Path | str, *, n_draws: int = 1000, seed: int = 0
+    root: Path | str, sweep: str, out_dir: Path | str, *, n_draws: int = 1000, seed: int = 0,
+    ema: D.EmaChoice | None = None,
 ) -> dict[str, Path]:
     """Analyse ``sweep`` from the store under ``root`` and write ``out_dir/report.html`` (standalone),
     ``out_dir/report.md`` (figures and their CSVs in ``out_dir/figures``) and ``out_dir/report.json``
-    (:func:`cmscale.analysis.report.findings`). Returns {"html": path, "md": path, "json": path}."""
+    (:func:`cmscale.analysis.report.findings`). Returns {"html": path, "md": path, "json": path}.
+    ``ema``: which EMA of each run (:class:`cmscale.analysis.data.EmaChoice`; default the run's own)."""
     out_dir = Path(out_dir)
-    analysis = analyse_sweep(root, sweep, n_draws=n_draws, seed=seed)
+    analysis = analyse_sweep(root, sweep, n_draws=n_draws, seed=seed, ema=ema)
     return write_pages(analysis, out_dir)
 
 

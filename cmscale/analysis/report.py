@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +40,31 @@ class SweepAnalysis:
     seed: int = 0
     seconds: float = 0.0
     sql: dict[str, str] | None = None  # the queries behind the ratio pairs and the final evals
+    ema: D.EmaChoice = field(default_factory=D.EmaChoice)
+    finals: pd.DataFrame | None = None  # each run's final evals of the EMA taken (final_evals_sql)
+    ema_widths: pd.DataFrame | None = None  # the EMAs evaluated per run (ema_widths_sql)
+    guided_runs: dict[str, float] = field(default_factory=dict)  # finished runs configured with guidance != 1
+    other_guidance: pd.DataFrame | None = None  # evals at another guidance than the run's, left out
+
+    @property
+    def has_posthoc(self) -> bool:
+        return self.ema_widths is not None and bool(self.ema_widths["ema_posthoc"].any())
 
 
-def sweep_ratio(root: Path | str, sweep: str, budget: str = "max") -> tuple[str, pd.DataFrame, str | None]:
+def sweep_ratio(
+    root: Path | str, sweep: str, budget: str = "max", ema: D.EmaChoice | None = None
+) -> tuple[str, pd.DataFrame, str | None]:
     """(the SQL, the teacher-student pairs of one feature extractor, a note when others were dropped)."""
-    sql = D.ratio_pairs_sql(sweep)
+    sql = D.ratio_pairs_sql(sweep, ema)
     rows, note = D.pick_extractor(D.run_query(sql, root))
     return sql, sweep_pairs(rows, budget=budget), note
 
 
-def sweep_ratio_table(root: Path | str, sweep: str, *, budget: str = "max", level: float = 0.95) -> dict[str, dict]:
+def sweep_ratio_table(
+    root: Path | str, sweep: str, *, budget: str = "max", level: float = 0.95, ema: D.EmaChoice | None = None
+) -> dict[str, dict]:
     """The teacher-student FID ratio per student method and step count, as the report computes it."""
-    _, pairs, _ = sweep_ratio(root, sweep, budget)
+    _, pairs, _ = sweep_ratio(root, sweep, budget, ema)
     if pairs.empty:
         raise ValueError(
             f"sweep {sweep!r}: no finished student run has a finished teacher of the same preset and seed"
@@ -59,13 +72,43 @@ def sweep_ratio_table(root: Path | str, sweep: str, *, budget: str = "max", leve
     return ratio_table(pairs, level=level)
 
 
-def analyse_sweep(root: Path | str, sweep: str, *, n_draws: int = 1000, seed: int = 0) -> SweepAnalysis:
-    """Read the sweep from the store and fit everything; no files are written."""
+def analyse_sweep(
+    root: Path | str, sweep: str, *, n_draws: int = 1000, seed: int = 0, ema: D.EmaChoice | None = None
+) -> SweepAnalysis:
+    """Read the sweep from the store and fit everything, on the EMA ``ema`` picks per run (default:
+    the run's own) at each run's configured guidance; no files are written."""
     with single_threaded_blas():  # tiny linear algebra throughout: BLAS threads only add overhead
-        return _analyse_sweep(Path(root), sweep, n_draws=n_draws, seed=seed)
+        return _analyse_sweep(Path(root), sweep, n_draws=n_draws, seed=seed, ema=ema or D.EmaChoice())
 
 
-def _analyse_sweep(root: Path, sweep: str, *, n_draws: int, seed: int) -> SweepAnalysis:
+def _guidance_warnings(root: Path, sweep: str) -> tuple[dict[str, float], pd.DataFrame, list[Warning_]]:
+    """(guided runs and their scales, the evals left out for their guidance, a warning per run)."""
+    configured = D.run_query(D.run_guidance_sql(sweep), root)
+    guided = {str(r.run_id): float(r.guidance) for r in configured.itertuples() if float(r.guidance) != 1.0}
+    other = D.run_query(D.other_guidance_sql(sweep), root)
+    warnings = [
+        Warning_("data", f"run {r.run_id}: {r.n_evals} evals at guidance {r.guidance:g} left out; the analysis reads "
+                         f"each run's evals at its configured guidance ({r.configured:g})")
+        for r in other.itertuples()
+    ]
+    return guided, other, warnings
+
+
+def _ema_warnings(ema: D.EmaChoice, widths: pd.DataFrame, finals: pd.DataFrame) -> list[Warning_]:
+    """A warning per finished, evaluated run that has no eval of the EMA width asked for."""
+    if ema.mode != "width":
+        return []
+    taken = set(finals["run_id"].astype(str))
+    missing = sorted(set(widths["run_id"].astype(str)) - taken)
+    return [
+        Warning_("no eval at this EMA width",
+                 f"run {run_id} has no eval at ema_sigma_rel {ema.width:g}; left out (cmscale ema reconstruct RUN "
+                 f"--sigma-rel {ema.width:g}, then cmscale eval RUN --ema-sigma-rel {ema.width:g})")
+        for run_id in missing
+    ]
+
+
+def _analyse_sweep(root: Path, sweep: str, *, n_draws: int, seed: int, ema: D.EmaChoice) -> SweepAnalysis:
     started = time.time()
     runs = D.sweep_runs(root, sweep)
     warnings: list[Warning_] = []
@@ -78,7 +121,11 @@ def _analyse_sweep(root: Path, sweep: str, *, n_draws: int, seed: int) -> SweepA
                 f"is {row.status}{reason}; excluded from the fits",
             )
         )
-    finals = D.run_query(D.final_evals_sql(sweep), root)
+    finals = D.run_query(D.final_evals_sql(sweep, ema), root)
+    widths = D.run_query(D.ema_widths_sql(sweep), root)
+    warnings.extend(_ema_warnings(ema, widths, finals))
+    guided, other_guidance, guidance_warnings = _guidance_warnings(root, sweep)
+    warnings.extend(guidance_warnings)
     methods: list[MethodAnalysis] = []
     for method in D.sweep_methods(runs):
         if method == D.TEACHER_METHOD:
@@ -88,7 +135,7 @@ def _analyse_sweep(root: Path, sweep: str, *, n_draws: int, seed: int) -> SweepA
             metric_names = [f"fid_{s}step" for s in steps]
         for name in metric_names:
             metric = D.parse_metric(name)
-            sql, points, note = D.method_points(root, sweep, method, metric)
+            sql, points, note = D.method_points(root, sweep, method, metric, ema)
             if note:
                 warnings.append(Warning_("data", f"{method} {name}: {note}"))
             if points.empty:
@@ -96,7 +143,7 @@ def _analyse_sweep(root: Path, sweep: str, *, n_draws: int, seed: int) -> SweepA
             result = analyse_method(method, metric, sql, points, n_draws=n_draws, seed=seed)
             methods.append(result)
             warnings.extend(Warning_(w.kind, f"{result.title}, {w.text}") for w in result.notes)
-    pair_sql, pairs, note = sweep_ratio(root, sweep)
+    pair_sql, pairs, note = sweep_ratio(root, sweep, ema=ema)
     if note:
         warnings.append(Warning_("data", f"teacher-student pairs: {note}"))
     ratio = ratio_table(pairs) if len(pairs) else {}
@@ -108,11 +155,37 @@ def _analyse_sweep(root: Path, sweep: str, *, n_draws: int, seed: int) -> SweepA
                 "same preset and seed in this sweep (teachers given as checkpoints are not in the store)",
             )
         )
-    sql = {"ratio_pairs": pair_sql, "final_evals": D.final_evals_sql(sweep)}
+    sql = {"ratio_pairs": pair_sql, "final_evals": D.final_evals_sql(sweep, ema)}
     return SweepAnalysis(
         sweep, root, runs, methods, pairs, ratio, sampling_points(finals), warnings, n_draws, seed,
-        time.time() - started, sql,
+        time.time() - started, sql, ema, finals, widths, guided, other_guidance,
     )
+
+
+def ema_section(analysis: SweepAnalysis) -> dict | None:
+    """report.json's ``ema``: the option, what it means, and the EMA taken per run and sampler step
+    count with its final FID. None (no section) when the default was used and no run has post-hoc
+    EMA evals: then every eval is of the run's own EMA and there was nothing to choose."""
+    if analysis.ema.is_default and not analysis.has_posthoc:
+        return None
+    finals = analysis.finals if analysis.finals is not None else pd.DataFrame()
+    taken = [
+        {"run_id": row.run_id, "method": row.method, "preset": row.preset, "sampler_steps": int(row.sampler_steps),
+         "extractor": row.extractor, "ema_sigma_rel": row.ema_sigma_rel, "posthoc": bool(row.ema_posthoc),
+         "step": int(row.step), "fid": row.fid}
+        for row in finals.itertuples()
+    ]
+    return {"option": analysis.ema.option, "description": analysis.ema.description, "taken": taken}
+
+
+def guidance_section(analysis: SweepAnalysis) -> dict | None:
+    """report.json's ``guidance``: the rule, the guided runs' scales and the evals left out; None when
+    no finished run is guided and no eval was left out."""
+    other = analysis.other_guidance
+    left_out = [] if other is None else other.to_dict(orient="records")
+    if not analysis.guided_runs and not left_out:
+        return None
+    return {"description": D.GUIDANCE_DESCRIPTION, "guided_runs": analysis.guided_runs, "left_out": left_out}
 
 
 def sampling_points(finals: pd.DataFrame) -> pd.DataFrame:
@@ -304,13 +377,18 @@ def findings(analysis: SweepAnalysis) -> dict:
                 "finding": finding(result, ratio),
             }
         )
-    return D.json_safe(
-        {
-            "sweep": analysis.sweep,
-            "n_runs": len(analysis.runs),
-            "n_draws": analysis.n_draws,
-            "methods": methods,
-            "ratio": analysis.ratio,
-            "warnings": [{"kind": w.kind, "text": w.text} for w in analysis.warnings],
-        }
-    )
+    out = {
+        "sweep": analysis.sweep,
+        "n_runs": len(analysis.runs),
+        "n_draws": analysis.n_draws,
+    }
+    # Only where there was a choice to make, so a sweep without one keeps its report.json as it was.
+    for key, section in (("ema", ema_section(analysis)), ("guidance", guidance_section(analysis))):
+        if section is not None:
+            out[key] = section
+    out |= {
+        "methods": methods,
+        "ratio": analysis.ratio,
+        "warnings": [{"kind": w.kind, "text": w.text} for w in analysis.warnings],
+    }
+    return D.json_safe(out)

@@ -41,6 +41,21 @@ DRAWS_OPTION = click.option(
     "--n-draws", type=click.IntRange(min=0), default=1000, show_default=True, help="Bootstrap draws (0: no CIs)."
 )
 SEED_OPTION = click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+def _parse_ema(ctx, param, value: str | None):  # noqa: ARG001
+    from cmscale.analysis.data import EmaChoice
+
+    try:
+        return EmaChoice.parse(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+EMA_OPTION = click.option(
+    "--ema", default=None, metavar="trained|best|WIDTH", callback=_parse_ema,
+    help="Which EMA of each run: 'trained' (default) its own, evaluated during training; 'best' the width whose "
+    "final eval has the lowest FID (its own or a post-hoc one from `cmscale eval --ema-sigma-rel`), per run and "
+    "sampler step count; or a width such as 0.05 (ema_sigma_rel). The output names the EMA taken per run.",
+)
 METRIC_OPTION = click.option(
     "--metric", default="fid_2step", show_default=True,
     help="fid_<k>step: FID at k sampler steps (teachers: their Heun eval).",
@@ -124,12 +139,13 @@ def fit_group() -> None:
 )
 @LOSS_OPTION
 @DELTA_OPTION
+@EMA_OPTION
 @DRAWS_OPTION
 @SEED_OPTION
 @ROOT_OPTION
 @JSON_OPTION
 def powerlaw_command(
-    sweep, metric, method, csv, parquet, x_col, y_col, group_col, form, loss, delta, n_draws, seed, root, as_json
+    sweep, metric, method, csv, parquet, x_col, y_col, group_col, form, loss, delta, ema, n_draws, seed, root, as_json
 ) -> None:
     """Power law of FID in training compute: per size and on the frontier of a sweep (the report's
     fits), or on a table."""
@@ -154,12 +170,13 @@ def powerlaw_command(
     metric, methods = _sweep_methods(root, sweep, metric, method)
     with clear_errors(ValueError):
         results = sweep_power_laws(root, sweep, metric, methods, n_draws=n_draws, seed=seed, form=form, loss=loss,
-                                   delta=delta)
+                                   delta=delta, ema=ema)
     if not results:
         raise click.ClickException(_no_evals(sweep, metric, method))
     if as_json:
         _echo_json(results)
         return
+    _echo_ema(ema, results)
     for item in results:
         label = f"{item['method']} {item['fit_of']}"
         if item["status"] == "not_fitted" or item.get("kept_law") is None:
@@ -173,6 +190,18 @@ def powerlaw_command(
         )
         if item["degenerate"]:
             click.echo(f"  {item['reason']}")
+
+
+def _echo_ema(ema, items: list[dict]) -> None:
+    """With an EMA other than the default (each run's own): the rule, and per run the EMA taken."""
+    if ema.is_default:
+        return
+    click.echo(ema.description)
+    taken: dict[str, str] = {}
+    for item in items:
+        taken |= (item.get("ema") or {}).get("runs", {})
+    for run_id, text in sorted(taken.items()):
+        click.echo(f"  {run_id}: {text}")
 
 
 @fit_group.command("joint")
@@ -242,12 +271,13 @@ def joint_command(
     default=None,
     help="Table column naming the run (trajectory and bootstrap unit); default: each row is a run.",
 )
+@EMA_OPTION
 @DRAWS_OPTION
 @SEED_OPTION
 @ROOT_OPTION
 @JSON_OPTION
 def frontier_command(
-    sweep, method, metric, csv, parquet, size_col, compute_col, y_col, run_col, n_draws, seed, root, as_json
+    sweep, method, metric, csv, parquet, size_col, compute_col, y_col, run_col, ema, n_draws, seed, root, as_json
 ) -> None:
     """Compute-optimal size N_opt(C) by iso-FLOP profiles and by the lower envelope over runs, and
     N_opt = k C^a with a bootstrap over runs (only with >= 3 budgets whose optimum is interior)."""
@@ -256,7 +286,7 @@ def frontier_command(
 
         metric, methods = _sweep_methods(root, sweep, metric, method)
         with clear_errors(ValueError):
-            out = sweep_compute_optimal(root, sweep, metric, methods, n_draws=n_draws, seed=seed)
+            out = sweep_compute_optimal(root, sweep, metric, methods, n_draws=n_draws, seed=seed, ema=ema)
         if not out:
             raise click.ClickException(_no_evals(sweep, metric, method))
     else:
@@ -272,6 +302,8 @@ def frontier_command(
     if as_json:
         _echo_json(out if sweep is not None else out[0])
         return
+    if sweep is not None:
+        _echo_ema(ema, out)
     for item in out:
         if "isoflop" not in item:
             click.echo(f"{item['of']}: not fitted ({item['reason']})")
@@ -317,17 +349,18 @@ def frontier_command(
     help="Sweep: each student's largest budget only, or every budget (one group per budget).",
 )
 @click.option("--level", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True, help="Confidence level.")
+@EMA_OPTION
 @ROOT_OPTION
 @JSON_OPTION
 def ratio_command(
-    sweep, csv, parquet, size_col, teacher_col, student_col, group_col, budget, level, root, as_json
+    sweep, csv, parquet, size_col, teacher_col, student_col, group_col, budget, level, ema, root, as_json
 ) -> None:
     """Teacher-student FID ratio per group: mean ratio, gap, and the slope of log ratio on log size."""
     if sweep is not None:
         from cmscale.analysis.report import sweep_ratio_table
 
         with clear_errors(ValueError):
-            result = sweep_ratio_table(root, sweep, budget=budget, level=level)
+            result = sweep_ratio_table(root, sweep, budget=budget, level=level, ema=ema)
     else:
         from cmscale.analysis.tables import table_ratio
 
@@ -357,18 +390,19 @@ def ratio_command(
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the figures: PNG, PDF and the CSV of each figure's data.",
 )
+@EMA_OPTION
 @DRAWS_OPTION
 @SEED_OPTION
 @ROOT_OPTION
 @json_option("Print each figure's files (png, pdf, csv) as JSON.")
-def plot_command(sweep, out_dir, n_draws, seed, root, as_json) -> None:
+def plot_command(sweep, out_dir, ema, n_draws, seed, root, as_json) -> None:
     """Draw a sweep's figures (FID vs compute with fits and frontier, N_opt vs C, teacher vs student,
     FID vs sampling compute) as PNG and PDF, each with a CSV of its data."""
     from cmscale.analysis.render import draw_figures
     from cmscale.analysis.report import analyse_sweep
 
     with clear_errors(ValueError):
-        records = draw_figures(analyse_sweep(root, sweep, n_draws=n_draws, seed=seed), out_dir)
+        records = draw_figures(analyse_sweep(root, sweep, n_draws=n_draws, seed=seed, ema=ema), out_dir)
     if as_json:
         _echo_json({r.key: {ext: str(path) for ext, path in r.paths.items()} for r in records})
         return
@@ -388,11 +422,12 @@ def plot_command(sweep, out_dir, n_draws, seed, root, as_json) -> None:
 @click.option(
     "--ingest/--no-ingest", default=True, show_default=True, help="Ingest the run directories into the store first."
 )
+@EMA_OPTION
 @DRAWS_OPTION
 @SEED_OPTION
 @ROOT_OPTION
 @json_option("Print report.json (every number of the findings) instead of the paths.")
-def report_command(sweep, out_dir, ingest, n_draws, seed, root, as_json) -> None:
+def report_command(sweep, out_dir, ingest, ema, n_draws, seed, root, as_json) -> None:
     """Write a self-contained report.html, a report.md and report.json for SWEEP: figures, fit tables
     with CIs, the teacher-student ratio table, warnings and the SQL behind each figure (--json: print
     report.json)."""
@@ -405,7 +440,7 @@ def report_command(sweep, out_dir, ingest, n_draws, seed, root, as_json) -> None
         with clear_errors(StoreError):
             ingest_root(Path(root))
     with clear_errors(ValueError):
-        paths = write_report(root, sweep, out_dir, n_draws=n_draws, seed=seed)
+        paths = write_report(root, sweep, out_dir, n_draws=n_draws, seed=seed, ema=ema)
     if as_json:
         click.echo(paths["json"].read_text())
         return
