@@ -6,11 +6,23 @@ import json
 
 import pytest
 
-from cmscale.accounting import FlopsCache, count_flops_per_step, flops_per_step, iterations_for_budget, train_flops_at
+from cmscale.accounting import (
+    BudgetError,
+    FlopsCache,
+    count_flops_per_step,
+    ect_iterations,
+    ect_step_parts,
+    ect_train_flops,
+    flops_per_step,
+    iterations_for_budget,
+    train_flops_at,
+)
 from cmscale.config import RunConfig
 from cmscale.methods import build_method
 from cmscale.models.losses import ECTLoss
 from cmscale.rundir import budget_in_flops
+from cmscale.sweep.plan import plan_sweep
+from cmscale.sweep.spec import SpecError, parse_spec
 
 
 @pytest.mark.parametrize("preset", ["xxs"])
@@ -102,3 +114,53 @@ def test_ect_stage_length_is_the_same_for_the_loss_and_for_its_flops():
     # every step costs at least the online pass; the last ones (a later stage) cost more per step
     assert train_flops_at(config, iterations) >= iterations * online
     assert abs(train_flops_at(config, 2) - 2 * train_flops_at(config, 1)) <= 1  # one stage: the same cost per step
+
+
+TINY_FLOPS = 1_000_000  # a stand-in FLOP counter: planning here needs no traced step
+
+
+def tiny_flops(config: RunConfig) -> int:
+    return TINY_FLOPS
+
+
+def edm_spec(**changes) -> dict:
+    return {"name": "s", "presets": ["xxs"], "seeds": [0], "budgets_flops": [1e8], "methods": {"edm": {}}} | changes
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets: one step at least; ECT's expected cost summed stage by stage
+
+
+def test_budget_below_one_step_is_refused_with_the_step_flops(tmp_path):
+    spec = parse_spec(edm_spec(budgets_flops=[1e3]))
+    with pytest.raises(SpecError, match=r"budget_flops = 1000 is below one training step \(1e\+06 FLOPs per step"):
+        plan_sweep(spec, tmp_path, flops_fn=tiny_flops)
+    with pytest.raises(BudgetError, match="below one training step"):
+        iterations_for_budget(RunConfig(method="edm", preset="xxs", budget_flops=1e3))
+
+
+@pytest.mark.parametrize("ect_options", [{"num_stages": 4}, {"iters_per_stage": 7}])
+def test_budget_planning_sums_the_expected_cost_of_every_step_stage_by_stage(ect_options):
+    base = dict(method="ect", preset="xxs", batch_size=16, teacher_ckpt="unused.pt", ect=ect_options)
+    parts = ect_step_parts(RunConfig(**base, budget_iters=1))
+    online, target = parts
+    budget = 37.3 * (online + target)
+    config = RunConfig(**base, budget_flops=budget)
+    iterations = iterations_for_budget(config)
+    # Brute force: each step's stage from the trainer's own schedule, its cost online + P(r > 0) target.
+    loss = ECTLoss(
+        iters_per_stage=ect_options.get("iters_per_stage") or max(1, iterations // ect_options["num_stages"])
+    )
+
+    def brute(steps: int) -> float:
+        total = 0.0
+        for step in range(steps):
+            loss.set_iteration(step)
+            total += online + loss.target_row_fraction(loss.stage) * target
+        return total
+
+    assert ect_train_flops(config, iterations, iterations, parts) == pytest.approx(brute(iterations), rel=1e-12)
+    assert abs(brute(iterations) - budget) <= 0.5 * (online + target)  # within half a step of the budget
+    assert iterations > round(budget / (online + target))  # cheaper than counting the target on every row
+    assert flops_per_step(config) == round(brute(iterations) / iterations)
+    assert ect_iterations(config, parts) == iterations

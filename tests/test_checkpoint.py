@@ -3,13 +3,19 @@ file, falls back to it past a torn latest one (set aside, named), and refuses a 
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 from cmscale.checkpoint import CheckpointError, CheckpointIO
+from cmscale.cli.main import main
 from cmscale.models.ema import EMA
-from cmscale.rundir import latest_checkpoint, previous_checkpoint
+from cmscale.rundir import atomic_write_bytes, latest_checkpoint, previous_checkpoint, read_json
 
 META = {"preset": "xxs", "method": "edm"}
 
@@ -72,3 +78,49 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_field(tmp_path):
         other.load_newest(tmp_path, move_bad=False)
     assert latest_checkpoint(tmp_path).exists()  # not moved when this process is not the writer
     assert parts(2).load_newest(tmp_path / "empty", move_bad=True) == (None, None, [])
+
+
+RUN = ('method = "edm"\npreset = "xxs"\nbudget_iters = 4\nbatch_size = 8\nckpt_every = 2\nlog_every = 1\n'
+       '[eval]\nat_fractions = []\n')
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temp_file(tmp_path, small_disk):
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(RUN)
+    run_dir = small_disk / "run"
+    result = CliRunner().invoke(main, ["train", str(run_toml), "--out", str(run_dir)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "cannot write the checkpoint" in result.output and "latest.pt" in result.output
+    assert "Free space" in result.output
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+    assert read_json(run_dir / "status.json")["state"] == "failed"
+
+
+def test_an_atomic_write_that_fails_leaves_no_temp_file(small_disk):
+    with pytest.raises(OSError):
+        atomic_write_bytes(small_disk / "big.json", b"x" * (1 << 20))
+    assert list(Path(small_disk).iterdir()) == []
+
+
+def test_the_run_resumes_once_space_is_back(tmp_path, small_disk):
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(RUN)
+    run_dir = small_disk / "run"
+    assert CliRunner().invoke(main, ["train", str(run_toml), "--out", str(run_dir)]).exit_code == 1
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    result = CliRunner().invoke(main, ["train", str(run_toml), "--out", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert read_json(run_dir / "done.json")["status"] == "done"

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from cmscale.cluster.jobs import PackJob
-from cmscale.rundir import read_json
-from cmscale.train import record_failure
+from cmscale.cluster.jobs import PackJob, TrainJob
+from cmscale.config import RunConfig
+from cmscale.rundir import read_json, read_metrics
+from cmscale.sweep.status import run_state
+from cmscale.train import record_failure, train
 
 
 @pytest.mark.parametrize("env,writes", [({}, True), ({"SLURM_PROCID": "1"}, False), ({"RANK": "1"}, False),
@@ -35,3 +37,48 @@ def test_a_pack_records_a_run_that_raised_with_its_traceback_and_trains_the_next
     on_disk = read_json(tmp_path / "a" / "done.json")
     assert on_disk["reason"].startswith("ValidationError") and "unknown preset 'no-such-preset'" in on_disk["reason"]
     assert "Traceback" in on_disk["traceback"] and "phase" not in on_disk
+
+
+NO_EVAL = {"at_fractions": []}
+
+
+def tiny(seed: int, method: str = "edm", **fields) -> RunConfig:
+    return RunConfig(method=method, preset="xxs", batch_size=8, budget_iters=3, log_every=1, eval=NO_EVAL,
+                     seed=seed, **fields)
+
+
+def test_a_job_dying_at_start_up_records_the_exception_for_sweep_status(tmp_path):
+    empty = tmp_path / "cifar"
+    empty.mkdir()  # exists when planned, but holds no batches when the job starts
+    config = RunConfig(method="edm", preset="xxs", budget_iters=1, dataset="cifar10", data_path=str(empty),
+                       resolution=32)
+    run_dir = tmp_path / "root" / "s" / "r1"
+    with pytest.raises(FileNotFoundError):
+        TrainJob()(config.model_dump(mode="json"), str(run_dir))
+    done = read_json(run_dir / "done.json")
+    assert done["status"] == "failed" and done["phase"] == "start-up"
+    assert "DatasetNotFoundError" in done["reason"] and "data_batch_1" in done["reason"]
+    state = run_state("r1", run_dir, config.model_dump(mode="json"), {})
+    assert state.state == "failed" and "data_batch_1" in state.reason
+
+
+def test_pack_trains_each_run_in_its_folder_skips_done_ones_and_survives_a_failing_run(tmp_path):
+    first, broken, last = tiny(0), tiny(1, method="ect", teacher_ckpt=str(tmp_path / "missing.pt")), tiny(2)
+    train(first, tmp_path / "first")  # done before the pack starts: the pack must not train it again
+    done_before = read_json(tmp_path / "first" / "done.json")
+    metrics_before = (tmp_path / "first" / "metrics.jsonl").read_bytes()
+
+    runs = [(config.model_dump(mode="json"), str(tmp_path / name), None)
+            for config, name in ((first, "first"), (broken, "broken"), (last, "last"))]
+    results = PackJob()(runs)
+
+    assert [result["status"] for result in results] == ["done", "failed", "done"]
+    assert read_json(tmp_path / "first" / "done.json") == done_before
+    assert (tmp_path / "first" / "metrics.jsonl").read_bytes() == metrics_before
+    failed = read_json(tmp_path / "broken" / "done.json")
+    assert failed["status"] == "failed" and "missing.pt" in failed["reason"]
+    assert read_json(tmp_path / "broken" / "status.json")["state"] == "failed"
+    last_dir = tmp_path / "last"
+    assert [row["step"] for row in read_metrics(last_dir / "metrics.jsonl", kind="train")] == [1, 2, 3]
+    assert {"config.json", "status.json", "heartbeat", "done.json"} <= {p.name for p in last_dir.iterdir()}
+    assert (last_dir / "ckpt" / "latest.pt").is_file() and (last_dir / "ckpt" / "final.pt").is_file()

@@ -1,4 +1,5 @@
-"""The main job: `cmscale demo --quick` end to end, through the real CLI, executor, store and report."""
+"""The demo (cmscale.demo): `cmscale demo --quick` end to end, through the real CLI, executor, store and report;
+the example queries it prints."""
 
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ import pytest
 from cmscale.demo import spec_path
 from cmscale.sweep.spec import load_spec
 
-pytestmark = pytest.mark.slow  # end to end: minutes of training on a busy machine
-
 CMSCALE = [sys.executable, "-m", "cmscale.cli"]
 
 
+# End to end: minutes of training on a busy machine, so every test of it is marked slow.
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("demo")
@@ -29,6 +29,7 @@ def quick_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return root / "results", completed
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end_and_writes_the_report(quick_demo):
     root, completed = quick_demo
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -41,6 +42,7 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(quick_demo):
     assert f"report: {report}" in completed.stdout  # printed whole, for the user to open
 
 
+@pytest.mark.slow
 def test_quick_demo_lands_evals_of_every_run_in_duckdb(quick_demo):
     root, completed = quick_demo
     assert completed.returncode == 0
@@ -55,6 +57,7 @@ def test_quick_demo_lands_evals_of_every_run_in_duckdb(quick_demo):
     assert without_eval == 0
 
 
+@pytest.mark.slow
 def test_quick_demo_records_kid_and_the_sample_count_and_prints_the_noise_floor(quick_demo):
     root, completed = quick_demo
     assert completed.returncode == 0
@@ -69,6 +72,7 @@ def test_quick_demo_records_kid_and_the_sample_count_and_prints_the_noise_floor(
     assert "eval noise floor:" in completed.stdout
 
 
+@pytest.mark.slow
 def test_quick_demo_teachers_improve_with_size_and_students_with_compute(quick_demo):
     root, completed = quick_demo
     assert completed.returncode == 0
@@ -88,6 +92,7 @@ def test_quick_demo_teachers_improve_with_size_and_students_with_compute(quick_d
     assert len(students) == 8 and all(count == 9 and slope < 0 for *_, slope, count in students), students
 
 
+@pytest.mark.slow
 def test_quick_demo_fits_alpha_with_a_finite_ci_for_a_method(quick_demo):
     root, completed = quick_demo
     assert completed.returncode == 0
@@ -108,3 +113,17 @@ def test_quick_demo_fits_alpha_with_a_finite_ci_for_a_method(quick_demo):
         and fit["ci"]["alpha"][0] < fit["ci"]["alpha"][1]
     ]
     assert finite, json.dumps(fits, indent=1)[:3000]
+
+
+def test_demo_sql_prints_unwrapped_on_a_narrow_terminal():
+    from rich.console import Console
+
+    from cmscale.demo import EXAMPLE_QUERIES, print_sql
+
+    console = Console(width=40, record=True, color_system=None)
+    for _, sql in EXAMPLE_QUERIES:
+        print_sql(console, sql.format(sweep="demo_digits"))
+    printed = console.export_text().splitlines()
+    expected = [line for _, sql in EXAMPLE_QUERIES for line in sql.format(sweep="demo_digits").splitlines()]
+    assert [line.rstrip() for line in printed] == [line.rstrip() for line in expected]
+    assert any(len(line) > 40 for line in expected)  # the check bites: some lines are wider than the terminal

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from cmscale.config import RunConfig
-from cmscale.methods import RECIPES, build_method, network_of, recipe_of, sampler_steps, with_sampler_steps
+from cmscale.methods import (
+    RECIPES,
+    TeacherCheckpointError,
+    build_method,
+    network_of,
+    recipe_of,
+    sampler_steps,
+    with_sampler_steps,
+)
 from cmscale.models.losses import ECTLoss, EDMLoss, SCMLoss
 from cmscale.models.precond import (
     EDMAsTrigFlow,
@@ -359,3 +367,11 @@ def test_built_methods_follow_their_recipe(tmp_path, method):
     assert built.loss(x0, **draws).shape == (2,)
     with pytest.raises(ValueError, match="unconditional"):
         built.loss(x0, labels=torch.zeros(2, dtype=torch.long), **draws)
+
+
+def test_an_unreadable_teacher_is_named_not_a_traceback(tmp_path):
+    garbage = tmp_path / "teacher.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    config = RunConfig(method="ect", preset="xxs", budget_iters=1, teacher_ckpt=str(garbage))
+    with pytest.raises(TeacherCheckpointError, match=rf"teacher checkpoint {garbage} cannot be read"):
+        build_method(config, img_channels=1)

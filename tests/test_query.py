@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import duckdb
+import polars as pl
 import pytest
 from click.testing import CliRunner
-from test_store import SWEEP, make_run
+from run_folders import SWEEP, eval_row, make_run, scalar
 
 from cmscale.cli.results import results_group
-from cmscale.results import QueryInterrupted, ReadOnlyQueryError, StoreError, ingest, query, read_query
+from cmscale.results import QueryInterrupted, ReadOnlyQueryError, StoreError, connect, ingest, query, read_query
 from cmscale.rundir import DB_FILE
 
 ESCAPES = [
@@ -189,3 +190,33 @@ def test_query_still_returns_results_and_exports(tmp_path):
     assert out.read_text().splitlines() == ["n", "4"]
     with pytest.raises(StoreError):
         read_query("DELETE FROM train", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "statement", ["DELETE FROM train", "DROP TABLE runs", "INSERT INTO train VALUES ('s', 'x', 1, 1, 1.0, 1.0, 1.0)"]
+)
+def test_query_refuses_writes(tmp_path, statement):
+    make_run(tmp_path, 0, 10)
+    ingest(tmp_path)
+    result = CliRunner().invoke(results_group, ["query", statement, "--root", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "refused" in result.output and "read-only" in result.output
+    with pytest.raises(ReadOnlyQueryError):
+        query(statement, tmp_path)
+    with connect(tmp_path) as con, pytest.raises(duckdb.Error, match="read-only"):
+        con.execute(statement)  # the connection itself is read-only too
+    assert scalar(tmp_path, "SELECT count(*) FROM train") == 10
+    assert scalar(tmp_path, "SELECT count(*) FROM runs") == 1
+
+
+def test_export_parquet_matches_the_query(tmp_path):
+    for rank in range(3):
+        make_run(tmp_path, rank, 20, evals=(eval_row(19, 1, 10.0 + rank),))
+    out = tmp_path / "out" / "summary.parquet"
+    result = CliRunner().invoke(results_group, ["export", "run_summary", "--out", str(out), "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    exported = pl.read_parquet(out).sort("run_id")
+    assert exported.select("run_id", "fid_1step", "final_loss").rows() == query(
+        "SELECT run_id, fid_1step, final_loss FROM run_summary ORDER BY run_id", tmp_path, ingest_first=False).rows()
+    bad = CliRunner().invoke(results_group, ["export", "nope", "--out", str(out), "--root", str(tmp_path)])
+    assert bad.exit_code != 0 and "run_summary" in bad.output

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from cmscale.cli import main
 from cmscale.cluster import slurm
+from cmscale.cluster.slurm import expand_job_ids
 from cmscale.rundir import DONE_FILE, atomic_write_json
 from cmscale.sweep.launch import poll_intervals, wait_for_sweep
 from cmscale.sweep.plan import read_sweep_file
@@ -206,3 +207,15 @@ def test_dry_run_skips_done_runs_and_writes_the_sbatch_scripts_it_would_submit(f
     assert fake_slurm.calls("sbatch") == []  # nothing submitted
     assert not (root / "digits_tiny" / "sweep.json").exists()
 
+
+@pytest.mark.parametrize(("printed", "expected"), [
+    ("123", ["123"]),                                  # a plain job
+    ("7_12", ["7_12"]),                                # one running array task
+    ("5_[2]", ["5_2"]),                                # one pending task in brackets
+    ("5_[0-3]", ["5_0", "5_1", "5_2", "5_3"]),         # a pending range
+    ("5_[0-3,7%2]", ["5_0", "5_1", "5_2", "5_3", "5_7"]),  # ranges, single tasks and a throttle
+    ("9_[1,4-5]", ["9_1", "9_4", "9_5"]),
+    ("5_[a-b]", []),                                   # not task numbers: nothing to track
+])
+def test_expand_job_ids_lists_every_task_of_a_pending_array(printed, expected):
+    assert expand_job_ids(printed) == expected

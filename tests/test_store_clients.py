@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 from rich.table import Table
-from test_trust_store import write_run
+from run_folders import write_run
 
 from cmscale.cli import main, options
 from cmscale.results import ingest

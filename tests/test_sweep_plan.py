@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLE
 
+from cmscale.accounting import flops_per_step, iterations_for_budget
 from cmscale.cluster.profiles import load_profile
 from cmscale.sweep.plan import plan_sweep
 from cmscale.sweep.spec import SpecError, parse_spec
@@ -168,3 +169,33 @@ def test_run_id_for_follows_the_identity_and_ignores_bookkeeping_and_teacher_pat
     assert len(decayed) == 2 and run_id_for(base) not in decayed
     without_run_id = base.model_copy(update={"teacher_run_id": None})
     assert run_id_for(without_run_id) != run_id_for(without_run_id.model_copy(update={"teacher_ckpt": "/b.pt"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# ECT's planned iterations, and the example specs
+
+
+def test_the_sweep_planner_plans_ect_iterations_as_the_trainer_does(tmp_path, monkeypatch):
+    from cmscale.sweep.plan import Planner
+    from cmscale.sweep.spec import SweepSpec
+
+    monkeypatch.setenv("CMSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    teacher = tmp_path / "t.pt"
+    teacher.touch()  # planning checks that the checkpoint exists; it reads nothing from it
+    spec = SweepSpec.model_validate(
+        {
+            "name": "ectplan",
+            "dataset": "digits",
+            "resolution": 16,
+            "presets": ["xxs"],
+            "seeds": [0],
+            "budgets": {"start": 3e9, "stop": 3e10, "num": 3},
+            "methods": {"ect": {}},
+            "teacher": {"checkpoints": {"xxs": str(teacher)}},
+        }
+    )
+    runs = [run for run in Planner(spec, tmp_path).plan() if run.config.method == "ect"]
+    assert runs
+    for run in runs:
+        assert run.iterations == iterations_for_budget(run.config)
+        assert run.flops_per_step == flops_per_step(run.config)

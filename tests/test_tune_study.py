@@ -7,12 +7,23 @@ from __future__ import annotations
 import pytest
 import tomli_w
 from click.testing import CliRunner
+from run_folders import rows
 
 from cmscale.cli import main
-from cmscale.rundir import atomic_write_json
+from cmscale.results import ingest
+from cmscale.rundir import atomic_write_json, read_json
 from cmscale.tune.spec import TuneSpecError, parse_tune_spec
 from cmscale.tune.storage import TuneError, default_storage_path
-from cmscale.tune.study import best_run_config, claim_trial, create_study, open_search, study_summary
+from cmscale.tune.study import (
+    best_run_config,
+    claim_trial,
+    create_study,
+    fail_trial,
+    open_search,
+    study_summary,
+    trial_run_id,
+    write_trial_file,
+)
 
 BASE = {"method": "edm", "preset": "xxs", "budget_iters": 2}
 
@@ -99,3 +110,30 @@ def test_a_huge_int_grid_is_counted_not_built():
     raw = {"name": "g", "n_trials": 1, "base": BASE, "sampler": {"name": "grid"},
            "space": {"budget_iters": {"type": "int", "low": 1, "high": 10**15}}, "objective": {"metrics": ["fid"]}}
     assert parse_tune_spec(raw, "g.toml").sampler.name == "grid"
+
+
+def test_a_retried_trial_keeps_its_failed_attempt_in_trial_json_and_in_the_trials_table(tmp_path):
+    root = tmp_path / "root"
+    spec = parse_tune_spec({"name": "retry", "n_trials": 1,
+                            "base": {"method": "edm", "preset": "xxs", "budget_iters": 8},
+                            "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+                            "objective": {"metrics": ["fid"]}})
+    search = create_study(spec, root)
+    first = claim_trial(search)
+    lr = first.suggest_float("lr", 1e-4, 1e-2, log=True)
+    run_id = trial_run_id(search.frozen(first.number))
+    run_dir = root / "retry" / run_id
+    write_trial_file(run_dir, "retry", first.number, "RUNNING", {"lr": lr}, None, run_id)  # as run_trial does
+    assert fail_trial(search, search.frozen(first.number), "worker died", retry=True)
+    retry = claim_trial(search)
+    assert retry.suggest_float("lr", 1e-4, 1e-2, log=True) == lr
+    write_trial_file(run_dir, "retry", retry.number, "COMPLETE", {"lr": lr}, [12.5], run_id)
+
+    record = read_json(run_dir / "trial.json")
+    assert (record["trial_number"], record["state"], record["attempt"]) == (1, "COMPLETE", 2)
+    [earlier] = record["earlier_attempts"]
+    assert (earlier["trial_number"], earlier["state"], earlier["attempt"]) == (0, "FAIL", 1)
+    assert earlier["reason"] == "worker died"
+    ingest(root)
+    assert rows(root, "SELECT trial_number, state, attempt, reason, run_id FROM trials ORDER BY trial_number") == [
+        (0, "FAIL", 1, "worker died", run_id), (1, "COMPLETE", 2, None, run_id)]
