@@ -8,6 +8,8 @@ import torch
 from edm2_reference import edm2_denoiser
 from torch.autograd import forward_ad
 
+from cmscale.config import RunConfig
+from cmscale.methods import build_network
 from cmscale.models.edm2 import EDM2Net, no_forced_weight_norm
 from cmscale.models.flops import count_flops, meta_copy
 from cmscale.models.jvp import lean_jvp
@@ -170,3 +172,13 @@ def test_edm2_loss_is_the_uncertainty_weighted_denoising_loss():
         lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
         want = lam / u.exp() * (denoised - x0).square().flatten(1).sum(1) + u * x0[0].numel()
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-8)
+
+
+def test_dropout_res_keeps_dropout_to_the_low_resolution_blocks():
+    config = RunConfig(method="edm", preset="edm2-t16", resolution=16, budget_iters=1, dropout=0.4, dropout_res=8)
+    net = build_network(config, img_channels=1)
+    rates = {name: block.dropout.p for name, block in [*net.unet.enc.items(), *net.unet.dec.items()]
+             if hasattr(block, "dropout")}
+    assert rates and all(rate == (0.4 if int(name.split("x")[0]) <= 8 else 0.0) for name, rate in rates.items())
+    with pytest.raises(ValueError, match="dropout_res applies to EDM2 networks"):
+        RunConfig(method="edm", preset="xxs", budget_iters=1, dropout_res=16)

@@ -1,7 +1,7 @@
 """The lean forward-mode rules (cmscale.models.jvp) against PyTorch's own rules and the counted FLOPs.
 
 PyTorch's rules are the reference for the tangent (same linear map); FlopCounterMode counts the
-products that really run. Finite differences of the whole sCM tangent are in test_methods.py.
+products that really run. Finite differences of the whole sCM tangent are in test_losses.py.
 """
 
 from __future__ import annotations

@@ -11,14 +11,23 @@ import math
 
 import pytest
 import torch
-from test_methods import _write_teacher, images, random_unet
+from small_nets import _write_teacher, images, random_unet, relative_error
 
 from cmscale.config import RunConfig
 from cmscale.methods import build_method, method_conventions
 from cmscale.models.edm_networks import SongUNet
 from cmscale.models.flops import count_flops
-from cmscale.models.losses import AdaptiveWeight, ECTLoss, SCMLoss, _per_sample, _sum_per_sample, same_random_state
-from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond
+from cmscale.models.losses import (
+    AdaptiveWeight,
+    ECTLoss,
+    EDMLoss,
+    SCMLoss,
+    _per_sample,
+    _sum_per_sample,
+    same_random_state,
+)
+from cmscale.models.precond import EDMAsTrigFlow, EDMPrecond, TrigFlowPrecond
+from cmscale.models.presets import build_unet
 from cmscale.models.unet import PositionalEmbedding, UNet
 
 SD = 0.5
@@ -288,3 +297,162 @@ def test_expected_share_of_target_rows_matches_sampling(mapping, stage):
     assert abs(loss.target_row_fraction(stage) - sampled) < 3e-3
     if mapping == "sigmoid" and stage == 0:
         assert abs(loss.target_row_fraction(0) - 0.19) < 0.01  # about 81% of stage-0 rows skip the target
+
+
+# ---------------------------------------------------------------------------------------------
+# ECT against its equations
+
+
+def test_ect_loss_at_r_zero_equals_the_edm_loss_up_to_the_documented_weighting():
+    """At r = 0 the target is x0, so d = EDMLoss / lambda(t) and ECT = w(t, 0) (sqrt(d + c^2) - c)."""
+    model = EDMPrecond(random_unet(), SD, sigma_min=0.0)
+    x0 = images(5)
+    noise = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.tensor([0.01, 0.1, 0.5, 1.0, 1.9], dtype=torch.float64)  # all below ln(k - 1) = 1.95
+    edm = EDMLoss(sigma_data=SD)
+    edm_loss = edm(model, x0, sigma=t, noise=noise)
+    for c, weighting in [(0.0, "inv_dt"), (0.03, "inv_dt"), (0.0, "snr")]:
+        ect = ECTLoss(sigma_data=SD, q=2.0, c=c, weighting=weighting)
+        assert (ect.t_to_r(t) == 0).all()  # stage 0 of the sigmoid mapping
+        ect_loss = ect(model, x0, t=t, noise=noise)
+        torch.testing.assert_close(ect_loss, ect.from_diffusion_loss(edm_loss, t, edm.weight(t)), rtol=1e-5, atol=0)
+    # The CIFAR-10 form spelled out: sqrt(d) / t with d = EDMLoss / lambda.
+    plain = ECTLoss(sigma_data=SD)(model, x0, t=t, noise=noise)
+    torch.testing.assert_close(plain, (edm_loss / edm.weight(t)).sqrt() / t, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("mapping", ["sigmoid", "const"])
+def test_ect_mapping_halves_the_gap_per_stage_and_never_goes_negative(mapping):
+    loss = ECTLoss(q=2.0, k=8.0, b=1.0, mapping=mapping, iters_per_stage=100)
+    t = torch.logspace(-4, 3, 500, dtype=torch.float64)
+    previous_gap = None
+    for stage in range(10):
+        loss.set_iteration(stage * 100 + 37)
+        assert loss.stage == stage
+        r = loss.t_to_r(t)
+        assert (r >= 0).all() and (r < t).all()
+        gap = (t - r) / t
+        if previous_gap is not None:
+            unclamped = (previous_gap < 1) & (gap < 1)  # r > 0 in both stages
+            assert unclamped.sum() > 0
+            torch.testing.assert_close(gap[unclamped], previous_gap[unclamped] / 2, rtol=1e-12, atol=0)
+        previous_gap = gap
+    if mapping == "const":
+        assert torch.allclose(previous_gap, torch.full_like(t, 2.0**-10))
+
+
+def test_ect_target_uses_the_same_dropout_mask_as_the_online_pass():
+    """With r -> t the online and target passes see the same input; equal masks make the loss ~0."""
+    model = EDMPrecond(random_unet(dropout=0.5), SD, sigma_min=0.002).train()
+    loss = ECTLoss(sigma_data=SD, mapping="const", q=2.0)
+    loss.stage = 40  # (t - r)/t = 2^-20 (the floor): the target input is the online one to 1e-6
+    x0 = images(4)
+    t = torch.tensor([0.2, 0.7, 2.0, 10.0], dtype=torch.float64)
+    value = loss(model, x0, t=t, noise=torch.randn_like(x0))
+    distance = value * (t - loss.t_to_r(t))  # undo the 1/(t - r) weight: ||f(x_t, t) - f(x_r, r)||
+    # Two passes with different masks on one input differ by O(1); equal masks by O(t - r).
+    x_t = x0 + t.view(-1, 1, 1, 1) * torch.randn_like(x0)
+    with torch.no_grad():
+        other_masks = (model(x_t, t) - model(x_t, t)).flatten(1).norm(dim=1)
+    assert other_masks.min() > 1e-2
+    assert distance.max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# sCM against its equations
+
+
+@pytest.mark.parametrize("wrapper", ["native", "converted"])
+def test_scm_jvp_tangent_matches_a_central_finite_difference(wrapper):
+    net = random_unet(seed=2)
+    model = TrigFlowPrecond(net, SD) if wrapper == "native" else EDMAsTrigFlow(EDMPrecond(net, SD))
+    loss = SCMLoss("sct", sigma_data=SD)
+    x0 = images(4)
+    z = SD * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    t = torch.tensor([0.1, 0.6, 1.1, 1.5], dtype=torch.float64)
+    cos_t, sin_t = t.cos().view(-1, 1, 1, 1), t.sin().view(-1, 1, 1, 1)
+    x_t = cos_t * x0 + sin_t * z
+    dxt_dt = cos_t * z - sin_t * x0
+    F_minus, scaled_dF = loss.tangent(model, x_t, t, dxt_dt)
+
+    # Central difference of F along the same tangent direction (v_x, v_t).
+    v_x, v_t = cos_t * sin_t * dxt_dt, SD * t.cos() * t.sin()
+    eps = 1e-6
+    with torch.no_grad():
+        plus = model.F(x_t / SD + eps * v_x, t + eps * v_t)
+        minus = model.F(x_t / SD - eps * v_x, t - eps * v_t)
+        central = (plus - minus) / (2 * eps)
+        torch.testing.assert_close(F_minus, model.F(x_t / SD, t))
+    assert central.abs().max() > 1e-3
+    assert relative_error(scaled_dF, central) < 1e-3
+    # ... which is sd cos t sin t times the total derivative of F along the data path.
+    with torch.no_grad():
+        def along_path(s):
+            x_s = s.cos().view(-1, 1, 1, 1) * x0 + s.sin().view(-1, 1, 1, 1) * z
+            return model.F(x_s / SD, s)
+        total = (along_path(t + eps) - along_path(t - eps)) / (2 * eps)
+    assert relative_error(scaled_dF, SD * cos_t * sin_t * total) < 1e-3
+
+
+@pytest.mark.parametrize("method,from_teacher", [("sct", False), ("sct", True), ("scd", True), ("scd", False)])
+def test_scm_loss_is_finite_with_a_nonzero_gradient(tmp_path, method, from_teacher):
+    teacher_path = tmp_path / "teacher.pt"
+    _write_teacher(teacher_path)
+    config = RunConfig(method=method, preset="xxs", budget_iters=10, batch_size=8,
+                       teacher_ckpt=str(teacher_path) if (from_teacher or method == "scd") else None)
+    torch.manual_seed(0)
+    built = build_method(config, img_channels=1)
+    if method == "scd" and not from_teacher:
+        # sCD from a fresh student: the loss must train it too (build_method starts sCD from the teacher).
+        built.model = TrigFlowPrecond(build_unet("xxs", 16, 1), SD)
+    assert isinstance(built.model, EDMAsTrigFlow if from_teacher else TrigFlowPrecond)
+    assert (built.teacher is not None) == (method == "scd")
+    built.set_iteration(10**6)  # full tangent warm-up
+    x0 = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    value = built.loss(x0)
+    assert value.shape == (8,) and torch.isfinite(value).all()
+    value.mean().backward()
+    network_grad = sum(float(p.grad.abs().sum()) for p in built.model.parameters() if p.grad is not None)
+    weight_grad = sum(float(p.grad.abs().sum()) for p in built.extra_modules[0].parameters())
+    assert math.isfinite(network_grad) and network_grad > 0
+    assert math.isfinite(weight_grad) and weight_grad > 0
+
+
+def test_scm_warmup_ramps_the_tangent_weight_from_zero_to_one():
+    loss = SCMLoss("sct", warmup_iters=100)
+    values = []
+    for iteration in (0, 50, 100, 1000):
+        loss.set_iteration(iteration)
+        values.append(loss.warmup)
+    assert values == [0.0, 0.5, 1.0, 1.0]
+    t = loss.sample_t(10_000, torch.device("cpu"))
+    tau = torch.log(SD * t.tan())  # tan t = exp(tau) / sd, tau ~ N(-1.0, 1.4^2)
+    assert abs(float(tau.mean()) + 1.0) < 0.05 and abs(float(tau.std()) - 1.4) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# ECT far past its last stage
+
+
+def test_ect_loss_stays_finite_far_past_the_last_stage():
+    """The decay is floored (2^-20) so r never rounds to t and 1/(t - r) never divides by zero."""
+    model = EDMPrecond(random_unet(dtype=torch.float32), SD, sigma_min=0.002)
+    loss = ECTLoss(sigma_data=SD, mapping="const", iters_per_stage=1)
+    loss.set_iteration(10**6)
+    t64 = torch.logspace(-3, 3, 8, dtype=torch.float64)
+    assert torch.allclose((t64 - loss.t_to_r(t64)) / t64, torch.full_like(t64, 2.0**-20), rtol=1e-9)
+    t = t64.float()
+    assert (loss.t_to_r(t) < t).all()  # still resolvable in fp32
+    x0 = images(8, dtype=torch.float32)
+    value = loss(model, x0, t=t, noise=torch.randn_like(x0))
+    assert torch.isfinite(value).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# ECT's ImageNet-64 weighting (locuslab/ect, branch imgnet)
+
+
+def test_snrpk_weighting_is_one_over_t_squared_plus_one_over_sigma_data_squared():
+    loss = ECTLoss(weighting="snrpk", sigma_data=0.5)
+    t = torch.tensor([0.01, 0.3, 1.526, 80.0], dtype=torch.float64)
+    torch.testing.assert_close(loss.weight(t, 0.5 * t), 1 / t**2 + 1 / 0.25, rtol=1e-14, atol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -36,3 +38,14 @@ def test_a_cosine_run_takes_its_last_step_at_the_final_lr(tmp_path):
     state = torch.load(tmp_path / "run" / "ckpt" / "latest.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 12
     assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [pytest.approx(2.5e-4)]
+
+
+def test_inverse_square_root_lr_is_edm2s_learning_rate_schedule():
+    # EDM2's training_loop.learning_rate_schedule without ramp-up: ref_lr / sqrt(max(nimg / (ref_batches B), 1)),
+    # nimg the images seen before the step (step * B).
+    config = RunConfig(method="edm", preset="xxs", budget_iters=10, lr=1e-3, lr_schedule="inv_sqrt",
+                       lr_ref_batches=2000, batch_size=128)
+    for step in (0, 1999, 2000, 8000, 100_000):
+        nimg = step * 128
+        expected = 1e-3 / math.sqrt(max(nimg / (2000 * 128), 1))
+        assert learning_rate(config, step, 200_000) == pytest.approx(expected, rel=1e-12)

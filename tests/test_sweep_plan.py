@@ -199,3 +199,25 @@ def test_the_sweep_planner_plans_ect_iterations_as_the_trainer_does(tmp_path, mo
     for run in runs:
         assert run.iterations == iterations_for_budget(run.config)
         assert run.flops_per_step == flops_per_step(run.config)
+
+
+@pytest.mark.slow  # counts the FLOPs of the 280M-1.1B-parameter networks (about 20 s)
+def test_the_imagenet64_example_plans_ect_and_scd_over_edm2s_ladder(tmp_path):
+    from pathlib import Path
+
+    from cmscale.sweep.plan import plan_sweep
+    from cmscale.sweep.spec import load_spec
+
+    teacher = tmp_path / "teacher.pt"
+    teacher.touch()
+    example = Path(__file__).resolve().parents[1] / "examples" / "sweep_imagenet64_edm2.toml"
+    overrides = {"data_path": str(tmp_path), **{f"teacher.checkpoints.edm2-img64-{size}": str(teacher)
+                                                 for size in ("s", "m", "l", "xl")}}
+    runs = plan_sweep(load_spec(example, overrides), tmp_path / "results")
+    ect = {run.config.preset: run.config for run in runs if run.config.method == "ect"}
+    assert list(ect) == ["edm2-img64-s", "edm2-img64-m", "edm2-img64-l", "edm2-img64-xl"]
+    assert [config.lr for config in ect.values()] == [1e-3, 9e-4, 8e-4, 7e-4]
+    s = ect["edm2-img64-s"]
+    assert (s.label_dim, s.ect.weighting, s.ect.q, s.ect.t_mid, s.lr_schedule, s.lr_ref_batches, s.dropout_res) == (
+        1000, "snrpk", 4.0, 1.526, "inv_sqrt", 2000, 16)
+    assert {run.config.preset for run in runs if run.config.method == "scd"} == {"edm2-img64-s", "edm2-img64-m"}

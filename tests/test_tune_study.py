@@ -4,9 +4,13 @@ training (trials are asked and told by hand)."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import tomli_w
 from click.testing import CliRunner
+from optuna.trial import TrialState
 from run_folders import rows
 
 from cmscale.cli import main
@@ -137,3 +141,33 @@ def test_a_retried_trial_keeps_its_failed_attempt_in_trial_json_and_in_the_trial
     ingest(root)
     assert rows(root, "SELECT trial_number, state, attempt, reason, run_id FROM trials ORDER BY trial_number") == [
         (0, "FAIL", 1, "worker died", run_id), (1, "COMPLETE", 2, None, run_id)]
+
+
+def test_claim_fails_a_trial_with_a_stale_heartbeat_and_retries_it_in_the_same_run(tmp_path):
+    """A worker on another node cannot be asked for its pid: a heartbeat older than zombie_after_s
+    marks its trial FAIL, and the next claim gets the same params and run directory back."""
+    root = tmp_path / "r"
+    spec = parse_tune_spec({
+        "name": "zombie", "n_trials": 1, "zombie_after_s": 0.5,
+        "base": {"method": "edm", "preset": "xxs", "budget_iters": 8},
+        "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "objective": {"metrics": ["fid"]},
+    })
+    search = create_study(spec, root)
+    first = claim_trial(search)
+    lr = first.suggest_float("lr", 1e-4, 1e-2, log=True)
+    first.set_user_attr("worker_host", "node-elsewhere")
+    run_dir = root / "zombie" / "trial0000"
+    run_dir.mkdir(parents=True)
+    (run_dir / "heartbeat").touch()
+    assert claim_trial(search) is None  # alive: the study's one trial is taken
+    os.utime(run_dir / "heartbeat", (time.time() - 60, time.time() - 60))
+    time.sleep(0.6)
+    retry = claim_trial(search)
+    assert retry is not None and retry.number == 1
+    failed = search.study.get_trials()[0]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["retried"]
+    assert "heartbeat" in failed.user_attrs["fail_reason"]
+    assert retry.suggest_float("lr", 1e-4, 1e-2, log=True) == lr
+    assert search.frozen(retry.number).user_attrs["run_id"] == "trial0000"
+    assert read_json(run_dir / "trial.json")["state"] == "FAIL"
