@@ -1,4 +1,5 @@
-"""FLOP accounting (cmscale.accounting): counted step costs, the process-wide cache, budgets in FLOPs."""
+"""FLOP accounting (cmscale.accounting): counted step costs, the process-wide cache, budgets in FLOPs; ECT's
+expected cost summed stage by stage; a budget below one step refused with the step's FLOPs."""
 
 from __future__ import annotations
 

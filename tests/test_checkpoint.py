@@ -1,5 +1,7 @@
 """Checkpoints (cmscale.checkpoint): one CheckpointIO saves and loads every named part, keeps the previous good
-file, falls back to it past a torn latest one (set aside, named), and refuses a checkpoint of another run."""
+file, falls back to it past a torn latest one (set aside, named), and refuses a checkpoint of another run.
+A full disk at a checkpoint ends the run with one line and no temporary file; the run resumes once space is
+back."""
 
 from __future__ import annotations
 

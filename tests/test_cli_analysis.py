@@ -1,5 +1,6 @@
-"""`cmscale fit`: an option naming nothing in the sweep is refused with the choices, never a silent
-empty answer."""
+"""`cmscale fit` (cmscale.cli.analysis): power laws, joint laws, frontiers and ratios fitted from a CSV table;
+bad input names the file and the column; an option naming nothing in the sweep is refused with the choices,
+never a silent empty answer."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """submitit's job callables (cmscale.cluster.jobs) and the one failure writer (cmscale.train.record_failure):
-rank 0 alone writes a failure, by torchrun's RANK or else SLURM's task id; a pack records a run that raised
-(with its traceback) and goes on to the next."""
+rank 0 alone writes a failure, by torchrun's RANK or else SLURM's task id; a job dying at start-up records
+the exception; a pack trains each run in its folder, skips done ones, and records a run that raised (with
+its traceback) and goes on to the next."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The local executor (cmscale.cluster.launchers, sweep.status, sweep.launch): run states come from
 the run's process and its status.json, `sweep cancel` signals only the process it launched (pid and
-start time), and the launcher's training processes end with it. Real processes throughout."""
+start time), and the launcher's training processes end with it. Packed runs (``runs_per_job``): runs
+dealt to packs by cost, one process per pack, each run reported when it ends. Real processes throughout."""
 
 from __future__ import annotations
 

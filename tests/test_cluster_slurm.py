@@ -1,6 +1,6 @@
-"""The SLURM layer against fake ``sbatch``/``squeue``/``sacct``/``scancel``/``scontrol`` on PATH
-(as submitit tests itself): fast, beside the real-cluster tests (test_slurm_jobs.py,
-test_slurm_sweep.py), which stay.
+"""The SLURM layer (cmscale.cluster.slurm) against fake ``sbatch``/``squeue``/``sacct``/``scancel``/``scontrol``
+on PATH (as submitit tests itself): fast, beside the real-cluster tests (test_slurm_*.py), which stay; and
+array job ids as squeue and sacct print them.
 
 Each fake logs its command line (one JSON list per call) and answers from files the test writes:
 squeue prints ``queue.txt`` whatever it is asked (a queue shared with other users), sacct prints

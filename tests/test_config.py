@@ -1,5 +1,7 @@
 """The config edge (cmscale.config): overrides, TOML files and integer bounds give one message naming
-the file, the field and the fix, never a traceback from deep inside."""
+the file, the field and the fix, never a traceback from deep inside. Hostile values in every field of a
+run config are accepted and round-trip or are refused naming the field; unsafe names, non-finite floats
+and resolutions a dataset or preset cannot take are refused."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """EDM2's network (cmscale.models.edm2): EDM2's parameter counts, its equations, forced weight
-normalisation, class labels, and the explicit JVP path against torch.func.jvp and finite differences."""
+normalisation, class labels, dropout by resolution, and the explicit JVP path against torch.func.jvp and
+finite differences."""
 
 from __future__ import annotations
 

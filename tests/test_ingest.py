@@ -1,6 +1,7 @@
-"""Ingest never lets one run block a root, never replaces one eval's number with another's, reads a
-line the same way whichever parser reads it, and forgets a sweep whose folder is gone. Run folders
-written with the real writers; a real DuckDB file."""
+"""Ingest (cmscale.results.ingest) never lets one run block a root, never replaces one eval's number with
+another's, reads a line the same way whichever parser reads it, and forgets a sweep whose folder is gone;
+exact counts under concurrent writers and ingests, resume rewrites, no-op re-ingest, a run is (sweep,
+run_id). Run folders written with the real writers; a real DuckDB file."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""The losses (cmscale.models.losses) against the official recipes where they used to differ (issue 14).
+"""The losses (cmscale.models.losses) against their equations and the official recipes.
 
 ECT against locuslab/ect's ECMLoss and ECMPrecond (main branch, CIFAR-10 setting), written out here
-independently from their equations; sCM's residual under bf16, its learned log-variance head and
-FastGen's tangent normalisation against closed forms.
+independently from their equations; ECT's target pass on the rows with r > 0 only; sCM's JVP tangent
+against finite differences, its residual under bf16, its learned log-variance head and FastGen's tangent
+normalisation against closed forms.
 """
 
 from __future__ import annotations

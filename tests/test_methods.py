@@ -1,8 +1,5 @@
-"""Methods against their equations: preconditioners, the EDM->TrigFlow map, ECT, sCM, samplers, FLOPs.
-
-Networks here get random (non-zero) weights, since the UNet's zero-initialised output layers would
-make F = 0 and hide errors in the maps. Checks that need tight tolerances run in float64.
-"""
+"""Methods (cmscale.methods): one recipe per method, the built method follows it, ECT's stage length, and an
+unreadable teacher named."""
 
 from __future__ import annotations
 
@@ -23,7 +20,7 @@ from cmscale.methods import (
 from cmscale.models.presets import build_unet
 
 # ---------------------------------------------------------------------------------------------
-# sCM
+# ECT's stage length
 
 
 def test_ect_stage_length_comes_from_the_budget_or_is_given(tmp_path):

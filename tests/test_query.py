@@ -1,7 +1,7 @@
 """`cmscale results query` and the store's connections: user SQL runs in DuckDB's sandbox (no file,
-extension or network is reached), a time limit and Ctrl-C interrupt the query (not the process),
-and a store file that cannot be used (empty, truncated, corrupt, newer, on a read-only root) gives
-one line naming the file and the fix. Real DuckDB files throughout."""
+extension or network is reached) and may not write, a time limit and Ctrl-C interrupt the query (not the
+process), a store file that cannot be used (empty, truncated, corrupt, newer, on a read-only root) gives
+one line naming the file and the fix, and exports equal the query. Real DuckDB files throughout."""
 
 from __future__ import annotations
 

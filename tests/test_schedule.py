@@ -1,4 +1,5 @@
-"""The learning-rate schedule (cmscale.schedule): warm-up, then constant or cosine to the final ratio."""
+"""The learning-rate schedule (cmscale.schedule): warm-up, then constant or cosine to the final ratio, or
+EDM2's inverse square root."""
 
 from __future__ import annotations
 

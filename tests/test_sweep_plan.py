@@ -1,4 +1,5 @@
-"""Sweep specs: deterministic planning, iso-FLOP iterations, and errors that name the field."""
+"""Sweep plans (cmscale.sweep.plan): deterministic planning, iso-FLOP iterations (ECT's as the trainer plans
+them), example specs, and errors that name the field."""
 
 import copy
 import tomllib

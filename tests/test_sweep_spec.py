@@ -1,7 +1,8 @@
 """Sweep specs (cmscale.sweep.spec, plan): a spec cannot move its runs to another sweep, a sweep name
 names one spec, a grid too large to plan is refused before anything is built, a missing teacher
 checkpoint fails planning, and names, seeds and files the store or the file system cannot hold
-are refused at the edge, each in one message naming the file and the field."""
+are refused at the edge, each in one message naming the file and the field; hostile values in every
+field accepted and round-tripped or refused naming it; size ladders defined in the spec plan and train."""
 
 from __future__ import annotations
 

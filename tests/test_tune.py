@@ -1,4 +1,4 @@
-"""Optuna searches (cmscale tune): trial counts, pruning, resume after a kill, spec errors.
+"""Optuna searches (cmscale tune) end to end: trial counts, pruning, resume after a kill.
 
 Every trial is a real (tiny) ECT run on digits with real FID evals; the studies share one EDM
 teacher trained once for the module.

@@ -1,6 +1,7 @@
 """Tune studies (cmscale.tune.study, spec): a study name names one spec, the journal survives a
-torn last line, grid values are validated with the rest of the space. Real Optuna journals; no
-training (trials are asked and told by hand)."""
+torn last line, grid values are validated with the rest of the space, a stale trial is failed and
+retried, and a retried trial keeps its failed attempt. Real Optuna journals; no training (trials are
+asked and told by hand)."""
 
 from __future__ import annotations
 
