@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from law_tables import _no_floor_no_size_data, isoflop_table
-from test_report import SWEEP, build_sweep
+from synthetic_sweep import SWEEP, build_sweep
 
 from cmscale.analysis.fit import evaluate_law
 from cmscale.analysis.synthetic import JOINT_TRUTH, joint_data

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_report import SWEEP, build_sweep
+from synthetic_sweep import SWEEP, build_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN = ("torch", "torchvision", "torch_fidelity", "sklearn")

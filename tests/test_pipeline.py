@@ -8,7 +8,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from test_report import SIZES, SWEEP, build_sweep
+from synthetic_sweep import SIZES, SWEEP, build_sweep
 
 from cmscale.cli import main
 

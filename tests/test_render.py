@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from test_report import SIZES, SWEEP, build_sweep
+from synthetic_sweep import SIZES, SWEEP, build_sweep
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import submitted_count, sweep
-from test_slurm_sweep import StatusWatcher, assert_steps_exactly_once, sacct_states, state_of, wait_until
+from slurm_watch import StatusWatcher, assert_steps_exactly_once, sacct_states, state_of, wait_until
 
 from cmscale.config import RunConfig
 from cmscale.rundir import read_job, read_json, read_metrics
