@@ -104,6 +104,12 @@ POSTHOC = {"A": ("ect-s-1e12-s0", {0.05: 0.8, 0.15: 0.9}),
            "B": ("ect-m-4e12-s0", {0.05: 1.1, 0.15: 0.85}),
            "C": ("ect-xs-2e13-s0", {0.05: 1.2, 0.15: 1.3})}
 GUIDED = "ect-xxs-1e12-s0"  # also sampled at guidance 2 (not its configured scale)
+# Quick 20-sample evals (`cmscale eval RUN --num-samples 20`) beside the 500-sample ones at a final
+# step, with wildly different FIDs, as factors of the 500-sample eval's: A's own EMA, C's post-hoc
+# 0.05 (each the lowest FID of its run, so `--ema best` would take it) and a teacher's Heun eval.
+FEW_SAMPLES = 20
+FEW = {(POSTHOC["A"][0], "eval", None): 0.1, (POSTHOC["C"][0], "eval-ema", 0.05): 0.5,
+       ("edm-s-6e13-s0", "eval", None): 10.0}
 
 
 def _final_evals(run_dir):
@@ -115,7 +121,8 @@ def _final_evals(run_dir):
 
 @pytest.fixture(scope="module")
 def ema_store(tmp_path_factory):
-    """The pipeline's sweep, plus post-hoc EMA evals and a guided eval appended as the CLI writes them."""
+    """The pipeline's sweep, plus post-hoc EMA evals, a guided eval and 20-sample evals (:data:`FEW`)
+    appended as the CLI writes them."""
     from cmscale.results import ingest
     from cmscale.rundir import MetricsWriter
 
@@ -133,6 +140,12 @@ def ema_store(tmp_path_factory):
     with MetricsWriter(root / SWEEP / GUIDED / "metrics.jsonl") as writer:
         for row in _final_evals(root / SWEEP / GUIDED):
             writer.write(row | {"guidance": 2.0, "guidance_kind": "classifier-free", "fid": row["fid"] / 4})
+    for (run_id, kind, width), factor in FEW.items():
+        with MetricsWriter(root / SWEEP / run_id / "metrics.jsonl") as writer:
+            for row in _final_evals(root / SWEEP / run_id):
+                factor_500 = POSTHOC_FACTOR_005.get(run_id, 1.0) if kind == "eval-ema" else 1.0
+                writer.write(row | {"kind": kind, "ema_sigma_rel": width, "num_samples": FEW_SAMPLES,
+                                    "fid": row["fid"] * factor_500 * factor})
     ingest(root)
     return root, finals
 
@@ -151,6 +164,25 @@ def test_the_default_reads_each_runs_own_ema_at_its_configured_guidance(ema_stor
     assert f"run {GUIDED}: 2 evals at guidance 2 left out" in json.dumps(report["warnings"])
     text = (tmp_path / "ema" / "report.md").read_text()
     assert "EMA: each run's own EMA" in text and "Guidance: each run's evals at its configured guidance" in text
+
+
+def test_a_few_sample_eval_beside_the_full_one_changes_no_fitted_number(ema_store, store):
+    from cmscale.results import query
+
+    root, _ = ema_store
+    # The store keeps both evals of each point (num_samples is in the eval key) ...
+    kept = query("SELECT run_id, num_samples, count(*) AS n FROM evals WHERE step = (SELECT max(x.step) FROM evals x "
+                 "WHERE x.sweep = evals.sweep AND x.run_id = evals.run_id) GROUP BY ALL", root=root, ingest_first=False)
+    counts = {(r["run_id"], r["num_samples"]): r["n"] for r in kept.to_dicts()}
+    for run_id, *_ in FEW:
+        assert counts[run_id, FEW_SAMPLES] == (2 if run_id.startswith("ect") else 1), run_id
+        assert counts[run_id, 500] >= counts[run_id, FEW_SAMPLES]
+    # ... and every analysis reads the 500-sample one: the fits and the ratio as without the 20-sample rows.
+    draws = ["--n-draws", "0"]
+    for command in (["fit", "powerlaw", "--metric", "fid_2step", *draws],
+                    ["fit", "frontier", "--metric", "fid_2step", *draws], ["fit", "ratio", "--budget", "all"]):
+        few, plain = (cli_json(*command, "--sweep", SWEEP, "--root", str(where)) for where in (root, store))
+        assert few == plain, command
 
 
 def test_ema_best_takes_each_runs_lowest_final_fid_in_the_report_and_the_fits(ema_store, tmp_path):

@@ -21,7 +21,9 @@ teacher_run_id, step, train_flops, images_seen, sampler_steps, nfe, fid, extract
 sampling_flops_per_image, ema_sigma_rel, ema_posthoc.
 
 Which evals: each run's at its configured guidance scale, of one EMA per run (:class:`EmaChoice`,
-``--ema``): by default the run's own EMA, the one evaluated during training.
+``--ema``): by default the run's own EMA, the one evaluated during training; of evals that differ
+only in their sample count (``cmscale eval RUN --num-samples 20`` beside a 500-sample eval), the one
+with the most samples (:func:`chosen_evals_cte`, the one place that picks them).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cmscale.results.schema import EVAL_KEY
 from cmscale.rundir import DB_FILE
 
 TEACHER_METHOD = "edm"
@@ -137,17 +140,28 @@ GUIDANCE_DESCRIPTION = ("Guidance: each run's evals at its configured guidance s
                         "guidance); evals at another scale are left out and counted in the warnings.")
 
 
+# An eval's key without num_samples: the evals of one measurement point that differ only in their
+# sample count (a 20-sample check beside the 500-sample eval), of which the analysis reads one.
+_POINT_KEY = ", ".join(f"e.{column}" for column in EVAL_KEY if column != "num_samples")
+
+
 def chosen_evals_cte(sweep: str, ema: EmaChoice | None = None) -> str:
     """``WITH`` clauses ending in ``chosen_evals``: the evals of the sweep's finished runs at each
-    run's configured guidance, of the EMA that ``ema`` picks (:class:`EmaChoice`)."""
+    run's configured guidance, of the EMA that ``ema`` picks (:class:`EmaChoice`); of evals that
+    differ only in their sample count, the one with the most samples (as the store's ``latest_eval``),
+    so a quick few-sample eval never becomes a second point nor replaces the number."""
     ema = ema or EmaChoice()
     s = sql_literal(sweep)
-    where = f"r.sweep = {s} AND r.status = 'done'\n    AND {_CONFIGURED_GUIDANCE}"
-    if ema.is_default:
-        return f"""WITH chosen_evals AS (  -- each run's own EMA, at its configured guidance
+    run_evals = f"""WITH run_evals AS (  -- at each run's configured guidance; per eval key, the most samples
   SELECT e.* FROM evals e JOIN runs r USING (sweep, run_id)
-  WHERE {where}
-    AND NOT e.ema_posthoc
+  WHERE r.sweep = {s} AND r.status = 'done'
+    AND {_CONFIGURED_GUIDANCE}
+  QUALIFY row_number() OVER (PARTITION BY {_POINT_KEY} ORDER BY e.num_samples DESC NULLS LAST) = 1
+)"""
+    if ema.is_default:
+        return f"""{run_evals},
+chosen_evals AS (  -- each run's own EMA
+  SELECT * FROM run_evals WHERE NOT ema_posthoc
 )"""
     if ema.mode == "best":
         pick = "WHERE fid IS NOT NULL"
@@ -157,23 +171,22 @@ def chosen_evals_cte(sweep: str, ema: EmaChoice | None = None) -> str:
         pick = f"WHERE ema_sigma_rel = {float(ema.width)!r}"
         order = "ema_posthoc"
         comment = f"ema_sigma_rel = {ema.width:g}, the run's own EMA before a post-hoc one"
-    return f"""WITH ema_final AS (  -- the last eval of each EMA (own or post-hoc, by width) of each run
-  SELECT e.sweep, e.run_id, e.sampler_steps, e.extractor, e.ema_posthoc, e.ema_sigma_rel, e.fid
-  FROM evals e JOIN runs r USING (sweep, run_id)
-  WHERE {where}
-  QUALIFY e.step = max(e.step) OVER (
-    PARTITION BY e.sweep, e.run_id, e.sampler_steps, e.extractor, e.ema_posthoc, e.ema_sigma_rel)
+    return f"""{run_evals},
+ema_final AS (  -- the last eval of each EMA (own or post-hoc, by width) of each run
+  SELECT sweep, run_id, sampler_steps, extractor, ema_posthoc, ema_sigma_rel, fid
+  FROM run_evals
+  QUALIFY step = max(step) OVER (
+    PARTITION BY sweep, run_id, sampler_steps, extractor, ema_posthoc, ema_sigma_rel)
 ),
 ema_taken AS (  -- per run, sampler step count and extractor: {comment}
   SELECT * FROM ema_final {pick}
   QUALIFY row_number() OVER (PARTITION BY sweep, run_id, sampler_steps, extractor ORDER BY {order}) = 1
 ),
 chosen_evals AS (
-  SELECT e.* FROM evals e JOIN runs r USING (sweep, run_id)
+  SELECT e.* FROM run_evals e
   JOIN ema_taken t ON t.sweep = e.sweep AND t.run_id = e.run_id AND t.sampler_steps = e.sampler_steps
     AND t.extractor = e.extractor AND t.ema_posthoc = e.ema_posthoc
     AND t.ema_sigma_rel IS NOT DISTINCT FROM e.ema_sigma_rel
-  WHERE {where}
 )"""
 
 
