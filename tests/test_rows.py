@@ -1,4 +1,4 @@
-"""Rows from the run folders (cmscale.results.rows): one badly typed value or torn line costs one row,
+"""Rows from the run folders (cmscale.results.files, .lines, .rows): one badly typed value or torn line costs one row,
 reported with the file, the byte offset and the field; malformed config and done files are named."""
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 - :mod:`cmscale.results.schema`: tables, views, column types and migrations.
 - :mod:`cmscale.results.db`: connections (back-off while the file is held, read-only queries).
-- :mod:`cmscale.results.rows`: ``metrics.jsonl`` and the run's JSON files -> rows; the ingest report.
+- :mod:`cmscale.results.files`: a run folder's files as scanned and remembered; the new lines of ``metrics.jsonl``.
+- :mod:`cmscale.results.lines`: JSON lines -> a typed frame (bad lines skipped and reported).
+- :mod:`cmscale.results.rows`: that frame and the run's JSON files -> train, eval, runs and trials rows.
+- :mod:`cmscale.results.ingest_report`: what an ingest did and each problem with its file.
 - :mod:`cmscale.results.ingest`: scanning a results root and the locked, batched, incremental ingest.
 
 :func:`query` is the one entry that does both: an incremental ingest, then a read-only query.
@@ -29,7 +32,7 @@ from cmscale.results.db import (
     refuse_writes,
 )
 from cmscale.results.ingest import ingest
-from cmscale.results.rows import IngestReport
+from cmscale.results.ingest_report import IngestReport
 from cmscale.results.schema import SCHEMA_VERSION, ReadOnlyQueryError, StoreError, migrate
 from cmscale.rundir import DB_FILE
 

@@ -5,7 +5,8 @@ Jobs never open the database. They write only into ``<root>/<sweep>/<run_id>/`` 
 
 * Ingests are serialised by an advisory ``flock`` on ``<root>/.cmscale-ingest.lock``, so two
   concurrent ``cmscale results ingest`` cannot both read the same new bytes.
-* Files are parsed with no connection open (:mod:`cmscale.results.rows`); the write connection is
+* Files are read (:mod:`~cmscale.results.files`) and parsed (:mod:`~cmscale.results.lines`,
+  :mod:`~cmscale.results.rows`) with no connection open; the write connection is
   held only for one transaction per batch of about ``BATCH_BYTES`` new bytes, retrying with
   backoff while someone else holds the file (:mod:`cmscale.results.db`).
 * An unchanged (size, mtime, inode) means a file is not even opened, so a no-op ingest costs one
@@ -43,18 +44,14 @@ from cmscale.results.db import (
     open_db,
     unusable_store,
 )
+from cmscale.results.files import Known, MetricsChunk, RunFiles, Seen, read_new_lines
+from cmscale.results.ingest_report import IngestReport
+from cmscale.results.lines import parse_chunks
 from cmscale.results.rows import (
     RUN_JSON_FILES,
-    IngestReport,
-    Known,
-    MetricsChunk,
-    RunFiles,
-    Seen,
     evaluated_ema_sigma_rel,
     fit_integers,
     load_object,
-    parse_chunks,
-    read_new_lines,
     run_row,
     split_rows,
     text,
