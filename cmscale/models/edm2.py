@@ -57,10 +57,13 @@ def _norm_dims(x: torch.Tensor, dim: int | Sequence[int] | None) -> list[int]:
 
 def normalize(x: torch.Tensor, dim: int | Sequence[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
     """x / (eps + ||x|| / sqrt(n)) over ``dim`` (all but the first by default), n the number of reduced values."""
-    dims = _norm_dims(x, dim)
-    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=_at_least_fp32(x.dtype))
-    scale = math.sqrt(norm.numel() / x.numel())
-    return x / (norm * scale + eps).to(x.dtype)
+    return x / _norm_divisor(x, dim, eps).to(x.dtype)
+
+
+def _norm_divisor(x: torch.Tensor, dim: int | Sequence[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """eps + ||x|| / sqrt(n) over ``dim``, kept as size-1 dimensions (at least fp32)."""
+    norm = torch.linalg.vector_norm(x, dim=_norm_dims(x, dim), keepdim=True, dtype=_at_least_fp32(x.dtype))
+    return torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))  # one op (and one autograd node)
 
 
 def normalize_with_tangent(x: torch.Tensor, dx: torch.Tensor, dim: int, eps: float = 1e-4) -> Pair:
@@ -85,6 +88,12 @@ def mp_silu_with_tangent(x: torch.Tensor, dx: torch.Tensor) -> Pair:
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """((1 - t) a + t b) / sqrt((1 - t)^2 + t^2): a weighted sum that keeps unit magnitude."""
     return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+
+
+def _mp_sum_weights(t: float) -> tuple[float, float]:
+    """(w_a, w_b) with mp_sum(a, b, t) = w_a a + w_b b."""
+    norm = math.sqrt((1 - t) ** 2 + t**2)
+    return (1 - t) / norm, t / norm
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
@@ -152,9 +161,13 @@ class MPConv(nn.Module):
         weight = self.weight.to(_at_least_fp32(self.weight.dtype))
         if self.training and self.force_normalize:
             with torch.no_grad():
-                self.weight.copy_(normalize(weight))
-        weight = normalize(weight) * (gain / math.sqrt(weight[0].numel()))
-        return weight.to(dtype or weight.dtype)
+                if weight is self.weight:  # fp32/fp64: in place, and ``weight`` is the renormalised one
+                    self.weight.div_(_norm_divisor(weight))
+                else:  # a low-precision store: EDM2 normalises the fp32 copy taken before the update
+                    self.weight.copy_(normalize(weight))
+        # gain / (sqrt(fan_in) ||w||) per output channel first (a small tensor), then one pass over the weight
+        scale = gain / math.sqrt(weight[0].numel()) / _norm_divisor(weight)
+        return (weight * scale).to(dtype or weight.dtype)
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 2:
@@ -222,24 +235,29 @@ class Block(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # The constant factors of mp_silu and mp_sum that meet a convolution are folded into its gain (they
+        # scale the small weight instead of the activations): the same maps as mp_silu and mp_sum, with
+        # fewer passes over the activations, forward and backward.
         x = resample(x, self.resample_filter, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
             x = normalize(x, dim=1)
-        y = self.conv_res0(mp_silu(x))
+        y = self.conv_res0(F.silu(x), gain=1 / MP_SILU_SCALE)
         scale = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * scale[:, :, None, None].to(y.dtype))
-        y = self.conv_res1(self.dropout(y))
+        y = F.silu(y * scale[:, :, None, None].to(y.dtype))
+        main, branch = _mp_sum_weights(self.res_balance)
+        y = self.conv_res1(self.dropout(y), gain=branch / MP_SILU_SCALE)
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
-        x = mp_sum(x, y, t=self.res_balance)
+        x = torch.add(y, x, alpha=main)  # mp_sum(x, y, res_balance)
         if self.num_heads:
             q, k, v = normalize(self._split_heads(self.attn_qkv(x)), dim=2).unbind(3)
             # softmax over keys of q^T k / sqrt(c), per head; heads (n, h, c, pixels)
             weights = (q.transpose(2, 3) @ (k / math.sqrt(q.shape[2]))).softmax(dim=3)
             y = (v @ weights.transpose(2, 3)).reshape(x.shape)
-            x = mp_sum(x, self.attn_proj(y), t=self.attn_balance)
+            main, branch = _mp_sum_weights(self.attn_balance)
+            x = torch.add(self.attn_proj(y, gain=branch), x, alpha=main)  # mp_sum(x, attn_proj(y), attn_balance)
         if self.clip_act is not None:
             x = x.clamp_(-self.clip_act, self.clip_act)  # in place: x is the fresh output of mp_sum
         return x
