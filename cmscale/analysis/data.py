@@ -39,7 +39,7 @@ import pandas as pd
 from cmscale.results.schema import EVAL_KEY
 from cmscale.rundir import DB_FILE
 
-TEACHER_METHOD = "edm"
+TEACHER_METHOD = "edm"  # the method column of a teacher run in the store (``is_teacher``)
 _METRIC = re.compile(r"^fid_(\d+)step$")
 
 
@@ -60,6 +60,13 @@ def parse_metric(name: str) -> Metric:
     if not match or int(match.group(1)) < 1:
         raise ValueError(f"unknown metric {name!r}; use fid_<k>step with k >= 1, e.g. fid_1step or fid_2step")
     return Metric(name, int(match.group(1)))
+
+
+def is_teacher(name):
+    """Whether a stored run's method ``name`` (or each of a pandas column of them) is a teacher's,
+    evaluated with Heun's sampler at its own step count: the analysis's one test of it. It reads
+    names from the store, so it does not ask the recipe table (cmscale.methods imports torch)."""
+    return name == TEACHER_METHOD
 
 
 def sql_literal(value: str) -> str:
@@ -193,7 +200,7 @@ chosen_evals AS (
 def points_sql(sweep: str, method: str, metric: Metric, ema: EmaChoice | None = None) -> str:
     """Every eval of ``method``'s finished runs at the metric's sampler steps (teachers: their
     largest Heun step count), of the EMA ``ema`` picks, ordered by size and compute."""
-    if method == TEACHER_METHOD:
+    if is_teacher(method):
         steps = ("e.sampler_steps = (SELECT max(x.sampler_steps) FROM chosen_evals x "
                  "WHERE x.sweep = r.sweep AND x.run_id = r.run_id)")
     else:
@@ -334,7 +341,7 @@ def frontier_points(points: pd.DataFrame) -> pd.DataFrame:
 def sweep_methods(runs: pd.DataFrame) -> list[str]:
     """Methods present in a runs table, teachers last."""
     methods = sorted(set(runs["method"]))
-    return [m for m in methods if m != TEACHER_METHOD] + ([TEACHER_METHOD] if TEACHER_METHOD in methods else [])
+    return [m for m in methods if not is_teacher(m)] + [m for m in methods if is_teacher(m)]
 
 
 def pick_extractor(points: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:

@@ -96,7 +96,7 @@ class MethodAnalysis:
 
     @property
     def title(self) -> str:
-        if self.method == D.TEACHER_METHOD:
+        if D.is_teacher(self.method):
             return "teacher (edm, Heun)"
         return f"{self.method}, {self.metric.sampler_steps}-step"
 
@@ -120,7 +120,7 @@ def sweep_budgets(points: pd.DataFrame) -> np.ndarray:
 
 def is_size_ladder(method: str, points: pd.DataFrame) -> bool:
     """Teachers of one run per size: FID by size, no compute sweep to fit."""
-    return method == D.TEACHER_METHOD and points.groupby("preset")["run_id"].nunique().max() == 1
+    return D.is_teacher(method) and points.groupby("preset")["run_id"].nunique().max() == 1
 
 
 def size_ladder(points: pd.DataFrame) -> pd.DataFrame:

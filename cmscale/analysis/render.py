@@ -187,7 +187,7 @@ def draw_figures(analysis: SweepAnalysis, fig_dir: Path | str) -> list[FigureRec
     fig_dir = Path(fig_dir)
     records = []
     for result in analysis.methods:
-        stem = f"{result.method}_{result.metric.name}" if result.method != D.TEACHER_METHOD else "teacher"
+        stem = "teacher" if D.is_teacher(result.method) else f"{result.method}_{result.metric.name}"
         records.append(_compute_figure(result, fig_dir, stem))
         if result.optimal is not None and len(result.optimal.optima):
             records.append(_n_opt_figure(result, fig_dir, stem))

@@ -128,7 +128,7 @@ def _analyse_sweep(root: Path, sweep: str, *, n_draws: int, seed: int, ema: D.Em
     warnings.extend(guidance_warnings)
     methods: list[MethodAnalysis] = []
     for method in D.sweep_methods(runs):
-        if method == D.TEACHER_METHOD:
+        if D.is_teacher(method):
             metric_names = ["fid_1step"]  # teachers: the metric means their own Heun eval
         else:
             steps = sorted(int(s) for s in finals.loc[finals["method"] == method, "sampler_steps"].unique())
@@ -147,7 +147,7 @@ def _analyse_sweep(root: Path, sweep: str, *, n_draws: int, seed: int, ema: D.Em
     if note:
         warnings.append(Warning_("data", f"teacher-student pairs: {note}"))
     ratio = ratio_table(pairs) if len(pairs) else {}
-    if pairs.empty and (runs["method"] != D.TEACHER_METHOD).any():
+    if pairs.empty and (~D.is_teacher(runs["method"])).any():
         warnings.append(
             Warning_(
                 "data",
@@ -200,7 +200,7 @@ def sampling_points(finals: pd.DataFrame) -> pd.DataFrame:
         ["sampling_flops_per_image", "fid"]
     ].mean()
     rows["label"] = np.where(
-        rows["method"] == D.TEACHER_METHOD,
+        D.is_teacher(rows["method"]),
         "edm Heun " + rows["sampler_steps"].astype(str) + " steps",
         rows["method"] + " " + rows["sampler_steps"].astype(str) + "-step",
     )
@@ -343,7 +343,7 @@ def findings(analysis: SweepAnalysis) -> dict:
         methods.append(
             {
                 "method": result.method,
-                "sampler_steps": result.metric.sampler_steps if result.method != D.TEACHER_METHOD else None,
+                "sampler_steps": None if D.is_teacher(result.method) else result.metric.sampler_steps,
                 "title": result.title,
                 "n_runs": int(result.points["run_id"].nunique()),
                 "n_evals": len(result.points),
