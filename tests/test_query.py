@@ -85,11 +85,25 @@ def test_ctrl_c_stops_a_query_with_one_line(tmp_path):
             f"'--root', {str(tmp_path)!r}])")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
-    time.sleep(4)  # imports, then the query runs
+    # Signal once the command holds the store open (imports done, inside the command), not after a
+    # fixed sleep: on a loaded machine the imports alone can outlast any sleep.
+    store = str(tmp_path / DB_FILE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not _holds_open(process.pid, store):
+        time.sleep(0.1)
+    time.sleep(1.0)  # the query is running
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1, (out, err)
     assert "Ctrl-C" in err and "Traceback" not in err
+
+
+def _holds_open(pid: int, path: str) -> bool:
+    """Whether process ``pid`` has ``path`` open (read from /proc)."""
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == path for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
