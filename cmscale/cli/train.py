@@ -8,28 +8,15 @@ from pathlib import Path
 
 import click
 
-from cmscale.cli.options import ROOT_OPTION
+from cmscale.cli.options import ROOT_OPTION, parse_overrides
 from cmscale.config import (
     ConfigError,
     RunConfig,
     load_run_config,
-    parse_override,
     resolve_path,
     safe_path_component,
 )
 from cmscale.rundir import DONE_FILE, RunState, read_json, write_status
-
-
-def _overrides(texts: tuple[str, ...]) -> dict:
-    """``--set KEY=VALUE`` options as {dotted key: value}."""
-    overrides = {}
-    for text in texts:
-        try:
-            key, value = parse_override(text)
-        except ValueError as error:
-            raise click.BadParameter(str(error), param_hint="--set") from None
-        overrides[key] = value
-    return overrides
 
 
 def default_run_dir(config: RunConfig, toml_path: Path, root: Path) -> Path:
@@ -82,7 +69,7 @@ def train_command(run_toml: Path, out: Path | None, root: Path, overrides: tuple
     from cmscale.train import train
 
     try:
-        config = load_run_config(run_toml, _overrides(overrides))
+        config = load_run_config(run_toml, parse_overrides(overrides))
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     if config.teacher_ckpt:  # a relative path: from the working directory, else beside RUN_TOML

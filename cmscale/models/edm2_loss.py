@@ -15,26 +15,20 @@ from dataclasses import dataclass
 
 import torch
 
-from cmscale.models.precond import EDMPrecond, _per_sample
+from cmscale.models.losses import EDMLoss
+from cmscale.models.precond import EDMPrecond
 
 
 @dataclass(eq=False)
-class EDM2Loss:
+class EDM2Loss(EDMLoss):
+    """EDM's loss (the same sigma draw and lambda) under the learned uncertainty u(sigma) above."""
+
     P_mean: float = -0.8
     P_std: float = 1.6
-    sigma_data: float = 0.5
-
-    def sample_sigma(self, batch: int, device: torch.device) -> torch.Tensor:
-        return (torch.randn(batch, device=device) * self.P_std + self.P_mean).exp()
-
-    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def __call__(self, model: EDMPrecond, x0: torch.Tensor, sigma: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = self.sample_sigma(x0.shape[0], x0.device) if sigma is None else sigma
-        noise = torch.randn_like(x0) if noise is None else noise
-        denoised = model(x0 + _per_sample(sigma, x0) * noise, sigma, labels)
+        sigma, denoised = self.denoise(model, x0, sigma, noise, labels)
         logvar = model.net.logvar(sigma.log() / 4)
         squared = (denoised - x0).square().flatten(1).sum(dim=1)
         return self.weight(sigma) / logvar.exp() * squared + logvar * x0[0].numel()

@@ -58,11 +58,16 @@ class EDMLoss:
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
-    def __call__(self, model: EDMPrecond, x0: torch.Tensor, sigma: torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise(self, model: EDMPrecond, x0: torch.Tensor, sigma: torch.Tensor | None,
+                noise: torch.Tensor | None, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma, D(x0 + sigma n, sigma)), drawing sigma and then n where they are not given."""
         sigma = self.sample_sigma(x0.shape[0], x0.device) if sigma is None else sigma
         noise = torch.randn_like(x0) if noise is None else noise
-        denoised = model(x0 + _per_sample(sigma, x0) * noise, sigma, labels)
+        return sigma, model(x0 + _per_sample(sigma, x0) * noise, sigma, labels)
+
+    def __call__(self, model: EDMPrecond, x0: torch.Tensor, sigma: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma, denoised = self.denoise(model, x0, sigma, noise, labels)
         return self.weight(sigma) * _sum_per_sample((denoised - x0) ** 2)
 
 

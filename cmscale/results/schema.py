@@ -192,6 +192,30 @@ def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
         LEFT JOIN last_fid USING (run_id)""")
 
 
+# One row per run (schema 2 on): the runs columns, the final logged loss and the latest 1- and 2-step
+# FID (the alphabetically first extractor when several measured the same step).
+_RUN_SUMMARY_VIEW = """
+        CREATE VIEW run_summary AS
+        WITH last_train AS (
+            SELECT sweep, run_id, arg_max(loss, step) AS final_loss, max(step) AS last_train_step,
+                   count(*) AS n_train_rows
+            FROM train GROUP BY sweep, run_id),
+        last_fid AS (
+            SELECT sweep, run_id,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 1) AS fid_1step,
+                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 2) AS fid_2step,
+                   min(extractor) AS fid_extractor,
+                   max(step) AS last_eval_step,
+                   max(train_flops) AS eval_train_flops
+            FROM latest_eval GROUP BY sweep, run_id)
+        SELECT runs.*, last_train.final_loss, last_train.last_train_step, last_train.n_train_rows,
+               last_fid.fid_1step, last_fid.fid_2step, last_fid.fid_extractor,
+               last_fid.last_eval_step, last_fid.eval_train_flops
+        FROM runs
+        LEFT JOIN last_train USING (sweep, run_id)
+        LEFT JOIN last_fid USING (sweep, run_id)"""
+
+
 def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
     """Run identity (sweep, run_id) in every table, view and join; every attempt of a trial.
 
@@ -240,26 +264,7 @@ def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
         CREATE VIEW latest_eval AS
         SELECT * FROM evals
         QUALIFY step = max(step) OVER (PARTITION BY sweep, run_id, sampler_steps)""")
-    con.execute("""
-        CREATE VIEW run_summary AS
-        WITH last_train AS (
-            SELECT sweep, run_id, arg_max(loss, step) AS final_loss, max(step) AS last_train_step,
-                   count(*) AS n_train_rows
-            FROM train GROUP BY sweep, run_id),
-        last_fid AS (
-            SELECT sweep, run_id,
-                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 1) AS fid_1step,
-                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 2) AS fid_2step,
-                   min(extractor) AS fid_extractor,
-                   max(step) AS last_eval_step,
-                   max(train_flops) AS eval_train_flops
-            FROM latest_eval GROUP BY sweep, run_id)
-        SELECT runs.*, last_train.final_loss, last_train.last_train_step, last_train.n_train_rows,
-               last_fid.fid_1step, last_fid.fid_2step, last_fid.fid_extractor,
-               last_fid.last_eval_step, last_fid.eval_train_flops
-        FROM runs
-        LEFT JOIN last_train USING (sweep, run_id)
-        LEFT JOIN last_fid USING (sweep, run_id)""")
+    con.execute(_RUN_SUMMARY_VIEW)
 
 
 def _migration_3(con: duckdb.DuckDBPyConnection) -> None:
@@ -286,26 +291,7 @@ def _migration_3(con: duckdb.DuckDBPyConnection) -> None:
         QUALIFY step = max(step) OVER (PARTITION BY sweep, run_id, sampler_steps)
             AND coalesce(num_samples, 0) = max(coalesce(num_samples, 0))
                 OVER (PARTITION BY sweep, run_id, sampler_steps, step, extractor)""")
-    con.execute("""
-        CREATE VIEW run_summary AS
-        WITH last_train AS (
-            SELECT sweep, run_id, arg_max(loss, step) AS final_loss, max(step) AS last_train_step,
-                   count(*) AS n_train_rows
-            FROM train GROUP BY sweep, run_id),
-        last_fid AS (
-            SELECT sweep, run_id,
-                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 1) AS fid_1step,
-                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 2) AS fid_2step,
-                   min(extractor) AS fid_extractor,
-                   max(step) AS last_eval_step,
-                   max(train_flops) AS eval_train_flops
-            FROM latest_eval GROUP BY sweep, run_id)
-        SELECT runs.*, last_train.final_loss, last_train.last_train_step, last_train.n_train_rows,
-               last_fid.fid_1step, last_fid.fid_2step, last_fid.fid_extractor,
-               last_fid.last_eval_step, last_fid.eval_train_flops
-        FROM runs
-        LEFT JOIN last_train USING (sweep, run_id)
-        LEFT JOIN last_fid USING (sweep, run_id)""")
+    con.execute(_RUN_SUMMARY_VIEW)
 
 
 def _migration_4(con: duckdb.DuckDBPyConnection) -> None:
@@ -337,26 +323,7 @@ def _migration_4(con: duckdb.DuckDBPyConnection) -> None:
         QUALIFY step = max(step) OVER (PARTITION BY sweep, run_id, sampler_steps)
             AND coalesce(num_samples, 0) = max(coalesce(num_samples, 0))
                 OVER (PARTITION BY sweep, run_id, sampler_steps, step, extractor)""")
-    con.execute("""
-        CREATE VIEW run_summary AS
-        WITH last_train AS (
-            SELECT sweep, run_id, arg_max(loss, step) AS final_loss, max(step) AS last_train_step,
-                   count(*) AS n_train_rows
-            FROM train GROUP BY sweep, run_id),
-        last_fid AS (
-            SELECT sweep, run_id,
-                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 1) AS fid_1step,
-                   first(fid ORDER BY extractor) FILTER (WHERE sampler_steps = 2) AS fid_2step,
-                   min(extractor) AS fid_extractor,
-                   max(step) AS last_eval_step,
-                   max(train_flops) AS eval_train_flops
-            FROM latest_eval GROUP BY sweep, run_id)
-        SELECT runs.*, last_train.final_loss, last_train.last_train_step, last_train.n_train_rows,
-               last_fid.fid_1step, last_fid.fid_2step, last_fid.fid_extractor,
-               last_fid.last_eval_step, last_fid.eval_train_flops
-        FROM runs
-        LEFT JOIN last_train USING (sweep, run_id)
-        LEFT JOIN last_fid USING (sweep, run_id)""")
+    con.execute(_RUN_SUMMARY_VIEW)
 
 
 # (version, description, apply). Append new entries for schema changes; never edit old ones.
