@@ -88,7 +88,10 @@ def test_sigint_to_the_local_launcher_ends_its_training_with_a_checkpoint(tmp_pa
     path.write_text(tomli_w.dumps(spec))
     root = tmp_path / "root"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CMSCALE_NUM_THREADS": "1"}
-    code = "from cmscale.cli.main import main; main()"
+    # Ctrl-C reaches a command started from a terminal; a test runner started in the background
+    # (bash without job control) hands SIGINT down ignored, so restore the default first.
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from cmscale.cli.main import main; main()")
     launcher = subprocess.Popen([sys.executable, "-c", code, "sweep", "launch", str(path), "--root", str(root)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)

@@ -80,7 +80,9 @@ def test_ctrl_c_stops_a_query_with_one_line(tmp_path):
     make_run(tmp_path, 0, 3)
     ingest(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    code = ("import sys; from cmscale.cli.results import results_group; "
+    # As from a terminal: a runner started in the background may hand SIGINT down ignored.
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from cmscale.cli.results import results_group; "
             "results_group(['query', 'SELECT count(*) FROM range(1000000000000000)', '--no-ingest', "
             f"'--root', {str(tmp_path)!r}])")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

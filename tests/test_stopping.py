@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmscale.config import RunConfig
 from cmscale.rundir import read_json, read_metrics
 from cmscale.stopping import STOP_CODES, StopSignals
-from cmscale.train import train
 
 CMSCALE = [sys.executable, "-m", "cmscale.cli"]
 FIELDS = dict(method="edm", preset="xxs", dataset="digits", resolution=8, batch_size=8, budget_iters=60, dropout=0.1,
@@ -86,8 +84,12 @@ def test_sigint_and_sigusr2_checkpoint_a_local_run_that_then_resumes_exactly(tmp
     finished = subprocess.run([*CMSCALE, "train", str(toml), "--out", str(run_dir)], env=env(),
                               capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
+    # The reference runs as the interrupted run does (a fresh `cmscale train`, one thread), not in this
+    # process, whose thread count and state earlier tests may have changed.
     reference_dir = tmp_path / "uninterrupted"
-    train(RunConfig.model_validate(FIELDS), reference_dir)
+    reference_run = subprocess.run([*CMSCALE, "train", str(toml), "--out", str(reference_dir)], env=env(),
+                                   capture_output=True, text=True, timeout=300)
+    assert reference_run.returncode == 0, reference_run.stderr
 
     def losses(folder: Path) -> list[tuple[int, float]]:
         return [(row["step"], row["loss"]) for row in read_metrics(folder / "metrics.jsonl", "train")]
