@@ -165,6 +165,8 @@ average_gradients(method.trainable_parameters(), world)
 if rank == 0:
     torch.save([p.grad for p in method.trainable_parameters()], out / "grads.pt")
 print(json.dumps(train(config, out / "run")))
+# Ended here, not by interpreter shutdown, where gloo's threads can abort the exit (-6).
+torch.distributed.destroy_process_group()
 """
 
 
