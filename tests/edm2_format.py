@@ -10,13 +10,12 @@ with EDM2's class names and plain attributes (``Block.dropout`` a float, not a m
 from __future__ import annotations
 
 import pickle
-import sys
 import types
 from contextlib import contextmanager
 
 import numpy as np
 import torch
-from edm_format import _fake_persistence_module, _module_state, _ModuleDictLike, _Persistent
+from edm_format import _fake_persistence_module, _module_state, _ModuleDictLike, _Persistent, installed_modules
 
 from cmscale.models.edm2 import Block, EDM2Net, EDM2UNet, MPConv, MPFourier
 
@@ -35,16 +34,8 @@ def _fake_dnnlib():
     package, module = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
     module.EasyDict = EasyDict
     package.util = module
-    saved = {name: sys.modules.get(name) for name in ("dnnlib", "dnnlib.util")}
-    sys.modules.update({"dnnlib": package, "dnnlib.util": module})
-    try:
+    with installed_modules({"dnnlib": package, "dnnlib.util": module}):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
 
 
 def _record(module: torch.nn.Module, dtype: torch.dtype, init_kwargs: dict | None = None):

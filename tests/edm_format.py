@@ -64,8 +64,15 @@ def _fake_persistence_module():
     _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
     module._reconstruct_persistent_obj = _reconstruct_persistent_obj
     package.persistence = module
-    saved = {name: sys.modules.get(name) for name in ("torch_utils", "torch_utils.persistence")}
-    sys.modules.update({"torch_utils": package, "torch_utils.persistence": module})
+    with installed_modules({"torch_utils": package, "torch_utils.persistence": module}):
+        yield
+
+
+@contextmanager
+def installed_modules(modules: dict[str, types.ModuleType]):
+    """``modules`` in sys.modules for the block (pickle resolves the forged classes there), then as before."""
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
     try:
         yield
     finally:
